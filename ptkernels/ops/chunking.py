@@ -1,0 +1,101 @@
+"""The chunk loop shared by the fused ops: which rows, how many at a time, and the GEMMs around the rows.
+
+Row selection. By default the valid rows (label != ignore_index) are found once per call with
+``nonzero()``: that is the one host-device synchronization of a fused op, and it is what lets masked rows
+(prompts, padding) skip every GEMM. ``sync_free=True`` instead walks all rows in fixed chunks with no
+synchronization at all (for CUDA graphs and ``torch.compile``); the row kernels then skip the masked rows on
+the device (loss 0, zero gradient), while the GEMMs still cover them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def default_chunk_size(num_classes: int, device: torch.device) -> int:
+    """Rows per chunk so that one chunk of logits stays small but the GEMMs stay efficient.
+
+    CUDA: about 2^26 logits (256 MiB in fp32) per chunk, at least 256 rows: large GEMMs keep the tensor cores
+    busy. CPU: about 2^23 logits (32 MiB), so the chunk's row passes stay in the last-level cache.
+    """
+    budget = 1 << 26 if device.type == "cuda" else 1 << 23
+    rows = max(budget // max(num_classes, 1), 16)
+    rows = 1 << (rows.bit_length() - 1)  # a power of two: fewer distinct shapes for the GEMM heuristics
+    return max(16, min(rows, 8192 if device.type == "cuda" else 4096))
+
+
+def want_sync_free(sync_free: bool | None, device: torch.device) -> bool:
+    """Resolve ``sync_free=None``: on when tracing with torch.compile or capturing a CUDA graph."""
+    if sync_free is not None:
+        return bool(sync_free)
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class RowPlan:
+    """Which rows of a flat ``[N, ...]`` problem are processed, in chunks of ``chunk`` rows."""
+
+    def __init__(self, labels1d: torch.Tensor, ignore_index: int, chunk: int, sync_free: bool):
+        self.n_rows = labels1d.shape[0]
+        self.chunk = chunk
+        self.valid = labels1d != ignore_index
+        if sync_free:
+            self.index = None  # all rows, contiguous slices
+            self.n_valid = self.valid.sum()  # a device tensor: no synchronization
+            self.n_process = self.n_rows
+        else:
+            self.index = self.valid.nonzero().squeeze(1)  # the one synchronization of the call
+            self.n_valid = self.index.numel()
+            self.n_process = self.n_valid
+
+    def chunks(self):
+        """Yields row selectors: slices (sync-free) or index tensors (valid rows only)."""
+        for start in range(0, self.n_process, self.chunk):
+            if self.index is None:
+                yield slice(start, min(start + self.chunk, self.n_rows))
+            else:
+                yield self.index[start:start + self.chunk]
+
+
+def take(t: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of ``t``: a view for a slice, a gathered copy for an index tensor."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        dst[rows] = src
+    else:
+        dst.index_copy_(0, rows, src.to(dst.dtype))
+
+
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One chunk of logits ``h @ weight.T + bias`` in the input dtype (a fresh buffer the caller owns)."""
+    if bias is None:
+        return torch.mm(h, weight.t())
+    return torch.addmm(bias, h, weight.t())
+
+
+_MIXED_ADDMM_OK: dict[torch.device, bool] = {}
+
+
+def accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
+    """acc += dz.T @ h with ``acc`` in fp32 (fp64) whatever the dtype of dz and h.
+
+    Same dtypes: an in-place addmm. bf16/fp16 on CUDA: addmm with ``out_dtype=float32`` writes straight into
+    the fp32 accumulator (PyTorch >= 2.8); elsewhere the chunk's product is formed in the input dtype (with
+    fp32 accumulation inside the GEMM) and added to the fp32 accumulator.
+    """
+    if dz.dtype == acc.dtype:
+        acc.addmm_(dz.t(), h)
+        return
+    dev = acc.device
+    if dev.type == "cuda" and _MIXED_ADDMM_OK.get(dev, True):
+        try:
+            torch.addmm(acc, dz.t(), h, out_dtype=acc.dtype, out=acc)
+            _MIXED_ADDMM_OK[dev] = True
+            return
+        except (TypeError, RuntimeError):
+            _MIXED_ADDMM_OK[dev] = False
+    acc.add_(torch.mm(dz.t(), h))

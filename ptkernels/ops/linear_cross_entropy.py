@@ -1,0 +1,179 @@
+"""Fused linear cross-entropy: ``cross_entropy(hidden @ weight.T + bias, labels)`` without the [N, V] logits.
+
+The loop (one chunk of valid rows at a time):
+    z   = h_c @ W.T (+ b)                  GEMM 1, one chunk of logits, never the whole matrix
+    row kernel: loss_c, and dz = dloss/dz written in place of z (fp32 math; see ops/logit_rows.py)
+    dh_c = dz @ W                           GEMM 2
+    dW  += dz.T @ h_c  (fp32 accumulator)   GEMM 3
+For reduction "mean"/"sum" the gradients are computed in the forward pass (three GEMMs in all; backward only
+scales them by the incoming scalar gradient). For reduction "none" the incoming gradient is per token, so
+backward recomputes the logits chunk by chunk (four GEMMs). With no gradient needed, only GEMM 1 runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .checks import check_head, check_labels, check_options
+from .chunking import (
+    RowPlan,
+    accumulate_weight_grad,
+    default_chunk_size,
+    head_logits,
+    put,
+    take,
+    want_sync_free,
+)
+from .dispatch import resolve_backend
+from .logit_rows import RowOptions, compute_dtype, get_rows
+
+
+def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o: RowOptions, grad_scale,
+                   need_dh: bool, need_dw: bool, need_db: bool):
+    """Runs the chunk loop. ``grad_scale(rows, n)`` gives each row's gradient weight, or is None (no grads)."""
+    cd = compute_dtype(hidden2d.dtype)
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    loss = torch.zeros(n, dtype=cd, device=hidden2d.device)
+    grads = grad_scale is not None
+    gh = torch.zeros_like(hidden2d) if grads and need_dh else None
+    gw = torch.zeros(v, d, dtype=cd, device=weight.device) if grads and need_dw else None
+    gb = torch.zeros(v, dtype=cd, device=weight.device) if grads and need_db else None
+    for rows in plan.chunks():
+        h = take(hidden2d, rows)
+        y = take(labels1d, rows)
+        z = head_logits(h, weight, bias)
+        scale = grad_scale(rows, h.shape[0]) if grads else None
+        loss_c, _ = rows_impl.ce(z, y, o, grad_scale=scale, grad_out=z if grads else None)
+        put(loss, rows, loss_c)
+        if not grads:
+            continue
+        if gh is not None:
+            put(gh, rows, torch.mm(z, weight))
+        if gw is not None:
+            accumulate_weight_grad(gw, z, h)
+        if gb is not None:
+            gb += z.sum(dim=0, dtype=cd)
+    return loss, gh, gw, gb
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels1d, o: RowOptions, reduction: str, chunk: int, rows_impl,
+                sync_free: bool):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        any_grad = need_dh or need_dw or need_db
+        plan = RowPlan(labels1d, o.ignore_index, chunk, sync_free)
+        cd = compute_dtype(hidden2d.dtype)
+        if reduction == "mean":
+            n_valid = plan.n_valid
+            scale = 1.0 / (n_valid.clamp(min=1).to(cd) if torch.is_tensor(n_valid) else max(n_valid, 1))
+        else:
+            scale = 1.0
+        precompute = any_grad and reduction != "none"
+        grad_scale = None
+        if precompute:
+            if torch.is_tensor(scale):
+                grad_scale = lambda rows, c: scale.expand(c)  # noqa: E731
+            else:
+                grad_scale = lambda rows, c: torch.full((c,), scale, dtype=cd, device=hidden2d.device)  # noqa: E731
+        loss, gh, gw, gb = _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o, grad_scale,
+                                          need_dh, need_dw, need_db)
+        ctx.mode = "precomputed" if precompute else "recompute"
+        ctx.dtypes = (hidden2d.dtype, weight.dtype)
+        if precompute:
+            ctx.grads = (gh, gw, gb)
+        elif any_grad:
+            ctx.save_for_backward(hidden2d, weight, bias, labels1d)
+            ctx.args = (o, chunk, rows_impl, sync_free, need_dh, need_dw, need_db)
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        return total * scale if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h_dtype, w_dtype = ctx.dtypes
+        if ctx.mode == "precomputed":
+            gh, gw, gb = ctx.grads
+            ctx.grads = None
+        else:
+            hidden2d, weight, bias, labels1d = ctx.saved_tensors
+            o, chunk, rows_impl, sync_free, need_dh, need_dw, need_db = ctx.args
+            plan = RowPlan(labels1d, o.ignore_index, chunk, sync_free)
+            g = grad_out.to(compute_dtype(h_dtype))
+            _, gh, gw, gb = _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o,
+                                           lambda rows, c: take(g, rows), need_dh, need_dw, need_db)
+            grad_out = None  # already applied per row
+        if grad_out is not None:
+            gh = gh.mul_(grad_out) if gh is not None else None
+            gw = gw.mul_(grad_out) if gw is not None else None
+            gb = gb.mul_(grad_out) if gb is not None else None
+        gh = gh.to(h_dtype) if gh is not None else None
+        gw = gw.to(w_dtype) if gw is not None else None
+        gb = gb.to(w_dtype) if gb is not None else None
+        return gh, gw, gb, None, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    shift: bool = False,
+    chunk_size: int | None = None,
+    sync_free: bool | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, never materializing the logits.
+
+    Per token, with ``s = softcap * tanh(z / softcap) / temperature`` and ``lse = logsumexp(s)``::
+
+        loss = (1 - label_smoothing) * (lse - s[label]) + label_smoothing * (lse - mean(s)) + z_loss * lse**2
+
+    Args:
+        hidden: ``[..., D]`` final hidden states (any float dtype).
+        weight: ``[V, D]`` output head. ``bias``: optional ``[V]``.
+        labels: ``[...]`` integer class ids; ``ignore_index`` marks masked tokens (prompt, padding), which are
+            skipped before any matmul.
+        reduction: "mean" (over non-ignored tokens; 0 when there are none), "sum" or "none" (``[...]``, 0 at
+            ignored tokens, fp32).
+        shift: Hugging Face's causal convention: position t predicts ``labels[..., t + 1]``. The labels are
+            shifted (last position ignored); the hidden states are not copied.
+        chunk_size: rows of logits per chunk (default: see ``ops.chunking.default_chunk_size``).
+        sync_free: default (None) finds the valid rows with one host-device synchronization per call; True
+            never synchronizes (masked rows skipped on the device, their GEMM rows still computed); None turns
+            it on under torch.compile and CUDA-graph capture.
+        backend: "auto", "reference", "torch", "triton" or "native" (see ``ptkernels.backends()``).
+
+    Returns the loss in fp32 (fp64 for fp64 input). Losses, log-sum-exps and the weight gradient are
+    accumulated in fp32 whatever the input dtype.
+    """
+    check_head(hidden, weight, bias)
+    check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                  temperature=temperature, chunk_size=chunk_size)
+    check_labels("labels", labels, hidden.shape[:-1], weight.shape[0], ignore_index, hidden, "hidden")
+    if shift:
+        labels = reference.shift_labels(labels, ignore_index)
+    name = resolve_backend(backend, hidden.device)
+    if name == "reference":
+        return reference.linear_cross_entropy(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, temperature=temperature)
+    o = RowOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                   softcap=None if softcap is None else float(softcap), temperature=float(temperature))
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    labels1d = labels.reshape(-1)
+    out = LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, o, reduction, chunk,
+                                           get_rows(name), want_sync_free(sync_free, hidden.device))
+    return out.view(labels.shape) if reduction == "none" else out

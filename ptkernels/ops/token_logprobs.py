@@ -1,0 +1,199 @@
+"""Per-token log-probabilities (and entropies) of targets: the primitive under DPO, PPO and GRPO.
+
+``linear_token_logprobs`` works from hidden states and the head without the [N, V] logits: forward keeps
+only per-token log p, lse and E_p[s] (O(N)); backward recomputes each chunk of logits (4 GEMMs in all).
+Ignored targets give log p = 0 and entropy = 0, and receive no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .checks import check_float, check_head, check_labels, check_options
+from .chunking import RowPlan, accumulate_weight_grad, default_chunk_size, head_logits, put, take, want_sync_free
+from .dispatch import resolve_backend
+from .logit_rows import RowOptions, compute_dtype, get_rows
+
+
+def _zeros_like_rows(g, n, cd, device):
+    return g if g is not None else torch.zeros(n, dtype=cd, device=device)
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, targets1d, o: RowOptions, chunk: int, rows_impl, sync_free: bool,
+                want_entropy: bool):
+        ctx.set_materialize_grads(False)
+        cd = compute_dtype(hidden2d.dtype)
+        n = hidden2d.shape[0]
+        plan = RowPlan(targets1d, o.ignore_index, chunk, sync_free)
+        logp = torch.zeros(n, dtype=cd, device=hidden2d.device)
+        lse = torch.zeros(n, dtype=cd, device=hidden2d.device)
+        mean_s = torch.zeros(n, dtype=cd, device=hidden2d.device) if want_entropy else None
+        for rows in plan.chunks():
+            z = head_logits(take(hidden2d, rows), weight, bias)
+            lp, ls, ms = rows_impl.logprob_fwd(z, take(targets1d, rows), o, want_entropy)
+            put(logp, rows, lp)
+            put(lse, rows, ls)
+            if want_entropy:
+                put(mean_s, rows, ms)
+        entropy = lse - mean_s if want_entropy else None
+        if want_entropy:
+            entropy = torch.where(plan.valid, entropy, torch.zeros((), dtype=cd, device=entropy.device))
+        ctx.save_for_backward(hidden2d, weight, bias, targets1d, lse, mean_s)
+        ctx.args = (o, chunk, rows_impl, sync_free)
+        return (logp, entropy) if want_entropy else logp
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        hidden2d, weight, bias, targets1d, lse, mean_s = ctx.saved_tensors
+        o, chunk, rows_impl, sync_free = ctx.args
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        if g_logp is None and g_ent is None:
+            return (None,) * 9
+        cd = compute_dtype(hidden2d.dtype)
+        n = hidden2d.shape[0]
+        g_logp = _zeros_like_rows(g_logp, n, cd, hidden2d.device)
+        plan = RowPlan(targets1d, o.ignore_index, chunk, sync_free)
+        gh = torch.zeros_like(hidden2d) if need_dh else None
+        gw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_dw else None
+        gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db else None
+        for rows in plan.chunks():
+            h = take(hidden2d, rows)
+            z = head_logits(h, weight, bias)
+            rows_impl.logprob_bwd(z, take(targets1d, rows), take(lse, rows),
+                                  take(mean_s, rows) if g_ent is not None else None,
+                                  take(g_logp, rows), take(g_ent, rows) if g_ent is not None else None, o,
+                                  grad_out=z)
+            if gh is not None:
+                put(gh, rows, torch.mm(z, weight))
+            if gw is not None:
+                accumulate_weight_grad(gw, z, h)
+            if gb is not None:
+                gb += z.sum(dim=0, dtype=cd)
+        return (gh, gw.to(weight.dtype) if gw is not None else None,
+                gb.to(weight.dtype) if gb is not None else None, None, None, None, None, None, None)
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, targets1d, o: RowOptions, chunk: int, rows_impl, want_entropy: bool):
+        ctx.set_materialize_grads(False)
+        cd = compute_dtype(logits2d.dtype)
+        n = logits2d.shape[0]
+        logp = torch.zeros(n, dtype=cd, device=logits2d.device)
+        lse = torch.zeros_like(logp)
+        mean_s = torch.zeros_like(logp) if want_entropy else None
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            lp, ls, ms = rows_impl.logprob_fwd(logits2d[rows], targets1d[rows], o, want_entropy)
+            logp[rows], lse[rows] = lp, ls
+            if want_entropy:
+                mean_s[rows] = ms
+        entropy = None
+        if want_entropy:
+            valid = targets1d != o.ignore_index
+            entropy = torch.where(valid, lse - mean_s, torch.zeros((), dtype=cd, device=lse.device))
+        ctx.save_for_backward(logits2d, targets1d, lse, mean_s)
+        ctx.args = (o, chunk, rows_impl)
+        return (logp, entropy) if want_entropy else logp
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        logits2d, targets1d, lse, mean_s = ctx.saved_tensors
+        o, chunk, rows_impl = ctx.args
+        if g_logp is None and g_ent is None:
+            return (None,) * 6
+        n = logits2d.shape[0]
+        g_logp = _zeros_like_rows(g_logp, n, lse.dtype, lse.device)
+        grad = torch.empty_like(logits2d)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            rows_impl.logprob_bwd(logits2d[rows], targets1d[rows], lse[rows],
+                                  mean_s[rows] if g_ent is not None else None, g_logp[rows],
+                                  g_ent[rows] if g_ent is not None else None, o, grad_out=grad[rows])
+        return grad, None, None, None, None, None
+
+
+def _options(ignore_index, temperature, softcap):
+    check_options(softcap=softcap, temperature=temperature)
+    return RowOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap),
+                      temperature=float(temperature))
+
+
+def _reshape_out(out, shape, want_entropy):
+    if want_entropy:
+        return out[0].view(shape), out[1].view(shape)
+    return out.view(shape)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    sync_free: bool | None = None,
+    backend: str = "auto",
+):
+    """log p(target) per token from hidden states ``[..., D]`` and the head ``[V, D]``, never building logits.
+
+    ``logp[t] = s[t, target[t]] - logsumexp(s[t])`` with ``s = softcap * tanh(z / softcap) / temperature``;
+    0 where ``targets == ignore_index``. With ``return_entropy=True`` also returns the entropy
+    ``H[t] = -sum_v p log p`` (0 where ignored). Differentiable w.r.t. hidden, weight and bias; backward
+    recomputes the logits chunk by chunk. Outputs are fp32 (fp64 for fp64 input), shaped like ``targets``.
+    """
+    check_head(hidden, weight, bias)
+    o = _options(ignore_index, temperature, softcap)
+    check_options(chunk_size=chunk_size)
+    check_labels("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden, "hidden")
+    name = resolve_backend(backend, hidden.device)
+    if name == "reference":
+        return reference.linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                                               temperature=temperature, softcap=softcap,
+                                               return_entropy=return_entropy)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
+    out = LinearTokenLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                            targets.reshape(-1), o, chunk, get_rows(name),
+                                            want_sync_free(sync_free, hidden.device), bool(return_entropy))
+    return _reshape_out(out, targets.shape, return_entropy)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+):
+    """log p(target) per token from ``logits [..., V]`` (0 where ignored) [, entropy]; the same formulas as
+    ``linear_token_logprobs``. Never builds a log-softmax of the whole logits; never synchronizes."""
+    check_float("logits", logits)
+    o = _options(ignore_index, temperature, softcap)
+    check_options(chunk_size=chunk_size)
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension [..., V]")
+    check_labels("targets", targets, logits.shape[:-1], logits.shape[-1], ignore_index, logits, "logits")
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        return reference.token_logprobs(logits, targets, ignore_index=ignore_index, temperature=temperature,
+                                        softcap=softcap, return_entropy=return_entropy)
+    v = logits.shape[-1]
+    logits2d = logits.reshape(-1, v)
+    if not logits2d.is_contiguous():
+        logits2d = logits2d.contiguous()
+    chunk = chunk_size or default_chunk_size(v, logits.device)
+    out = TokenLogprobsFunction.apply(logits2d, targets.reshape(-1), o, chunk, get_rows(name),
+                                      bool(return_entropy))
+    return _reshape_out(out, targets.shape, return_entropy)

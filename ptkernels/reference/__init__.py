@@ -1,0 +1,19 @@
+"""Eager PyTorch definitions of every op: the spec and the test oracle. They materialize everything."""
+
+from .cross_entropy import (
+    cross_entropy,
+    linear_cross_entropy,
+    linear_token_logprobs,
+    shift_labels,
+    token_logprobs,
+    transform_logits,
+)
+
+__all__ = [
+    "cross_entropy",
+    "linear_cross_entropy",
+    "linear_token_logprobs",
+    "shift_labels",
+    "token_logprobs",
+    "transform_logits",
+]
