@@ -9,6 +9,7 @@ Public API (names are a contract; see README.md):
     backends                                      which backends are usable here
 """
 
+from . import nn, reference
 from .ops.cross_entropy import cross_entropy
 from .ops.dispatch import backends
 from .ops.linear_cross_entropy import linear_cross_entropy
@@ -21,5 +22,7 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "linear_token_logprobs",
+    "nn",
+    "reference",
     "token_logprobs",
 ]
