@@ -21,7 +21,7 @@ import torch
 ALL_BACKENDS = ("reference", "torch", "triton", "native")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed (pip install triton)"
@@ -38,7 +38,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _native_import_error() -> str | None:
     try:
         from ptkernels import _C  # noqa: F401

@@ -11,7 +11,15 @@ import torch
 
 from .. import reference
 from .checks import check_float, check_head, check_labels, check_options
-from .chunking import RowPlan, accumulate_weight_grad, default_chunk_size, head_logits, put, take, want_sync_free
+from .chunking import (
+    RowPlan,
+    accumulate_weight_grad,
+    default_chunk_size,
+    head_logits,
+    put,
+    take,
+    want_sync_free,
+)
 from .dispatch import resolve_backend
 from .logit_rows import RowOptions, compute_dtype, get_rows
 

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 import ptkernels as ptk
 from ptkernels import reference
 from ptkernels.ops import chunking
-from tests.helpers import DEVICE, FUSED_BACKENDS, assert_close_to_truth, labels_with_mask, rand
+from tests.helpers import (
+    DEVICE,
+    FUSED_BACKENDS,
+    assert_close_to_truth,
+    bf16_store_slack,
+    labels_with_mask,
+    rand,
+)
 
 N, D, V = 37, 19, 251  # odd on purpose; V is prime
 
@@ -50,7 +57,8 @@ def test_matches_reference_float64(backend, reduction, option, with_bias):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_float32_within_1e5_of_float64_truth(backend, reduction):
-    hidden, weight, bias = rand(N, D, dtype=torch.float32), rand(V, D, dtype=torch.float32), rand(V, dtype=torch.float32)
+    f32 = torch.float32
+    hidden, weight, bias = rand(N, D, dtype=f32), rand(V, D, dtype=f32), rand(V, dtype=f32)
     labels = labels_with_mask((N,), V)
     kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
     ours, ours_g = _run(ptk.linear_cross_entropy, hidden, weight, labels, bias, 2, backend=backend, **kw)
@@ -82,7 +90,8 @@ def test_low_precision_no_worse_than_eager(backend, dtype):
         assert a.dtype == dtype
         err_ours = (a.double() - t).norm()
         err_eager = (e.double() - t).norm()
-        assert err_ours <= 1.1 * err_eager + 1e-3 * t.norm(), (float(err_ours), float(err_eager))
+        slack = 1.1 * bf16_store_slack(backend, dtype)
+        assert err_ours <= slack * err_eager + 1e-3 * t.norm(), (float(err_ours), float(err_eager))
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

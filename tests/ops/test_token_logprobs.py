@@ -1,0 +1,106 @@
+"""linear_token_logprobs and token_logprobs on every fused backend against the float64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ptkernels as ptk
+from ptkernels import reference
+from tests.helpers import DEVICE, FUSED_BACKENDS, assert_close_to_truth, labels_with_mask, rand
+
+N, D, V = 37, 19, 251
+OPTIONS = {"plain": {}, "softcap": dict(softcap=3.0), "temperature": dict(temperature=0.6),
+           "both": dict(softcap=5.0, temperature=1.4)}
+
+
+def _outputs_and_grads(fn, first, inputs, targets, entropy, **kw):
+    out = fn(*first, targets, return_entropy=entropy, **kw)
+    out = out if entropy else (out,)
+    gen = torch.Generator().manual_seed(3)
+    gos = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in out]
+    return out, torch.autograd.grad(out, inputs, gos)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("entropy", [False, True])
+def test_linear_token_logprobs_matches_reference(backend, option, entropy):
+    hidden, weight, bias = rand(N, D), rand(V, D), rand(V)
+    targets = labels_with_mask((N,), V)
+    kw = OPTIONS[option]
+    ours, ours_g = _outputs_and_grads(ptk.linear_token_logprobs, (hidden, weight), (hidden, weight, bias),
+                                      targets, entropy, bias=bias, chunk_size=8, backend=backend, **kw)
+    truth, truth_g = _outputs_and_grads(reference.linear_token_logprobs, (hidden, weight),
+                                        (hidden, weight, bias), targets, entropy, bias=bias, **kw)
+    rtol = 1e-10 if backend == "torch" else 1e-6
+    for a, b in zip(ours, truth):
+        assert_close_to_truth(a, b, rtol, "output")
+    for name, a, b in zip(("hidden", "weight", "bias"), ours_g, truth_g):
+        assert_close_to_truth(a, b, rtol, f"grad {name}")
+    assert torch.equal(ours[0][targets == -100], torch.zeros_like(ours[0][targets == -100]))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("entropy", [False, True])
+def test_token_logprobs_from_logits_matches_reference(backend, entropy):
+    logits = rand(3, 13, V, scale=3.0)
+    targets = labels_with_mask((3, 13), V)
+    ours, ours_g = _outputs_and_grads(ptk.token_logprobs, (logits,), (logits,), targets, entropy,
+                                      temperature=0.9, chunk_size=5, backend=backend)
+    truth, truth_g = _outputs_and_grads(reference.token_logprobs, (logits,), (logits,), targets, entropy,
+                                        temperature=0.9)
+    rtol = 1e-10 if backend == "torch" else 1e-6
+    for a, b in zip(ours, truth):
+        assert a.shape == (3, 13)
+        assert_close_to_truth(a, b, rtol, "output")
+    assert_close_to_truth(ours_g[0], truth_g[0], rtol, "grad logits")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_float32_and_entropy_only_gradient(backend):
+    """A loss on the entropy alone (an entropy bonus) must still backpropagate correctly."""
+    hidden, weight = rand(N, D, dtype=torch.float32), rand(V, D, dtype=torch.float32)
+    targets = labels_with_mask((N,), V)
+    _, ent = ptk.linear_token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    g = torch.autograd.grad(ent.sum(), (hidden, weight))
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    _, ent64 = reference.linear_token_logprobs(h64, w64, targets, return_entropy=True)
+    g64 = torch.autograd.grad(ent64.sum(), (h64, w64))
+    assert_close_to_truth(ent, ent64, 1e-5, "entropy")
+    for a, b in zip(g, g64):
+        assert_close_to_truth(a, b, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_bf16_no_worse_than_eager(backend):
+    hidden, weight = rand(48, 32, dtype=torch.bfloat16, scale=2.0), rand(509, 32, dtype=torch.bfloat16)
+    targets = labels_with_mask((48,), 509, ignore_every=4)
+    ours = ptk.linear_token_logprobs(hidden, weight, targets, backend=backend)
+    eager = torch.log_softmax(F.linear(hidden, weight), -1).gather(-1, targets.clamp(min=0)[:, None])[:, 0]
+    eager = eager.masked_fill(targets == -100, 0)
+    truth = reference.linear_token_logprobs(hidden.double(), weight.double(), targets)
+    err_ours = (ours.double() - truth).abs().max()
+    err_eager = (eager.double() - truth).abs().max()
+    assert err_ours <= err_eager + 1e-3
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_sync_free_agrees(backend):
+    hidden, weight = rand(N, D), rand(V, D)
+    targets = labels_with_mask((N,), V)
+    a = ptk.linear_token_logprobs(hidden, weight, targets, backend=backend, chunk_size=6)
+    b = ptk.linear_token_logprobs(hidden, weight, targets, backend=backend, chunk_size=6, sync_free=True)
+    assert_close_to_truth(b, a, 1e-12, "logp")
+    ga = torch.autograd.grad(a.sum(), (hidden, weight))
+    gb = torch.autograd.grad(b.sum(), (hidden, weight))
+    for x, y in zip(gb, ga):
+        assert_close_to_truth(x, y, 1e-12, "grad")
+
+
+def test_all_ignored_gives_zeros():
+    hidden, weight = rand(4, D), rand(V, D)
+    targets = torch.full((4,), -100, device=DEVICE)
+    logp, ent = ptk.linear_token_logprobs(hidden, weight, targets, return_entropy=True)
+    assert torch.equal(logp, torch.zeros(4, dtype=logp.dtype)) and torch.equal(ent, torch.zeros_like(ent))
+    gh, = torch.autograd.grad(logp.sum() + ent.sum(), (hidden,))
+    assert torch.equal(gh, torch.zeros_like(gh))
