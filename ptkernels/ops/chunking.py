@@ -80,22 +80,22 @@ def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 _MIXED_ADDMM_OK: dict[torch.device, bool] = {}
 
 
-def accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
-    """acc += dz.T @ h with ``acc`` in fp32 (fp64) whatever the dtype of dz and h.
+def accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc += alpha * dz.T @ h with ``acc`` in fp32 (fp64) whatever the dtype of dz and h.
 
     Same dtypes: an in-place addmm. bf16/fp16 on CUDA: addmm with ``out_dtype=float32`` writes straight into
     the fp32 accumulator (PyTorch >= 2.8); elsewhere the chunk's product is formed in the input dtype (with
     fp32 accumulation inside the GEMM) and added to the fp32 accumulator.
     """
     if dz.dtype == acc.dtype:
-        acc.addmm_(dz.t(), h)
+        acc.addmm_(dz.t(), h, alpha=alpha)
         return
     dev = acc.device
     if dev.type == "cuda" and _MIXED_ADDMM_OK.get(dev, True):
         try:
-            torch.addmm(acc, dz.t(), h, out_dtype=acc.dtype, out=acc)
+            torch.addmm(acc, dz.t(), h, alpha=alpha, out_dtype=acc.dtype, out=acc)
             _MIXED_ADDMM_OK[dev] = True
             return
         except (TypeError, RuntimeError):
             _MIXED_ADDMM_OK[dev] = False
-    acc.add_(torch.mm(dz.t(), h))
+    acc.add_(torch.mm(dz.t(), h), alpha=alpha)

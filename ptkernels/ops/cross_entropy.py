@@ -38,8 +38,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         for rows in _chunks(n, chunk):
             z = logits2d[rows]
             gs = scale.expand(z.shape[0]) if precompute else None
-            loss[rows], _ = rows_impl.ce(z, labels1d[rows], o, grad_scale=gs,
-                                         grad_out=grad[rows] if precompute else None)
+            loss[rows], _, _ = rows_impl.ce(z, labels1d[rows], o, want_grad=precompute, grad_scale=gs,
+                                            grad_out=grad[rows] if precompute else None)
         ctx.mode = "precomputed" if precompute else "recompute"
         if precompute:
             ctx.grad = grad
@@ -60,7 +60,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad = logits2d if inplace else torch.empty_like(logits2d)
         g = grad_out.to(compute_dtype(logits2d.dtype))
         for rows in _chunks(logits2d.shape[0], chunk):
-            rows_impl.ce(logits2d[rows], labels1d[rows], o, grad_scale=g[rows], grad_out=grad[rows])
+            rows_impl.ce(logits2d[rows], labels1d[rows], o, want_grad=True, grad_scale=g[rows], grad_out=grad[rows])
         return grad, None, None, None, None, None, None
 
 

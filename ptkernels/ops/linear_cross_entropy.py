@@ -29,32 +29,55 @@ from .dispatch import resolve_backend
 from .logit_rows import RowOptions, compute_dtype, get_rows
 
 
-def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o: RowOptions, grad_scale,
+def apply_head_grads(g, h, weight, rows, scale, gh, gw, gb):
+    """GEMMs 2 and 3 for one chunk: gh[rows] = scale * g @ W; gw += (scale * g).T @ h; gb += (scale * g).sum(0).
+
+    ``scale`` (a Python float, or a per-row tensor [c]) is applied on the D side (alpha, or a scaled copy of the
+    [c, D] rows) so the [c, V] gradient is never touched again.
+    """
+    per_row = torch.is_tensor(scale)
+    if g.dtype != weight.dtype:  # the torch rows return fp32 work buffers; the GEMMs run in the input dtype
+        g = g.to(weight.dtype)
+    if gh is not None:
+        dh = torch.mm(g, weight)
+        if per_row:
+            dh.mul_(scale.unsqueeze(1).to(dh.dtype))
+        elif scale != 1.0:
+            dh.mul_(scale)
+        put(gh, rows, dh)
+    if gw is not None:
+        if per_row:
+            accumulate_weight_grad(gw, g, h * scale.unsqueeze(1).to(h.dtype))
+        else:
+            accumulate_weight_grad(gw, g, h, alpha=scale)
+    if gb is not None:
+        if per_row:
+            gb.add_(torch.mv(g.t(), scale.to(g.dtype)).to(gb.dtype))
+        else:
+            gb.add_(g.sum(dim=0, dtype=gb.dtype), alpha=scale)
+
+
+def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o: RowOptions, row_scale,
                    need_dh: bool, need_dw: bool, need_db: bool):
-    """Runs the chunk loop. ``grad_scale(rows, n)`` gives each row's gradient weight, or is None (no grads)."""
+    """Runs the chunk loop. ``row_scale(rows, c)`` gives the gradient weight (float or per-row tensor), or is
+    None when no gradient is wanted."""
     cd = compute_dtype(hidden2d.dtype)
     n, d = hidden2d.shape
     v = weight.shape[0]
     loss = torch.zeros(n, dtype=cd, device=hidden2d.device)
-    grads = grad_scale is not None
+    grads = row_scale is not None
     gh = torch.zeros_like(hidden2d) if grads and need_dh else None
     gw = torch.zeros(v, d, dtype=cd, device=weight.device) if grads and need_dw else None
     gb = torch.zeros(v, dtype=cd, device=weight.device) if grads and need_db else None
+    all_valid = plan.index is not None
     for rows in plan.chunks():
         h = take(hidden2d, rows)
-        y = take(labels1d, rows)
         z = head_logits(h, weight, bias)
-        scale = grad_scale(rows, h.shape[0]) if grads else None
-        loss_c, _ = rows_impl.ce(z, y, o, grad_scale=scale, grad_out=z if grads else None)
+        loss_c, _, g = rows_impl.ce(z, take(labels1d, rows), o, want_grad=grads, scratch=True,
+                                    all_valid=all_valid)
         put(loss, rows, loss_c)
-        if not grads:
-            continue
-        if gh is not None:
-            put(gh, rows, torch.mm(z, weight))
-        if gw is not None:
-            accumulate_weight_grad(gw, z, h)
-        if gb is not None:
-            gb += z.sum(dim=0, dtype=cd)
+        if grads:
+            apply_head_grads(g, h, weight, rows, row_scale(rows, h.shape[0]), gh, gw, gb)
     return loss, gh, gw, gb
 
 
@@ -67,20 +90,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         any_grad = need_dh or need_dw or need_db
         plan = RowPlan(labels1d, o.ignore_index, chunk, sync_free)
         cd = compute_dtype(hidden2d.dtype)
+        precompute = any_grad and reduction != "none"
+        row_scale = None
         if reduction == "mean":
             n_valid = plan.n_valid
-            scale = 1.0 / (n_valid.clamp(min=1).to(cd) if torch.is_tensor(n_valid) else max(n_valid, 1))
+            if torch.is_tensor(n_valid):  # sync-free: 1/n_valid stays on the device, applied per row
+                scale = 1.0 / n_valid.clamp(min=1).to(cd)
+                row_scale = lambda rows, c: scale.expand(c)  # noqa: E731
+            else:
+                scale = 1.0 / max(n_valid, 1)
         else:
             scale = 1.0
-        precompute = any_grad and reduction != "none"
-        grad_scale = None
-        if precompute:
-            if torch.is_tensor(scale):
-                grad_scale = lambda rows, c: scale.expand(c)  # noqa: E731
-            else:
-                grad_scale = lambda rows, c: torch.full((c,), scale, dtype=cd, device=hidden2d.device)  # noqa: E731
-        loss, gh, gw, gb = _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o, grad_scale,
-                                          need_dh, need_dw, need_db)
+        if precompute and row_scale is None:
+            row_scale = lambda rows, c: scale  # noqa: E731
+        loss, gh, gw, gb = _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o,
+                                          row_scale if precompute else None, need_dh, need_dw, need_db)
         ctx.mode = "precomputed" if precompute else "recompute"
         ctx.dtypes = (hidden2d.dtype, weight.dtype)
         if precompute:

@@ -1,15 +1,23 @@
 """Row math on one chunk of logits: the non-GEMM half of every fused op.
 
 A fused op multiplies a chunk of hidden states by the head (a GEMM, always PyTorch's), hands the chunk of
-logits ``z [c, V]`` to one of these row functions, then multiplies the gradient they write back by the head
+logits ``z [c, V]`` to one of these row functions, then multiplies the gradient they return by the head
 (two more GEMMs). The row functions are the only part that differs between backends:
 
     TorchRows   plain PyTorch ops (any device)
     TritonRows  Triton kernels, one program per row, two passes over V (ptkernels/kernels/logit_rows.py)
 
 Every row function understands ``ignore_index`` (that row gives 0 and a zero gradient), the logit transform
-``s = softcap * tanh(z / softcap) / temperature`` and applies its chain rule, computes in fp32 (fp64 for fp64
-input), and may write its gradient in place of ``z`` (``grad_out is z``).
+``s = softcap * tanh(z / softcap) / temperature`` and applies its chain rule, and computes in fp32 (fp64 for
+fp64 input). The interface (TorchRows is the spec):
+
+    ce(z, labels, o, *, want_grad, grad_scale=None, grad_out=None, scratch=False, all_valid=False)
+        -> (loss [c], lse [c], grad [c, V] or None)
+        grad = d loss_i / d z_i, times grad_scale[i] when given. It is written into grad_out when given;
+        otherwise into any buffer, z itself included when ``scratch`` says z may be overwritten.
+        ``all_valid`` promises that no label is ignore_index (lets an implementation skip the masking).
+    logprob_fwd(z, targets, o, want_entropy) -> (logp, lse, E_p[s] or None)
+    logprob_bwd(z, targets, lse, mean_s, g_logp, g_ent, o, grad_out)   grad written into grad_out
 
 Formulas (p = softmax(s), lse = logsumexp(s), y the label, eps label smoothing, c the z-loss coefficient):
     cross-entropy   loss = (1-eps)(lse - s_y) + eps(lse - mean(s)) + c lse^2
@@ -78,36 +86,47 @@ class TorchRows:
         cls._transform_(s, o)
         return s
 
-    def ce(self, z, labels, o: RowOptions, grad_scale=None, grad_out=None):
-        if grad_scale is None:
-            s, dtanh = self._read_only_view(z, o), None
-        else:
-            s = self._work_buffer(z, grad_out)
-            dtanh = self._transform_(s, o)
+    def ce(self, z, labels, o: RowOptions, *, want_grad=False, grad_scale=None, grad_out=None, scratch=False,
+           all_valid=False):
+        cd = compute_dtype(z.dtype)
+        transformed = o.softcap is not None or o.temperature != 1.0
+        s = z if z.dtype == cd else z.to(cd)
+        if transformed and s is z and not scratch:
+            s = s.clone()
+        dtanh = self._transform_(s, o) if transformed else None
+        # log_softmax is one fused pass; lse follows from any column: lse = s_0 - logp_0.
+        logp = torch.log_softmax(s, dim=1)
         valid = labels != o.ignore_index
         y = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(1)
-        lse = torch.logsumexp(s, dim=1)
+        lse = s[:, 0] - logp[:, 0]
         eps = o.label_smoothing
-        loss = (1.0 - eps) * (lse - s.gather(1, y).squeeze(1))
+        loss = -(1.0 - eps) * logp.gather(1, y).squeeze(1)
         if eps:
-            loss = loss + eps * (lse - s.mean(dim=1))
+            loss = loss - eps * logp.mean(dim=1)
         if o.z_loss:
             loss = loss + o.z_loss * lse * lse
-        zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        zero = torch.zeros((), dtype=cd, device=z.device)
         loss = torch.where(valid, loss, zero)
         lse = torch.where(valid, lse, zero)
-        if grad_scale is None:
-            return loss, lse
-        coef = torch.where(valid, grad_scale.to(s.dtype), zero)
-        g = s.sub_(lse.unsqueeze(1)).exp_()  # p, in the work buffer
-        g.mul_((coef * (1.0 + 2.0 * o.z_loss * lse)).unsqueeze(1) if o.z_loss else coef.unsqueeze(1))
+        if not want_grad:
+            return loss, lse, None
+        # g = a * [p (1 + 2 c lse) - eps/V - (1 - eps) onehot(y)], a = grad_scale * valid (per row)
+        a = None if grad_scale is None else grad_scale.to(cd)
+        if not all_valid:
+            a = torch.where(valid, a if a is not None else torch.ones((), dtype=cd, device=z.device), zero)
+        b = a if not o.z_loss else (1.0 + 2.0 * o.z_loss * lse) * (a if a is not None else 1.0)
+        g = logp.exp_()
+        if b is not None:
+            g.mul_(b.unsqueeze(1))
         if eps:
-            g.sub_((coef * (eps / s.shape[1])).unsqueeze(1))
-        g.scatter_add_(1, y, (-(1.0 - eps) * coef).unsqueeze(1))
+            g.sub_((eps / s.shape[1]) * (a.unsqueeze(1) if a is not None else 1.0))
+        onehot_coef = -(1.0 - eps) * (a if a is not None else torch.ones(g.shape[0], dtype=cd, device=z.device))
+        g.scatter_add_(1, y, onehot_coef.unsqueeze(1))
         self._chain_(g, dtanh, o)
-        if grad_out is not g:
+        if grad_out is not None:
             grad_out.copy_(g)
-        return loss, lse
+            return loss, lse, grad_out
+        return loss, lse, g
 
     def logprob_fwd(self, z, targets, o: RowOptions, want_entropy: bool):
         s = self._read_only_view(z, o)

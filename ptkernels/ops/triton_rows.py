@@ -39,31 +39,34 @@ def _transform_args(o: RowOptions):
 class TritonRows:
     name = "triton"
 
-    def ce(self, z, labels, o: RowOptions, grad_scale=None, grad_out=None):
+    def ce(self, z, labels, o: RowOptions, *, want_grad=False, grad_scale=None, grad_out=None, scratch=False,
+           all_valid=False):
         z = _row_major(z, "logits")
         n, v = z.shape
         cd = compute_dtype(z.dtype)
         loss = torch.empty(n, dtype=cd, device=z.device)
         lse = torch.empty(n, dtype=cd, device=z.device)
-        if n == 0:
-            return loss, lse
-        write_grad = grad_scale is not None
-        if write_grad:
-            if grad_out.stride(-1) != 1:
+        grad = None
+        if want_grad:
+            grad = grad_out if grad_out is not None else (z if scratch else torch.empty_like(z))
+            if grad.stride(-1) != 1:
                 raise ValueError("grad_out must have unit stride along V")
-            scale = grad_scale.to(cd)
-            grad, g_stride, s_stride = grad_out, grad_out.stride(0), scale.stride(0)
-        else:
-            grad, g_stride, scale, s_stride = z, 0, loss, 0
+        if n == 0:
+            return loss, lse, grad
+        if want_grad:
+            scale = grad_scale.to(cd) if grad_scale is not None else torch.ones((), dtype=cd, device=z.device)
+            g_ptr, g_stride, s_stride = grad, grad.stride(0), (scale.stride(0) if scale.dim() else 0)
+        else:  # dummies: WRITE_GRAD=False never touches them
+            g_ptr, g_stride, scale, s_stride = z, 0, loss, 0
         softcap, inv_temp, has_softcap = _transform_args(o)
         bv = block_v(v)
         ce_rows_kernel[(n,)](
-            z, z.stride(0), grad, g_stride, labels, scale, s_stride, loss, lse,
+            z, z.stride(0), g_ptr, g_stride, labels, scale, s_stride, loss, lse,
             v, o.ignore_index, o.label_smoothing, o.z_loss, softcap, inv_temp,
-            HAS_SOFTCAP=has_softcap, WRITE_GRAD=write_grad, BLOCK_V=bv, COMPUTE=_tl_compute(z.dtype),
+            HAS_SOFTCAP=has_softcap, WRITE_GRAD=want_grad, BLOCK_V=bv, COMPUTE=_tl_compute(z.dtype),
             num_warps=num_warps(bv),
         )
-        return loss, lse
+        return loss, lse, grad
 
     def logprob_fwd(self, z, targets, o: RowOptions, want_entropy: bool):
         z = _row_major(z, "logits")
