@@ -62,16 +62,17 @@ class OutputHead:
         return z / self.temperature
 
 
-# Logit scales by model_type prefix: (config attribute, what forward does with it). Found by reading every
-# *ForCausalLM / *ForConditionalGeneration forward in transformers 5.x; anything missed fails the probe check.
+# Logit scales by model_type prefix: (config attribute, how forward applies it to the head's output z). Found by
+# reading every *ForCausalLM / *ForConditionalGeneration forward in transformers 5.x; a model doing something
+# else fails the probe check (see _HeadCapture) instead of training on a wrong loss.
 _SCALES = (
-    ("granite", "logits_scaling", "divide"),  # Granite, GraniteMoe*, Granite vision: logits / logits_scaling
+    ("granite", "logits_scaling", "divide"),  # Granite, GraniteMoe*, Granite vision: z / logits_scaling
     ("cohere", "logit_scale", "multiply"),  # Cohere, Cohere2, Cohere2Moe, CohereCompass
-    ("hyperclovax", "logits_scaling", "multiply"),  # the same attribute name as Granite's, used the other way
+    ("hyperclovax", "logits_scaling", "multiply"),  # Granite's attribute name, used the other way round
     ("falcon_h1", "lm_head_multiplier", "multiply"),
-    ("muse_", "output_multiplier", "multiply"),  # before the softcap: see _post_processing
+    ("muse_", "output_multiplier", "multiply"),  # the only one with a softcap too: softcap(z * m)
 )
-# Softcaps: Gemma 2/3/3n/4, PaliGemma, VaultGemma, NanoChat, Inkling2, ... / RecurrentGemma / xLSTM.
+# Softcaps c * tanh(z / c): Gemma 2/3/3n/4, PaliGemma, VaultGemma, NanoChat, Inkling2, ... / RecurrentGemma / xLSTM.
 _SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
@@ -84,21 +85,14 @@ def _post_processing(model) -> tuple[float | None, float]:
     """(softcap, temperature) such that the model's logits are softcap * tanh(z / softcap) / temperature."""
     text = _text_config(model)
     softcap = next((float(v) for a in _SOFTCAPS if (v := getattr(text, a, None)) is not None), None)
+    m = 1.0  # the model computes softcap(m * z), or m * z without a softcap
     for prefix, attr, use in _SCALES:
-        scale = getattr(text, attr, None)
-        if not model.config.model_type.startswith(prefix) or scale is None:
-            continue
-        scale = float(scale)
-        if use == "divide":
-            return softcap, scale
-        if softcap is not None and prefix == "muse_":
-            # c * tanh(m z / c) = m * [(c/m) * tanh(z / (c/m))]: a softcap of c/m, then a temperature of 1/m
-            return softcap / scale, 1.0 / scale
-        if softcap is not None:
-            # s * softcap(z) cannot be written as softcap(z) / t with the tanh first; no such model is known
-            raise NotImplementedError(f"{type(model).__name__}: a logit scale and a softcap together")
-        return None, 1.0 / scale
-    return softcap, 1.0
+        if model.config.model_type.startswith(prefix) and getattr(text, attr, None) is not None:
+            m = float(getattr(text, attr))
+            m = 1.0 / m if use == "divide" else m
+            break
+    # c * tanh(m z / c) = m * (c/m) * tanh(z / (c/m)): in ptkernels' order, a softcap of c/m, then z / (1/m).
+    return (None if softcap is None else softcap / m), 1.0 / m
 
 
 def _head_module(model) -> nn.Linear:
@@ -149,6 +143,7 @@ class _HeadCapture:
         self.module = _head_module(model)
         self.hidden: torch.Tensor | None = None
         self._probe_dtype: torch.dtype | None = None
+        self._saved = None  # the head's own instance-level forward, if it had one
         self._installed = False
 
     def install(self) -> None:
@@ -329,9 +324,10 @@ def patch_model_for_fused_loss(model, *, ignore_index: int = -100, label_smoothi
         Trainer(model=model, args=args, train_dataset=ds, compute_loss_func=loss_fn).train()
         loss_fn.remove()   # before model.generate()
 
-    The loss equals the model's own (see ``causal_lm_loss``). Evaluation gets empty logits: use
-    ``prediction_loss_only=True``. The patch is per model instance: with ``nn.DataParallel`` (several GPUs in
-    one process) the replicas would share it, so use DDP (torchrun) instead.
+    The loss equals the model's own (see ``causal_lm_loss``). ``Trainer.evaluate()`` reports it too, but a
+    ``compute_metrics`` would get empty logits (``prediction_loss_only=True`` skips gathering them). The patch
+    is per model instance: with ``nn.DataParallel`` (several GPUs in one process) the replicas would share it,
+    so use DDP (torchrun) instead.
     """
     return FusedCausalLMLoss(model, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                              chunk_size=chunk_size, backend=backend)

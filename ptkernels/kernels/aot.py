@@ -1,19 +1,21 @@
-"""Ahead-of-time compilation of the Triton kernels for NVIDIA targets, without a GPU, and their resource usage.
+"""Ahead-of-time compilation of the Triton kernels for NVIDIA targets without a GPU, and their resource usage.
 
 Each ``KernelSpec`` is one specialization of one ``@triton.jit`` kernel exactly as a launcher in
 ``ptkernels/ops/triton_rows.py`` would launch it for a real shape: the same pointer dtypes, the same scalar
-specialization (ints equal to 1 become constexprs, ints divisible by 16 get the divisibility hint, pointers are
-16-byte aligned), the same constexprs and ``num_warps``. ``BLOCK_V``, ``num_warps`` and the compute dtype are
-taken from the launcher module's own functions, so the specs cannot drift from what runs.
+specialization (ints equal to 1 become constexprs, ints divisible by 16 get the divisibility hint, pointers
+are 16-byte aligned), the same constexprs and ``num_warps``. ``BLOCK_V``, ``num_warps`` and the compute
+dtype are taken from the launcher module's own functions, so the specs cannot drift from what runs.
 
 ``triton.compile`` is called with an explicit ``GPUTarget`` (no driver is queried) and the cubin's resource
-usage (registers, stack frame, local memory) is read back with ``cuobjdump --dump-resource-usage``, the source
-of truth; the count of local-memory instructions (LDL/STL) in the SASS is kept as a cross-check.
+usage (registers, stack frame, local memory) is read back with ``cuobjdump --dump-resource-usage``, the
+source of truth. When a cubin has a stack frame or local memory, its SASS is disassembled too and the
+local loads/stores (LDL/STL) are counted, as a cross-check. Triton 3.6-3.9 do not record ptxas' register
+or spill counts in the metadata without loading the kernel on a GPU; where a version does, they are kept.
 
-Compiling needs a process where ``TRITON_INTERPRET`` is off: under the interpreter ``@triton.jit`` returns an
-``InterpretedFunction`` and patches ``triton.language``. The test suite turns the interpreter on when there is
-no GPU, so ``compile_in_subprocess`` runs the compiles in a fresh Python process with the variable removed
-(and in parallel worker processes there). Used by tests/kernels/test_compile_gpu.py and
+Compiling needs a process where ``TRITON_INTERPRET`` is off: under the interpreter ``@triton.jit`` returns
+an ``InterpretedFunction`` and patches ``triton.language``. The test suite turns the interpreter on when
+there is no GPU, so ``compile_in_subprocess`` runs the compiles in a fresh Python process with the
+variable removed (and in parallel worker processes there). Used by tests/kernels/test_compile_gpu.py and
 scripts/triton_resource_table.py.
 """
 
@@ -42,7 +44,7 @@ _WARP_SIZE = 32
 class KernelSpec:
     """One compile of one kernel. ``args`` holds every non-constexpr argument in any order: a pointer as
     ``"*<dtype>"`` (e.g. ``"*bf16"``), a scalar as an example launch value (int, float or bool) that is
-    specialized the way a launch specializes it. A string constexpr value names a Triton dtype (``"fp32"``)."""
+    specialized the way a launch specializes it. A string constexpr value names a Triton dtype ("fp32")."""
 
     kernel: str  # "module:attribute" of the @triton.jit function
     args: tuple[tuple[str, object], ...]
@@ -99,7 +101,7 @@ def _ptr(dtype) -> str:
 
 def _specialization(value) -> tuple[str, bool]:
     """(Triton type, divisible by 16) of a scalar launch argument, following JITFunction's specialization."""
-    if isinstance(value, str):  # pointer; torch allocations (and our row slices at V % 16 == 0) are 16B aligned
+    if isinstance(value, str):  # pointer: torch allocations (and row slices at V % 16 == 0) are 16B aligned
         return value, True
     if isinstance(value, bool):
         return "u1", False
@@ -156,8 +158,8 @@ def kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
                         "labels_ptr": labels, "scale_ptr": out, "scale_stride": 0, "loss_ptr": out,
                         "lse_ptr": out, "n_cols": v, "ignore_index": ignore_index, "label_smoothing": 0.0,
                         "z_loss": 0.0, "softcap": softcap, "inv_temp": inv_temp,
-                    }, {"HAS_SOFTCAP": has_softcap, "WRITE_GRAD": write_grad, "BLOCK_V": bv, "COMPUTE": compute},
-                        nw, name, v)
+                    }, {"HAS_SOFTCAP": has_softcap, "WRITE_GRAD": write_grad, "BLOCK_V": bv,
+                        "COMPUTE": compute}, nw, name, v)
                 for want_entropy in (False, True):
                     add("logprob_rows_fwd_kernel", {
                         "z_ptr": z, "z_stride": v, "targets_ptr": labels, "logp_ptr": out, "lse_ptr": out,
@@ -263,8 +265,12 @@ def count_local_memory_instructions(sass: str) -> int:
     return len(re.findall(r"\b(?:LDL|STL)\b", sass))
 
 
-def cubin_usage(cubin: bytes, function: str | None = None) -> dict:
-    """Registers, stack, local and static shared memory of ``function`` (the only one when None) in a cubin."""
+def cubin_usage(cubin: bytes, function: str | None = None, sass: bool | None = None) -> dict:
+    """Registers, stack, local and static shared memory of ``function`` (the only one when None) in a cubin.
+
+    ``local_insts`` counts LDL/STL in the SASS. Disassembling costs far more than the resource dump, so by
+    default (``sass=None``) it is done only when the cubin has a stack frame or local memory (without either
+    there is nothing for LDL/STL to address) and ``local_insts`` is None otherwise."""
     cuobjdump = find_nvidia_tool("cuobjdump")
     if cuobjdump is None:
         raise RuntimeError("cuobjdump not found")
@@ -272,20 +278,25 @@ def cubin_usage(cubin: bytes, function: str | None = None) -> dict:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(cubin)
-        usage_text = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
-                                    check=True).stdout
-        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+        def dump(*flags):
+            cmd = [cuobjdump, *flags, path]
+            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+        text = dump("--dump-resource-usage")
+        usage = parse_resource_usage(text)
+        if function is None or function not in usage:
+            if len(usage) != 1:
+                raise RuntimeError(f"cannot pick function {function!r} in cuobjdump output:\n{text[:4000]}")
+            function = next(iter(usage))
+        u = usage[function]
+        res = {"function": function, "regs": u.get("REG", 0), "stack": u.get("STACK", 0),
+               "local": u.get("LOCAL", 0), "static_shared": u.get("SHARED", 0), "local_insts": None}
+        if sass or (sass is None and spills(res)):
+            res["local_insts"] = count_local_memory_instructions(dump("-sass", "-fun", function))
     finally:
         os.remove(path)
-    usage = parse_resource_usage(usage_text)
-    if function is None or function not in usage:
-        if len(usage) != 1:
-            raise RuntimeError(f"cannot pick function {function!r} in cuobjdump output:\n{usage_text}")
-        function = next(iter(usage))
-    u = usage[function]
-    return {"function": function, "regs": u.get("REG", 0), "stack": u.get("STACK", 0),
-            "local": u.get("LOCAL", 0), "static_shared": u.get("SHARED", 0),
-            "local_insts": count_local_memory_instructions(sass)}
+    return res
 
 
 def spills(result: dict) -> bool:
@@ -375,7 +386,7 @@ def _compile_task(task: tuple[dict, int]) -> dict:
 
 
 def compile_all(tasks: list[tuple[KernelSpec, int]], jobs: int | None = None) -> list[dict]:
-    """Compiles (spec, arch) pairs in this process's children; this process must not be in interpreter mode."""
+    """Compiles (spec, arch) pairs in worker processes; this process must not be in interpreter mode."""
     if _interpreting():
         raise RuntimeError("TRITON_INTERPRET is on: compile in a process without it (compile_in_subprocess)")
     payload = [(spec.to_json(), arch) for spec, arch in tasks]

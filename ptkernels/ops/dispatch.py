@@ -12,7 +12,6 @@ usable raises ``RuntimeError`` saying why; there is never a silent fallback.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -21,8 +20,17 @@ import torch
 ALL_BACKENDS = ("reference", "torch", "triton", "native")
 
 
-@functools.cache
+# Import probes are memoized in plain dicts (not functools caches) so torch.compile traces through them.
+_PROBES: dict[str, str | None] = {}
+
+
 def _triton_import_error() -> str | None:
+    if "triton" not in _PROBES:
+        _PROBES["triton"] = _probe_triton()
+    return _PROBES["triton"]
+
+
+def _probe_triton() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed (pip install triton)"
     try:
@@ -38,8 +46,13 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
 def _native_import_error() -> str | None:
+    if "native" not in _PROBES:
+        _PROBES["native"] = _probe_native()
+    return _PROBES["native"]
+
+
+def _probe_native() -> str | None:
     try:
         from ptkernels import _C  # noqa: F401
     except ImportError as exc:
