@@ -6,6 +6,7 @@
 Public API (names are a contract; see README.md):
     linear_cross_entropy, linear_token_logprobs   from hidden states and the output head, no [N, V] logits
     cross_entropy, token_logprobs                 from logits, for users who already have them
+    linear_jsd, linear_kl_divergence              distillation / exact KL between two heads, no logits
     backends                                      which backends are usable here
 """
 
@@ -13,6 +14,7 @@ from . import nn, reference
 from .ops.cross_entropy import cross_entropy
 from .ops.dispatch import backends
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.linear_jsd import linear_jsd, linear_kl_divergence
 from .ops.token_logprobs import linear_token_logprobs, token_logprobs
 
 __version__ = "0.1.0"
@@ -21,6 +23,8 @@ __all__ = [
     "backends",
     "cross_entropy",
     "linear_cross_entropy",
+    "linear_jsd",
+    "linear_kl_divergence",
     "linear_token_logprobs",
     "nn",
     "reference",

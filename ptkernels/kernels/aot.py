@@ -182,6 +182,10 @@ def kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
             spec = dataclasses.replace(spec, tag="V" + "/".join(map(str, vs)))
         ids.add(spec.id)
         specs.append(spec)
+    # Kernels of other op families describe their own launches next to their launchers.
+    from ..ops import linear_jsd
+
+    specs += linear_jsd.aot_kernel_specs(vocabs, dtypes)
     return specs
 
 

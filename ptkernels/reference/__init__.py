@@ -8,8 +8,12 @@ from .cross_entropy import (
     token_logprobs,
     transform_logits,
 )
+from .distill import generalized_jsd, linear_jsd, linear_kl_divergence
 
 __all__ = [
+    "generalized_jsd",
+    "linear_jsd",
+    "linear_kl_divergence",
     "cross_entropy",
     "linear_cross_entropy",
     "linear_token_logprobs",
