@@ -7,26 +7,55 @@ Public API (names are a contract; see README.md):
     linear_cross_entropy, linear_token_logprobs   from hidden states and the output head, no [N, V] logits
     cross_entropy, token_logprobs                 from logits, for users who already have them
     linear_jsd, linear_kl_divergence              distillation / exact KL between two heads, no logits
+    kl_penalty, group_advantages, grpo_loss       RL losses on per-token log-probs (TRL semantics)
+    fused_linear_grpo_loss                        GRPO straight from hidden states
+    gae, ppo_policy_loss, ppo_value_loss, masked_mean, masked_var, masked_whiten    PPO pieces
     backends                                      which backends are usable here
 """
 
 from . import nn, reference
 from .ops.cross_entropy import cross_entropy
 from .ops.dispatch import backends
+from .ops.fused_grpo import fused_linear_grpo_loss
+from .ops.grpo import GRPOOutput, group_advantages, grpo_loss
+from .ops.kl import kl_penalty
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.linear_jsd import linear_jsd, linear_kl_divergence
+from .ops.ppo import (
+    PPOPolicyOutput,
+    PPOValueOutput,
+    gae,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from .ops.token_logprobs import linear_token_logprobs, token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GRPOOutput",
+    "PPOPolicyOutput",
+    "PPOValueOutput",
     "backends",
     "cross_entropy",
+    "fused_linear_grpo_loss",
+    "gae",
+    "group_advantages",
+    "grpo_loss",
+    "kl_penalty",
     "linear_cross_entropy",
     "linear_jsd",
     "linear_kl_divergence",
     "linear_token_logprobs",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
     "nn",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "reference",
     "token_logprobs",
 ]

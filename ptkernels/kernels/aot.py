@@ -186,6 +186,39 @@ def kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
     from ..ops import linear_jsd
 
     specs += linear_jsd.aot_kernel_specs(vocabs, dtypes)
+    specs += rl_kernel_specs()
+    return specs
+
+
+def rl_kernel_specs(seq_lens=(1024,)) -> list[KernelSpec]:
+    """The GRPO surrogate and the GAE scan as ops/grpo.py and ops/ppo.py launch them: all inputs in the
+    compute dtype (fp32; log-probs come out of the row kernels in fp32), one row per program."""
+    import triton
+
+    specs = []
+    f = "*fp32"
+    for t in seq_lens:
+        block = min(1024, triton.next_power_of_2(max(t, 16)))
+        for has_ref in (False, True):
+            for seq_level in (False, True):
+                for write_grad in (False, True):
+                    args = {
+                        "logp_ptr": f, "old_ptr": f, "ref_ptr": f, "mask_ptr": f, "adv_ptr": f,
+                        "adv_stride_r": 1, "adv_stride_c": 0, "norm_ptr": f, "norm_stride_r": 1,
+                        "norm_stride_c": 0, "grad_ptr": f, "loss_ptr": f, "kl_ptr": f, "low_ptr": f,
+                        "high_ptr": f, "region_ptr": f, "n_cols": t, "lo_hi": 0.8, "lo_lo": 1e-9,
+                        "hi_hi": 1.2, "hi_lo": 1e-9, "delta_hi": 1.0, "delta_lo": 0.0, "beta_hi": 0.04,
+                        "beta_lo": 1e-10,
+                    }
+                    specs.append(KernelSpec(
+                        kernel="ptkernels.kernels.grpo:grpo_rows_kernel", args=tuple(args.items()),
+                        constexprs=(("HAS_REF", has_ref), ("HAS_DELTA", True), ("SEQ_LEVEL", seq_level),
+                                    ("WRITE_GRAD", write_grad), ("BLOCK", block), ("COMPUTE", "fp32")),
+                        num_warps=4, dtype="fp32", vocab=(), tag=f"T{t}"))
+        args = {"rewards_ptr": f, "values_ptr": f, "mask_ptr": f, "adv_ptr": f, "ret_ptr": f, "n_cols": t,
+                "gamma_hi": 1.0, "gamma_lo": 0.0, "gl_hi": 0.95, "gl_lo": 1e-9}
+        specs.append(KernelSpec(kernel="ptkernels.kernels.gae:gae_kernel", args=tuple(args.items()),
+                                constexprs=(("COMPUTE", "fp32"),), num_warps=1, dtype="fp32", tag=f"T{t}"))
     return specs
 
 

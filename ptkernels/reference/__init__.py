@@ -1,5 +1,9 @@
-"""Eager PyTorch definitions of every op: the spec and the test oracle. They materialize everything."""
+"""Eager PyTorch definitions of every op: the spec and the test oracle. They materialize everything.
 
+RL references live in the submodule ``ptkernels.reference.rl`` (its names would collide here).
+"""
+
+from . import rl
 from .cross_entropy import (
     cross_entropy,
     linear_cross_entropy,

@@ -1,0 +1,270 @@
+"""Fused linear GRPO: the GRPO loss from hidden states and the output head, never building the [B*T, V] logits.
+
+Why the gradient is ready after the forward pass: every input of the per-token loss derivative d loss / d logp_t
+is known before the loop (advantages, old and reference log-probs, the mask and so the loss type's normalizer)
+except logp itself, and logp_t needs only its own row of logits. GSPO's sequence-level ratio needs the log-probs
+of one whole sequence, so at importance_sampling_level="sequence" a chunk holds whole sequences. The loop:
+
+    z    = h_c @ W.T (+ b)                         GEMM 1, one chunk of logits [c, V]
+    logp, lse (, E_p[s])  = logprob_fwd(z)         row kernels (ptkernels/ops/logit_rows.py), c values each
+    l, dl/dlogp = GRPO surrogate on the chunk      ptkernels/kernels/grpo.py (or PyTorch ops)
+    dz   = logprob_bwd(z, dl/dlogp, dl/dH)         written in place of z
+    dh_c = dz @ W;  dW += dz.T @ h_c               GEMMs 2 and 3
+so three GEMMs in all, as eager PyTorch, and one chunk of logits in memory. Backward only scales the
+precomputed gradients by the incoming scalar. Masked tokens (prompt padding, completion padding) are skipped
+before any GEMM.
+
+Chunks. Token level: ``chunk_size`` completion tokens at a time, across sequence boundaries. Sequence level:
+consecutive whole sequences whose completion tokens fit in ``chunk_size`` (at least one sequence per chunk).
+Finding the completion tokens is the one host-device synchronization of a call; ``sync_free=True`` walks all
+B*T rows in fixed chunks instead (masked rows get zero gradients on the device; their GEMM rows still run).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import rl as ref_rl
+from ..reference.rl import GRPOOutput
+from .checks import check_float, check_head, check_labels, check_options
+from .chunking import RowPlan, default_chunk_size, head_logits, take, want_sync_free
+from .dispatch import resolve_backend
+from .grpo import (
+    GRPOParams,
+    check_advantages,
+    check_grpo_options,
+    check_mask,
+    check_token_tensor,
+    finish_metrics,
+    get_grpo_rows,
+    row_normalizers,
+)
+from .linear_cross_entropy import apply_head_grads
+from .logit_rows import RowOptions, compute_dtype, get_rows
+
+IGNORE = -100
+
+
+def _sequence_chunks(valid2d: torch.Tensor, chunk: int, sync_free: bool):
+    """(b0, b1, rows) for chunks of whole sequences b0..b1-1; rows is a slice of all their B*T rows
+    (sync-free) or the index tensor of their completion tokens."""
+    b, t = valid2d.shape
+    if sync_free:
+        per = max(1, chunk // max(t, 1))
+        return [(b0, min(b0 + per, b), slice(b0 * t, min(b0 + per, b) * t)) for b0 in range(0, b, per)]
+    valid_cpu = valid2d.cpu()  # the one synchronization of the call
+    counts = valid_cpu.sum(1).tolist()
+    index = valid_cpu.reshape(-1).nonzero().squeeze(1).to(valid2d.device, non_blocking=True)
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    chunks, b0 = [], 0
+    while b0 < b:
+        b1 = b0 + 1
+        while b1 < b and offsets[b1 + 1] - offsets[b0] <= chunk:
+            b1 += 1
+        chunks.append((b0, b1, index[offsets[b0]:offsets[b1]]))
+        b0 = b1
+    return chunks
+
+
+def _row_ids(rows, device) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop, device=device)
+    return rows
+
+
+class FusedLinearGRPOFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, targets1d, mask1d, old1d, ref1d, adv, norm, t: int, p: GRPOParams,
+                o: RowOptions, chunk: int, rows_impl, grpo_rows, sync_free: bool, entropy_coef: float,
+                want_entropy: bool):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        any_grad = need_dh or need_dw or need_db
+        cd = compute_dtype(hidden2d.dtype)
+        dev = hidden2d.device
+        n, d = hidden2d.shape
+        b = n // t if t else 0
+        v = weight.shape[0]
+        gh = torch.zeros_like(hidden2d) if need_dh else None
+        gw = torch.zeros(v, d, dtype=cd, device=weight.device) if need_dw else None
+        gb = torch.zeros(v, dtype=cd, device=weight.device) if need_db else None
+        sums = torch.zeros(6, dtype=cd, device=dev)  # loss, kl, low, high, region, sum m * entropy
+        old1d = old1d.detach().to(cd) if old1d is not None else None
+        ref1d = ref1d.detach().to(cd) if ref1d is not None else None
+        bonus = entropy_coef != 0.0
+
+        if p.seq_level:
+            chunks = _sequence_chunks(mask1d.view(b, t) != 0, chunk, sync_free)
+        else:
+            plan = RowPlan(targets1d, IGNORE, chunk, sync_free)
+            chunks = [(None, None, rows) for rows in plan.chunks()]
+
+        for b0, b1, rows in chunks:
+            h = take(hidden2d, rows)
+            z = head_logits(h, weight, bias)
+            tg = take(targets1d, rows)
+            lp, lse, mean_s = rows_impl.logprob_fwd(z, tg, o, want_entropy)
+            m = take(mask1d, rows)
+            seq_of_row = _row_ids(rows, dev) // t
+            if p.seq_level:
+                nb, span = b1 - b0, slice(b0 * t, b1 * t)
+                if isinstance(rows, slice):
+                    lp2 = lp.view(nb, t)
+                    loc = None
+                else:
+                    loc = rows - b0 * t
+                    lp2 = torch.zeros(nb * t, dtype=lp.dtype, device=dev).index_copy_(0, loc, lp).view(nb, t)
+                old2 = old1d[span].view(nb, t) if old1d is not None else lp2
+                ref2 = ref1d[span].view(nb, t) if ref1d is not None else None
+                out = grpo_rows(lp2, old2, ref2, mask1d[span].view(nb, t), adv[b0:b1, None], norm[b0:b1, None],
+                                p, any_grad)
+                g_logp = None
+                if any_grad:
+                    g_logp = out.grad.reshape(-1) if loc is None else out.grad.reshape(-1).index_select(0, loc)
+            else:
+                old_r = take(old1d, rows) if old1d is not None else lp
+                ref_r = take(ref1d, rows)[None] if ref1d is not None else None
+                out = grpo_rows(lp[None], old_r[None], ref_r, m[None], adv[seq_of_row][None],
+                                norm[seq_of_row][None], p, any_grad)
+                g_logp = out.grad[0] if any_grad else None
+            sums[:5] += torch.stack([out.loss.sum(), out.kl.sum(), out.low.sum(), out.high.sum(),
+                                     out.region.sum()])
+            g_ent = None
+            if want_entropy:
+                ent = lse - mean_s  # 0 at ignored rows
+                sums[5] += (m * ent).sum()
+                if bonus:
+                    w_ent = norm[seq_of_row] * m
+                    sums[0] -= entropy_coef * (w_ent * ent).sum()
+                    g_ent = -entropy_coef * w_ent
+            if any_grad:
+                rows_impl.logprob_bwd(z, tg, lse, mean_s if g_ent is not None else None, g_logp, g_ent, o,
+                                      grad_out=z)
+                apply_head_grads(z, h, weight, rows, 1.0, gh, gw, gb)
+            del z
+
+        n_tokens = mask1d.sum()
+        kl, region, low, high = finish_metrics(sums[1], sums[2], sums[3], sums[4], n_tokens, b, p.seq_level)
+        entropy = sums[5] / n_tokens.clamp(min=1.0)
+        ctx.grads = (gh, gw, gb) if any_grad else None
+        ctx.dtypes = (hidden2d.dtype, weight.dtype)
+        metrics = (kl, region, low, high, entropy)
+        ctx.mark_non_differentiable(*metrics)
+        return (sums[0].clone(), *metrics)
+
+    @staticmethod
+    def backward(ctx, g_loss, *unused):
+        if ctx.grads is None or g_loss is None:
+            return (None,) * 18
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        h_dtype, w_dtype = ctx.dtypes
+        gh = gh.mul_(g_loss.to(gh.dtype)).to(h_dtype) if gh is not None else None
+        gw = gw.mul_(g_loss.to(gw.dtype)).to(w_dtype) if gw is not None else None
+        gb = gb.mul_(g_loss.to(gb.dtype)).to(w_dtype) if gb is not None else None
+        return (gh, gw, gb) + (None,) * 15
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    temperature: float = 1.0,
+    entropy_coef: float = 0.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch=None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    sync_free: bool | None = None,
+    backend: str = "auto",
+) -> GRPOOutput:
+    """GRPO loss of a policy head on completions, from hidden states, without the ``[B*T, V]`` logits.
+
+    Alignment: ``hidden[b, t]`` is the final hidden state at the position that predicts ``completion_ids[b, t]``,
+    i.e. for a causal LM run on ``prompt + completion`` (length P + T) it is ``last_hidden_state[:, P-1 : P+T-1]``
+    (TRL's ``last_hidden_state[:, :-1][:, -logits_to_keep:]``). Per token,
+    ``logp[b, t] = log_softmax((hidden[b, t] @ weight.T + bias) / temperature)[completion_ids[b, t]]``
+    and the loss is ``grpo_loss(logp, old_logps, advantages, completion_mask, ...)`` (see ``ptkernels.grpo_loss``
+    for every formula and loss type) with an optional entropy bonus:
+
+        per_token_loss_t += -entropy_coef * H_t,   H_t = -sum_v p_v log p_v of the tempered logits,
+
+    aggregated with the same loss-type normalization as the policy term (verl's convention; TRL only logs the
+    entropy). ``old_logps=None`` uses the detached current log-probs (TRL with num_iterations=1: ratio 1, the
+    gradient of the plain policy gradient). ``ref_logps`` is required when ``beta != 0``.
+
+    Args:
+        hidden ``[B, T, D]``, weight ``[V, D]``, bias ``[V]`` (optional): the policy's last hidden states and head.
+        completion_ids ``[B, T]`` ints in [0, V) where the mask is set; completion_mask ``[B, T]`` bool/int/float.
+        advantages ``[B]``; old_logps, ref_logps ``[B, T]`` (constants: no gradient flows into them).
+        return_entropy: compute the mean entropy (``output.entropy``) even without an entropy bonus.
+        chunk_size: completion tokens per chunk (default: ``ops.chunking.default_chunk_size(V)``, at least T);
+            at the sequence level a chunk still holds at least one whole sequence.
+        sync_free, backend: as ``linear_cross_entropy``.
+
+    Returns ``GRPOOutput`` (``loss`` differentiable w.r.t. hidden, weight and bias; metrics detached;
+    ``entropy`` set when computed). fp32 (fp64 for fp64 input) whatever the input dtype.
+    """
+    check_head(hidden, weight, bias)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be 3-D [B, T, D], got shape {tuple(hidden.shape)}")
+    b, t, _ = hidden.shape
+    check_mask("completion_mask", completion_mask, (b, t), hidden, "hidden")
+    valid = completion_mask != 0
+    if not isinstance(completion_ids, torch.Tensor):
+        raise TypeError(f"completion_ids must be a torch.Tensor, got {type(completion_ids).__name__}")
+    if tuple(completion_ids.shape) != (b, t):
+        raise ValueError(f"completion_ids has shape {tuple(completion_ids.shape)} but hidden implies {(b, t)}")
+    # Only completion tokens are scored: ids under mask 0 (padding) may be anything.
+    targets = torch.where(valid.to(completion_ids.device), completion_ids,
+                          torch.full((), IGNORE, dtype=completion_ids.dtype, device=completion_ids.device))
+    check_labels("completion_ids", targets, (b, t), weight.shape[0], IGNORE, hidden, "hidden")
+    check_advantages(advantages, b, hidden, "hidden")
+    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if x is not None:
+            check_float(name, x)
+            check_token_tensor(name, x, (b, t), hidden, "hidden")
+    check_options(temperature=temperature, chunk_size=chunk_size)
+    p = check_grpo_options(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+                           loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+                           max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+                           has_ref=ref_logps is not None)
+    want_entropy = bool(return_entropy) or entropy_coef != 0.0
+    name = resolve_backend(backend, hidden.device)
+    if name == "reference":
+        return ref_rl.linear_grpo_loss(
+            hidden, weight, completion_ids.masked_fill(~valid, 0), completion_mask, advantages, bias=bias,
+            old_logps=old_logps, ref_logps=ref_logps, beta=beta, epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+            importance_sampling_level=importance_sampling_level, temperature=temperature,
+            entropy_coef=entropy_coef, max_completion_length=max_completion_length,
+            num_items_in_batch=num_items_in_batch, return_entropy=return_entropy)
+    cd = compute_dtype(hidden.dtype)
+    mask1d = completion_mask.detach().to(cd).reshape(-1)
+    norm = row_normalizers(mask1d.view(b, t), loss_type, max_completion_length, num_items_in_batch)
+    o = RowOptions(ignore_index=IGNORE, temperature=float(temperature))
+    # Default: the shared chunk size, but at least one whole sequence (the sequence level needs it; at the
+    # token level, GEMMs on more rows per chunk ran faster on CPU in the GRPO benchmark).
+    chunk = chunk_size or max(default_chunk_size(weight.shape[0], hidden.device), t)
+    loss, kl, region, low, high, entropy = FusedLinearGRPOFunction.apply(
+        hidden.reshape(b * t, -1), weight, bias, targets.reshape(-1), mask1d,
+        old_logps.reshape(-1) if old_logps is not None else None,
+        ref_logps.reshape(-1) if ref_logps is not None else None,
+        advantages.detach().to(cd), norm, t, p, o, chunk, get_rows(name), get_grpo_rows(name),
+        want_sync_free(sync_free, hidden.device), float(entropy_coef), want_entropy)
+    return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high,
+                      entropy=entropy if want_entropy else None)
