@@ -15,6 +15,7 @@ from .cross_entropy import (
 from .distill import generalized_jsd, linear_jsd, linear_kl_divergence
 
 __all__ = [
+    "rl",
     "generalized_jsd",
     "linear_jsd",
     "linear_kl_divergence",
