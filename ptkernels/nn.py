@@ -1,36 +1,88 @@
-"""nn.Module wrappers of the fused ops, for code that prefers modules to functions."""
+"""nn.Module wrappers of the fused ops and losses, for code that prefers modules to functions.
+
+Each module holds only options (no parameters): pass the output head's weight (e.g. ``model.lm_head.weight``)
+at call time, so the head stays owned (and tied, sharded, saved) by the model. Options are checked against the
+function's signature when the module is built, so a misspelled option fails at construction.
+"""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
+from .ops.checks import check_options
+from .ops.fused_grpo import fused_linear_grpo_loss
+from .ops.grpo import grpo_loss
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.linear_jsd import linear_jsd
+from .ops.ppo import ppo_policy_loss, ppo_value_loss
+from .ops.token_logprobs import linear_token_logprobs
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
-    """``loss_fn(hidden, weight, labels, bias=None)`` = ``ptkernels.linear_cross_entropy`` with fixed options.
+class _FunctionalModule(torch.nn.Module):
+    """``Module(**options)(*tensors)`` == ``function(*tensors, **options)``."""
 
-    Holds no parameters: pass the output head's weight (e.g. ``model.lm_head.weight``) at call time, so the
-    head stays owned (and tied, sharded, saved) by the model.
-    """
+    function = None  # set by subclasses (as a staticmethod)
 
-    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: float | None = None, temperature: float = 1.0,
-                 shift: bool = False, chunk_size: int | None = None, sync_free: bool | None = None,
-                 backend: str = "auto"):
+    def __init__(self, **options):
         super().__init__()
-        self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                            z_loss=z_loss, softcap=softcap, temperature=temperature, shift=shift,
-                            chunk_size=chunk_size, sync_free=sync_free, backend=backend)
-        # Validate once here, so a bad option fails at construction rather than at the first step.
-        from .ops.checks import check_options
+        sig = inspect.signature(type(self).function)
+        keyword_only = {n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        unknown = sorted(set(options) - keyword_only)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; valid: {sorted(keyword_only)}")
+        self.options = options
 
-        check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                      temperature=temperature, chunk_size=chunk_size)
-
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        return linear_cross_entropy(hidden, weight, labels, bias=bias, **self.options)
+    def forward(self, *tensors, **kwargs):
+        return type(self).function(*tensors, **{**self.options, **kwargs})
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearCrossEntropyLoss(_FunctionalModule):
+    """``loss_fn(hidden, weight, labels, bias=None)`` = ``ptkernels.linear_cross_entropy`` with fixed options."""
+
+    function = staticmethod(linear_cross_entropy)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        check_options(**{k: v for k, v in options.items()
+                         if k in ("reduction", "label_smoothing", "z_loss", "softcap", "temperature", "chunk_size")})
+
+
+class LinearTokenLogprobs(_FunctionalModule):
+    """``fn(hidden, weight, targets)`` = ``ptkernels.linear_token_logprobs`` with fixed options."""
+
+    function = staticmethod(linear_token_logprobs)
+
+
+class LinearJSDLoss(_FunctionalModule):
+    """``loss_fn(hidden, weight, ref_hidden, ref_weight)`` = ``ptkernels.linear_jsd`` (distillation)."""
+
+    function = staticmethod(linear_jsd)
+
+
+class GRPOLoss(_FunctionalModule):
+    """``loss_fn(logps, old_logps, advantages, mask)`` = ``ptkernels.grpo_loss`` → ``GRPOOutput``."""
+
+    function = staticmethod(grpo_loss)
+
+
+class FusedLinearGRPOLoss(_FunctionalModule):
+    """``loss_fn(hidden, weight, completion_ids, completion_mask, advantages)`` = ``fused_linear_grpo_loss``."""
+
+    function = staticmethod(fused_linear_grpo_loss)
+
+
+class PPOPolicyLoss(_FunctionalModule):
+    """``loss_fn(logps, old_logps, advantages, mask)`` = ``ptkernels.ppo_policy_loss`` (clipped surrogate)."""
+
+    function = staticmethod(ppo_policy_loss)
+
+
+class PPOValueLoss(_FunctionalModule):
+    """``loss_fn(values, old_values, returns, mask)`` = ``ptkernels.ppo_value_loss`` (clipped value loss)."""
+
+    function = staticmethod(ppo_value_loss)

@@ -204,13 +204,3 @@ def test_no_grad_needed_runs_forward_only():
     loss = ptk.linear_cross_entropy(hidden, weight, labels, backend="torch")
     assert not loss.requires_grad
     assert_close_to_truth(loss, reference.linear_cross_entropy(hidden, weight, labels), 1e-12, "loss")
-
-
-def test_module_wrapper():
-    loss_fn = ptk.nn.LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.1)
-    hidden, weight = rand(N, D), rand(V, D)
-    labels = labels_with_mask((N,), V)
-    truth = reference.linear_cross_entropy(hidden, weight, labels, reduction="sum", label_smoothing=0.1)
-    assert_close_to_truth(loss_fn(hidden, weight, labels), truth, 1e-10, "loss")
-    with pytest.raises(ValueError, match="reduction"):
-        ptk.nn.LinearCrossEntropyLoss(reduction="avg")
