@@ -13,10 +13,12 @@ import torch
 
 from .ops.checks import check_options
 from .ops.fused_grpo import fused_linear_grpo_loss
+from .ops.fused_preference import fused_linear_kto_loss, fused_linear_preference_loss
 from .ops.grpo import grpo_loss
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.linear_jsd import linear_jsd
 from .ops.ppo import ppo_policy_loss, ppo_value_loss
+from .ops.preference import cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from .ops.token_logprobs import linear_token_logprobs
 
 
@@ -86,3 +88,45 @@ class PPOValueLoss(_FunctionalModule):
     """``loss_fn(values, old_values, returns, mask)`` = ``ptkernels.ppo_value_loss`` (clipped value loss)."""
 
     function = staticmethod(ppo_value_loss)
+
+
+class DPOLoss(_FunctionalModule):
+    """``loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected)`` = ``ptkernels.dpo_loss``."""
+
+    function = staticmethod(dpo_loss)
+
+
+class SimPOLoss(_FunctionalModule):
+    """``loss_fn(policy_chosen, policy_rejected)`` = ``ptkernels.simpo_loss``."""
+
+    function = staticmethod(simpo_loss)
+
+
+class ORPOLoss(_FunctionalModule):
+    """``loss_fn(policy_chosen, policy_rejected)`` = ``ptkernels.orpo_loss``."""
+
+    function = staticmethod(orpo_loss)
+
+
+class CPOLoss(_FunctionalModule):
+    """``loss_fn(policy_chosen, policy_rejected)`` = ``ptkernels.cpo_loss``."""
+
+    function = staticmethod(cpo_loss)
+
+
+class KTOLoss(_FunctionalModule):
+    """``loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected)`` = ``ptkernels.kto_loss``."""
+
+    function = staticmethod(kto_loss)
+
+
+class FusedLinearPreferenceLoss(_FunctionalModule):
+    """``loss_fn(hidden, weight, labels)`` = ``ptkernels.fused_linear_preference_loss`` ([chosen; rejected])."""
+
+    function = staticmethod(fused_linear_preference_loss)
+
+
+class FusedLinearKTOLoss(_FunctionalModule):
+    """``loss_fn(hidden, weight, labels, desirable)`` = ``ptkernels.fused_linear_kto_loss``."""
+
+    function = staticmethod(fused_linear_kto_loss)

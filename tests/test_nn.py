@@ -34,3 +34,15 @@ def test_jsd_module_matches_function():
     h, w, hr, wr = rand(7, 4), rand(13, 4), rand(7, 4), rand(13, 4)
     a = ptk.nn.LinearJSDLoss(beta=0.3)(h, w, hr, wr)
     assert_close_to_truth(a, ptk.linear_jsd(h, w, hr, wr, beta=0.3), 1e-12, "jsd")
+
+
+def test_dpo_module_and_fused_preference_module():
+    pc, pr, rc, rr = (rand(5, requires_grad=False) for _ in range(4))
+    out = ptk.nn.DPOLoss(beta=0.2, loss_type="hinge")(pc, pr, rc, rr)
+    ref = ptk.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type="hinge")
+    assert torch.equal(out.loss, ref.loss)
+    hidden, weight = rand(4, 6, 5), rand(23, 5)
+    labels = labels_with_mask((4, 6), 23, ignore_every=4)
+    fused = ptk.nn.FusedLinearPreferenceLoss(beta=0.1, loss_type="simpo")(hidden, weight, labels)
+    direct = ptk.fused_linear_preference_loss(hidden, weight, labels, beta=0.1, loss_type="simpo")
+    assert_close_to_truth(fused.loss, direct.loss, 1e-12, "loss")

@@ -1,9 +1,9 @@
 """Eager PyTorch definitions of every op: the spec and the test oracle. They materialize everything.
 
-RL references live in the submodule ``ptkernels.reference.rl`` (its names would collide here).
+Loss references live in submodules (``rl``, ``preference``, ``sequence``): their names would collide here.
 """
 
-from . import rl
+from . import preference, rl, sequence
 from .cross_entropy import (
     cross_entropy,
     linear_cross_entropy,
@@ -15,7 +15,9 @@ from .cross_entropy import (
 from .distill import generalized_jsd, linear_jsd, linear_kl_divergence
 
 __all__ = [
+    "preference",
     "rl",
+    "sequence",
     "generalized_jsd",
     "linear_jsd",
     "linear_kl_divergence",
