@@ -187,6 +187,28 @@ def kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
 
     specs += linear_jsd.aot_kernel_specs(vocabs, dtypes)
     specs += rl_kernel_specs()
+    specs += sequence_kernel_specs()
+    return specs
+
+
+def sequence_kernel_specs() -> list[KernelSpec]:
+    """The per-sequence segment sums of ops/sequence_logprobs.py: padded and packed, fp32 and bf16 inputs."""
+    mod = "ptkernels.kernels.sequence"
+    specs = []
+    for packed in (False, True):
+        for dtype in ("fp32", "bf16"):
+            common = {"cu_ptr": "*i32", "row_stride": 512, "seq_len": 512}
+            const = {"HAS_MASK": True, "PACKED": packed, "AVERAGE": True, "BLOCK_T": 512, "COMPUTE": "fp32"}
+            specs.append(KernelSpec(
+                kernel=f"{mod}:sequence_logprobs_fwd_kernel",
+                args=tuple({"logp_ptr": f"*{dtype}", "mask_ptr": "*u8", "out_ptr": "*fp32", "den_ptr": "*fp32",
+                            **common}.items()),
+                constexprs=tuple(const.items()), num_warps=4, dtype=dtype, tag=f"p{int(packed)}"))
+            specs.append(KernelSpec(
+                kernel=f"{mod}:sequence_logprobs_bwd_kernel",
+                args=tuple({"grad_ptr": f"*{dtype}", "g_ptr": "*fp32", "den_ptr": "*fp32", "mask_ptr": "*u8",
+                            **common}.items()),
+                constexprs=tuple(const.items()), num_warps=4, dtype=dtype, tag=f"p{int(packed)}"))
     return specs
 
 

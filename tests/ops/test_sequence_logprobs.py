@@ -122,33 +122,3 @@ def test_errors_name_the_argument():
         packed_sequence_logprobs(flat, torch.tensor([0, 10], device=DEVICE), mask=torch.ones(9, device=DEVICE))
     with pytest.raises(RuntimeError, match="backend"):
         sequence_logprobs(x, torch.ones(4, 6, device=DEVICE), backend="native")
-
-
-def test_triton_kernels_compile_for_gpu_without_spills():
-    """The sequence kernels compile ahead of time for sm_80/sm_90 (no GPU needed) and use no local memory."""
-    pytest.importorskip("triton")
-    from ptkernels.kernels import aot
-
-    problem = aot.toolchain_problem()
-    if problem is not None:
-        pytest.skip(f"cannot compile for NVIDIA here: {problem}")
-    mod = "ptkernels.kernels.sequence"
-    specs = []
-    for packed in (False, True):
-        for dtype in ("fp32", "bf16"):
-            common = {"cu_ptr": "*i32", "row_stride": 512, "seq_len": 512}
-            const = {"HAS_MASK": True, "PACKED": packed, "AVERAGE": True, "BLOCK_T": 512, "COMPUTE": "fp32"}
-            specs.append(aot.KernelSpec(
-                kernel=f"{mod}:sequence_logprobs_fwd_kernel",
-                args=tuple({"logp_ptr": f"*{dtype}", "mask_ptr": "*u8", "out_ptr": "*fp32", "den_ptr": "*fp32",
-                            **common}.items()),
-                constexprs=tuple(const.items()), num_warps=4, dtype=dtype, tag=f"p{int(packed)}"))
-            specs.append(aot.KernelSpec(
-                kernel=f"{mod}:sequence_logprobs_bwd_kernel",
-                args=tuple({"grad_ptr": f"*{dtype}", "g_ptr": "*fp32", "den_ptr": "*fp32", "mask_ptr": "*u8",
-                            **common}.items()),
-                constexprs=tuple(const.items()), num_warps=4, dtype=dtype, tag=f"p{int(packed)}"))
-    results, _ = aot.compile_in_subprocess([(s, arch) for s in specs for arch in aot.ARCHS], jobs=2)
-    for r in results:
-        assert r["error"] is None, f"{r['id']} sm_{r['arch']}: {r['error']}"
-        assert not aot.spills(r), f"{r['id']} sm_{r['arch']} uses local memory: {r}"

@@ -1,0 +1,1 @@
+"""Launchers, autograd Functions and backend dispatch, one file per op family."""
