@@ -99,3 +99,24 @@ def accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor,
         except (TypeError, RuntimeError):
             _MIXED_ADDMM_OK[dev] = False
     acc.add_(torch.mm(dz.t(), h), alpha=alpha)
+
+
+def reduction_scale(plan: RowPlan, reduction: str, dtype: torch.dtype):
+    """``(scale, row_scale)``: the factor turning the sum of row losses into ``reduction``, and the per-chunk
+    gradient weight ``row_scale(rows, c)`` (a float, or a per-row device tensor in sync-free mode, where
+    1/n_valid never leaves the device)."""
+    if reduction == "mean" and torch.is_tensor(plan.n_valid):
+        scale = 1.0 / plan.n_valid.clamp(min=1).to(dtype)
+        return scale, lambda rows, c: scale.expand(c)
+    scale = 1.0 / max(plan.n_valid, 1) if reduction == "mean" else 1.0
+    return scale, lambda rows, c: scale
+
+
+def finish_head_grads(grads, grad_out, h_dtype: torch.dtype, w_dtype: torch.dtype):
+    """Scale gradients formed in the forward pass by the incoming gradient (None: already applied per row)
+    and cast them to the parameters' dtypes (the weight gradient was accumulated in fp32)."""
+    gh, gw, gb = grads
+    if grad_out is not None:
+        gh, gw, gb = (g.mul_(grad_out) if g is not None else None for g in (gh, gw, gb))
+    return (gh.to(h_dtype) if gh is not None else None, gw.to(w_dtype) if gw is not None else None,
+            gb.to(w_dtype) if gb is not None else None)

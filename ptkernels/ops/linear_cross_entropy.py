@@ -20,8 +20,10 @@ from .chunking import (
     RowPlan,
     accumulate_weight_grad,
     default_chunk_size,
+    finish_head_grads,
     head_logits,
     put,
+    reduction_scale,
     take,
     want_sync_free,
 )
@@ -91,18 +93,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         plan = RowPlan(labels1d, o.ignore_index, chunk, sync_free)
         cd = compute_dtype(hidden2d.dtype)
         precompute = any_grad and reduction != "none"
-        row_scale = None
-        if reduction == "mean":
-            n_valid = plan.n_valid
-            if torch.is_tensor(n_valid):  # sync-free: 1/n_valid stays on the device, applied per row
-                scale = 1.0 / n_valid.clamp(min=1).to(cd)
-                row_scale = lambda rows, c: scale.expand(c)  # noqa: E731
-            else:
-                scale = 1.0 / max(n_valid, 1)
-        else:
-            scale = 1.0
-        if precompute and row_scale is None:
-            row_scale = lambda rows, c: scale  # noqa: E731
+        scale, row_scale = reduction_scale(plan, reduction, cd)
         loss, gh, gw, gb = _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o,
                                           row_scale if precompute else None, need_dh, need_dw, need_db)
         ctx.mode = "precomputed" if precompute else "recompute"
@@ -131,13 +122,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             _, gh, gw, gb = _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o,
                                            lambda rows, c: take(g, rows), need_dh, need_dw, need_db)
             grad_out = None  # already applied per row
-        if grad_out is not None:
-            gh = gh.mul_(grad_out) if gh is not None else None
-            gw = gw.mul_(grad_out) if gw is not None else None
-            gb = gb.mul_(grad_out) if gb is not None else None
-        gh = gh.to(h_dtype) if gh is not None else None
-        gw = gw.to(w_dtype) if gw is not None else None
-        gb = gb.to(w_dtype) if gb is not None else None
+        gh, gw, gb = finish_head_grads((gh, gw, gb), grad_out, h_dtype, w_dtype)
         return gh, gw, gb, None, None, None, None, None, None
 
 
