@@ -52,11 +52,19 @@ def _native_import_error() -> str | None:
     return _PROBES["native"]
 
 
+NATIVE_ABI_VERSION = 1  # csrc/module.cpp's kAbiVersion: a stale build of another version is not used
+
+
 def _probe_native() -> str | None:
     try:
-        from ptkernels import _C  # noqa: F401
+        from ptkernels import _C
     except ImportError as exc:
-        return f"the native extension ptkernels._C is not built ({exc})"
+        return (f"the native extension ptkernels._C is not built ({exc}); `pip install -v -e .` shows the "
+                "compiler's output")
+    version = getattr(_C, "abi_version", None)
+    if version != NATIVE_ABI_VERSION:
+        return (f"the native extension ptkernels._C is stale (ABI {version}, expected {NATIVE_ABI_VERSION}); "
+                "rebuild it: pip install -e . (or python setup.py build_ext --inplace)")
     return None
 
 

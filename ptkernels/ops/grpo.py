@@ -32,7 +32,8 @@ __all__ = ["GRPOOutput", "grpo_loss", "group_advantages"]
 # ------------------------------------------------------------------------------------------ advantages
 
 
-def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "group", eps: float = 1e-4):
+def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     backend: str = "auto"):
     """GRPO advantages of ``rewards [N]`` laid out as N / group_size consecutive groups (TRL's layout:
     the completions of one prompt are adjacent).
 
@@ -41,7 +42,10 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "gr
         scale="none":   A_i =  r_i - mean_g                       (Dr. GRPO)
 
     A group whose rewards are all equal gives exactly 0 (never NaN); the std of a single value counts as 0.
-    Returns fp32 (fp64 for fp64 input); not differentiable. ``group_size`` must divide N.
+    Returns fp32 (fp64 for fp64 input); not differentiable. ``group_size`` must divide N. ``backend``: "native"
+    (csrc/ kernels: C++ on CPU, CUDA for fp32 on GPU; else the PyTorch ops), "reference", or "torch" / "triton"
+    (PyTorch ops on the device: O(N) work with no Triton kernel of its own); "auto" picks the native kernels on CPU
+    when they are built.
     """
     check_float("rewards", rewards)
     if rewards.dim() != 1:
@@ -54,8 +58,17 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "gr
         raise ValueError(f"scale must be one of {REWARD_SCALES}, got {scale!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    name = resolve_backend(backend, rewards.device)
+    if name == "reference":
+        return ref_rl.group_advantages(rewards.detach().to(compute_dtype(rewards.dtype)), group_size=group_size,
+                                       scale=scale, eps=eps)
     with torch.no_grad():
         r = rewards.detach().to(compute_dtype(rewards.dtype))
+        if name == "native":
+            from . import native
+
+            if native.supports("vector", r.device, r.dtype):
+                return native.group_advantages(r.contiguous(), group_size, native.SCALE_MODES[scale], float(eps))
         grouped = r.view(-1, group_size)
         mean = grouped.mean(dim=1, keepdim=True)
         # All-equal groups: r - mean can be a rounding error away from 0; make it exactly 0.

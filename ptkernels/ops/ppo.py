@@ -133,6 +133,14 @@ def _gae_triton(rewards, values, mask, gamma: float, lam: float):
     return adv, ret
 
 
+def _gae_native(rewards, values, mask, gamma: float, lam: float):
+    from . import native
+
+    if not native.supports("vector", values.device, values.dtype):
+        return _gae_torch(rewards, values, mask, gamma, lam)
+    return native.gae(rewards.contiguous(), values.contiguous(), mask.contiguous(), gamma, lam)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
         lam: float = 0.95, backend: str = "auto"):
     """Generalized advantage estimation (TRL's ``PPOTrainer`` loop) → ``(advantages, returns)``, ``[B, T]``.
@@ -147,7 +155,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     A gap inside a mask is not skipped (the recursion runs through it with r = v = 0), as in TRL. TRL then
     whitens the advantages: ``masked_whiten(advantages, mask)``. Not differentiable (inputs are detached).
     ``backend``: "torch" (a reverse loop over T of [B]-vector ops), "triton" (one program per sequence),
-    "reference", "auto".
+    "native" (csrc/: one OpenMP thread per sequence on CPU, the CUDA scan on GPU for fp32; fp64 on CUDA takes the
+    torch loop), "reference", "auto".
     """
     _check_2d("rewards", rewards)
     _check_pair("values", values, "rewards", rewards)
@@ -162,7 +171,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     cd = _cd(rewards, values)
     with torch.no_grad():
         r, v, m = (x.detach().to(cd) for x in (rewards, values, mask))
-        fn = _gae_triton if name == "triton" else _gae_torch
+        fn = {"triton": _gae_triton, "native": _gae_native}.get(name, _gae_torch)
         return fn(r, v, m, float(gamma), float(lam))
 
 

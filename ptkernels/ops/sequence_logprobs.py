@@ -6,7 +6,8 @@ Per sequence, with mask weights ``m`` (bool masks count 0/1)::
     average  = sum_t m[t] * logp[t] / sum_t m[t]      (0 when sum_t m[t] == 0)
 
 The gradient is a broadcast, ``d out[s] / d logp[t] = m[t]`` (``/ sum_t m[t]`` when averaging). Backends:
-``torch`` (reductions / ``index_add_``), ``triton`` (one program per sequence, ptkernels/kernels/sequence.py) and
+``torch`` (reductions / ``index_add_``), ``triton`` (one program per sequence, ptkernels/kernels/sequence.py),
+``native`` (the C++ / CUDA segment sums of csrc/, through the ``ptkernels::segment_sums`` custom ops) and
 ``reference`` (eager). Outputs are fp32 (fp64 for fp64 input); never synchronizes on CUDA.
 """
 
@@ -22,13 +23,8 @@ from .logit_rows import compute_dtype
 MAX_BLOCK_T = 1024
 
 
-def _resolve(backend: str, device: torch.device, what: str) -> str:
-    name = resolve_backend(backend, device)
-    if name == "native":  # no C++ kernel for this op: auto takes the chunk-free torch path, an explicit ask fails
-        if backend == "auto":
-            return "torch"
-        raise RuntimeError(f"backend='native' has no {what} kernel; use 'torch' or 'triton'")
-    return name
+def _resolve(backend: str, device: torch.device) -> str:
+    return resolve_backend(backend, device)
 
 
 def _check_mask(mask: torch.Tensor, token_logps: torch.Tensor) -> None:
@@ -149,11 +145,42 @@ def _triton_bwd(g, den, m, cu, n_seq, seq_len, packed, average, like):
     return grad
 
 
+# ----------------------------------------------------------------------------------------------- native
+
+
+def _native_ok(x: torch.Tensor) -> bool:
+    from . import native
+
+    return native.supports("vector", x.device, compute_dtype(x.dtype))
+
+
+def _native_fwd(x, m, cu, n_seq, average):
+    """The native segment sums in the compute dtype: (out [S], den [S])."""
+    from . import native
+
+    cd = compute_dtype(x.dtype)
+    xc = x.to(cd).contiguous()
+    mc = None if m is None else m.to(cd).contiguous()
+    return native.segment_sums(xc, mc, None if cu is None else cu.to(torch.int64).contiguous(), n_seq, average)
+
+
+def _native_bwd(g, den, m, cu, n_seq, seq_len, packed, average, shape, dtype):
+    from . import native
+
+    cd = g.dtype
+    total = shape[0] if packed else n_seq * seq_len
+    mc = None if m is None else m.to(cd).contiguous()
+    grad = native.segment_sums_bwd(g.contiguous(), den.to(cd).contiguous(), mc,
+                                   cu.to(torch.int64).contiguous() if packed else None, total, seq_len, average)
+    return grad.to(dtype)
+
+
 # --------------------------------------------------------------------------------------------- autograd
 
 
 class SequenceLogprobsFunction(torch.autograd.Function):
-    """Padded ``[S, T]`` (cu None) or packed ``[total]`` (cu [S + 1]) sums; ``impl`` is "torch" or "triton"."""
+    """Padded ``[S, T]`` (cu None) or packed ``[total]`` (cu [S + 1]) sums; ``impl`` is "torch", "triton" or
+    "native"."""
 
     @staticmethod
     def forward(ctx, x, mask, cu, seg, n_seq: int, average: bool, impl: str):
@@ -161,6 +188,8 @@ class SequenceLogprobsFunction(torch.autograd.Function):
         seq_len = 0 if packed else x.shape[-1]
         if impl == "triton":
             out, den = _triton_fwd(x, mask, cu, n_seq, seq_len, packed, average)
+        elif impl == "native":
+            out, den = _native_fwd(x, mask, cu, n_seq, average)
         else:
             out, den = _torch_fwd(x, mask, seg, n_seq, average)
         ctx.save_for_backward(mask, cu, seg, den)
@@ -177,6 +206,8 @@ class SequenceLogprobsFunction(torch.autograd.Function):
         if impl == "triton":
             like = torch.empty(shape, dtype=dtype, device=g.device)
             grad = _triton_bwd(g, den, mask, cu, n_seq, seq_len, packed, average, like)
+        elif impl == "native":
+            grad = _native_bwd(g, den, mask, cu, n_seq, seq_len, packed, average, shape, dtype)
         else:
             grad = _torch_bwd(g, den, mask, seg, shape, average, dtype)
         return grad, None, None, None, None, None, None
@@ -197,13 +228,15 @@ def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor, *, average:
     _check_mask(mask, token_logps)
     if token_logps.dim() < 1:
         raise ValueError("token_logps must have at least one dimension [..., T]")
-    name = _resolve(backend, token_logps.device, "sequence_logprobs")
+    name = _resolve(backend, token_logps.device)
     if name == "reference":
         return reference.sequence_logprobs(token_logps, mask, average=average)
+    if name == "native" and not _native_ok(token_logps):
+        name = "torch"  # e.g. fp64 on CUDA: the CUDA segment sums are fp32 only
     lead = token_logps.shape[:-1]
     t = token_logps.shape[-1]
-    x2d = token_logps.reshape(-1, t).contiguous()
-    m2d = mask.reshape(-1, t).contiguous()
+    x2d = token_logps.reshape(lead.numel(), t).contiguous()  # lead.numel(): T may be 0
+    m2d = mask.reshape(lead.numel(), t).contiguous()
     out = SequenceLogprobsFunction.apply(x2d, m2d, None, None, x2d.shape[0], bool(average), name)
     return out.view(lead)
 
@@ -224,9 +257,11 @@ def packed_sequence_logprobs(token_logps: torch.Tensor, cu_seqlens: torch.Tensor
     _check_cu_seqlens(cu_seqlens, token_logps.shape[0], token_logps.device)
     if mask is not None:
         _check_mask(mask, token_logps)
-    name = _resolve(backend, token_logps.device, "packed_sequence_logprobs")
+    name = _resolve(backend, token_logps.device)
     if name == "reference":
         return reference.packed_sequence_logprobs(token_logps, cu_seqlens, mask=mask, average=average)
+    if name == "native" and not _native_ok(token_logps):
+        name = "torch"  # e.g. fp64 on CUDA: the CUDA segment sums are fp32 only
     n_seq = cu_seqlens.shape[0] - 1
     x = token_logps.contiguous()
     m = mask.contiguous() if mask is not None else None

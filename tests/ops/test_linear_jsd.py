@@ -28,6 +28,9 @@ OPTIONS = {
     "no_labels": dict(no_labels=True, temperature=1.3),
 }
 
+# No native JSD rows: backend="native" is refused with a clear error (test_native_backend_is_refused).
+JSD_BACKENDS = [b for b in FUSED_BACKENDS if b != "native"]
+
 
 def _inputs(option, dtype=torch.float64, n=N, v=V):
     opt = OPTIONS[option]
@@ -50,7 +53,7 @@ def _run(fn, hidden, weight, ref_hidden, ref_weight, grad_seed, **kw):
     return loss, torch.autograd.grad(loss, inputs, g.to(device=loss.device, dtype=loss.dtype))
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("option", list(OPTIONS))
@@ -89,7 +92,7 @@ def test_reference_matches_trl_formulas():
         assert_close_to_truth(ours, trl, 1e-12, f"beta={beta}")
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 @pytest.mark.parametrize("direction, beta", [("forward", 0.0), ("reverse", 1.0)])
 def test_kl_divergence_directions(backend, direction, beta):
     hidden, weight, ref_hidden, ref_weight, kw = _inputs("bias")
@@ -107,7 +110,7 @@ def test_kl_divergence_directions(backend, direction, beta):
         linear_kl_divergence(hidden, weight, ref_hidden, ref_weight, direction="both", backend=backend)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 @pytest.mark.parametrize("beta", BETAS)
 def test_float32_within_1e5_of_float64_truth(backend, beta):
     f32 = torch.float32
@@ -124,7 +127,7 @@ def test_float32_within_1e5_of_float64_truth(backend, beta):
         assert_close_to_truth(a, b, 1e-5, "grad")
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_bf16_no_worse_than_eager(backend, beta):
     """|truth - ours| <= |truth - eager bf16| + a small tolerance, truth in float64."""
@@ -161,7 +164,7 @@ def test_bf16_no_worse_than_eager(backend, beta):
             float(err_ours), float(err_eager))
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 def test_teacher_in_another_dtype(backend):
     """A bf16 teacher beside an fp32 student: the teacher's logits are upcast in the row math."""
     hidden, weight = rand(N, D, dtype=torch.float32), rand(V, D, dtype=torch.float32)
@@ -178,7 +181,7 @@ def test_teacher_in_another_dtype(backend):
         assert_close_to_truth(a, b, 1e-5, "grad")
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 @pytest.mark.parametrize("beta", BETAS)
 def test_identical_models_give_zero(backend, beta):
     hidden, weight = rand(N, D), rand(V, D)
@@ -188,7 +191,7 @@ def test_identical_models_give_zero(backend, beta):
     assert gh.abs().max() < 1e-12 and gw.abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 def test_symmetric_jsd_is_bounded_by_log2(backend):
     hidden, weight = rand(N, D, scale=5.0), rand(V, D)
     ref_hidden, ref_weight = rand(N, D_REF, scale=5.0), rand(V, D_REF)
@@ -197,7 +200,7 @@ def test_symmetric_jsd_is_bounded_by_log2(backend):
     assert loss.max() > 0.5  # far apart models: the bound is nearly reached
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 def test_batch_dims_and_reduction_none_shape(backend):
     B, T = 3, 5
     hidden, weight = rand(B, T, D), rand(V, D)
@@ -210,7 +213,7 @@ def test_batch_dims_and_reduction_none_shape(backend):
     assert (ours[labels == -100] == 0).all()
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_tokens_masked_gives_zero_loss_and_zero_grads(backend, reduction):
     hidden, weight = rand(N, D), rand(V, D)
@@ -222,7 +225,7 @@ def test_all_tokens_masked_gives_zero_loss_and_zero_grads(backend, reduction):
     assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gw, torch.zeros_like(gw))
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 def test_zero_tokens(backend):
     hidden, weight = rand(0, D), rand(V, D)
     ref_hidden, ref_weight = rand(0, D_REF), rand(V, D_REF)
@@ -233,7 +236,7 @@ def test_zero_tokens(backend):
     assert torch.equal(gw, torch.zeros_like(gw))
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 @pytest.mark.parametrize("beta", BETAS)
 def test_huge_logits_are_finite_and_accurate(backend, beta):
     f32 = torch.float32
@@ -252,7 +255,7 @@ def test_huge_logits_are_finite_and_accurate(backend, beta):
     assert torch.isfinite(gh).all()
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 def test_vocab_above_65536(backend):
     v, d = 70_001, 4
     f32 = torch.float32
@@ -267,7 +270,7 @@ def test_vocab_above_65536(backend):
         assert_close_to_truth(ours, truth, 1e-5, f"loss beta={beta}")
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("beta", [0.0, 0.3])
 def test_sync_free_and_chunk_sizes_agree(backend, reduction, beta):
@@ -294,7 +297,7 @@ def test_reference_backend_dispatch():
     assert hidden.grad is not None and kw["bias"].grad is not None
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", JSD_BACKENDS)
 def test_reference_model_gets_no_gradient(backend):
     hidden, weight, ref_hidden, ref_weight, kw = _inputs("bias")
     loss = linear_jsd(hidden, weight, ref_hidden, ref_weight, backend=backend, **kw)
@@ -358,3 +361,10 @@ def test_shape_dtype_device_mismatches_name_the_arguments():
 def test_bad_options(kw, word):
     with pytest.raises(ValueError, match=word):
         linear_jsd(rand(4, D), rand(V, D), rand(4, D_REF), rand(V, D_REF), **kw)
+
+
+@pytest.mark.skipif("native" not in FUSED_BACKENDS, reason="the native extension is not usable here")
+def test_native_backend_is_refused():
+    """The native extension has no JSD rows: asking for them is an error, never a silent fallback."""
+    with pytest.raises(RuntimeError, match="native"):
+        linear_jsd(rand(4, D), rand(V, D), rand(4, D_REF), rand(V, D_REF), backend="native")

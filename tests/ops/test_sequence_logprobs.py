@@ -7,7 +7,7 @@ from ptkernels.ops.sequence_logprobs import packed_sequence_logprobs, sequence_l
 from ptkernels.reference import sequence as reference
 from tests.helpers import DEVICE, FUSED_BACKENDS, assert_close_to_truth, rand
 
-BACKENDS = ["reference"] + [b for b in FUSED_BACKENDS if b != "native"]
+BACKENDS = ["reference"] + FUSED_BACKENDS
 
 
 def _mask(shape, kind):
@@ -121,4 +121,4 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="mask.*token_logps"):
         packed_sequence_logprobs(flat, torch.tensor([0, 10], device=DEVICE), mask=torch.ones(9, device=DEVICE))
     with pytest.raises(RuntimeError, match="backend"):
-        sequence_logprobs(x, torch.ones(4, 6, device=DEVICE), backend="native")
+        sequence_logprobs(x, torch.ones(4, 6, device=DEVICE), backend="cuda-graphs")
