@@ -22,6 +22,10 @@ fi
   date -u
 } 2>&1 | tee "$OUT/machine.txt"
 
+# 0. The native extension with its CUDA part (pybind11, ninja and nvcc are on the GPU image; no network).
+PTK_BUILD_CUDA=1 timeout 300 python3 setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log" | tail -5
+python3 -c "import ptkernels as p; print('backends on cuda:', p.backends('cuda'))" 2>&1 | tee -a "$OUT/build.log"
+
 # 1. Tests on the GPU (Triton kernels compiled, CUDA-only tests included). The AOT compile check and the
 #    Hugging Face tests already run in CI on CPU; skip them here to save device time.
 timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider \
