@@ -1,6 +1,7 @@
 """The `ptk` command. Each sub-command lives in its own module; this file only dispatches.
 
     ptk check        a quick tour: fused vs eager linear cross-entropy on this machine
+    ptk pretrain / sft / reward / dpo / orpo / simpo / kto     the trainers (ptkernels/trainers/)
 """
 
 from __future__ import annotations
@@ -9,6 +10,13 @@ import sys
 
 COMMANDS = {
     "check": ("ptkernels.check", "fused vs eager linear cross-entropy on this machine (time, memory, loss)"),
+    "pretrain": ("ptkernels.trainers.pretrain", "stage 0: next-token pretraining on raw text"),
+    "sft": ("ptkernels.trainers.sft", "supervised fine-tuning, prompt-masked"),
+    "reward": ("ptkernels.trainers.reward", "Bradley-Terry reward model on preference pairs"),
+    "dpo": ("ptkernels.trainers.dpo", "DPO family (--loss-type) on preference pairs"),
+    "orpo": ("ptkernels.trainers.dpo:main_orpo", "ORPO on preference pairs (no reference model)"),
+    "simpo": ("ptkernels.trainers.dpo:main_simpo", "SimPO on preference pairs (no reference model)"),
+    "kto": ("ptkernels.trainers.kto", "KTO on unpaired desirable / undesirable completions"),
 }
 
 
@@ -25,7 +33,18 @@ def main(argv=None) -> int:
         return 2
     import importlib
 
-    return int(importlib.import_module(COMMANDS[name][0]).main(rest) or 0)
+    module, _, func = COMMANDS[name][0].partition(":")
+    try:
+        return int(getattr(importlib.import_module(module), func or "main")(rest) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from .trainers.loop import Interrupted
+
+        if isinstance(exc, Interrupted):
+            print(exc, file=sys.stderr)
+            return 130
+        raise
 
 
 if __name__ == "__main__":
