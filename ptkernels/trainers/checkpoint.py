@@ -76,20 +76,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def gather_state(model, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded, CPU) model and optimizer state dicts; a collective under FSDP2: every rank calls it."""
-    return get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, optimizer, options=_FULL)
+def gather_state(module, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) state dicts of the training module and its optimizer; a collective under FSDP2:
+    every rank calls it."""
+    return get_model_state_dict(module, options=_FULL), get_optimizer_state_dict(module, optimizer, options=_FULL)
 
 
-def save_checkpoint(output_dir: str, step: int, model, tokenizer, model_state: dict, trainer_state: dict,
-                    config: dict, keep: int) -> str:
+def substate(state: dict, attr: str) -> dict:
+    """The entries of submodule ``attr`` in a module's state dict, with its prefix removed."""
+    prefix = attr + "."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _save_models(models: dict, tokenizer, path: str) -> None:
+    """``models``: {sub-folder ('' = path itself): (model, state dict)}, each saved in Hugging Face format."""
+    for folder, (model, state) in models.items():
+        save_pretrained(model, tokenizer, os.path.join(path, folder) if folder else path, state_dict=state)
+
+
+def save_checkpoint(output_dir: str, step: int, models: dict, tokenizer, trainer_state: dict, config: dict,
+                    keep: int) -> str:
     """Writes checkpoint ``step`` atomically (main process only) and prunes the oldest beyond ``keep``."""
     root = checkpoint_dir(output_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tokenizer, tmp, state_dict=model_state)
+    _save_models(models, tokenizer, tmp)
     torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
     _write_yaml(os.path.join(tmp, "run_config.yaml"), config)
     if os.path.exists(final):  # the same step written again (a resumed run): replace it whole
@@ -123,19 +136,23 @@ def load_model_weights(model, path: str) -> None:
     model.tie_weights()
 
 
-def load_optimizer_state(model, optimizer, state: dict) -> None:
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+def load_optimizer_state(module, optimizer, state: dict) -> None:
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_final(output_dir: str, model, tokenizer, model_state: dict, config: dict) -> None:
-    """The trained model into ``output_dir``, each file renamed over its old version only once all are written."""
+def save_final(output_dir: str, models: dict, tokenizer, config: dict) -> None:
+    """The trained model(s) into ``output_dir``, each file renamed over its old version only once all are
+    written."""
     tmp = os.path.join(output_dir, ".final-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tokenizer, tmp, state_dict=model_state)
+    _save_models(models, tokenizer, tmp)
     _write_yaml(os.path.join(tmp, "run_config.yaml"), config)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    os.rmdir(tmp)
+    for root, _, files in os.walk(tmp):
+        target = os.path.join(output_dir, os.path.relpath(root, tmp))
+        os.makedirs(target, exist_ok=True)
+        for name in files:
+            os.replace(os.path.join(root, name), os.path.join(target, name))
+    shutil.rmtree(tmp)
 
 
 def _write_yaml(path: str, data: dict) -> None:

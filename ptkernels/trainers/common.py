@@ -55,9 +55,11 @@ def pairs_in(batch: dict) -> int:
     return batch["input_ids"].shape[0] // 2
 
 
-def token_logps(model, batch: dict, backend: str = "auto") -> torch.Tensor:
-    """log p(labels[t+1] | tokens <= t) for t < T-1, 0 where the label is -100: ``[B, T-1]``, no logits."""
+def token_logps(model, batch: dict, backend: str = "auto", temperature: float = 1.0) -> torch.Tensor:
+    """log p(labels[t+1] | tokens <= t) for t < T-1, 0 where the label is -100: ``[B, T-1]``, no logits.
+    ``temperature``: of the distribution sampled from (the model's logits divided by it, as in generate)."""
     from ..ops.token_logprobs import linear_token_logprobs
 
     hidden, weight, head = head_inputs(model, hidden_states(model, batch))
+    head["temperature"] *= temperature
     return linear_token_logprobs(hidden[:, :-1], weight, batch["labels"][:, 1:], backend=backend, **head)

@@ -113,7 +113,7 @@ def run(cfg: PreferenceConfig, stage: str = "dpo") -> TrainResult:
                 ref_model = None  # not held during training
             else:
                 ref_model = ref_model.to(info.device).eval()
-        data = Dataset(examples, lambda ex: _collate(ex, tokenizer.pad_token_id))
+        data = Dataset(examples, lambda ex: _collate(ex, tokenizer.pad_token_id), cfg.seed)
         return train(cfg, PreferenceLoss(model, cfg, ref_model), data, tokenizer, info, stage=stage)
     finally:
         shutdown(info)

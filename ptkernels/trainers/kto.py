@@ -118,7 +118,7 @@ def run(cfg: KTOConfig) -> TrainResult:
             ref_model = None
         else:
             ref_model = ref_model.to(info.device).eval()
-        data = Dataset(examples, lambda ex: _collate(ex, tokenizer.pad_token_id))
+        data = Dataset(examples, lambda ex: _collate(ex, tokenizer.pad_token_id), cfg.seed)
         return train(cfg, KTOLoss(model, cfg, ref_model), data, tokenizer, info, stage="kto")
     finally:
         shutdown(info)

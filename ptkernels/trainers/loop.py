@@ -42,14 +42,9 @@ class TrainingModule(nn.Module):
     def count(self, batch: dict) -> float:  # the items of a micro-batch (see the module docstring)
         raise NotImplementedError
 
-
-@dataclass
-class Dataset:
-    """Encoded examples and the function that collates a list of them into a micro-batch."""
-
-    examples: list
-    collate: Callable[[list], dict]
-    name: str = "train"
+    def saved_models(self) -> dict[str, str]:
+        """Where each trained submodule goes: {sub-folder of the output ('' = the output itself): attribute}."""
+        return {"": "model"}
 
 
 class StepOrder:
@@ -68,6 +63,37 @@ class StepOrder:
 
     def indices(self, start: int, count: int) -> list[int]:
         return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + count)]
+
+
+class Dataset:
+    """A fixed data set (offline stages): encoded examples and the function that collates a list of them.
+
+    The data source interface the loop uses (on-policy stages implement it with rollouts):
+    ``micro_batches(step, cfg, info)`` this process's micro-batches of optimizer step ``step``;
+    ``state_dict()`` / ``load_state_dict()`` what a checkpoint must keep to continue exactly (here nothing:
+    the order is a function of the step); ``metrics()`` extra numbers to log for the last step.
+    """
+
+    def __init__(self, examples: list, collate: Callable[[list], dict], seed: int = 0):
+        self.examples, self.collate = examples, collate
+        self.order = StepOrder(len(examples), seed)
+
+    def micro_batches(self, step: int, cfg: TrainConfig, info: DistInfo) -> list[dict]:
+        first = step * cfg.batch_size * cfg.grad_accum * info.world_size
+        out = []
+        for a in range(cfg.grad_accum):
+            offset = first + (a * info.world_size + info.rank) * cfg.batch_size
+            out.append(self.collate([self.examples[i] for i in self.order.indices(offset, cfg.batch_size)]))
+        return out
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def metrics(self) -> dict:
+        return {}
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -174,29 +200,30 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
         raise FileExistsError(f"--output-dir {cfg.output_dir!r} holds an earlier run: pass --resume to continue it "
                               f"or --overwrite to start over (its model stays until the new one is saved)")
     model = module.model
+    saved = module.saved_models()
     if resume_dir is not None:
-        ckpt.load_model_weights(model, resume_dir)
+        for folder, attr in saved.items():
+            ckpt.load_model_weights(getattr(module, attr), os.path.join(resume_dir, folder))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     module.to(info.device)
-    model.train()
+    module.train()
     trained = wrap(module, model, info, cfg.distributed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
                                   foreach=info.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = 0
     if resume_dir is not None:
         state = ckpt.load_trainer_state(resume_dir)
-        ckpt.load_optimizer_state(model, optimizer, state["optimizer"])
+        ckpt.load_optimizer_state(module, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
+        data.load_state_dict(state.get("data", {}))
         start = state["step"]
     else:
         torch.manual_seed(cfg.seed)
 
-    order = StepOrder(len(data.examples), cfg.seed)
-    per_step = cfg.batch_size * cfg.grad_accum * info.world_size
     log = _MetricsLog(cfg, info, append=resume_dir is not None)
     config = {"stage": stage, **to_dict(cfg)}
     history: list[dict] = []
@@ -207,14 +234,15 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
         bar = tqdm(total=cfg.max_steps, initial=start, desc=f"ptk {stage}", dynamic_ncols=True)
 
     def save(step: int, final: bool = False) -> None:
-        model_state, optim_state = ckpt.gather_state(model, optimizer)  # a collective: every process
+        module_state, optim_state = ckpt.gather_state(module, optimizer)  # a collective: every process
         if info.is_main:
             trainer_state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                             "rng": ckpt.rng_state(), "examples_seen": step * per_step, "world_size": info.world_size}
-            ckpt.save_checkpoint(cfg.output_dir, step, model, tokenizer, model_state, trainer_state, config,
-                                 cfg.save_total_limit)
+                             "rng": ckpt.rng_state(), "data": data.state_dict(), "world_size": info.world_size}
+            models = {folder: (getattr(module, attr), ckpt.substate(module_state, attr))
+                      for folder, attr in saved.items()}
+            ckpt.save_checkpoint(cfg.output_dir, step, models, tokenizer, trainer_state, config, cfg.save_total_limit)
             if final:
-                ckpt.save_final(cfg.output_dir, model, tokenizer, model_state, config)
+                ckpt.save_final(cfg.output_dir, models, tokenizer, config)
         barrier(info)
 
     step = start
@@ -223,12 +251,7 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
         with _StopFlag() as stop:
             while step < cfg.max_steps:
                 # This process's micro-batches of the step, and the item count of the whole step over all.
-                first = step * per_step
-                micro = []
-                for a in range(cfg.grad_accum):
-                    offset = first + (a * info.world_size + info.rank) * cfg.batch_size
-                    examples = [data.examples[i] for i in order.indices(offset, cfg.batch_size)]
-                    micro.append(data.collate(examples))
+                micro = data.micro_batches(step, cfg, info)
                 local_items = sum(module.count(b) for b in micro)
                 total_items = float(all_reduce_sum(torch.tensor([local_items], dtype=torch.float64), info)[0])
                 norm = max(total_items, 1.0) / info.world_size
@@ -266,6 +289,7 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
                 row = {"step": step, "loss": loss_value, "lr": lr,
                        "grad_norm": float(grad_norm), "items": total_items}
                 row.update({k: float(packed[1 + i]) / max(total_items, 1.0) for i, k in enumerate(names)})
+                row.update(data.metrics())
                 if step % cfg.log_steps == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
                     row["tokens_per_s"] = tokens_since * info.world_size / max(now - t_last, 1e-9)

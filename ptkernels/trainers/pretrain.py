@@ -22,7 +22,7 @@ def run(cfg: PretrainConfig) -> TrainResult:
         model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                                           max_length=cfg.max_length)
         blocks = encode_pretrain_stream(rows, tokenizer, block_size=cfg.max_length)
-        data = Dataset(blocks, lambda ex: collate(ex, tokenizer.pad_token_id))
+        data = Dataset(blocks, lambda ex: collate(ex, tokenizer.pad_token_id), cfg.seed)
         return train(cfg, CausalLMLoss(model, cfg.backend), data, tokenizer, info, stage="pretrain")
     finally:
         shutdown(info)

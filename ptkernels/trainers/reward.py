@@ -66,7 +66,7 @@ def run(cfg: RewardConfig) -> TrainResult:
             return None if pair is None else (pair, None if margin is None else float(margin))
 
         examples = encode_all(rows, encode, "pairs", info)
-        data = Dataset(examples, lambda ex: _collate(ex, tokenizer.pad_token_id))
+        data = Dataset(examples, lambda ex: _collate(ex, tokenizer.pad_token_id), cfg.seed)
         return train(cfg, RewardLoss(model, cfg.center_rewards_coefficient), data, tokenizer, info, stage="reward")
     finally:
         shutdown(info)

@@ -29,7 +29,7 @@ def run(cfg: SFTConfig) -> TrainResult:
                                                           truncation=cfg.truncation, fmt=fmt), "examples", info)
         if cfg.packing:
             examples = pack(examples, cfg.max_length)
-        data = Dataset(examples, lambda ex: collate(ex, tokenizer.pad_token_id))
+        data = Dataset(examples, lambda ex: collate(ex, tokenizer.pad_token_id), cfg.seed)
         return train(cfg, CausalLMLoss(model, cfg.backend), data, tokenizer, info, stage="sft")
     finally:
         shutdown(info)
