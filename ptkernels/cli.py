@@ -17,6 +17,9 @@ COMMANDS = {
     "orpo": ("ptkernels.trainers.dpo:main_orpo", "ORPO on preference pairs (no reference model)"),
     "simpo": ("ptkernels.trainers.dpo:main_simpo", "SimPO on preference pairs (no reference model)"),
     "kto": ("ptkernels.trainers.kto", "KTO on unpaired desirable / undesirable completions"),
+    "grpo": ("ptkernels.trainers.grpo", "GRPO: group sampling, verifiable rewards, group-normalized advantages"),
+    "ppo": ("ptkernels.trainers.ppo", "RLHF with PPO: reward model, critic, KL penalty, GAE"),
+    "eval": ("ptkernels.trainers.evaluate", "held-out evaluation of a model on the task world"),
 }
 
 

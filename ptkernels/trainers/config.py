@@ -131,6 +131,55 @@ class KTOConfig(TrainConfig):
     ref_mode: str = option("precompute", "'precompute' or 'live' (see dpo)", choices=("precompute", "live"))
 
 
+@dataclass
+class OnPolicyConfig(TrainConfig):
+    """What the on-policy stages (GRPO, PPO) share: sampling rollouts from the current policy."""
+
+    prompts_per_step: int = option(8, "prompts sampled per rollout on each process")
+    max_prompt_length: int = option(256, "prompt tokens kept (from the right)")
+    max_new_tokens: int = option(64, "tokens generated per completion at most")
+    temperature: float = option(1.0, "sampling temperature (log-probs are of the tempered distribution)")
+    top_p: float = option(1.0, "nucleus sampling")
+    ref_model: str = option("", "reference model for the KL term (default: the initial policy)")
+    batch_size: int = option(16, "sequences per forward/backward micro-batch")
+
+
+@dataclass
+class GRPOConfig(OnPolicyConfig):
+    output_dir: str = option("runs/grpo", OUTPUT_HELP)
+    lr: float = option(1e-5, "peak learning rate (AdamW)")
+    verifier: str = option("row", "reward: 'row' (each row's 'verifier' field), a name (math, format, exact, fact, "
+                           "code), 'math,format' (equal weights) or 'math:0.8,format:0.2'")
+    num_generations: int = option(8, "completions sampled per prompt (the group)")
+    num_iterations: int = option(1, "optimizer steps per rollout (old log-probs kept from sampling time)")
+    beta: float = option(0.0, "KL coefficient to the reference (k3); 0 holds no reference model")
+    loss_type: str = option("dapo", "grpo, bnpo, dr_grpo or dapo (ptkernels.grpo_loss)",
+                            choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    epsilon_low: float = option(0.2, "lower clip of the importance ratio")
+    epsilon_high: float = option(0.2, "upper clip (DAPO's clip-higher: e.g. 0.28)")
+    scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)",
+                                choices=("group", "batch", "none"))
+    importance_sampling_level: str = option("token", "token (GRPO) or sequence (GSPO)", choices=("token", "sequence"))
+
+
+@dataclass
+class PPOConfig(OnPolicyConfig):
+    output_dir: str = option("runs/ppo", OUTPUT_HELP)
+    lr: float = option(1e-5, "peak learning rate (AdamW), policy and value model")
+    reward_model: str = option("", "reward model folder (from ptk reward); the critic starts from it")
+    kl_coef: float = option(0.05, "per-token KL penalty coefficient in the reward")
+    kl_estimator: str = option("k1", "per-token KL estimate in the reward: k1 or k3", choices=("k1", "k3"))
+    missing_eos_penalty: float = option(1.0, "subtracted from the score of a completion without eos (0: off)")
+    gamma: float = option(1.0, "discount")
+    lam: float = option(0.95, "GAE lambda")
+    ppo_epochs: int = option(4, "passes over each rollout")
+    num_minibatches: int = option(1, "optimizer steps per pass over a rollout")
+    clip_range: float = option(0.2, "policy ratio clip")
+    clip_range_value: float = option(0.2, "value clip")
+    vf_coef: float = option(0.1, "value loss coefficient")
+    whiten_rewards: bool = option(False, "whiten the per-token rewards before GAE")
+
+
 # ----------------------------------------------------------------------------------------------- parsing
 
 

@@ -269,12 +269,18 @@ def _normalize_exact(s: str) -> str:
     return s.rstrip(".").rstrip()
 
 
+_MARKED_ANSWER = re.compile(r"(?:####|\banswer\s*(?:is|:))[ \t:]*([^\n]*)\s*$", flags=re.IGNORECASE)
+
+
 def exact(completion: str, row: dict) -> float:
-    """1.0 when the whole completion equals ``row["answer"]`` (or one of a list) after strip, whitespace collapse,
-    case-fold and dropping a trailing period."""
+    """1.0 when the answer equals ``row["answer"]`` (or one of a list) after strip, whitespace collapse,
+    case-fold and dropping a trailing period. The answer is what follows a final-answer marker on the last line
+    ("Answer: x", "the answer is x", "#### x") when there is one, else the whole completion."""
     truth = _require(row, "answer")
     accepted = truth if isinstance(truth, (list, tuple)) else [truth]
-    got = _normalize_exact(_text(completion))
+    text = _text(completion)[-MAX_ANSWER_SEARCH_CHARS:].strip()
+    marked = _MARKED_ANSWER.search(text)
+    got = _normalize_exact(marked.group(1) if marked else text)
     return float(bool(got) and any(got == _normalize_exact(a) for a in accepted))
 
 

@@ -1,0 +1,213 @@
+"""``ptk grpo``: GRPO with verifiable rewards (DeepSeekMath; TRL's GRPOTrainer).
+
+Every ``--num-iterations`` optimizer steps, each process samples ``--prompts-per-step`` prompts, generates
+``--num-generations`` completions of each from the current policy (``rollout.HFGenerateEngine``), scores them
+with the verifiers (plain functions of the completion text and the data row; code runs in a sandboxed
+subprocess) and normalizes the rewards per group (``ptkernels.group_advantages``). The old-policy log-probs (when
+``--num-iterations`` > 1) and the reference log-probs (when ``--beta`` > 0) come from hidden states through
+ptkernels, never from generate's scores. The loss is ``ptkernels.fused_linear_grpo_loss`` on the policy's
+hidden states: no ``[tokens, vocab]`` logits.
+
+Data rows: ``prompt`` plus the ground truth the verifiers read (``answer``, ``tests``, ``format_pattern``, ...)
+and, with ``--verifier row``, the verifier's name in ``verifier``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from ..ops.fused_grpo import fused_linear_grpo_loss
+from ..ops.grpo import group_advantages
+from .common import head_inputs, hidden_states, load_data
+from .config import GRPOConfig, OnPolicyConfig, parse_config
+from .data import Row
+from .distributed import DistInfo, init_distributed, shutdown
+from .loop import StepOrder, TrainingModule, TrainResult, train
+from .modeling import load_causal_lm
+from .rollout import HFGenerateEngine, SamplingConfig, completion_batch, sequence_token_logps
+from .tokenization import encode_prompt
+from .verifiers import get_verifier
+
+TOKEN_LEVEL = ("dapo", "bnpo")  # normalized by completion tokens; grpo and dr_grpo by sequences
+
+
+class RewardFunction:
+    """The reward of a completion and its named parts (for logging): one verifier spec for all rows, or, with
+    'row', the verifier each row names."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self._fixed = None if spec == "row" else get_verifier(spec)
+        self.parts = [] if spec == "row" else [p.split(":")[0].strip() for p in spec.split(",") if p.strip()]
+
+    def __call__(self, completion: str, row: Row) -> tuple[float, dict[str, float]]:
+        if self._fixed is None:
+            name = row.data.get("verifier")
+            if not isinstance(name, str):
+                raise ValueError(f"{row.source}: --verifier row needs a 'verifier' field naming the verifier")
+            r = get_verifier(name)(completion, row.data)
+            return r, {name: r}
+        parts = {n: get_verifier(n)(completion, row.data) for n in self.parts} if len(self.parts) > 1 else {}
+        r = self._fixed(completion, row.data)
+        return r, parts or {self.parts[0]: r}
+
+
+def rollout_seed(seed: int, index: int, rank: int) -> int:
+    """A distinct, reproducible sampling seed per (run seed, rollout, process)."""
+    return zlib.crc32(f"{seed}:{index}:{rank}".encode()) & 0x7FFFFFFF
+
+
+def split_rows(batch: dict, size: int) -> list[dict]:
+    """A batch of rows cut into micro-batches of ``size`` rows."""
+    n = batch["input_ids"].shape[0]
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def group_mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+class OnPolicySource:
+    """A data source (see loop.Dataset) whose micro-batches come from rollouts of the current policy, one new
+    rollout every ``steps_per_rollout`` optimizer steps; the current one is kept in checkpoints so a resumed run
+    continues exactly."""
+
+    steps_per_rollout = 1
+
+    def __init__(self, rows: list[Row], prompts: list[list[int]], policy, tokenizer, cfg: OnPolicyConfig,
+                 info: DistInfo):
+        self.rows, self.prompts, self.policy, self.tokenizer = rows, prompts, policy, tokenizer
+        self.cfg, self.info = cfg, info
+        self.order = StepOrder(len(rows), cfg.seed)
+        self.engine = HFGenerateEngine(policy, tokenizer)
+        self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       top_p=cfg.top_p, do_sample=True, batch_size=max(cfg.batch_size, 1))
+        self.index, self.batches, self._metrics = -1, [], {}
+
+    def micro_batches(self, step: int, cfg, info: DistInfo) -> list[dict]:
+        index = step // self.steps_per_rollout
+        if index != self.index:
+            self.batches, self._metrics = self.make_rollout(index)
+            self.index = index
+        return self.select(step % self.steps_per_rollout)
+
+    def select(self, k: int) -> list[dict]:
+        return self.batches
+
+    def sample(self, index: int, repeat: int):
+        """This process's prompts of rollout ``index`` (each ``repeat`` times, adjacent) and their completions."""
+        p, info = self.cfg.prompts_per_step, self.info
+        picked = self.order.indices((index * info.world_size + info.rank) * p, p)
+        rows = [self.rows[i] for i in picked for _ in range(repeat)]
+        prompts = [self.prompts[i] for i in picked for _ in range(repeat)]
+        out = self.engine.generate(prompts, self.sampling, seed=rollout_seed(self.cfg.seed, index, info.rank))
+        return rows, prompts, out
+
+    def logps(self, model, batch: dict) -> torch.Tensor:
+        return sequence_token_logps(model, batch, backend=self.cfg.backend, chunk_rows=self.cfg.batch_size,
+                                    temperature=self.cfg.temperature).cpu()
+
+    def state_dict(self) -> dict:
+        return {"index": self.index, "batches": self.batches, "metrics": self._metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.index, self.batches, self._metrics = state["index"], state["batches"], state["metrics"]
+
+    def metrics(self) -> dict:
+        return self._metrics
+
+
+class GRPORollouts(OnPolicySource):
+    def __init__(self, *args, reward: RewardFunction, ref_model=None):
+        super().__init__(*args)
+        self.reward, self.ref_model = reward, ref_model
+        self.steps_per_rollout = self.cfg.num_iterations
+
+    @torch.no_grad()
+    def make_rollout(self, index: int):
+        cfg = self.cfg
+        rows, prompts, out = self.sample(index, cfg.num_generations)
+        scored = [self.reward(text, row) for text, row in zip(out.texts, rows)]
+        rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
+        advantages = group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
+        batch = completion_batch(prompts, out.completion_ids, self.tokenizer.pad_token_id)
+        batch["advantages"] = advantages
+        if cfg.num_iterations > 1:  # else the ratio is 1: the current log-probs, detached, stand in
+            batch["old_logps"] = self.logps(self.policy, batch)
+        if self.ref_model is not None:
+            batch["ref_logps"] = self.logps(self.ref_model, batch)
+        lengths = [len(c) for c in out.completion_ids]
+        metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                   "accuracy": (rewards >= 1.0).float().mean().item(),
+                   "completion_length": group_mean(lengths), "eos_rate": group_mean([float(f) for f in out.finished])}
+        for name in sorted({n for _, parts in scored for n in parts}):
+            metrics[f"reward_{name}"] = group_mean([parts[name] for _, parts in scored if name in parts])
+        return split_rows(batch, cfg.batch_size), metrics
+
+
+class GRPOLoss(TrainingModule):
+    def __init__(self, model, cfg: GRPOConfig):
+        super().__init__(model)
+        self.cfg = cfg
+
+    def count(self, batch: dict) -> float:
+        if self.cfg.loss_type in TOKEN_LEVEL:
+            return float(batch["completion_mask"].sum())
+        return batch["input_ids"].shape[0]
+
+    def forward(self, batch: dict, norm: float):
+        c = self.cfg
+        hidden, weight, head = head_inputs(self.model, hidden_states(self.model, batch))
+        if head["softcap"] is not None:
+            raise ValueError("ptk grpo: models with a final-logit softcap are not supported by the fused GRPO loss")
+        mask = batch["completion_mask"]
+        out = fused_linear_grpo_loss(
+            hidden[:, :-1], weight, batch["input_ids"][:, 1:], mask, batch["advantages"], bias=head["bias"],
+            old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"), beta=c.beta,
+            epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
+            importance_sampling_level=c.importance_sampling_level, temperature=head["temperature"] * c.temperature,
+            max_completion_length=c.max_new_tokens, num_items_in_batch=norm if c.loss_type == "dapo" else None,
+            return_entropy=True, backend=c.backend)
+        items = self.count(batch)
+        # dapo is already divided by norm; the others are means over this micro-batch: back to sums over norm.
+        loss = out.loss if c.loss_type == "dapo" else out.loss * (items / norm)
+        metrics = {"kl": out.kl * items, "clip_ratio": out.clip_ratio * items, "entropy": out.entropy * items}
+        return loss, metrics
+
+
+def load_prompts(cfg: OnPolicyConfig, tokenizer, info: DistInfo, fmt=("prompt_only",)):
+    rows, _ = load_data(cfg, fmt, info)
+    prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in rows]
+    return rows, prompts
+
+
+def reference_model(cfg: OnPolicyConfig, info: DistInfo):
+    """The frozen reference: ``--ref-model`` or the initial policy."""
+    ref, _ = load_causal_lm(cfg.ref_model or cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+                            max_length=cfg.max_length)
+    return ref.requires_grad_(False).to(info.device).eval()
+
+
+def run(cfg: GRPOConfig) -> TrainResult:
+    info = init_distributed()
+    try:
+        reward = RewardFunction(cfg.verifier)  # an unknown verifier fails before anything is loaded
+        if cfg.distributed == "fsdp" and info.enabled:
+            raise ValueError("ptk grpo: --distributed fsdp is not supported (generation needs whole weights); "
+                             "use ddp")
+        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+                                          max_length=cfg.max_length)
+        rows, prompts = load_prompts(cfg, tokenizer, info)
+        ref = reference_model(cfg, info) if cfg.beta > 0 else None
+        source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref)
+        return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo")
+    finally:
+        shutdown(info)
+
+
+def main(argv: list[str]) -> int:
+    run(parse_config(GRPOConfig, argv, prog="ptk grpo"))
+    return 0
