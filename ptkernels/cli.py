@@ -19,6 +19,7 @@ COMMANDS = {
     "kto": ("ptkernels.trainers.kto", "KTO on unpaired desirable / undesirable completions"),
     "grpo": ("ptkernels.trainers.grpo", "GRPO: group sampling, verifiable rewards, group-normalized advantages"),
     "ppo": ("ptkernels.trainers.ppo", "RLHF with PPO: reward model, critic, KL penalty, GAE"),
+    "safety": ("ptkernels.trainers.safety", "constitutional AI: critique-and-revise SFT, then AI-judged DPO"),
     "eval": ("ptkernels.trainers.evaluate", "held-out evaluation of a model on the task world"),
 }
 

@@ -180,6 +180,24 @@ class PPOConfig(OnPolicyConfig):
     whiten_rewards: bool = option(False, "whiten the per-token rewards before GAE")
 
 
+@dataclass
+class SafetyConfig(TrainConfig):
+    """Constitutional AI: SL-CAI (critique and revise, then SFT) and RLAIF (AI-judged pairs, then DPO)."""
+
+    output_dir: str = option("runs/safety", OUTPUT_HELP)
+    constitution: str = option("", "a YAML list of principles")
+    judge: str = option("self", "who critiques, revises and picks the better answer: 'self' (the model), a local "
+                        "model folder, or 'rule' (the rule judge of rows with category/answer fields)")
+    max_steps: int = option(100, "SFT steps of stage one (SL-CAI)")
+    lr: float = option(3e-4, "SFT learning rate of stage one")
+    dpo_steps: int = option(100, "DPO steps of stage two (RLAIF)")
+    dpo_lr: float = option(5e-5, "DPO learning rate of stage two")
+    beta: float = option(0.1, "DPO beta of stage two")
+    max_new_tokens: int = option(48, "tokens per generated answer, critique or revision")
+    max_prompt_length: int = option(256, "prompt tokens kept (from the right)")
+    eval_fraction: float = option(0.2, "red-team prompts held out for the refusal report")
+
+
 # ----------------------------------------------------------------------------------------------- parsing
 
 

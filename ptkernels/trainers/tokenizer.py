@@ -69,10 +69,11 @@ def _bootstrap_corpus() -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        from .taskworld import pretraining_corpus  # the task world's raw corpus, when present
+    try:  # the task world's raw corpus and its assistant turns (the answer format, the refusal), when present
+        from .taskworld import pretraining_corpus, sft_rows
 
         corpus = list(pretraining_corpus(seed=0))
+        corpus += [m["content"] for r in sft_rows(seed=0, n=2000) for m in r["messages"]]
     except ImportError:
         corpus = _bootstrap_corpus()
     train_tokenizer(corpus).save_pretrained(ASSET_DIR)
