@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
+    "pipeline": ("ptkernels.trainers.pipeline", "the whole stack on the embedded task world, with a report"),
     "check": ("ptkernels.check", "fused vs eager linear cross-entropy on this machine (time, memory, loss)"),
     "pretrain": ("ptkernels.trainers.pretrain", "stage 0: next-token pretraining on raw text"),
     "sft": ("ptkernels.trainers.sft", "supervised fine-tuning, prompt-masked"),
