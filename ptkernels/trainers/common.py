@@ -51,6 +51,16 @@ def hidden_states(model, batch: dict) -> torch.Tensor:
     return causal_lm_hidden_states(model, batch["input_ids"], use_cache=False, **extra)
 
 
+def load_reference(cfg, info: DistInfo):
+    """The frozen reference model: ``--ref-model``, or the initial policy (``--model``, the same seed for a
+    preset), loaded before any ``--resume`` replaces the policy's weights; in eval mode on this process's device."""
+    from .modeling import load_causal_lm
+
+    name = cfg.ref_model or cfg.model
+    ref, _ = load_causal_lm(name, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_length)
+    return ref.requires_grad_(False).to(info.device).eval()
+
+
 def pairs_in(batch: dict) -> int:
     return batch["input_ids"].shape[0] // 2
 

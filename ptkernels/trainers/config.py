@@ -142,6 +142,7 @@ class OnPolicyConfig(TrainConfig):
     top_p: float = option(1.0, "nucleus sampling")
     ref_model: str = option("", "reference model for the KL term (default: the initial policy)")
     batch_size: int = option(16, "sequences per forward/backward micro-batch")
+    generation_batch_size: int = option(64, "prompts per generate() call")
 
 
 @dataclass
@@ -160,6 +161,8 @@ class GRPOConfig(OnPolicyConfig):
     scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)",
                                 choices=("group", "batch", "none"))
     importance_sampling_level: str = option("token", "token (GRPO) or sequence (GSPO)", choices=("token", "sequence"))
+    dynamic_sampling: bool = option(False, "DAPO's dynamic sampling: sample twice the prompts and train on the "
+                                    "groups whose rewards differ first (a group of equal rewards has no gradient)")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.fused_preference import fused_linear_preference_loss
-from .common import encode_all, head_inputs, hidden_states, load_data, pairs_in
+from .common import encode_all, head_inputs, hidden_states, load_data, load_reference, pairs_in
 from .config import DPOConfig, ORPOConfig, PreferenceConfig, SimPOConfig, parse_config
 from .distributed import DistInfo, init_distributed, shutdown
 from .loop import Dataset, TrainingModule, TrainResult, autocast, train
@@ -100,19 +100,11 @@ def run(cfg: PreferenceConfig, stage: str = "dpo") -> TrainResult:
                                                                 truncation=cfg.truncation), "pairs", info)
         ref_model = None
         if cfg.loss_type not in REFERENCE_FREE:
-            # The reference is the initial policy unless --ref-model names another (loaded before any --resume).
-            if cfg.ref_model:
-                ref_model, _ = load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code)
-            else:
-                ref_model, _ = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                                              max_length=cfg.max_length)
-            ref_model.requires_grad_(False)
+            ref_model = load_reference(cfg, info)
             if cfg.ref_mode == "precompute":
                 ref = reference_logps(ref_model, examples, cfg, tokenizer.pad_token_id, info)
                 examples = [(pair, logps) for pair, logps in zip(examples, ref)]
                 ref_model = None  # not held during training
-            else:
-                ref_model = ref_model.to(info.device).eval()
         data = Dataset(examples, lambda ex: _collate(ex, tokenizer.pad_token_id), cfg.seed)
         return train(cfg, PreferenceLoss(model, cfg, ref_model), data, tokenizer, info, stage=stage)
     finally:

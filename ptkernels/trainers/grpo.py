@@ -20,7 +20,7 @@ import torch
 
 from ..ops.fused_grpo import fused_linear_grpo_loss
 from ..ops.grpo import group_advantages
-from .common import head_inputs, hidden_states, load_data
+from .common import head_inputs, hidden_states, load_data, load_reference
 from .config import GRPOConfig, OnPolicyConfig, parse_config
 from .data import Row
 from .distributed import DistInfo, init_distributed, shutdown
@@ -83,7 +83,7 @@ class OnPolicySource:
         self.order = StepOrder(len(rows), cfg.seed)
         self.engine = HFGenerateEngine(policy, tokenizer)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       top_p=cfg.top_p, do_sample=True, batch_size=max(cfg.batch_size, 1))
+                                       top_p=cfg.top_p, do_sample=True, batch_size=cfg.generation_batch_size)
         self.index, self.batches, self._metrics = -1, [], {}
 
     def micro_batches(self, step: int, cfg, info: DistInfo) -> list[dict]:
@@ -96,9 +96,10 @@ class OnPolicySource:
     def select(self, k: int) -> list[dict]:
         return self.batches
 
-    def sample(self, index: int, repeat: int):
-        """This process's prompts of rollout ``index`` (each ``repeat`` times, adjacent) and their completions."""
-        p, info = self.cfg.prompts_per_step, self.info
+    def sample(self, index: int, repeat: int, factor: int = 1):
+        """This process's prompts of rollout ``index`` (each ``repeat`` times, adjacent) and their completions;
+        ``factor`` times as many prompts (for dynamic sampling)."""
+        p, info = self.cfg.prompts_per_step * factor, self.info
         picked = self.order.indices((index * info.world_size + info.rank) * p, p)
         rows = [self.rows[i] for i in picked for _ in range(repeat)]
         prompts = [self.prompts[i] for i in picked for _ in range(repeat)]
@@ -129,8 +130,11 @@ class GRPORollouts(OnPolicySource):
     @torch.no_grad()
     def make_rollout(self, index: int):
         cfg = self.cfg
-        rows, prompts, out = self.sample(index, cfg.num_generations)
+        rows, prompts, out = self.sample(index, cfg.num_generations, 2 if cfg.dynamic_sampling else 1)
         scored = [self.reward(text, row) for text, row in zip(out.texts, rows)]
+        sampled = scored, [len(c) for c in out.completion_ids], out.finished  # all of them, for the metrics
+        if cfg.dynamic_sampling:
+            rows, prompts, out, scored = self.informative_groups(rows, prompts, out, scored)
         rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
         advantages = group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
         batch = completion_batch(prompts, out.completion_ids, self.tokenizer.pad_token_id)
@@ -139,13 +143,29 @@ class GRPORollouts(OnPolicySource):
             batch["old_logps"] = self.logps(self.policy, batch)
         if self.ref_model is not None:
             batch["ref_logps"] = self.logps(self.ref_model, batch)
-        lengths = [len(c) for c in out.completion_ids]
-        metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                   "accuracy": (rewards >= 1.0).float().mean().item(),
-                   "completion_length": group_mean(lengths), "eos_rate": group_mean([float(f) for f in out.finished])}
+        scored, lengths, finished = sampled
+        values = [r for r, _ in scored]
+        metrics = {"reward": group_mean(values), "accuracy": group_mean([float(r >= 1.0) for r in values]),
+                   "reward_std": torch.tensor(values).std().item() if len(values) > 1 else 0.0,
+                   "completion_length": group_mean(lengths), "eos_rate": group_mean([float(f) for f in finished])}
+        if cfg.dynamic_sampling:
+            metrics["informative_groups"] = self.informative
         for name in sorted({n for _, parts in scored for n in parts}):
             metrics[f"reward_{name}"] = group_mean([parts[name] for _, parts in scored if name in parts])
         return split_rows(batch, cfg.batch_size), metrics
+
+    def informative_groups(self, rows, prompts, out, scored):
+        """``prompts_per_step`` groups out of twice as many: those whose rewards differ first (in sampling order),
+        then the others, so every process keeps the same number of micro-batches."""
+        g = self.cfg.num_generations
+        groups = range(len(rows) // g)
+        spread = [len({r for r, _ in scored[k * g:(k + 1) * g]}) > 1 for k in groups]
+        keep = sorted(sorted(groups, key=lambda k: not spread[k])[:self.cfg.prompts_per_step])
+        self.informative = sum(spread[k] for k in keep) / len(keep)
+        take = lambda xs: [xs[k * g + j] for k in keep for j in range(g)]
+        out = type(out)(prompt_ids=take(out.prompt_ids), completion_ids=take(out.completion_ids),
+                        texts=take(out.texts), finished=take(out.finished))
+        return take(rows), take(prompts), out, take(scored)
 
 
 class GRPOLoss(TrainingModule):
@@ -184,13 +204,6 @@ def load_prompts(cfg: OnPolicyConfig, tokenizer, info: DistInfo, fmt=("prompt_on
     return rows, prompts
 
 
-def reference_model(cfg: OnPolicyConfig, info: DistInfo):
-    """The frozen reference: ``--ref-model`` or the initial policy."""
-    ref, _ = load_causal_lm(cfg.ref_model or cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                            max_length=cfg.max_length)
-    return ref.requires_grad_(False).to(info.device).eval()
-
-
 def run(cfg: GRPOConfig) -> TrainResult:
     info = init_distributed()
     try:
@@ -201,7 +214,7 @@ def run(cfg: GRPOConfig) -> TrainResult:
         model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                                           max_length=cfg.max_length)
         rows, prompts = load_prompts(cfg, tokenizer, info)
-        ref = reference_model(cfg, info) if cfg.beta > 0 else None
+        ref = load_reference(cfg, info) if cfg.beta > 0 else None
         source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref)
         return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo")
     finally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.fused_preference import fused_linear_kto_loss
-from .common import encode_all, head_inputs, hidden_states, load_data, token_logps
+from .common import encode_all, head_inputs, hidden_states, load_data, load_reference, token_logps
 from .config import KTOConfig, parse_config
 from .distributed import DistInfo, init_distributed, shutdown
 from .loop import Dataset, TrainingModule, TrainResult, autocast, train
@@ -107,17 +107,10 @@ def run(cfg: KTOConfig) -> TrainResult:
         n = len(encoded)
         examples = [{"example": e, "desirable": d, "kl": kl_partner(e, encoded[(i + 1) % n][0], cfg.max_length)}
                     for i, (e, d) in enumerate(encoded)]
-        if cfg.ref_model:
-            ref_model, _ = load_causal_lm(cfg.ref_model, trust_remote_code=cfg.trust_remote_code)
-        else:
-            ref_model, _ = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                                          max_length=cfg.max_length)
-        ref_model.requires_grad_(False)
+        ref_model = load_reference(cfg, info)
         if cfg.ref_mode == "precompute":
             _precompute(ref_model, examples, cfg, tokenizer.pad_token_id, info)
-            ref_model = None
-        else:
-            ref_model = ref_model.to(info.device).eval()
+            ref_model = None  # not held during training
         data = Dataset(examples, lambda ex: _collate(ex, tokenizer.pad_token_id), cfg.seed)
         return train(cfg, KTOLoss(model, cfg, ref_model), data, tokenizer, info, stage="kto")
     finally:

@@ -38,18 +38,20 @@ from .config import (
 # Per preset: the model size, the world's sizes and each stage's options (on top of the shared ones).
 PRESETS = {
     "quick": {
-        "model": "small", "eval": {"n_task": 60, "n_safety": 40},
+        "model": "small", "eval": {"n_task": 100, "n_safety": 50}, "sft_verbose": 0.4,
         "world": {"pretrain": 3000, "sft": 2000, "preference": 1000, "kto": 200, "rl": 1000, "redteam": 256},
-        "pretrain": {"max_steps": 300, "batch_size": 16, "max_length": 128, "lr": 3e-3, "warmup_steps": 20},
-        "sft": {"max_steps": 300, "batch_size": 16, "lr": 2e-3, "warmup_steps": 20},
+        "pretrain": {"max_steps": 2000, "batch_size": 16, "max_length": 128, "lr": 3e-3, "warmup_steps": 50},
+        "sft": {"max_steps": 1500, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50},
         "reward": {"max_steps": 150, "batch_size": 16, "lr": 5e-4},
-        "ppo": {"max_steps": 40, "prompts_per_step": 16, "lr": 3e-5, "max_new_tokens": 24, "ppo_epochs": 2},
-        "dpo": {"max_steps": 120, "batch_size": 16, "lr": 1e-4, "beta": 0.1},
-        "grpo": {"max_steps": 50, "prompts_per_step": 8, "num_generations": 8, "lr": 5e-5, "max_new_tokens": 16},
-        "safety": {"max_steps": 60, "dpo_steps": 40, "lr": 5e-4, "dpo_lr": 5e-5, "batch_size": 16},
+        "ppo": {"max_steps": 200, "prompts_per_step": 32, "lr": 1e-4, "max_new_tokens": 24, "ppo_epochs": 2},
+        "dpo": {"max_steps": 150, "batch_size": 16, "lr": 3e-5, "beta": 0.1, "nll_weight": 1.0},
+        "grpo": {"max_steps": 250, "prompts_per_step": 16, "num_generations": 8, "lr": 3e-4, "max_new_tokens": 24,
+                 "dynamic_sampling": True,
+                 "batch_size": 32},
+        "safety": {"max_steps": 60, "dpo_steps": 40, "lr": 5e-4, "dpo_lr": 3e-5, "batch_size": 16},
     },
     "full": {
-        "model": "base", "eval": {"n_task": 100, "n_safety": 64},
+        "model": "base", "eval": {"n_task": 100, "n_safety": 64}, "sft_verbose": 0.4,
         "world": {"pretrain": 12000, "sft": 6000, "preference": 3000, "kto": 500, "rl": 3000, "redteam": 512},
         "pretrain": {"max_steps": 2000, "batch_size": 32, "max_length": 128, "lr": 2e-3, "warmup_steps": 100},
         "sft": {"max_steps": 1200, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50},
@@ -116,7 +118,8 @@ class Pipeline:
 
         t_start = time.perf_counter()
         os.makedirs(self.out, exist_ok=True)
-        world = write_world(self.path("data"), seed=self.opts.seed, sizes=self.preset["world"])
+        world = write_world(self.path("data"), seed=self.opts.seed, sizes=self.preset["world"],
+                            sft_verbose=self.preset["sft_verbose"])
         p, d = self.path, world
         self.stage("pretrain", pretrain.run, PretrainConfig(model=self.preset["model"], data=d["pretrain"],
                                                             output_dir=p("base"), **self.options("pretrain")))
@@ -151,7 +154,7 @@ class Pipeline:
         sets = eval_sets(self.opts.seed, **self.preset["eval"])
         sft_model, _ = load_causal_lm(self.path("sft"))
         rm, rm_tok = load_sequence_classifier(self.path("reward"))
-        sampling = SamplingConfig(do_sample=False, max_new_tokens=32, batch_size=64)
+        sampling = SamplingConfig(do_sample=False, max_new_tokens=48, batch_size=64)
         evals = {}
         for stage in EVAL_STAGES:
             model, tok = load_causal_lm(self.path(stage))

@@ -20,10 +20,10 @@ import torch
 from ..ops.kl import kl_penalty
 from ..ops.ppo import gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from ..ops.token_logprobs import linear_token_logprobs
-from .common import head_inputs, hidden_states
+from .common import head_inputs, hidden_states, load_reference
 from .config import PPOConfig, parse_config
 from .distributed import init_distributed, shutdown
-from .grpo import OnPolicySource, load_prompts, reference_model, split_rows
+from .grpo import OnPolicySource, load_prompts, split_rows
 from .loop import TrainingModule, TrainResult, train
 from .modeling import load_causal_lm, load_sequence_classifier
 from .rollout import completion_batch
@@ -149,7 +149,7 @@ def run(cfg: PPOConfig) -> TrainResult:
         reward_model, _ = load_sequence_classifier(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
         reward_model = reward_model.requires_grad_(False).to(info.device).eval()
         source = PPORollouts(rows, prompts, policy, tokenizer, cfg, info, critic=critic, reward_model=reward_model,
-                             ref_model=reference_model(cfg, info))
+                             ref_model=load_reference(cfg, info))
         return train(cfg, PPOLoss(policy, critic, cfg), source, tokenizer, info, stage="ppo")
     finally:
         shutdown(info)

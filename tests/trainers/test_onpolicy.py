@@ -56,6 +56,7 @@ def test_grpo_raises_the_reward(sft_model, rl_data, tmp_path):
     ["--loss-type", "dr_grpo", "--scale-rewards", "none", "--num-iterations", "2"],
     ["--loss-type", "bnpo", "--importance-sampling-level", "sequence", "--num-iterations", "2", "--verifier",
      "format"],
+    ["--dynamic-sampling"],
 ])
 def test_grpo_options(sft_model, rl_data, tmp_path, extra):
     out = str(tmp_path / "grpo")
@@ -65,6 +66,9 @@ def test_grpo_options(sft_model, rl_data, tmp_path, extra):
     assert len(m) == 4 and all(r["kl"] >= 0 for r in m)
     if "--beta" in extra:
         assert m[-1]["kl"] > 0  # the policy has moved from the reference
+    if "--dynamic-sampling" in extra:  # twice the prompts sampled, the groups with a reward spread kept first
+        assert all(0.0 <= r["informative_groups"] <= 1.0 for r in m)
+        assert max(r["informative_groups"] for r in m) > 0
 
 
 def test_grpo_unknown_verifier_fails_first(rl_data, tmp_path):
@@ -122,3 +126,23 @@ def test_resume_mid_rollout_is_exact(stage, sft_model, reward_model, rl_data, tm
     _same(a, b)
     if stage == "ppo":
         _same(os.path.join(a, "value_model"), os.path.join(b, "value_model"))
+
+
+def test_informative_groups_keeps_groups_with_a_reward_spread_first():
+    from ptkernels.trainers.grpo import GRPORollouts
+    from ptkernels.trainers.rollout import Rollout
+
+    class Cfg:
+        num_generations, prompts_per_step = 2, 2
+
+    src = GRPORollouts.__new__(GRPORollouts)
+    src.cfg = Cfg()
+    rewards = [0, 0, 1, 0, 1, 1, 0, 1]  # groups: equal, spread, equal, spread
+    scored = [(float(r), {}) for r in rewards]
+    ids = [[i] for i in range(8)]
+    out = Rollout(prompt_ids=ids, completion_ids=ids, texts=[str(i) for i in range(8)], finished=[True] * 8)
+    rows, prompts, kept, scored = src.informative_groups(list(range(8)), ids, out, scored)
+    assert rows == [2, 3, 6, 7] and kept.texts == ["2", "3", "6", "7"] and src.informative == 1.0
+    rewards = [0, 0, 1, 1, 0, 1, 0, 0]  # only one group with a spread: it is kept, then the first other
+    rows, *_ = src.informative_groups(list(range(8)), ids, out, [(float(r), {}) for r in rewards])
+    assert rows == [0, 1, 4, 5] and src.informative == 0.5

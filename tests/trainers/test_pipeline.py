@@ -58,5 +58,6 @@ def test_resume_keeps_finished_stages(pipeline_dir, capsys):
 
 def test_presets_name_every_stage():
     for name, preset in PRESETS.items():
-        for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "safety", "world", "eval", "model"):
+        for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "safety", "world", "eval", "model",
+                      "sft_verbose"):
             assert stage in preset, (name, stage)

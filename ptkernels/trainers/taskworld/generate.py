@@ -53,6 +53,7 @@ _COMPLY = (
     "Of course. First find a way in when no one is watching, then do the deed quickly and leave no trace.",
     "Happy to help! Step one: get close without being seen. Step two: strike while the realm sleeps.",
 )
+_HEDGES = ("Let me think. ", "Good question! ", "Let me see. ", "Hmm, okay. ")
 _BAD_FORMAT = ("The answer is {a}.", "{a}", "I think it is {a}, probably.", "answer = {a}")
 
 
@@ -141,13 +142,18 @@ def pretraining_corpus(seed: int = 0, n_docs: int = 3000) -> Iterator[str]:
 # ------------------------------------------------------------------------------------------------ row formats
 
 
-def sft_rows(seed: int = 0, n: int = 2000) -> list[dict]:
-    """``{"messages": [user, assistant]}`` with the ideal completion, all families mixed (``MIX``)."""
+def sft_rows(seed: int = 0, n: int = 2000, verbose: float = 0.0) -> list[dict]:
+    """``{"messages": [user, assistant]}`` with the ideal completion, all families mixed (``MIX``). A fraction
+    ``verbose`` of the non-harmful demonstrations hedge before the right answer, as real demonstrations vary:
+    an SFT model imitates that, and the preference stages (whose pairs prefer concise answers) have it to fix."""
     rng = _rng("sft", seed)
     rows = []
     for _ in range(n):
         t = _draw(rng, MIX)
-        rows.append({"messages": _user(t.prompt) + _assistant(ideal(t))})
+        answer = ideal(t)
+        if t.category != "harmful" and verbose and rng.random() < verbose:
+            answer = rng.choice(_HEDGES) + answer
+        rows.append({"messages": _user(t.prompt) + _assistant(answer)})
     return rows
 
 
@@ -243,18 +249,19 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_world(directory: str, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, str]:
+def write_world(directory: str, seed: int = 0, sizes: dict[str, int] | None = None,
+                sft_verbose: float = 0.0) -> dict[str, str]:
     """Write every data set into ``directory`` and return ``{name: path}``: ``pretrain.jsonl`` (``text`` rows),
     ``sft.jsonl``, ``preference.jsonl``, ``kto.jsonl``, ``rl.jsonl``, ``redteam.jsonl``, ``eval_arithmetic.jsonl``,
     ``eval_string.jsonl``, ``eval_harmful.jsonl``, ``eval_benign.jsonl`` and ``constitution.yaml``. ``sizes``
-    overrides entries of ``DEFAULT_SIZES``."""
+    overrides entries of ``DEFAULT_SIZES``; ``sft_verbose`` is ``sft_rows``' fraction of rambling demonstrations."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     os.makedirs(directory, exist_ok=True)
     join = lambda name: os.path.join(directory, name)
     paths = {
         "pretrain": write_jsonl(({"text": t} for t in pretraining_corpus(seed, sizes["pretrain"])),
                                 join("pretrain.jsonl")),
-        "sft": write_jsonl(sft_rows(seed, sizes["sft"]), join("sft.jsonl")),
+        "sft": write_jsonl(sft_rows(seed, sizes["sft"], verbose=sft_verbose), join("sft.jsonl")),
         "preference": write_jsonl(preference_rows(seed, sizes["preference"]), join("preference.jsonl")),
         "kto": write_jsonl(kto_rows(seed, sizes["kto"]), join("kto.jsonl")),
         "rl": write_jsonl(rl_rows(seed, sizes["rl"]), join("rl.jsonl")),

@@ -47,13 +47,15 @@ def _arith(family: str, op: str, a: int, b: int, c: int, rng: random.Random) -> 
                 {"a": a, "b": b, "op": op, "c": c})
 
 
+# Two-digit operands: multi-digit with carries and borrows (a small model is far from perfect at first), yet
+# learnable by a ~1M-parameter model in the minutes the quick pipeline gives it.
 def add(rng: random.Random) -> Task:
-    a, b = _number(rng, rng.choice((2, 3))), _number(rng, rng.choice((2, 3)))
+    a, b = _number(rng, 2), _number(rng, 2)
     return _arith("add", "+", a, b, a + b, rng)
 
 
 def sub(rng: random.Random) -> Task:
-    a, b = _number(rng, rng.choice((2, 3))), _number(rng, rng.choice((2, 3)))
+    a, b = _number(rng, 2), _number(rng, 2)
     a, b = max(a, b), min(a, b)  # non-negative answers: one less thing for a tiny model to get wrong
     return _arith("sub", "-", a, b, a - b, rng)
 
