@@ -270,9 +270,13 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
                              else torch.zeros(()))
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                     grad_norm = grad_norm.full_tensor()
-                # One reduction per step: the loss, every metric sum and the stop flag.
+                # One reduction per step: the loss, every metric sum, the data source's own metrics (means per
+                # process, e.g. a rollout's reward) and the stop flag.
                 names = sorted(sums)
+                source = data.metrics()
+                source_names = sorted(source)
                 packed = torch.stack([loss_sum, *[sums[k].reshape(()) for k in names],
+                                      *[torch.tensor(float(source[k]), dtype=torch.float64) for k in source_names],
                                       torch.tensor(float(stop.raised), dtype=torch.float64)])
                 packed = all_reduce_sum(packed, info)
                 loss_value = float(packed[0]) / info.world_size
@@ -289,7 +293,8 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
                 row = {"step": step, "loss": loss_value, "lr": lr,
                        "grad_norm": float(grad_norm), "items": total_items}
                 row.update({k: float(packed[1 + i]) / max(total_items, 1.0) for i, k in enumerate(names)})
-                row.update(data.metrics())
+                row.update({k: float(packed[1 + len(names) + i]) / info.world_size
+                            for i, k in enumerate(source_names)})
                 if step % cfg.log_steps == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
                     row["tokens_per_s"] = tokens_since * info.world_size / max(now - t_last, 1e-9)
