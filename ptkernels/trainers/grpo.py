@@ -26,7 +26,7 @@ from .data import Row
 from .distributed import DistInfo, init_distributed, shutdown
 from .loop import StepOrder, TrainingModule, TrainResult, train
 from .modeling import load_causal_lm
-from .rollout import HFGenerateEngine, SamplingConfig, completion_batch, sequence_token_logps
+from .rollout import HFGenerateEngine, RolloutEngine, SamplingConfig, completion_batch, sequence_token_logps
 from .tokenization import encode_prompt
 from .verifiers import get_verifier
 
@@ -77,11 +77,13 @@ class OnPolicySource:
     steps_per_rollout = 1
 
     def __init__(self, rows: list[Row], prompts: list[list[int]], policy, tokenizer, cfg: OnPolicyConfig,
-                 info: DistInfo):
+                 info: DistInfo, engine: RolloutEngine | None = None):
         self.rows, self.prompts, self.policy, self.tokenizer = rows, prompts, policy, tokenizer
         self.cfg, self.info = cfg, info
         self.order = StepOrder(len(rows), cfg.seed)
-        self.engine = HFGenerateEngine(policy, tokenizer)
+        # Any sampler with rollout.RolloutEngine's generate() (e.g. a vLLM engine fed the policy's weights); by
+        # default Hugging Face generate on the policy itself, which always samples from the current weights.
+        self.engine = engine or HFGenerateEngine(policy, tokenizer)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_p=cfg.top_p, do_sample=True, batch_size=cfg.generation_batch_size)
         self.index, self.batches, self._metrics = -1, [], {}
@@ -122,8 +124,8 @@ class OnPolicySource:
 
 
 class GRPORollouts(OnPolicySource):
-    def __init__(self, *args, reward: RewardFunction, ref_model=None):
-        super().__init__(*args)
+    def __init__(self, *args, reward: RewardFunction, ref_model=None, engine=None):
+        super().__init__(*args, engine=engine)
         self.reward, self.ref_model = reward, ref_model
         self.steps_per_rollout = self.cfg.num_iterations
 
@@ -204,7 +206,7 @@ def load_prompts(cfg: OnPolicyConfig, tokenizer, info: DistInfo, fmt=("prompt_on
     return rows, prompts
 
 
-def run(cfg: GRPOConfig) -> TrainResult:
+def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
     info = init_distributed()
     try:
         reward = RewardFunction(cfg.verifier)  # an unknown verifier fails before anything is loaded
@@ -215,7 +217,7 @@ def run(cfg: GRPOConfig) -> TrainResult:
                                           max_length=cfg.max_length)
         rows, prompts = load_prompts(cfg, tokenizer, info)
         ref = load_reference(cfg, info) if cfg.beta > 0 else None
-        source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref)
+        source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref, engine=engine)
         return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo")
     finally:
         shutdown(info)

@@ -49,8 +49,8 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 class PPORollouts(OnPolicySource):
-    def __init__(self, *args, critic, reward_model, ref_model):
-        super().__init__(*args)
+    def __init__(self, *args, critic, reward_model, ref_model, engine=None):
+        super().__init__(*args, engine=engine)
         self.critic, self.reward_model, self.ref_model = critic, reward_model, ref_model
         self.steps_per_rollout = self.cfg.ppo_epochs * self.cfg.num_minibatches
 
@@ -132,7 +132,7 @@ class PPOLoss(TrainingModule):
         return loss, metrics
 
 
-def run(cfg: PPOConfig) -> TrainResult:
+def run(cfg: PPOConfig, engine=None) -> TrainResult:
     info = init_distributed()
     try:
         if not cfg.reward_model:
@@ -149,7 +149,7 @@ def run(cfg: PPOConfig) -> TrainResult:
         reward_model, _ = load_sequence_classifier(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
         reward_model = reward_model.requires_grad_(False).to(info.device).eval()
         source = PPORollouts(rows, prompts, policy, tokenizer, cfg, info, critic=critic, reward_model=reward_model,
-                             ref_model=load_reference(cfg, info))
+                             ref_model=load_reference(cfg, info), engine=engine)
         return train(cfg, PPOLoss(policy, critic, cfg), source, tokenizer, info, stage="ppo")
     finally:
         shutdown(info)

@@ -146,3 +146,29 @@ def test_informative_groups_keeps_groups_with_a_reward_spread_first():
     rewards = [0, 0, 1, 1, 0, 1, 0, 0]  # only one group with a spread: it is kept, then the first other
     rows, *_ = src.informative_groups(list(range(8)), ids, out, [(float(r), {}) for r in rewards])
     assert rows == [0, 1, 4, 5] and src.informative == 0.5
+
+
+def test_grpo_takes_another_rollout_engine(sft_model, rl_data, tmp_path):
+    """A trainer accepts any RolloutEngine (what a vLLM engine would plug into): here one that always answers
+    "Answer: 12", which the format verifier rewards, so every group's rewards are equal and the reward is 1."""
+    from ptkernels.trainers import grpo
+    from ptkernels.trainers.config import GRPOConfig
+    from ptkernels.trainers.modeling import load_tokenizer
+    from ptkernels.trainers.rollout import Rollout
+
+    tok = load_tokenizer(sft_model)
+    answer = tok.encode("Answer: 12", add_special_tokens=False) + [tok.eos_token_id]
+
+    class Fixed:
+        calls = 0
+
+        def generate(self, prompts, sampling, *, seed=None):
+            Fixed.calls += 1
+            return Rollout(prompt_ids=prompts, completion_ids=[answer] * len(prompts),
+                           texts=["Answer: 12"] * len(prompts), finished=[True] * len(prompts))
+
+    cfg = GRPOConfig(model=sft_model, data=rl_data, output_dir=str(tmp_path / "g"), max_steps=2, prompts_per_step=2,
+                     num_generations=2, batch_size=4, progress=False)
+    grpo.run(cfg, engine=Fixed())
+    assert Fixed.calls == 2
+    assert [m["reward"] for m in metrics(str(tmp_path / "g"))] == [1.0, 1.0]
