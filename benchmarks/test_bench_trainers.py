@@ -32,6 +32,9 @@ import time
 
 import pytest
 import torch
+
+pytest.importorskip("transformers")  # the models come from Transformers (the trainers' extra)
+
 from _measure import cuda_peak_growth, peak_rss_growth, sync
 from conftest import DEVICE, INTERLEAVED_RESULTS, SESSION_RESULTS, bench_rounds, bench_size, mem_repeats
 

@@ -26,10 +26,12 @@ fi
 PTK_BUILD_CUDA=1 timeout 300 python3 setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log" | tail -5
 python3 -c "import ptkernels as p; print('backends on cuda:', p.backends('cuda'))" 2>&1 | tee -a "$OUT/build.log"
 
-# 1. Tests on the GPU (Triton kernels compiled, CUDA-only tests included). The AOT compile check and the
-#    Hugging Face tests already run in CI on CPU; skip them here to save device time.
+# 1. Tests on the GPU (Triton kernels compiled, CUDA-only tests included). The AOT compile check, the
+#    Hugging Face tests and the trainers' tests (CPU, tiny models, gloo) already run in CI; skip them here to save
+#    device time (the GPU image need not have datasets / matplotlib either).
 timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider \
-  --ignore=tests/kernels/test_compile_gpu.py --ignore=tests/integrations 2>&1 | tee "$OUT/tests.log" | tail -25
+  --ignore=tests/kernels/test_compile_gpu.py --ignore=tests/integrations --ignore=tests/trainers \
+  2>&1 | tee "$OUT/tests.log" | tail -25
 
 # 2. Benchmarks at the GPU sizes of DESIGN.md.
 timeout 420 python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
