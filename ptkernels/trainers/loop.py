@@ -16,6 +16,7 @@ just the step, and ``--resume`` continues exactly as if the run had never stoppe
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -32,15 +33,16 @@ from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, wrap
 
 
-class TrainingModule(nn.Module):
+class TrainingModule(nn.Module, abc.ABC):
     """Base class of the stages' loss modules: ``self.model`` is the model that is trained and saved."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def count(self, batch: dict) -> float:  # the items of a micro-batch (see the module docstring)
-        raise NotImplementedError
+    @abc.abstractmethod
+    def count(self, batch: dict) -> float:
+        """The items of a micro-batch (see the module docstring)."""
 
     def saved_models(self) -> dict[str, str]:
         """Where each trained submodule goes: {sub-folder of the output ('' = the output itself): attribute}."""
@@ -256,16 +258,17 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
                 total_items = float(all_reduce_sum(torch.tensor([local_items], dtype=torch.float64), info)[0])
                 norm = max(total_items, 1.0) / info.world_size
 
-                loss_sum, sums = torch.zeros((), dtype=torch.float64), {}
+                # Kept on the device until the step's one reduction: no host sync per micro-batch.
+                loss_sum, sums = torch.zeros((), dtype=torch.float64, device=info.device), {}
                 for a, batch in enumerate(micro):
                     tokens_since += _tokens_in(batch)
                     batch = _to_device(batch, info.device)
                     with gradient_sync(trained, cfg.distributed, a == len(micro) - 1), autocast(cfg, info.device):
                         loss, metrics = trained(batch, norm)
                         loss.backward()
-                    loss_sum += loss.detach().double().cpu()
+                    loss_sum += loss.detach().double()
                     for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().double().cpu()
+                        sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=info.device).detach().double()
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                              else torch.zeros(()))
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -275,10 +278,10 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
                 names = sorted(sums)
                 source = data.metrics()
                 source_names = sorted(source)
-                packed = torch.stack([loss_sum, *[sums[k].reshape(()) for k in names],
-                                      *[torch.tensor(float(source[k]), dtype=torch.float64) for k in source_names],
-                                      torch.tensor(float(stop.raised), dtype=torch.float64)])
-                packed = all_reduce_sum(packed, info)
+                host = torch.tensor([float(source[k]) for k in source_names] + [float(stop.raised)],
+                                    dtype=torch.float64, device=info.device)
+                packed = torch.cat([torch.stack([loss_sum, *[sums[k].reshape(()) for k in names]]), host])
+                packed = all_reduce_sum(packed, info).cpu()
                 loss_value = float(packed[0]) / info.world_size
                 if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
                     raise FloatingPointError(f"ptk {stage}: the loss ({loss_value}) or gradient norm "
