@@ -264,9 +264,9 @@ def format(completion: str, row: dict) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------- exact
-def _normalize_exact(s: str) -> str:
-    s = " ".join(str(s).split()).casefold()
-    return s.rstrip(".").rstrip()
+def _normalize_exact(s: str, case_sensitive: bool = False) -> str:
+    s = " ".join(str(s).split())
+    return (s if case_sensitive else s.casefold()).rstrip(".").rstrip()
 
 
 _MARKED_ANSWER = re.compile(r"(?:####|\banswer\s*(?:is|:))[ \t:]*([^\n]*)\s*$", flags=re.IGNORECASE)
@@ -274,14 +274,16 @@ _MARKED_ANSWER = re.compile(r"(?:####|\banswer\s*(?:is|:))[ \t:]*([^\n]*)\s*$", 
 
 def exact(completion: str, row: dict) -> float:
     """1.0 when the answer equals ``row["answer"]`` (or one of a list) after strip, whitespace collapse,
-    case-fold and dropping a trailing period. The answer is what follows a final-answer marker on the last line
+    case-fold and dropping a trailing period; ``row["case_sensitive"] = True`` keeps the case (a task whose
+    answer *is* a change of case). The answer is what follows a final-answer marker on the last line
     ("Answer: x", "the answer is x", "#### x") when there is one, else the whole completion."""
     truth = _require(row, "answer")
     accepted = truth if isinstance(truth, (list, tuple)) else [truth]
+    case = bool(row.get("case_sensitive", False))
     text = _text(completion)[-MAX_ANSWER_SEARCH_CHARS:].strip()
     marked = _MARKED_ANSWER.search(text)
-    got = _normalize_exact(marked.group(1) if marked else text)
-    return float(bool(got) and any(got == _normalize_exact(a) for a in accepted))
+    got = _normalize_exact(marked.group(1) if marked else text, case)
+    return float(bool(got) and any(got == _normalize_exact(a, case) for a in accepted))
 
 
 # ----------------------------------------------------------------------------------------------------------- fact

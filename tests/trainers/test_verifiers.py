@@ -136,6 +136,13 @@ def test_exact(completion, answer, expected):
     assert V.exact(completion, {"answer": answer}) == expected
 
 
+def test_exact_case_sensitive_row_keeps_case():
+    row = {"answer": "E M B E R", "case_sensitive": True}
+    assert V.exact("Answer: E M B E R.", row) == 1.0 and V.exact("Answer:  E M  B E R", row) == 1.0
+    assert V.exact("Answer: e m b e r", row) == 0.0 and V.exact("Answer: E m b e r", row) == 0.0
+    assert V.exact("Answer: e m b e r", {**row, "case_sensitive": False}) == 1.0
+
+
 FACTS = {"capital_fr": ["Paris", "Paris, France"], "beatles": "The Beatles", "author": "J. R. R. Tolkien"}
 
 
