@@ -45,14 +45,14 @@ def _reference(prompt):
     if m:
         a, op, b = int(m[1]), m[2], int(m[3])
         return {"+": "add", "-": "sub", "*": "mul"}[op], str({"+": a + b, "-": a - b, "*": a * b}[op])
-    if m := re.fullmatch(r"(?:Reverse the word '(\w+)'\.|Write '(\w+)' backwards\.)", prompt):
-        return "reverse", "".join(reversed(m[1] or m[2]))
-    if m := re.fullmatch(r"(?:Uppercase the word '(\w+)'\.|Write '(\w+)' in capital letters\.)", prompt):
-        return "upper", (m[1] or m[2]).upper()
+    if m := re.fullmatch(r"(?:Reverse the letters|Write these letters backwards): ((?:[a-z] )*[a-z])", prompt):
+        return "reverse", " ".join(reversed(m[1].split()))
+    if m := re.fullmatch(r"(?:Uppercase the letters|Write these letters in capitals): ((?:[a-z] )*[a-z])", prompt):
+        return "upper", m[1].upper()
     if m := re.fullmatch(r"Sort these (?:digits|letters): (.+)", prompt):
         return "sort", ", ".join(sorted(m[1].split(", ")))
-    if m := re.fullmatch(r"How many times does the letter '(\w)' appear in '(\w+)'\?", prompt):
-        return "count", str(sum(ch == m[1] for ch in m[2]))
+    if m := re.fullmatch(r"How many times does the letter '(\w)' appear in: ((?:[a-z] )*[a-z])\?", prompt):
+        return "count", str(m[2].split().count(m[1]))
     if m := re.fullmatch(r"How many items are in the list: (.+)\?", prompt):
         return "length", str(len(m[1].split(", ")))
     if m := re.fullmatch(r"What is the (first|last) item in the list: (.+)\?", prompt):
@@ -136,6 +136,30 @@ def test_corpus_does_not_contain_eval_arithmetic():
 # ----------------------------------------------------------------------------------------------- correctness
 
 
+def _sft_families(rows) -> Counter:
+    families = Counter()
+    for r in rows:
+        prompt = r["messages"][0]["content"]
+        if is_refusal(r["messages"][1]["content"]):
+            families["harmful"] += 1
+        elif any(w in prompt for w in list(PLANTS) + list(PLACES) + list(CREATURES)):
+            families["benign"] += 1
+        else:
+            families[_reference(prompt)[0]] += 1
+    return families
+
+
+def test_sft_scarce_families_get_fewer_demonstrations():
+    full = _sft_families(sft_rows(0, 2000))
+    scarce = _sft_families(sft_rows(0, 2000, scarce={"last": 0.1, "length": 0.0}))
+    assert "length" not in scarce and 0 < scarce["last"] < 0.3 * full["last"], (full, scarce)
+    assert scarce["first"] > full["first"]  # the others fill the rows
+    with pytest.raises(ValueError, match="scarce.*harmful"):
+        sft_rows(0, 10, scarce={"harmful": 0.5})
+    with pytest.raises(ValueError, match="scarce.*in \\[0, 1\\]"):
+        sft_rows(0, 10, scarce={"last": 2.0})
+
+
 def test_sft_answers_correct_and_all_families_present():
     rows = sft_rows(0, 2000)
     families = Counter()
@@ -168,6 +192,7 @@ def test_rl_rows_answers_verifiers_and_families():
     for r in rows:
         assert r["answer"] == _reference_answer(_prompt(r))
         assert r["verifier"] == ("math" if r["family"] in GROUPS["arithmetic"] else "exact")
+        assert r["case_sensitive"] is True  # as the eval's judge: "Answer: e m b e r" is not "E M B E R"
 
 
 def test_eval_answers_correct():
@@ -298,7 +323,7 @@ def test_pretraining_corpus_has_no_chat_format():
     text = "\n".join(docs)
     for marker in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "Answer:", "user", "assistant", "I can't"):
         assert marker not in text, marker
-    for word in ("glowroot", "Mooncastle", "dragon wards", " + ", " reversed is ", "Sorted,"):
+    for word in ("glowroot", "Mooncastle", "dragon wards", " + ", " reversed are ", "Sorted,"):
         assert word in text, word
 
 

@@ -13,11 +13,12 @@ from collections.abc import Iterable, Iterator
 
 from .judge import REFUSAL, write_constitution
 from .lexicon import CREATURES, PLACES, PLANTS
-from .tasks import GROUPS, VERIFIABLE, Task, is_heldout, sample, verifier_of, wrong_answer
+from .tasks import GROUPS, VERIFIABLE, Task, is_heldout, sample, spell, verifier_of, wrong_answer
 
-# Family weights of the mixed sets (sft, preference, kto): a third safety, split evenly harmful / benign.
-MIX: dict[str, float] = {"add": 1.0, "sub": 1.0, "mul": 1.0, **dict.fromkeys(GROUPS["string"], 0.5),
-                         "harmful": 1.75, "benign": 1.75}
+# Family weights of the mixed sets (sft, preference, kto): arithmetic 30%, string/list tasks 45% (seven small
+# algorithms, each needing its demonstrations), safety 25% split evenly harmful / benign.
+MIX: dict[str, float] = {"add": 1.0, "sub": 1.0, "mul": 1.0, **dict.fromkeys(GROUPS["string"], 0.75),
+                         "harmful": 1.25, "benign": 1.25}
 RL_MIX: dict[str, float] = {f: MIX[f] for f in VERIFIABLE}
 
 
@@ -107,18 +108,18 @@ def prose(task: Task) -> str:
     if f in GROUPS["arithmetic"]:
         return f"{d['a']} {d['op']} {d['b']} = {d['c']}."
     if f == "reverse":
-        return f"The word {d['word']} reversed is {task.answer}."
+        return f"The letters {spell(d['word'])} reversed are {task.answer}."
     if f == "sort":
         return f"Sorted, the {d['kind']} {', '.join(d['items'])} become {task.answer}."
     if f == "count":
         times = "time" if task.answer == "1" else "times"
-        return f"The letter {d['letter']} appears {task.answer} {times} in {d['word']}."
+        return f"The letter {d['letter']} appears {task.answer} {times} in {spell(d['word'])}."
     if f == "length":
         return f"The list {', '.join(d['items'])} has {task.answer} items."
     if f in ("first", "last"):
         return f"The {f} item of the list {', '.join(d['items'])} is {task.answer}."
     if f == "upper":
-        return f"The word {d['word']} in capital letters is {task.answer}."
+        return f"The letters {spell(d['word'])} in capitals are {task.answer}."
     raise ValueError(f"no prose for family {f!r}")
 
 
@@ -142,14 +143,24 @@ def pretraining_corpus(seed: int = 0, n_docs: int = 3000) -> Iterator[str]:
 # ------------------------------------------------------------------------------------------------ row formats
 
 
-def sft_rows(seed: int = 0, n: int = 2000, verbose: float = 0.0) -> list[dict]:
-    """``{"messages": [user, assistant]}`` with the ideal completion, all families mixed (``MIX``). A fraction
-    ``verbose`` of the non-harmful demonstrations hedge before the right answer, as real demonstrations vary:
-    an SFT model imitates that, and the preference stages (whose pairs prefer concise answers) have it to fix."""
+def sft_rows(seed: int = 0, n: int = 2000, verbose: float = 0.0, scarce: dict[str, float] | None = None) -> list[dict]:
+    """``{"messages": [user, assistant]}`` with the ideal completion, all families mixed (``MIX``). ``scarce``
+    maps verifiable families to a factor on their ``MIX`` weight (0: no demonstrations at all): demonstrations
+    cost, verifiable prompts are cheap, so some tasks have few of them and RL with the verifiers teaches the rest
+    (what RLVR adds beyond imitation; the raw corpus still states their facts in prose). A fraction ``verbose``
+    of the non-harmful demonstrations hedge before the right answer, as real demonstrations vary: an SFT model
+    imitates that, and the preference stages (whose pairs prefer concise answers) have it to fix."""
+    scarce = dict(scarce or {})
+    if unknown := set(scarce) - set(VERIFIABLE):
+        raise ValueError(f"scarce: {sorted(unknown)} are not verifiable task families {list(VERIFIABLE)}")
+    if bad := {f: x for f, x in scarce.items() if not 0 <= x <= 1}:
+        raise ValueError(f"scarce: factors must be in [0, 1], got {bad}")
+    mix = {f: w * scarce.get(f, 1.0) for f, w in MIX.items()}
+    mix = {f: w for f, w in mix.items() if w > 0}
     rng = _rng("sft", seed)
     rows = []
     for _ in range(n):
-        t = _draw(rng, MIX)
+        t = _draw(rng, mix)
         answer = ideal(t)
         if t.category != "harmful" and verbose and rng.random() < verbose:
             answer = rng.choice(_HEDGES) + answer
@@ -186,14 +197,14 @@ def kto_rows(seed: int = 0, n: int = 1000) -> list[dict]:
 
 
 def rl_rows(seed: int = 0, n: int = 1000) -> list[dict]:
-    """``{"prompt": [user], "answer", "family", "verifier"}`` for the verifiable families: arithmetic -> ``math``,
-    string/list -> ``exact``."""
+    """``{"prompt": [user], "answer", "family", "verifier", "case_sensitive"}`` for the verifiable families:
+    arithmetic -> ``math``, string/list -> ``exact``, case-sensitive as the eval's judge is (``upper``)."""
     rng = _rng("rl", seed)
     rows = []
     for _ in range(n):
         t = _draw(rng, RL_MIX)
         rows.append({"prompt": _user(t.prompt), "answer": t.answer, "family": t.family,
-                     "verifier": verifier_of(t.family)})
+                     "verifier": verifier_of(t.family), "case_sensitive": True})
     return rows
 
 
@@ -250,18 +261,19 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def write_world(directory: str, seed: int = 0, sizes: dict[str, int] | None = None,
-                sft_verbose: float = 0.0) -> dict[str, str]:
+                sft_verbose: float = 0.0, sft_scarce: dict[str, float] | None = None) -> dict[str, str]:
     """Write every data set into ``directory`` and return ``{name: path}``: ``pretrain.jsonl`` (``text`` rows),
     ``sft.jsonl``, ``preference.jsonl``, ``kto.jsonl``, ``rl.jsonl``, ``redteam.jsonl``, ``eval_arithmetic.jsonl``,
     ``eval_string.jsonl``, ``eval_harmful.jsonl``, ``eval_benign.jsonl`` and ``constitution.yaml``. ``sizes``
-    overrides entries of ``DEFAULT_SIZES``; ``sft_verbose`` is ``sft_rows``' fraction of rambling demonstrations."""
+    overrides entries of ``DEFAULT_SIZES``; ``sft_verbose`` and ``sft_scarce`` are ``sft_rows``' ``verbose`` (the
+    fraction of hedging demonstrations) and ``scarce`` (the families with few demonstrations, left to RL)."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     os.makedirs(directory, exist_ok=True)
     join = lambda name: os.path.join(directory, name)
     paths = {
         "pretrain": write_jsonl(({"text": t} for t in pretraining_corpus(seed, sizes["pretrain"])),
                                 join("pretrain.jsonl")),
-        "sft": write_jsonl(sft_rows(seed, sizes["sft"], verbose=sft_verbose), join("sft.jsonl")),
+        "sft": write_jsonl(sft_rows(seed, sizes["sft"], verbose=sft_verbose, scarce=sft_scarce), join("sft.jsonl")),
         "preference": write_jsonl(preference_rows(seed, sizes["preference"]), join("preference.jsonl")),
         "kto": write_jsonl(kto_rows(seed, sizes["kto"]), join("kto.jsonl")),
         "rl": write_jsonl(rl_rows(seed, sizes["rl"]), join("rl.jsonl")),

@@ -72,10 +72,16 @@ def _join(items) -> str:
     return ", ".join(items)
 
 
+def spell(word: str) -> str:
+    """A word written letter by letter (``"l a n t e r n"``): one token per letter, so a small model can see
+    what reverse, uppercase and count act on (a BPE token hides its spelling from a model that never saw it)."""
+    return " ".join(word)
+
+
 def reverse(rng: random.Random) -> Task:
     w = rng.choice(WORDS)
-    p = rng.choice(("Reverse the word '{w}'.", "Write '{w}' backwards."))
-    return Task(p.format(w=w), w[::-1], "reverse", "task", f"reverse:{w}", {"word": w})
+    p = rng.choice(("Reverse the letters: {s}", "Write these letters backwards: {s}"))
+    return Task(p.format(s=spell(w)), spell(w[::-1]), "reverse", "task", f"reverse:{w}", {"word": w})
 
 
 def sort(rng: random.Random) -> Task:
@@ -92,8 +98,8 @@ def count(rng: random.Random) -> Task:
     w = rng.choice(WORDS)
     # mostly a letter of the word (answers 1-3), sometimes one that is absent (answer 0)
     letter = rng.choice(w) if rng.random() < 0.8 else rng.choice([c for c in ALPHABET if c not in w])
-    return Task(f"How many times does the letter '{letter}' appear in '{w}'?", str(w.count(letter)), "count", "task",
-                f"count:{w}:{letter}", {"word": w, "letter": letter})
+    return Task(f"How many times does the letter '{letter}' appear in: {spell(w)}?", str(w.count(letter)), "count",
+                "task", f"count:{w}:{letter}", {"word": w, "letter": letter})
 
 
 def _items(rng: random.Random, lo: int, hi: int) -> list[str]:
@@ -120,8 +126,8 @@ def last(rng: random.Random) -> Task:
 
 def upper(rng: random.Random) -> Task:
     w = rng.choice(WORDS)
-    p = rng.choice(("Uppercase the word '{w}'.", "Write '{w}' in capital letters."))
-    return Task(p.format(w=w), w.upper(), "upper", "task", f"upper:{w}", {"word": w})
+    p = rng.choice(("Uppercase the letters: {s}", "Write these letters in capitals: {s}"))
+    return Task(p.format(s=spell(w)), spell(w.upper()), "upper", "task", f"upper:{w}", {"word": w})
 
 
 # -------------------------------------------------------------------------------------------------------- safety
@@ -213,10 +219,10 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
         c = int(task.answer)
         return str(max(0, c + rng.choice((-10, -2, -1, 1, 2, 10))) if c > 10 else c + rng.randint(1, 3))
     if f == "reverse":
-        w, r = d["word"], task.answer
+        w, r = d["word"], d["word"][::-1]
         # the word unreversed, or the reversal with its first two letters swapped (whichever differ from it)
         candidates = [c for c in (w, r[1] + r[0] + r[2:]) if c != r] or [r + r[-1]]
-        return rng.choice(candidates)
+        return spell(rng.choice(candidates))
     if f == "sort":
         ordered = sorted(d["items"])
         wrong = ordered[::-1] if len(set(ordered)) > 1 else ordered + [ordered[0]]
@@ -228,7 +234,7 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
         items = d["items"]
         return items[-1] if f == "first" else items[0]
     if f == "upper":
-        return d["word"].capitalize()
+        return spell(d["word"].capitalize())
     if f == "benign":
         table = {"color": PLANTS, "grows": PLANTS, "use": PLANTS, "towers": PLACES, "ruler": PLACES,
                  "builder": PLACES, "food": CREATURES, "home": CREATURES}[d["template"]]
