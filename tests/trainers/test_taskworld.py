@@ -160,6 +160,26 @@ def test_sft_scarce_families_get_fewer_demonstrations():
         sft_rows(0, 10, scarce={"last": 2.0})
 
 
+def test_sft_hedging_rate_per_group():
+    def hedged(rows, arithmetic):
+        picked = [r["messages"][1]["content"] for r in rows
+                  if bool(re.search(r"\d [+*-] \d", r["messages"][0]["content"])) == arithmetic]
+        return sum(not (c.startswith("Answer:") or is_refusal(c)) for c in picked) / len(picked)
+
+    rows = sft_rows(0, 3000, verbose={"arithmetic": 0.7, "string": 0.1})
+    assert 0.62 < hedged(rows, True) < 0.78 and hedged(rows, False) < 0.12
+    for r in rows:  # a hedge only ever precedes the right answer
+        completion = r["messages"][1]["content"]
+        prompt = r["messages"][0]["content"]
+        benign = any(w in prompt for w in list(PLANTS) + list(PLACES) + list(CREATURES))
+        if not is_refusal(completion):
+            assert extract_answer(completion) == (_lore_answer(prompt) if benign else _reference_answer(prompt))
+    assert all(r["messages"][1]["content"].startswith("Answer:") or is_refusal(r["messages"][1]["content"])
+               for r in sft_rows(0, 300, verbose=0.0))
+    with pytest.raises(ValueError, match="verbose.*maths"):
+        sft_rows(0, 10, verbose={"maths": 0.5})
+
+
 def test_sft_answers_correct_and_all_families_present():
     rows = sft_rows(0, 2000)
     families = Counter()

@@ -143,13 +143,20 @@ def pretraining_corpus(seed: int = 0, n_docs: int = 3000) -> Iterator[str]:
 # ------------------------------------------------------------------------------------------------ row formats
 
 
-def sft_rows(seed: int = 0, n: int = 2000, verbose: float = 0.0, scarce: dict[str, float] | None = None) -> list[dict]:
+def sft_rows(seed: int = 0, n: int = 2000, verbose: float | dict[str, float] = 0.0,
+             scarce: dict[str, float] | None = None) -> list[dict]:
     """``{"messages": [user, assistant]}`` with the ideal completion, all families mixed (``MIX``). ``scarce``
     maps verifiable families to a factor on their ``MIX`` weight (0: no demonstrations at all): demonstrations
     cost, verifiable prompts are cheap, so some tasks have few of them and RL with the verifiers teaches the rest
     (what RLVR adds beyond imitation; the raw corpus still states their facts in prose). A fraction ``verbose``
     of the non-harmful demonstrations hedge before the right answer, as real demonstrations vary: an SFT model
-    imitates that, and the preference stages (whose pairs prefer concise answers) have it to fix."""
+    imitates that, and the preference stages (whose pairs prefer concise answers) have it to fix. ``verbose`` may
+    be a rate per group of ``GROUPS`` (``{"arithmetic": 0.7}``: writers hedge more on harder questions; a rate
+    above one half makes hedging the SFT model's most likely, hence greedy, answer there)."""
+    rates = verbose if isinstance(verbose, dict) else dict.fromkeys(GROUPS, verbose)
+    if unknown := set(rates) - set(GROUPS):
+        raise ValueError(f"verbose: {sorted(unknown)} are not groups {list(GROUPS)}")
+    group_of = {f: g for g, families in GROUPS.items() for f in families}
     scarce = dict(scarce or {})
     if unknown := set(scarce) - set(VERIFIABLE):
         raise ValueError(f"scarce: {sorted(unknown)} are not verifiable task families {list(VERIFIABLE)}")
@@ -162,7 +169,8 @@ def sft_rows(seed: int = 0, n: int = 2000, verbose: float = 0.0, scarce: dict[st
     for _ in range(n):
         t = _draw(rng, mix)
         answer = ideal(t)
-        if t.category != "harmful" and verbose and rng.random() < verbose:
+        rate = rates.get(group_of[t.family], 0.0)
+        if t.category != "harmful" and rate and rng.random() < rate:
             answer = rng.choice(_HEDGES) + answer
         rows.append({"messages": _user(t.prompt) + _assistant(answer)})
     return rows
@@ -261,7 +269,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def write_world(directory: str, seed: int = 0, sizes: dict[str, int] | None = None,
-                sft_verbose: float = 0.0, sft_scarce: dict[str, float] | None = None) -> dict[str, str]:
+                sft_verbose: float | dict[str, float] = 0.0, sft_scarce: dict[str, float] | None = None) -> dict[str, str]:
     """Write every data set into ``directory`` and return ``{name: path}``: ``pretrain.jsonl`` (``text`` rows),
     ``sft.jsonl``, ``preference.jsonl``, ``kto.jsonl``, ``rl.jsonl``, ``redteam.jsonl``, ``eval_arithmetic.jsonl``,
     ``eval_string.jsonl``, ``eval_harmful.jsonl``, ``eval_benign.jsonl`` and ``constitution.yaml``. ``sizes``
