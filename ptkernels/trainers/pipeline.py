@@ -4,7 +4,8 @@
 
 1. data      the task world (``taskworld.write_world``): corpus, SFT, preference, RL, red-team and eval sets
 2. base      stage 0: pretrain a small random Llama on the raw corpus (no chat format)
-3. sft       prompt-masked SFT on conversations: the assistant format and refusals
+3. sft       prompt-masked SFT on conversations: the assistant format and refusals (few demonstrations of the
+             ``SCARCE`` task families, which GRPO then learns from the verifiers' rewards)
 4. reward    a Bradley-Terry reward model on the preference pairs, from the SFT model
 5. ppo       RLHF from the SFT model against that reward model
 6. dpo       DPO from the same SFT model on the same pairs (so PPO and DPO can be compared)
@@ -35,24 +36,34 @@ from .config import (
     SFTConfig,
 )
 
+# Task families with verifiable answers but few SFT demonstrations (a factor on their share of the SFT mix), as
+# demonstrations cost and verifiable prompts do not: GRPO teaches them from the verifiers' reward (its prompts
+# cover every family).
+SCARCE = {"first": 0.05, "last": 0.05, "length": 0.05}
+# Rate of SFT demonstrations that hedge ("Let me think. Answer: 42") per task group: above one half on arithmetic,
+# so the SFT model's greedy answer hedges there and the preference stages have something measurable to fix.
+HEDGING = {"arithmetic": 0.7, "string": 0.2, "benign": 0.2}
+
 # Per preset: the model size, the world's sizes and each stage's options (on top of the shared ones).
 PRESETS = {
     "quick": {
-        "model": "small", "eval": {"n_task": 100, "n_safety": 50}, "sft_verbose": 0.4,
-        "world": {"pretrain": 3000, "sft": 2000, "preference": 1000, "kto": 200, "rl": 1000, "redteam": 256},
+        "model": "small", "eval": {"n_task": 200, "n_safety": 50}, "sft_verbose": HEDGING, "sft_scarce": SCARCE,
+        # Fresh data over repeated data: ~1.2 epochs of pretraining corpus and ~3 of SFT rows, so the model has to
+        # learn the tasks' rules rather than memorise answers (10+ epochs over a small set did the latter).
+        "world": {"pretrain": 40000, "sft": 16000, "preference": 1000, "kto": 200, "rl": 4000, "redteam": 256},
         "pretrain": {"max_steps": 2000, "batch_size": 16, "max_length": 128, "lr": 3e-3, "warmup_steps": 50},
         "sft": {"max_steps": 1500, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50},
         "reward": {"max_steps": 150, "batch_size": 16, "lr": 5e-4},
-        "ppo": {"max_steps": 200, "prompts_per_step": 32, "lr": 1e-4, "max_new_tokens": 24, "ppo_epochs": 2},
+        "ppo": {"max_steps": 200, "prompts_per_step": 32, "lr": 1e-4, "max_new_tokens": 24, "ppo_epochs": 2,
+                "kl_coef": 0.1},
         "dpo": {"max_steps": 150, "batch_size": 16, "lr": 3e-5, "beta": 0.1, "nll_weight": 1.0},
-        "grpo": {"max_steps": 250, "prompts_per_step": 16, "num_generations": 8, "lr": 3e-4, "max_new_tokens": 24,
-                 "dynamic_sampling": True,
-                 "batch_size": 32},
+        "grpo": {"max_steps": 400, "prompts_per_step": 16, "num_generations": 8, "lr": 3e-4, "max_new_tokens": 24,
+                 "dynamic_sampling": True, "scale_rewards": "batch", "batch_size": 32},
         "safety": {"max_steps": 60, "dpo_steps": 40, "lr": 5e-4, "dpo_lr": 3e-5, "batch_size": 16},
     },
     "full": {
-        "model": "base", "eval": {"n_task": 100, "n_safety": 64}, "sft_verbose": 0.4,
-        "world": {"pretrain": 12000, "sft": 6000, "preference": 3000, "kto": 500, "rl": 3000, "redteam": 512},
+        "model": "base", "eval": {"n_task": 200, "n_safety": 64}, "sft_verbose": HEDGING, "sft_scarce": SCARCE,
+        "world": {"pretrain": 80000, "sft": 32000, "preference": 3000, "kto": 500, "rl": 8000, "redteam": 512},
         "pretrain": {"max_steps": 2000, "batch_size": 32, "max_length": 128, "lr": 2e-3, "warmup_steps": 100},
         "sft": {"max_steps": 1200, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50},
         "reward": {"max_steps": 400, "batch_size": 32, "lr": 3e-4},
@@ -119,7 +130,7 @@ class Pipeline:
         t_start = time.perf_counter()
         os.makedirs(self.out, exist_ok=True)
         world = write_world(self.path("data"), seed=self.opts.seed, sizes=self.preset["world"],
-                            sft_verbose=self.preset["sft_verbose"])
+                            sft_verbose=self.preset["sft_verbose"], sft_scarce=self.preset["sft_scarce"])
         p, d = self.path, world
         self.stage("pretrain", pretrain.run, PretrainConfig(model=self.preset["model"], data=d["pretrain"],
                                                             output_dir=p("base"), **self.options("pretrain")))

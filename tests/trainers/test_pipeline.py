@@ -59,5 +59,5 @@ def test_resume_keeps_finished_stages(pipeline_dir, capsys):
 def test_presets_name_every_stage():
     for name, preset in PRESETS.items():
         for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "safety", "world", "eval", "model",
-                      "sft_verbose"):
+                      "sft_verbose", "sft_scarce"):
             assert stage in preset, (name, stage)
