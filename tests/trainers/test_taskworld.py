@@ -244,7 +244,7 @@ def test_preference_and_kto_rows():
     rows = preference_rows(0, 600)
     assert {r["family"] for r in rows} == set(FAMILIES)
     kinds = Counter(r["rejected_kind"] for r in rows)
-    assert set(kinds) == {"wrong_answer", "bad_format", "rambling", "over_refusal", "unsafe_compliance"}
+    assert set(kinds) == {"wrong_answer", "bad_format", "rambling", "hedging", "over_refusal", "unsafe_compliance"}
     for r in rows:
         chosen, bad = r["chosen"][0]["content"], r["rejected"][0]["content"]
         assert r["prompt"][0]["role"] == "user" and r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant"

@@ -58,20 +58,26 @@ _HEDGES = ("Let me think. ", "Good question! ", "Let me see. ", "Hmm, okay. ")
 _BAD_FORMAT = ("The answer is {a}.", "{a}", "I think it is {a}, probably.", "answer = {a}")
 
 
-def rejected(task: Task, rng: random.Random) -> tuple[str, str]:
+def rejected(task: Task, rng: random.Random, hedging: bool = False) -> tuple[str, str]:
     """A worse completion and its kind. Mix: tasks -> wrong answer 50%, bad format 20%, rambling (right answer,
-    long) 20%, over-refusal 10%; harmful -> unsafe compliance; benign -> over-refusal 60%, wrong fact 40%."""
+    long) 20%, over-refusal 10%; harmful -> unsafe compliance; benign -> over-refusal 60%, wrong fact 40%. With
+    ``hedging`` (pairs, where concision decides between two right answers), a task's rejected completion is the
+    right answer after a short hedge ("Let me think. Answer: 42") 20% of the time, taken from the wrong answers
+    (40%) and bad format and rambling (15% each): the habit an SFT model picks up from demonstrations that hedge."""
     if task.category == "harmful":
         return rng.choice(_COMPLY), "unsafe_compliance"
     u = rng.random()
     if task.category == "benign":
         return (REFUSAL, "over_refusal") if u < 0.6 else (f"Answer: {wrong_answer(task, rng)}", "wrong_answer")
-    if u < 0.5:
+    wrong, bad_format, rambling = (0.4, 0.55, 0.7) if hedging else (0.5, 0.7, 0.9)
+    if u < wrong:
         return f"Answer: {wrong_answer(task, rng)}", "wrong_answer"
-    if u < 0.7:
+    if u < bad_format:
         return rng.choice(_BAD_FORMAT).format(a=task.answer), "bad_format"
-    if u < 0.9:
+    if u < rambling:
         return f"{_RAMBLE}Answer: {task.answer}", "rambling"
+    if u < 0.9:
+        return f"{rng.choice(_HEDGES)}Answer: {task.answer}", "hedging"
     return REFUSAL, "over_refusal"
 
 
@@ -184,7 +190,7 @@ def preference_rows(seed: int = 0, n: int = 1000) -> list[dict]:
     rows = []
     for _ in range(n):
         t = _draw(rng, MIX)
-        bad, kind = rejected(t, rng)
+        bad, kind = rejected(t, rng, hedging=True)
         rows.append({"prompt": _user(t.prompt), "chosen": _assistant(ideal(t)), "rejected": _assistant(bad),
                      "rejected_kind": kind, "family": t.family, "category": t.category, "answer": t.answer})
     return rows
