@@ -275,7 +275,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def write_world(directory: str, seed: int = 0, sizes: dict[str, int] | None = None,
-                sft_verbose: float | dict[str, float] = 0.0, sft_scarce: dict[str, float] | None = None) -> dict[str, str]:
+                sft_verbose: float | dict[str, float] = 0.0,
+                sft_scarce: dict[str, float] | None = None) -> dict[str, str]:
     """Write every data set into ``directory`` and return ``{name: path}``: ``pretrain.jsonl`` (``text`` rows),
     ``sft.jsonl``, ``preference.jsonl``, ``kto.jsonl``, ``rl.jsonl``, ``redteam.jsonl``, ``eval_arithmetic.jsonl``,
     ``eval_string.jsonl``, ``eval_harmful.jsonl``, ``eval_benign.jsonl`` and ``constitution.yaml``. ``sizes``
