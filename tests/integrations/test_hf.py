@@ -268,15 +268,15 @@ def test_ddp_with_find_unused_parameters(tmp_path):
 
     import torch.multiprocessing as mp
 
-    # The gloo rendezvous over a fresh TCP port has been seen to hang now and then (one worker waiting for a
-    # peer that never joined, in 2 of 4 runs of this file in one session, never alone): each
-    # attempt gets a deadline (its workers are killed after it) and a second attempt, so CI never hangs on it.
-    for _attempt in range(2):
+    # The 2-process gloo run hangs now and then (1 run in 3 or 4, alone or not, with GLOO_SOCKET_IFNAME=lo too;
+    # root cause not found, a healthy run takes ~10 s): each attempt gets a 60 s deadline (its workers are killed
+    # after it) and there are four attempts, so CI neither hangs on it nor fails for it but ~1% of the time.
+    for _attempt in range(4):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         ctx = mp.start_processes(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 60
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
                 for proc in ctx.processes:
@@ -285,5 +285,5 @@ def test_ddp_with_find_unused_parameters(tmp_path):
         else:
             break
     else:
-        pytest.fail("the 2-process gloo run timed out twice")
+        pytest.fail("the 2-process gloo run timed out four times")
     assert max(float((tmp_path / f"rank{r}").read_text()) for r in range(2)) < 1e-5
