@@ -235,6 +235,20 @@ def test_arithmetic_difficulty_ranges():
                 assert 2 <= len(a) <= 3 and 2 <= len(b) <= 3 and int(r["answer"]) >= 0
 
 
+def test_reverse_and_upper_act_on_random_letter_strings():
+    # Not a word list: with ~100 words a model memorised each reversal and got every held-out one wrong.
+    strings = {"reverse": set(), "upper": set()}
+    for r in rl_rows(0, 2000):
+        if r["family"] in strings:
+            letters = _prompt(r).split(": ", 1)[1].split()
+            assert 3 <= len(letters) <= 6 and all(len(c) == 1 and c.islower() for c in letters)
+            strings[r["family"]].add("".join(letters))
+    for family, seen in strings.items():
+        assert len(seen) > 150, family
+    heldout = [r for r in eval_sets(0)["string"] if r["family"] in strings]
+    assert heldout and all("".join(_prompt(r).split(": ", 1)[1].split()) not in strings[r["family"]] for r in heldout)
+
+
 def test_prompts_short():
     prompts = [_prompt(r) for r in sft_rows(0, 2000)]
     assert max(len(p.split()) for p in prompts) <= 20  # the shipped tokenizer test bounds tokens too

@@ -41,7 +41,8 @@ CREATURES: dict[str, dict] = {
     "stone toad": {"food": "beetles", "home": "Stonehollow"},
 }
 
-# Words for the string tasks: 3-7 lowercase letters, common words plus a few of the realm's.
+# Words for the count task: 3-7 lowercase letters, common words plus a few of the realm's (reverse and uppercase
+# act on random letter strings, see tasks.letters).
 WORDS = (
     "lantern ember river stone castle dragon forest candle bridge meadow falcon silver harbor garden marble "
     "copper thorn raven willow frost glade tower amber cloud maple otter pebble quill rune sable tulip velvet "
