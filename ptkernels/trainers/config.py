@@ -156,7 +156,8 @@ class GRPOConfig(OnPolicyConfig):
     beta: float = option(0.0, "KL coefficient to the reference (k3); 0 holds no reference model")
     loss_type: str = option("dapo", "grpo, bnpo, dr_grpo or dapo (ptkernels.grpo_loss)",
                             choices=("grpo", "bnpo", "dr_grpo", "dapo"))
-    epsilon_low: float = option(0.2, "lower clip of the importance ratio")
+    epsilon_low: float = option(0.2, "lower clip of the importance ratio (the clips act only with num_iterations "
+                                "> 1: with one step per rollout the ratio is 1)")
     epsilon_high: float = option(0.2, "upper clip (DAPO's clip-higher: e.g. 0.28)")
     scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)",
                                 choices=("group", "batch", "none"))

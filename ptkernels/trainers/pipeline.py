@@ -58,7 +58,7 @@ PRESETS = {
                 "kl_coef": 0.1},
         "dpo": {"max_steps": 150, "batch_size": 16, "lr": 3e-5, "beta": 0.1, "nll_weight": 1.0},
         # 16 samples of 8 prompts (not 8 of 16): more of the rare right answers of a weak family are found per
-        # step, in 10% less time. Past 400 steps GRPO still gains (measured +4 at 400 and +7 at 800 steps).
+        # step, in 3-10% less time. Past 400 steps GRPO still gains (measured +4 at 400 and +7 at 800 steps).
         "grpo": {"max_steps": 600, "prompts_per_step": 8, "num_generations": 16, "lr": 3e-4, "max_new_tokens": 24,
                  "dynamic_sampling": True, "scale_rewards": "batch", "batch_size": 32},
         "safety": {"max_steps": 60, "dpo_steps": 40, "lr": 5e-4, "dpo_lr": 3e-5, "batch_size": 16},
