@@ -226,7 +226,7 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
         return str(max(0, c + rng.choice((-10, -2, -1, 1, 2, 10))) if c > 10 else c + rng.randint(1, 3))
     if f == "reverse":
         w, r = d["word"], d["word"][::-1]
-        # the word unreversed, or the reversal with its first two letters swapped (whichever differ from it)
+        # the letters unreversed, or the reversal with its first two letters swapped (whichever differ from it)
         candidates = [c for c in (w, r[1] + r[0] + r[2:]) if c != r] or [r + r[-1]]
         return spell(rng.choice(candidates))
     if f == "sort":
