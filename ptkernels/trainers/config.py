@@ -164,6 +164,10 @@ class GRPOConfig(OnPolicyConfig):
     importance_sampling_level: str = option("token", "token (GRPO) or sequence (GSPO)", choices=("token", "sequence"))
     dynamic_sampling: bool = option(False, "DAPO's dynamic sampling: sample twice the prompts and train on the "
                                     "groups whose rewards differ first (a group of equal rewards has no gradient)")
+    ptx_data: str = option("", "PPO-ptx (InstructGPT): SFT rows (text, messages or prompt/completion JSONL) whose "
+                           "next-token loss is added to GRPO's, against regressions where the rewards are flat")
+    ptx_coef: float = option(0.0, "weight of the --ptx-data loss (mean over its tokens); 0 turns it off")
+    ptx_batch_size: int = option(16, "--ptx-data rows per optimizer step on each process")
 
 
 @dataclass
@@ -300,6 +304,12 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.data:
         raise ValueError("--data is required: a JSONL file or a saved datasets folder")
+    if getattr(cfg, "ptx_coef", 0.0) < 0:
+        raise ValueError(f"--ptx-coef must be >= 0, got {cfg.ptx_coef}")
+    if getattr(cfg, "ptx_coef", 0.0) > 0 and not cfg.ptx_data:
+        raise ValueError("--ptx-coef > 0 needs --ptx-data (the SFT rows whose loss it weighs)")
+    if getattr(cfg, "ptx_batch_size", 1) < 1:
+        raise ValueError(f"--ptx-batch-size must be >= 1, got {cfg.ptx_batch_size}")
 
 
 def to_dict(cfg) -> dict:

@@ -15,22 +15,26 @@ and, with ``--verifier row``, the verifier's name in ``verifier``.
 from __future__ import annotations
 
 import zlib
+from types import SimpleNamespace
 
 import torch
 
 from ..ops.fused_grpo import fused_linear_grpo_loss
 from ..ops.grpo import group_advantages
-from .common import head_inputs, hidden_states, load_data, load_reference
-from .config import GRPOConfig, OnPolicyConfig, parse_config
-from .data import Row
+from ..ops.linear_cross_entropy import linear_cross_entropy
+from .common import encode_all, head_inputs, hidden_states, load_data, load_reference
+from .config import GRPOConfig, OnPolicyConfig, parse_config, validate
+from .data import Row, load_rows, validate_rows
 from .distributed import DistInfo, init_distributed, shutdown
-from .loop import StepOrder, TrainingModule, TrainResult, train
+from .loop import Dataset, StepOrder, TrainingModule, TrainResult, train
 from .modeling import load_causal_lm
 from .rollout import HFGenerateEngine, RolloutEngine, SamplingConfig, completion_batch, sequence_token_logps
-from .tokenization import encode_prompt
+from .sft import SFT_FORMATS
+from .tokenization import collate, encode_prompt, encode_sft
 from .verifiers import get_verifier
 
 TOKEN_LEVEL = ("dapo", "bnpo")  # normalized by completion tokens; grpo and dr_grpo by sequences
+PTX = "ptx_"  # prefix of the keys of the --ptx-data micro-batch carried by a step's first micro-batch
 
 
 class RewardFunction:
@@ -87,13 +91,24 @@ class OnPolicySource:
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_p=cfg.top_p, do_sample=True, batch_size=cfg.generation_batch_size)
         self.index, self.batches, self._metrics = -1, [], {}
+        self.ptx: Dataset | None = None  # SFT examples whose loss joins the policy's (PPO-ptx), see add_ptx
 
     def micro_batches(self, step: int, cfg, info: DistInfo) -> list[dict]:
         index = step // self.steps_per_rollout
         if index != self.index:
             self.batches, self._metrics = self.make_rollout(index)
             self.index = index
-        return self.select(step % self.steps_per_rollout)
+        batches = self.select(step % self.steps_per_rollout)
+        if self.ptx is None:
+            return batches
+        # The step's SFT rows ride on its first micro-batch (a function of the step, so a resume is exact).
+        ptx = self.ptx.micro_batches(step, self.ptx_cfg, info)[0]
+        return [{**batches[0], **{PTX + k: v for k, v in ptx.items()}}, *batches[1:]]
+
+    def add_ptx(self, examples: list, pad_token_id: int, batch_size: int) -> None:
+        """Each step also trains on ``batch_size`` of ``examples`` (next-token loss), in their own seeded order."""
+        self.ptx = Dataset(examples, lambda ex: collate(ex, pad_token_id), self.cfg.seed)
+        self.ptx_cfg = SimpleNamespace(batch_size=batch_size, grad_accum=1)
 
     def select(self, k: int) -> list[dict]:
         return self.batches
@@ -197,7 +212,16 @@ class GRPOLoss(TrainingModule):
         # dapo is already divided by norm; the others are means over this micro-batch: back to sums over norm.
         loss = out.loss if c.loss_type == "dapo" else out.loss * (items / norm)
         metrics = {"kl": out.kl * items, "clip_ratio": out.clip_ratio * items, "entropy": out.entropy * items}
+        if PTX + "input_ids" in batch:
+            ptx_nll = self.ptx_loss({k[len(PTX):]: v for k, v in batch.items() if k.startswith(PTX)})
+            loss = loss + c.ptx_coef * ptx_nll
+            metrics["ptx_nll"] = ptx_nll.detach() * norm  # logged per item like the others: the step's mean
         return loss, metrics
+
+    def ptx_loss(self, batch: dict) -> torch.Tensor:
+        """The mean next-token loss of the step's SFT rows (each process's mean; DDP averages them)."""
+        hidden, weight, head = head_inputs(self.model, hidden_states(self.model, batch))
+        return linear_cross_entropy(hidden, weight, batch["labels"], shift=True, backend=self.cfg.backend, **head)
 
 
 def load_prompts(cfg: OnPolicyConfig, tokenizer, info: DistInfo, fmt=("prompt_only",)):
@@ -206,10 +230,20 @@ def load_prompts(cfg: OnPolicyConfig, tokenizer, info: DistInfo, fmt=("prompt_on
     return rows, prompts
 
 
+def load_ptx_rows(cfg: GRPOConfig) -> tuple[list[Row], str | None]:
+    """The --ptx-data rows, read and checked before any model is loaded (none when --ptx-coef is 0)."""
+    if cfg.ptx_coef == 0:
+        return [], None
+    rows = load_rows(cfg.ptx_data)
+    return rows, validate_rows(rows, SFT_FORMATS)
+
+
 def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
+    validate(cfg)  # (parse_config validates too; a config built in code gets the same errors)
     info = init_distributed()
     try:
         reward = RewardFunction(cfg.verifier)  # an unknown verifier fails before anything is loaded
+        ptx_rows, ptx_fmt = load_ptx_rows(cfg)
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk grpo: --distributed fsdp is not supported (generation needs whole weights); "
                              "use ddp")
@@ -218,6 +252,10 @@ def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
         rows, prompts = load_prompts(cfg, tokenizer, info)
         ref = load_reference(cfg, info) if cfg.beta > 0 else None
         source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref, engine=engine)
+        if ptx_rows:
+            examples = encode_all(ptx_rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length,
+                                                                  fmt=ptx_fmt), "--ptx-data examples", info)
+            source.add_ptx(examples, tokenizer.pad_token_id, cfg.ptx_batch_size)
         return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo")
     finally:
         shutdown(info)

@@ -77,6 +77,41 @@ def test_grpo_unknown_verifier_fails_first(rl_data, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_grpo_ptx_trains_on_the_sft_rows_where_the_rewards_are_flat(sft_model, data_dir, tmp_path):
+    """With a reward that never varies (a pattern no answer matches) GRPO's own gradient is zero, so all that
+    moves the policy is --ptx-data's next-token loss, which must fall; with --ptx-coef 0 nothing moves."""
+    rows = [json.loads(line) for line in open(data_dir["sft"])]
+    flat = write_jsonl(tmp_path / "flat.jsonl", [{"prompt": r["messages"][:1], "verifier": "format",
+                                                  "format_pattern": "never matches"} for r in rows])
+    base = ["grpo", "--data", flat, "--model", sft_model, "--max-steps", "12", "--prompts-per-step", "2",
+            "--num-generations", "2", "--lr", "3e-3", "--ptx-data", data_dir["sft"], "--ptx-batch-size", "8",
+            "--log-steps", "1", *COMMON]
+    on, off = str(tmp_path / "on"), str(tmp_path / "off")
+    ptk([*base, "--output-dir", on, "--ptx-coef", "1.0"])
+    nll = [m["ptx_nll"] for m in metrics(on)]
+    assert all(m["reward"] == 0.0 for m in metrics(on))
+    assert sum(nll[-3:]) / 3 < 0.8 * sum(nll[:3]) / 3, nll
+    ptk([*base, "--output-dir", off, "--ptx-coef", "0"])
+    assert "ptx_nll" not in metrics(off)[-1]
+    _same(off, sft_model)  # zero advantages, no ptx: the weights are the SFT model's
+
+
+@pytest.mark.parametrize("args, match", [(["--ptx-coef", "0.5"], "--ptx-coef > 0 needs --ptx-data"),
+                                         (["--ptx-coef", "-1"], "--ptx-coef must be >= 0")])
+def test_grpo_ptx_options_are_checked(rl_data, tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        ptk(["grpo", "--data", rl_data, "--output-dir", str(tmp_path / "x"), *args])
+    assert not (tmp_path / "x").exists()
+
+
+def test_grpo_ptx_data_is_checked_before_any_model_loads(rl_data, tmp_path):
+    """--ptx-data must hold SFT rows; the RL prompts themselves (prompt only) are refused, naming file and line."""
+    with pytest.raises(ValueError, match=r"rl\.jsonl:1: .*'prompt_only' format"):
+        ptk(["grpo", "--data", rl_data, "--model", str(tmp_path / "no-such-model"), "--output-dir",
+             str(tmp_path / "x"), "--ptx-data", rl_data, "--ptx-coef", "0.5"])
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.fixture(scope="module")
 def reward_model(sft_model, data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("rm") / "rm")
@@ -115,8 +150,9 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
-def test_resume_mid_rollout_is_exact(stage, sft_model, reward_model, rl_data, tmp_path):
-    args = {"grpo": ["--num-iterations", "2", "--num-generations", "4"],
+def test_resume_mid_rollout_is_exact(stage, sft_model, reward_model, rl_data, data_dir, tmp_path):
+    args = {"grpo": ["--num-iterations", "2", "--num-generations", "4", "--ptx-data", data_dir["sft"],
+                     "--ptx-coef", "0.5"],
             "ppo": ["--reward-model", reward_model, "--ppo-epochs", "2"]}[stage]
     base = [stage, "--data", rl_data, "--model", sft_model, "--max-steps", "5", "--prompts-per-step", "4",
             "--lr", "1e-3", *COMMON, *args]
