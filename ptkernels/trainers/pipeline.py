@@ -9,7 +9,8 @@
 4. reward    a Bradley-Terry reward model on the preference pairs, from the SFT model
 5. ppo       RLHF from the SFT model against that reward model
 6. dpo       DPO from the same SFT model on the same pairs (so PPO and DPO can be compared)
-7. grpo      GRPO from the SFT model with the verifiers (math, exact) on the RL prompts
+7. grpo      GRPO from the SFT model with the verifiers (math, exact) on the RL prompts, plus the SFT loss on
+             the SFT demonstrations (PPO-ptx) so what the rewards do not train does not drift
 8. safety    constitutional training (rule judge) from the GRPO model
 9. eval      every stage on the held-out sets (``evaluate``), then report.json, report.md and plots/
 
@@ -59,8 +60,11 @@ PRESETS = {
         "dpo": {"max_steps": 150, "batch_size": 16, "lr": 3e-5, "beta": 0.1, "nll_weight": 1.0},
         # 16 samples of 8 prompts (not 8 of 16): more of the rare right answers of a weak family are found per
         # step, in 3-10% less time. Past 400 steps GRPO still gains (measured +4 at 400 and +7 at 800 steps).
+        # PPO-ptx: the SFT loss on 16 demonstrations a step keeps what the rewards do not train (groups all right
+        # or all wrong carry no gradient) from drifting: +11.5 points instead of +7 from one SFT model.
         "grpo": {"max_steps": 600, "prompts_per_step": 8, "num_generations": 16, "lr": 3e-4, "max_new_tokens": 24,
-                 "dynamic_sampling": True, "scale_rewards": "batch", "batch_size": 32},
+                 "dynamic_sampling": True, "scale_rewards": "batch", "batch_size": 32, "ptx_coef": 0.5,
+                 "ptx_batch_size": 16},
         "safety": {"max_steps": 60, "dpo_steps": 40, "lr": 5e-4, "dpo_lr": 3e-5, "batch_size": 16},
     },
     "full": {
@@ -145,7 +149,7 @@ class Pipeline:
         self.stage("dpo", lambda c: dpo.run(c, "dpo"), DPOConfig(model=p("sft"), data=d["preference"],
                                                                  output_dir=p("dpo"), **self.options("dpo")))
         self.stage("grpo", grpo.run, GRPOConfig(model=p("sft"), data=d["rl"], output_dir=p("grpo"), verifier="row",
-                                                **self.options("grpo")))
+                                                ptx_data=d["sft"], **self.options("grpo")))
         self.stage("safety", safety.run, SafetyConfig(model=p("grpo"), data=d["redteam"], output_dir=p("safety"),
                                                       constitution=d["constitution"], judge="rule",
                                                       **self.options("safety")))
