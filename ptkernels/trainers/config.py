@@ -304,12 +304,6 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.data:
         raise ValueError("--data is required: a JSONL file or a saved datasets folder")
-    if getattr(cfg, "ptx_coef", 0.0) < 0:
-        raise ValueError(f"--ptx-coef must be >= 0, got {cfg.ptx_coef}")
-    if getattr(cfg, "ptx_coef", 0.0) > 0 and not cfg.ptx_data:
-        raise ValueError("--ptx-coef > 0 needs --ptx-data (the SFT rows whose loss it weighs)")
-    if getattr(cfg, "ptx_batch_size", 1) < 1:
-        raise ValueError(f"--ptx-batch-size must be >= 1, got {cfg.ptx_batch_size}")
 
 
 def to_dict(cfg) -> dict:

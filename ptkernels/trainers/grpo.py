@@ -23,7 +23,7 @@ from ..ops.fused_grpo import fused_linear_grpo_loss
 from ..ops.grpo import group_advantages
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from .common import encode_all, head_inputs, hidden_states, load_data, load_reference
-from .config import GRPOConfig, OnPolicyConfig, parse_config, validate
+from .config import GRPOConfig, OnPolicyConfig, parse_config
 from .data import Row, load_rows, validate_rows
 from .distributed import DistInfo, init_distributed, shutdown
 from .loop import Dataset, StepOrder, TrainingModule, TrainResult, train
@@ -232,14 +232,19 @@ def load_prompts(cfg: OnPolicyConfig, tokenizer, info: DistInfo, fmt=("prompt_on
 
 def load_ptx_rows(cfg: GRPOConfig) -> tuple[list[Row], str | None]:
     """The --ptx-data rows, read and checked before any model is loaded (none when --ptx-coef is 0)."""
+    if cfg.ptx_coef < 0:
+        raise ValueError(f"--ptx-coef must be >= 0, got {cfg.ptx_coef}")
     if cfg.ptx_coef == 0:
         return [], None
+    if not cfg.ptx_data:
+        raise ValueError("--ptx-coef > 0 needs --ptx-data (the SFT rows whose loss it weighs)")
+    if cfg.ptx_batch_size < 1:
+        raise ValueError(f"--ptx-batch-size must be >= 1, got {cfg.ptx_batch_size}")
     rows = load_rows(cfg.ptx_data)
     return rows, validate_rows(rows, SFT_FORMATS)
 
 
 def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
-    validate(cfg)  # (parse_config validates too; a config built in code gets the same errors)
     info = init_distributed()
     try:
         reward = RewardFunction(cfg.verifier)  # an unknown verifier fails before anything is loaded
