@@ -16,9 +16,13 @@ def default_chunk_size(num_classes: int, device: torch.device) -> int:
     """Rows per chunk so that one chunk of logits stays small but the GEMMs stay efficient.
 
     CUDA: about 2^26 logits (256 MiB in fp32) per chunk, at least 256 rows: large GEMMs keep the tensor cores
-    busy. CPU: about 2^23 logits (32 MiB), so the chunk's row passes stay in the last-level cache.
+    busy. CPU: about 2^24 logits (64 MiB in fp32; 512 rows at V=32000). The row kernels work one row at a time
+    (a row sits in L2), so the chunk need not fit a cache; what the rows per chunk buy is GEMM 2,
+    ``dz @ W`` (M = rows, K = V), which packs all of W again for every chunk: at 256 rows that cost ~5% of the
+    fused cross-entropy's time at the DESIGN.md CPU size, at 512 rows it runs at the unchunked GEMMs' rate
+    (benchmarks/RESULTS.md, 2026-11-30 chunk sweep).
     """
-    budget = 1 << 26 if device.type == "cuda" else 1 << 23
+    budget = 1 << 26 if device.type == "cuda" else 1 << 24
     rows = max(budget // max(num_classes, 1), 16)
     rows = 1 << (rows.bit_length() - 1)  # a power of two: fewer distinct shapes for the GEMM heuristics
     return max(16, min(rows, 8192 if device.type == "cuda" else 4096))
@@ -70,11 +74,34 @@ def put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
         dst.index_copy_(0, rows, src.to(dst.dtype))
 
 
-def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """One chunk of logits ``h @ weight.T + bias`` in the input dtype (a fresh buffer the caller owns)."""
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """One chunk of logits ``h @ weight.T + bias`` in the input dtype (a fresh buffer, or written into ``out``)."""
     if bias is None:
-        return torch.mm(h, weight.t())
-    return torch.addmm(bias, h, weight.t())
+        return torch.mm(h, weight.t(), out=out) if out is not None else torch.mm(h, weight.t())
+    return torch.addmm(bias, h, weight.t(), out=out) if out is not None else torch.addmm(bias, h, weight.t())
+
+
+class ChunkLogits:
+    """GEMM 1 of a chunk loop into one ``[chunk, V]`` buffer reused by every chunk.
+
+    Why: on CPU a fresh chunk of logits (64 MiB at the default size) is above glibc's largest mmap threshold
+    (32 MiB), so every chunk paid for mapping, zero-filling and unmapping its pages: 1.068x the GEMM floor
+    against 1.019x with the buffer, native backend at the DESIGN.md CPU size (2026-11-30). Each chunk's logits
+    are dead once its gradient GEMMs have run, so the next chunk overwrites them. Under torch.compile the loop
+    allocates per chunk as before (no ``out=`` in the graph).
+    """
+
+    def __init__(self, plan_rows: int, chunk: int, like: torch.Tensor, num_classes: int):
+        rows = min(chunk, plan_rows)
+        self.buf = None
+        if rows > 0 and not torch.compiler.is_compiling():
+            self.buf = torch.empty(rows, num_classes, dtype=like.dtype, device=like.device)
+
+    def __call__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        fits = self.buf is not None and h.shape[0] <= self.buf.shape[0]
+        out = self.buf[: h.shape[0]] if fits else None
+        return head_logits(h, weight, bias, out=out)
 
 
 _MIXED_ADDMM_OK: dict[torch.device, bool] = {}

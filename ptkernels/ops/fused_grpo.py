@@ -27,7 +27,7 @@ import torch
 from ..reference import rl as ref_rl
 from ..reference.rl import GRPOOutput
 from .checks import check_float, check_head, check_labels, check_options
-from .chunking import RowPlan, default_chunk_size, head_logits, take, want_sync_free
+from .chunking import ChunkLogits, RowPlan, default_chunk_size, take, want_sync_free
 from .dispatch import resolve_backend
 from .grpo import (
     GRPOParams,
@@ -101,9 +101,10 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             plan = RowPlan(targets1d, IGNORE, chunk, sync_free)
             chunks = [(None, None, rows) for rows in plan.chunks()]
 
+        logits = ChunkLogits(n, chunk, hidden2d, v)  # a chunk of whole sequences may exceed it: then fresh
         for b0, b1, rows in chunks:
             h = take(hidden2d, rows)
-            z = head_logits(h, weight, bias)
+            z = logits(h, weight, bias)
             tg = take(targets1d, rows)
             lp, lse, mean_s = rows_impl.logprob_fwd(z, tg, o, want_entropy)
             m = take(mask1d, rows)

@@ -21,7 +21,8 @@ backward only scales the precomputed gradients by the incoming scalar. Two cases
       (and caches the reference ones), then the main loop runs with delta fixed (4 GEMMs).
     * a single group with more valid tokens than ``chunk_size``: its rows are split into blocks; a forward pass
       keeps only the per-token lse, and the backward blocks recompute their logits (4 GEMMs for that group).
-The default chunk size grows (up to 8x ``default_chunk_size``) so that the largest pair fits whole.
+The default chunk size grows (up to 8x ``default_chunk_size`` on CUDA, 4x on CPU) so that the largest pair fits
+whole.
 Row selection uses one host-device synchronization per call (the per-sequence valid-token counts, so masked
 prompt and padding rows skip every GEMM); ``sync_free=True`` walks all rows instead (no synchronization; masked
 rows are skipped on the device inside the row kernels while their GEMM rows are still computed).
@@ -389,11 +390,13 @@ def _check_sequences(hidden, weight, bias, labels, ignore_index):
 
 
 def _grow_to(chunk_size, weight, hidden) -> int | None:
-    """With the default chunk size, a chunk may grow to 8x the default so that one whole group (a pair's valid
-    tokens) fits, keeping the 3-GEMM path; an explicit ``chunk_size`` is a hard limit."""
+    """With the default chunk size, a chunk may grow so that one whole group (a pair's valid tokens) fits,
+    keeping the 3-GEMM path: to 8x the default chunk on CUDA, 4x on CPU (about 2^26 logits, 256 MiB in fp32:
+    2048 rows at V=32000). An explicit ``chunk_size`` is a hard limit."""
     if chunk_size is not None:
         return None
-    return 8 * default_chunk_size(weight.shape[0], hidden.device)
+    base = default_chunk_size(weight.shape[0], hidden.device)
+    return 8 * base if hidden.device.type == "cuda" else 4 * base
 
 
 def _row_options(ignore_index, temperature, softcap, chunk_size):
@@ -458,8 +461,8 @@ def fused_linear_preference_loss(
         shift: Hugging Face's causal shift of the labels (position t scored against labels[t + 1]).
         temperature, softcap: the logit transform ``s = softcap * tanh(z / softcap) / temperature`` (both models).
         chunk_size: rows of logits per chunk, a hard limit (a pair larger than it is split over blocks and takes
-            the 4-GEMM path). Default: ``ops.chunking.default_chunk_size``, grown up to 8x that so the largest
-            pair fits whole (chunks always hold whole pairs when they can).
+            the 4-GEMM path). Default: ``ops.chunking.default_chunk_size``, grown up to 8x that (4x on CPU) so
+            the largest pair fits whole (chunks always hold whole pairs when they can).
         sync_free: as in ``linear_cross_entropy``. backend: "auto", "reference", "torch", "triton", "native".
 
     Returns ``PreferenceLossOutput``: ``loss`` (differentiable scalar), and detached ``losses`` [B],

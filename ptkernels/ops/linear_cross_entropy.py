@@ -17,11 +17,11 @@ import torch
 from .. import reference
 from .checks import check_head, check_labels, check_options
 from .chunking import (
+    ChunkLogits,
     RowPlan,
     accumulate_weight_grad,
     default_chunk_size,
     finish_head_grads,
-    head_logits,
     put,
     reduction_scale,
     take,
@@ -72,9 +72,10 @@ def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o
     gw = torch.zeros(v, d, dtype=cd, device=weight.device) if grads and need_dw else None
     gb = torch.zeros(v, dtype=cd, device=weight.device) if grads and need_db else None
     all_valid = plan.index is not None
+    logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, v)
     for rows in plan.chunks():
         h = take(hidden2d, rows)
-        z = head_logits(h, weight, bias)
+        z = logits(h, weight, bias)
         loss_c, _, g = rows_impl.ce(z, take(labels1d, rows), o, want_grad=grads, scratch=True,
                                     all_valid=all_valid)
         put(loss, rows, loss_c)

@@ -39,10 +39,10 @@ import torch
 from ..reference import distill as reference
 from .checks import check_float, check_head, check_labels, check_options, check_same
 from .chunking import (
+    ChunkLogits,
     RowPlan,
     default_chunk_size,
     finish_head_grads,
-    head_logits,
     put,
     reduction_scale,
     take,
@@ -204,11 +204,13 @@ def _jsd_chunk_loop(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, 
     gh = torch.zeros_like(hidden2d) if grads and need_dh else None
     gw = torch.zeros(v, d, dtype=cd, device=weight.device) if grads and need_dw else None
     gb = torch.zeros(v, dtype=cd, device=weight.device) if grads and need_db else None
+    student_logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, v)
+    teacher_logits = ChunkLogits(plan.n_process, plan.chunk, ref_hidden2d, v)
     for rows in plan.chunks():
         h = take(hidden2d, rows)
-        zs = head_logits(h, weight, bias)
+        zs = student_logits(h, weight, bias)
         with torch.no_grad():
-            zt = head_logits(take(ref_hidden2d, rows), ref_weight, ref_bias)
+            zt = teacher_logits(take(ref_hidden2d, rows), ref_weight, ref_bias)
         labels_c = None if labels1d is None else take(labels1d, rows)
         scale = row_scale(rows, h.shape[0]) if grads else None
         # A per-row scale (sync-free mean, reduction "none") goes into the row kernel; a float is applied on

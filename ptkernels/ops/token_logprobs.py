@@ -12,10 +12,10 @@ import torch
 from .. import reference
 from .checks import check_float, check_head, check_labels, check_options
 from .chunking import (
+    ChunkLogits,
     RowPlan,
     accumulate_weight_grad,
     default_chunk_size,
-    head_logits,
     put,
     take,
     want_sync_free,
@@ -39,8 +39,9 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         logp = torch.zeros(n, dtype=cd, device=hidden2d.device)
         lse = torch.zeros(n, dtype=cd, device=hidden2d.device)
         mean_s = torch.zeros(n, dtype=cd, device=hidden2d.device) if want_entropy else None
+        logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight.shape[0])
         for rows in plan.chunks():
-            z = head_logits(take(hidden2d, rows), weight, bias)
+            z = logits(take(hidden2d, rows), weight, bias)
             lp, ls, ms = rows_impl.logprob_fwd(z, take(targets1d, rows), o, want_entropy)
             put(logp, rows, lp)
             put(lse, rows, ls)
@@ -68,9 +69,10 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         gh = torch.zeros_like(hidden2d) if need_dh else None
         gw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_dw else None
         gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db else None
+        logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight.shape[0])
         for rows in plan.chunks():
             h = take(hidden2d, rows)
-            z = head_logits(h, weight, bias)
+            z = logits(h, weight, bias)
             rows_impl.logprob_bwd(z, take(targets1d, rows), take(lse, rows),
                                   take(mean_s, rows) if g_ent is not None else None,
                                   take(g_logp, rows), take(g_ent, rows) if g_ent is not None else None, o,
