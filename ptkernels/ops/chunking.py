@@ -78,8 +78,8 @@ def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """One chunk of logits ``h @ weight.T + bias`` in the input dtype (a fresh buffer, or written into ``out``)."""
     if bias is None:
-        return torch.mm(h, weight.t(), out=out) if out is not None else torch.mm(h, weight.t())
-    return torch.addmm(bias, h, weight.t(), out=out) if out is not None else torch.addmm(bias, h, weight.t())
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
 
 
 class ChunkLogits:
