@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..integrations.hf import causal_lm_hidden_states, output_head
@@ -45,10 +47,17 @@ def head_inputs(model, hidden: torch.Tensor):
     return hidden, weight, {"bias": bias, "softcap": head.softcap, "temperature": head.temperature}
 
 
-def hidden_states(model, batch: dict) -> torch.Tensor:
-    """The final hidden states of a (possibly packed) batch; no logits, no KV cache."""
+def hidden_states(model, batch: dict, **model_kwargs) -> torch.Tensor:
+    """The final hidden states of a (possibly packed) batch; no logits, no KV cache unless ``model_kwargs`` ask
+    for one (see ``cache_argument``)."""
     extra = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    return causal_lm_hidden_states(model, batch["input_ids"], use_cache=False, **extra)
+    return causal_lm_hidden_states(model, batch["input_ids"], **{"use_cache": False, **extra, **model_kwargs})
+
+
+def cache_argument(model) -> str:
+    """The name of the KV cache argument of ``model``'s forward (and field of its output): ``cache`` since
+    transformers 5 renamed it, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def load_reference(cfg, info: DistInfo):

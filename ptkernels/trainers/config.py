@@ -142,7 +142,10 @@ class OnPolicyConfig(TrainConfig):
     top_p: float = option(1.0, "nucleus sampling")
     ref_model: str = option("", "reference model for the KL term (default: the initial policy)")
     batch_size: int = option(16, "sequences per forward/backward micro-batch")
-    generation_batch_size: int = option(64, "prompts per generate() call")
+    generation_batch_size: int = option(64, "sequences sampled per batch (a GRPO group counts num_generations)")
+    rollout_engine: str = option("kv_cache", "sampler: 'kv_cache' (the model's forward and a KV cache, each distinct "
+                                 "prompt prefilled once) or 'hf' (Hugging Face generate); same distribution",
+                                 choices=("kv_cache", "hf"))
 
 
 @dataclass
@@ -168,6 +171,9 @@ class GRPOConfig(OnPolicyConfig):
                            "next-token loss is added to GRPO's, against regressions where the rewards are flat")
     ptx_coef: float = option(0.0, "weight of the --ptx-data loss (mean over its tokens); 0 turns it off")
     ptx_batch_size: int = option(16, "--ptx-data rows per optimizer step on each process")
+    share_prompt: bool = option(True, "train with each distinct prompt of a micro-batch run through the model once, "
+                                "its keys and values shared by its completions (the same loss and gradients as "
+                                "whole rows, with fewer tokens)")
 
 
 @dataclass

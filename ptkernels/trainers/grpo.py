@@ -1,7 +1,7 @@
 """``ptk grpo``: GRPO with verifiable rewards (DeepSeekMath; TRL's GRPOTrainer).
 
 Every ``--num-iterations`` optimizer steps, each process samples ``--prompts-per-step`` prompts, generates
-``--num-generations`` completions of each from the current policy (``rollout.HFGenerateEngine``), scores them
+``--num-generations`` completions of each from the current policy (``--rollout-engine``), scores them
 with the verifiers (plain functions of the completion text and the data row; code runs in a sandboxed
 subprocess) and normalizes the rewards per group (``ptkernels.group_advantages``). The old-policy log-probs (when
 ``--num-iterations`` > 1) and the reference log-probs (when ``--beta`` > 0) come from hidden states through
@@ -28,8 +28,9 @@ from .data import Row, load_rows, validate_rows
 from .distributed import DistInfo, init_distributed, shutdown
 from .loop import Dataset, StepOrder, TrainingModule, TrainResult, train
 from .modeling import load_causal_lm
-from .rollout import HFGenerateEngine, RolloutEngine, SamplingConfig, completion_batch, sequence_token_logps
+from .rollout import RolloutEngine, SamplingConfig, completion_batch, make_engine, sequence_token_logps
 from .sft import SFT_FORMATS
+from .shared_prompt import completion_hidden_states
 from .tokenization import collate, encode_prompt, encode_sft
 from .verifiers import get_verifier
 
@@ -86,8 +87,8 @@ class OnPolicySource:
         self.cfg, self.info = cfg, info
         self.order = StepOrder(len(rows), cfg.seed)
         # Any sampler with rollout.RolloutEngine's generate() (e.g. a vLLM engine fed the policy's weights); by
-        # default Hugging Face generate on the policy itself, which always samples from the current weights.
-        self.engine = engine or HFGenerateEngine(policy, tokenizer)
+        # default a built-in one on the policy itself, which always samples from the current weights.
+        self.engine = engine or make_engine(cfg.rollout_engine, policy, tokenizer)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_p=cfg.top_p, do_sample=True, batch_size=cfg.generation_batch_size)
         self.index, self.batches, self._metrics = -1, [], {}
@@ -156,6 +157,7 @@ class GRPORollouts(OnPolicySource):
         advantages = group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
         batch = completion_batch(prompts, out.completion_ids, self.tokenizer.pad_token_id)
         batch["advantages"] = advantages
+        batch["prompt_lengths"] = torch.tensor([len(p) for p in prompts])
         if cfg.num_iterations > 1:  # else the ratio is 1: the current log-probs, detached, stand in
             batch["old_logps"] = self.logps(self.policy, batch)
         if self.ref_model is not None:
@@ -195,15 +197,26 @@ class GRPOLoss(TrainingModule):
             return float(batch["completion_mask"].sum())
         return batch["input_ids"].shape[0]
 
+    def completions(self, batch: dict):
+        """(hidden, targets, mask, old_logps, ref_logps): per completion token, the hidden state that predicts it.
+        With --share-prompt each distinct prompt runs once for its group (``shared_prompt``), else whole rows."""
+        if self.cfg.share_prompt and "prompt_lengths" in batch:
+            view = completion_hidden_states(self.model, batch)
+            return (view.hidden, view.targets, view.mask, view.gather(batch.get("old_logps")),
+                    view.gather(batch.get("ref_logps")))
+        hidden = hidden_states(self.model, batch)[:, :-1]
+        return (hidden, batch["input_ids"][:, 1:], batch["completion_mask"], batch.get("old_logps"),
+                batch.get("ref_logps"))
+
     def forward(self, batch: dict, norm: float):
         c = self.cfg
-        hidden, weight, head = head_inputs(self.model, hidden_states(self.model, batch))
+        hidden, targets, mask, old_logps, ref_logps = self.completions(batch)
+        hidden, weight, head = head_inputs(self.model, hidden)
         if head["softcap"] is not None:
             raise ValueError("ptk grpo: models with a final-logit softcap are not supported by the fused GRPO loss")
-        mask = batch["completion_mask"]
         out = fused_linear_grpo_loss(
-            hidden[:, :-1], weight, batch["input_ids"][:, 1:], mask, batch["advantages"], bias=head["bias"],
-            old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"), beta=c.beta,
+            hidden, weight, targets, mask, batch["advantages"], bias=head["bias"],
+            old_logps=old_logps, ref_logps=ref_logps, beta=c.beta,
             epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
             importance_sampling_level=c.importance_sampling_level, temperature=head["temperature"] * c.temperature,
             max_completion_length=c.max_new_tokens, num_items_in_batch=norm if c.loss_type == "dapo" else None,

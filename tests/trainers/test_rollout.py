@@ -1,5 +1,6 @@
-"""Rollouts: left-padded batched generation, stopping at eos, seeded sampling, and the log-probs the trainers
-compute from hidden states agreeing with what generate sampled from (tiny random Llama, CPU)."""
+"""Rollouts: left-padded batched generation, stopping at eos, seeded sampling (each with both built-in engines),
+and the log-probs the trainers compute from hidden states agreeing with what generate sampled from (tiny random
+Llama, CPU). The KV-cache engine's own tests are in test_kv_cache_engine.py."""
 
 import copy
 
@@ -14,6 +15,7 @@ from ptkernels.trainers.rollout import (
     SamplingConfig,
     completion_batch,
     generate,
+    make_engine,
     sequence_token_logps,
 )
 
@@ -47,21 +49,25 @@ def prompts(model_tok):
 
 
 GREEDY = SamplingConfig(max_new_tokens=10, do_sample=False)
+ENGINES = pytest.mark.parametrize("engine", ["kv_cache", "hf"])
 
 
-def test_left_padding_matches_one_prompt_at_a_time(model_tok, prompts):
+@ENGINES
+def test_left_padding_matches_one_prompt_at_a_time(model_tok, prompts, engine):
     model, tok = model_tok
-    alone = [generate(model, tok, [p], GREEDY).completion_ids[0] for p in prompts]
+    alone = [generate(model, tok, [p], GREEDY, engine=engine).completion_ids[0] for p in prompts]
     assert len({tuple(c) for c in alone}) == len(alone)  # distinct, context-dependent completions
     for batch_size in (len(prompts), 2):  # one padded batch; and several generate() calls
-        out = generate(model, tok, prompts, SamplingConfig(max_new_tokens=10, do_sample=False, batch_size=batch_size))
+        out = generate(model, tok, prompts, SamplingConfig(max_new_tokens=10, do_sample=False, batch_size=batch_size),
+                       engine=engine)
         assert out.completion_ids == alone
         assert out.prompt_ids == prompts
 
 
-def test_stops_at_eos_and_respects_max_new_tokens(model_tok, prompts):
+@ENGINES
+def test_stops_at_eos_and_respects_max_new_tokens(model_tok, prompts, engine):
     model, tok = model_tok
-    free = generate(model, tok, prompts, GREEDY).completion_ids
+    free = generate(model, tok, prompts, GREEDY, engine=engine).completion_ids
     assert all(len(c) == GREEDY.max_new_tokens for c in free)  # the real eos never comes from this model
     # Make a token the model greedily produces mid-completion the eos: prompt 0 must stop right after it,
     # while the prompts that never produce it run to max_new_tokens (and their padding must not leak in).
@@ -70,7 +76,7 @@ def test_stops_at_eos_and_respects_max_new_tokens(model_tok, prompts):
     eos_tok = copy.deepcopy(tok)
     eos_tok.eos_token = tok.convert_ids_to_tokens(eos)
     assert eos_tok.eos_token_id == eos and eos_tok.pad_token_id == tok.pad_token_id
-    out = generate(model, eos_tok, prompts, GREEDY)
+    out = generate(model, eos_tok, prompts, GREEDY, engine=engine)
     for full, got, done in zip(free, out.completion_ids, out.finished):
         if eos in full:
             assert got == full[:full.index(eos) + 1] and done
@@ -80,13 +86,14 @@ def test_stops_at_eos_and_respects_max_new_tokens(model_tok, prompts):
     assert out.texts == eos_tok.batch_decode(out.completion_ids, skip_special_tokens=True)
 
 
-def test_sampled_completions_end_at_their_first_eos(model_tok, prompts):
+@ENGINES
+def test_sampled_completions_end_at_their_first_eos(model_tok, prompts, engine):
     model, tok = model_tok
-    eos = generate(model, tok, prompts, GREEDY).completion_ids[0][3]
+    eos = generate(model, tok, prompts, GREEDY, engine=engine).completion_ids[0][3]
     eos_tok = copy.deepcopy(tok)
     eos_tok.eos_token = tok.convert_ids_to_tokens(eos)
     sampling = SamplingConfig(max_new_tokens=6, temperature=0.7)
-    out = generate(model, eos_tok, prompts * 4, sampling, seed=0)
+    out = generate(model, eos_tok, prompts * 4, sampling, seed=0, engine=engine)
     for ids, done in zip(out.completion_ids, out.finished):
         assert 1 <= len(ids) <= sampling.max_new_tokens
         assert eos not in ids[:-1]  # nothing after the first eos
@@ -94,23 +101,25 @@ def test_sampled_completions_end_at_their_first_eos(model_tok, prompts):
         assert done or len(ids) == sampling.max_new_tokens
 
 
-def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng_alone(model_tok, prompts):
+@ENGINES
+def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng_alone(model_tok, prompts, engine):
     model, tok = model_tok
     sampling = SamplingConfig(max_new_tokens=8)
     state = torch.get_rng_state()
-    a = generate(model, tok, prompts, sampling, seed=1)
-    b = generate(model, tok, prompts, sampling, seed=1)
-    c = generate(model, tok, prompts, sampling, seed=2)
+    a = generate(model, tok, prompts, sampling, seed=1, engine=engine)
+    b = generate(model, tok, prompts, sampling, seed=1, engine=engine)
+    c = generate(model, tok, prompts, sampling, seed=2, engine=engine)
     assert torch.equal(torch.get_rng_state(), state)
     assert a.completion_ids == b.completion_ids and a.texts == b.texts
     assert a.completion_ids != c.completion_ids
 
 
-def test_mode_is_restored(model_tok, prompts):
+@ENGINES
+def test_mode_is_restored(model_tok, prompts, engine):
     model, tok = model_tok
     model.train()
     try:
-        out = generate(model, tok, prompts[:2], GREEDY)
+        out = generate(model, tok, prompts[:2], GREEDY, engine=engine)
         assert model.training
         sequence_token_logps(model, completion_batch(out.prompt_ids, out.completion_ids, tok.pad_token_id))
         assert model.training
@@ -192,5 +201,8 @@ def test_any_engine_with_generate_is_a_rollout_engine(model_tok):
     out = rollout_with(FixedEngine(), [[1, 2], [3]])
     assert out.completion_ids == [[7, 2], [7, 2]] and out.finished == [True, True]
     assert isinstance(HFGenerateEngine(*model_tok), RolloutEngine)
+    assert isinstance(make_engine("kv_cache", *model_tok), RolloutEngine)
+    with pytest.raises(ValueError, match="rollout engine must be one of"):
+        make_engine("vllm", *model_tok)
     with pytest.raises(TypeError, match="not a RolloutEngine"):
         rollout_with(object(), [[1]])
