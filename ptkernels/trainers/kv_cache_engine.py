@@ -112,22 +112,24 @@ class KVCacheEngine:
         # stop and no dropped rows.
         stop_early = eos is not None and not _sharded(self.model)
         sampled = torch.full((len(prompts), sampling.max_new_tokens), -1 if eos is None else eos, device=device)
-        active = torch.arange(len(prompts), device=device)  # the rows still decoding, in the cache's order
+        active = torch.arange(len(prompts), device=device)  # the rows in the cache, in its order
+        ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # which of them have sampled eos
         for step in range(sampling.max_new_tokens):
             token = next_tokens(logits, sampling)
             sampled[active, step] = token
             if step + 1 == sampling.max_new_tokens:
                 break
             if stop_early:
-                going = token != eos
-                if not bool(going.any()):
+                ended |= token == eos
+                if bool(ended.all()):
                     break
                 # Rows past their eos leave the batch once they are a quarter of it: each later step then costs
                 # less than the copy of the cache's remaining rows.
-                if 4 * int(going.sum()) <= 3 * len(active):
-                    keep = going.nonzero().squeeze(1)
+                if 4 * int(ended.sum()) >= len(active):
+                    keep = (~ended).nonzero().squeeze(1)
                     cache.batch_select_indices(keep)
                     active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
+                    ended = ended[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             position = position + 1
             logits, cache = self._forward(cache, input_ids=token[:, None], attention_mask=mask, position_ids=position)

@@ -1,7 +1,7 @@
 """The KV-cache sampler (``kv_cache_engine``): the same greedy tokens as Hugging Face generate, repeated prompts
 prefilled once yet decoded as if alone, logits at every sampled step equal to the full forward's, and the sampling
 rule (temperature, top-p, inverse CDF) drawing from the distribution it names. The behaviour both engines share
-(padding, eos, seeds, mode) is tested with each in test_rollout.py."""
+(padding, eos, seeds, mode) is tested with each in test_rollout.py; the model and prompts come from conftest.py."""
 
 import copy
 
@@ -13,19 +13,6 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from ptkernels.trainers import kv_cache_engine
 from ptkernels.trainers.kv_cache_engine import KVCacheEngine, next_tokens, top_p_filter
 from ptkernels.trainers.rollout import SamplingConfig, completion_batch, generate, sequence_token_logps
-
-from .test_rollout import TEXTS, tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_tok():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def prompts(model_tok):
-    _, tok = model_tok
-    return [tok(t)["input_ids"] for t in TEXTS]
 
 
 def test_greedy_tokens_equal_hf_generate(model_tok, prompts):

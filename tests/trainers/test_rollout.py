@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from ptkernels.trainers.modeling import load_causal_lm
 from ptkernels.trainers.rollout import (
     HFGenerateEngine,
     Rollout,
@@ -19,34 +18,7 @@ from ptkernels.trainers.rollout import (
     sequence_token_logps,
 )
 
-TEXTS = ["Hello there, how are you", "2+2=", "The quick brown fox jumps over", "a", "Once upon a time"]
-
-
-def tiny_model():
-    """The tiny preset with larger random weights. At its own small init the model just repeats the prompt's last
-    token (tied embeddings), which would pass the padding test even with wrong padding; with these weights
-    every token depends on the whole (correctly masked and positioned) prefix."""
-    model, tok = load_causal_lm("tiny", seed=0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model, tok
-
-
-@pytest.fixture(scope="module")
-def model_tok():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def prompts(model_tok):
-    _, tok = model_tok
-    ids = [tok(t)["input_ids"] for t in TEXTS]
-    assert len({len(p) for p in ids}) > 2  # lengths differ, so the batch really is padded
-    return ids
-
+from .conftest import tiny_model
 
 GREEDY = SamplingConfig(max_new_tokens=10, do_sample=False)
 ENGINES = pytest.mark.parametrize("engine", ["kv_cache", "hf"])

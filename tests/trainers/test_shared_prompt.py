@@ -12,7 +12,7 @@ from ptkernels.trainers.grpo import GRPOLoss
 from ptkernels.trainers.rollout import completion_batch, sequence_token_logps
 from ptkernels.trainers.shared_prompt import completion_hidden_states
 
-from .test_rollout import tiny_model
+from .conftest import tiny_model
 
 # Prompts of three lengths in uneven, interleaved groups; completions of different lengths (one of a single token).
 PROMPTS = [[5, 9, 13, 2], [7, 3], [11, 12, 14, 15, 16, 17]]
