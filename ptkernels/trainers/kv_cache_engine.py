@@ -6,13 +6,15 @@
 It samples from the same distribution as ``rollout.HFGenerateEngine`` (softmax(logits / temperature), top-p
 truncated; greedy when ``do_sample`` is False: the same tokens as generate) and returns the same ``Rollout``, but
 skips what a small model on a CPU pays for in ``generate()`` (measured on the quick preset's GRPO rollout, 16
-prompts x 16 samples: 175 ms against 420 ms):
+prompts x 16 samples: 101 ms against 400 ms):
 
 - **One prefill per distinct prompt.** A GRPO group repeats its prompt ``num_generations`` times; the prompt is run
   through the model once and its cache rows are repeated (``DynamicCache.batch_select_indices``). The prefill of
   256 left-padded rows cost as much as the whole decode.
 - **Sampling by inverse CDF**: one uniform per row and a ``searchsorted`` over the cumulative probabilities, where
   ``torch.multinomial`` draws an exponential for every vocabulary entry (a fifth of generate()'s time on CPU).
+- **Finished rows leave the batch.** A batch decodes until its longest sample stops; once a quarter of the rows
+  in the cache have sampled eos they are dropped from it, so the long tail runs on the rows still going.
 - No logits processors, stopping criteria or per-step output bookkeeping.
 """
 

@@ -64,7 +64,7 @@ PRESETS = {
         "dpo": {"max_steps": 150, "batch_size": 16, "lr": 3e-5, "beta": 0.1, "nll_weight": 1.0},
         # 16 samples of 8 prompts (not 8 of 16): more of the rare right answers of a weak family are found per
         # step, in 3-10% less time. GRPO's gain is step-limited here (from seed 0's SFT model: +6.5 points at 600
-        # steps, +9.5 at 1,200, +9.75 at 1,400, +11.5 at 1,500); 0.26 s steps (the KV-cache sampler and
+        # steps, +9.5 at 1,200, +9.75 at 1,400, +10 to +11.5 at 1,500); 0.27 s steps (the KV-cache sampler and
         # --share-prompt; 0.72 s with generate() and whole rows) buy 1,500 in about the time 600 took.
         # PPO-ptx: the SFT loss on 16 demonstrations a step keeps what the rewards do not train (groups all right
         # or all wrong carry no gradient) from drifting: +11.5 points instead of +7 from seed 1's SFT model, about

@@ -6,7 +6,7 @@
     ref_logps = sequence_token_logps(ref_model, batch)
 
 Sampling (left-padded prompts, KV cache) is ``kv_cache_engine.KVCacheEngine`` by default: the model's own forward
-with each distinct prompt prefilled once, 2.6x faster than Hugging Face ``generate`` on the quick preset's GRPO
+with each distinct prompt prefilled once, 4x faster than Hugging Face ``generate`` on the quick preset's GRPO
 rollouts; ``engine="hf"`` (``--rollout-engine hf``) samples with ``generate`` itself (``HFGenerateEngine``), from
 the same distribution. The log-probs are NOT the sampler's scores: they come from the same hidden-states +
 fused-head path (``common.token_logps``) the losses use on the right-padded training batch, so the "old policy"

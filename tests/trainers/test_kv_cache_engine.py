@@ -66,6 +66,27 @@ def test_rows_that_reached_eos_leave_the_batch_and_the_rest_decode_on(monkeypatc
     assert ours.finished[:6] == [True] * 6 and not all(ours.finished[6:])
 
 
+def test_decoding_stops_once_every_row_has_sampled_eos(monkeypatch, model_tok, prompts):
+    """A row that ended stays ended though it samples on (below a quarter of the batch it is not dropped): the
+    loop stops at the step where the last row reaches its eos, not at max_new_tokens."""
+    model, tok = model_tok
+    greedy = SamplingConfig(max_new_tokens=16, do_sample=False, batch_size=64)
+    free = generate(model, tok, prompts[1:3], greedy, engine="hf").completion_ids
+    eos = free[0][0]  # prompt 1's first token, which prompt 2 produces later and prompt 1 not again at once
+    first_in_2 = free[1].index(eos)
+    assert 1 < first_in_2 < 15 and free[0][1] != eos
+    eos_tok = copy.deepcopy(tok)
+    eos_tok.eos_token = tok.convert_ids_to_tokens(eos)
+    calls = []
+    real_forward = KVCacheEngine._forward
+    monkeypatch.setattr(KVCacheEngine, "_forward", lambda self, cache, **kw: calls.append(1) or real_forward(
+        self, cache, **kw))
+    rows = [prompts[1]] + [prompts[2]] * 4  # prompt 1's row ends first: 1 of 5, not dropped
+    out = generate(model, eos_tok, rows, greedy, engine="kv_cache")
+    assert out.finished == [True] * 5 and out.completion_ids == [[eos]] + [free[1][:first_in_2 + 1]] * 4
+    assert len(calls) == 1 + first_in_2  # the prefill, then one forward per step until the last row's eos
+
+
 def test_sampled_steps_see_the_logits_of_the_full_forward(monkeypatch, model_tok, prompts):
     """Every step's logits (cached decoding of repeated, left-padded prompts) are the full forward's: the log-probs
     the trainers recompute from hidden states equal the distribution each token was drawn from."""
