@@ -31,8 +31,8 @@ from .rollout import (
     _check_request,
     _cut_at_eos,
     _device,
+    _distinct_left_padded,
     _eval_mode,
-    _left_pad,
     _seeded,
     _sharded,
     _unwrap,
@@ -98,15 +98,10 @@ class KVCacheEngine:
 
     def _sample(self, prompts: list[list[int]], sampling: SamplingConfig, device) -> torch.Tensor:
         """``[rows, steps]`` sampled tokens (after a row's eos: whatever was sampled, cut by the caller)."""
-        distinct: dict[tuple, int] = {}
-        row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-        ids, mask = _left_pad([list(p) for p in distinct], self.tokenizer.pad_token_id, device)
-        # Positions count real tokens only, as generate derives them for left-padded rows.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows, ids, mask, positions = _distinct_left_padded(prompts, self.tokenizer.pad_token_id, device)
         logits, cache = self._forward(None, input_ids=ids, attention_mask=mask, position_ids=positions,
                                       **self._keep_last)
-        rows = torch.tensor(row_of, device=device)
-        if len(distinct) < len(prompts):
+        if ids.shape[0] < len(prompts):
             cache.batch_select_indices(rows)
         logits, mask, position = logits[rows], mask[rows], positions[rows, -1:]
         eos = self.tokenizer.eos_token_id

@@ -138,6 +138,16 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
     return ids.to(device), mask.to(device)
 
 
+def _distinct_left_padded(prompts: list, pad_id: int, device: torch.device):
+    """Each distinct prompt once, left-padded: (row -> distinct index ``[rows]``, input_ids, attention_mask,
+    position_ids counting real tokens only, as generate derives them for left-padded rows)."""
+    distinct: dict[tuple, int] = {}
+    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    ids, mask = _left_pad([list(p) for p in distinct], pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return torch.tensor(row_of, device=device), ids, mask, positions
+
+
 def _cut_at_eos(tokens: list[int], eos_id: int | None) -> tuple[list[int], bool]:
     """The tokens up to and including the first eos, and whether there was one. What generate appends after eos
     (padding for rows that finished before the others) is dropped; nothing else is (a pad id produced before eos

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import cache_argument, hidden_states
-from .rollout import _left_pad
+from .rollout import _distinct_left_padded
 
 
 @dataclass
@@ -49,10 +49,8 @@ def completion_hidden_states(model, batch: dict) -> CompletionView:
     prompt_lengths = batch["prompt_lengths"].tolist()
     lengths = attention.sum(1).tolist()
     rows = range(input_ids.shape[0])
-    distinct: dict[tuple, int] = {}
-    row_of = [distinct.setdefault(tuple(input_ids[r, :prompt_lengths[r]].tolist()), len(distinct)) for r in rows]
-    prompt_ids, prompt_mask = _left_pad([list(p) for p in distinct], 0, device)
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    index, prompt_ids, prompt_mask, positions = _distinct_left_padded(
+        [input_ids[r, :prompt_lengths[r]].tolist() for r in rows], 0, device)
     completions = [input_ids[r, prompt_lengths[r]:lengths[r]] for r in rows]
     width = max(max(len(c) for c in completions), 1)
 
@@ -62,11 +60,11 @@ def completion_hidden_states(model, batch: dict) -> CompletionView:
         targets[r, :len(c)] = c
         mask[r, :len(c)] = 1
 
-    cache_kwargs = {cache_argument(model): _new_cache(), "use_cache": True}
+    cache = _new_cache()
+    cache_kwargs = {cache_argument(model): cache, "use_cache": True}
     prompt_hidden = hidden_states(model, {"input_ids": prompt_ids, "attention_mask": prompt_mask,
                                           "position_ids": positions}, **cache_kwargs)
-    index = torch.tensor(row_of, device=device)
-    cache_kwargs[cache_argument(model)].batch_select_indices(index)
+    cache.batch_select_indices(index)
     start = torch.tensor(prompt_lengths, device=device)[:, None]
     completion_hidden = hidden_states(model, {
         "input_ids": targets, "attention_mask": torch.cat([prompt_mask[index], mask], dim=1),
