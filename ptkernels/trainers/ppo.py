@@ -4,7 +4,9 @@ Models: the policy (``--model``, trained), a frozen reference (``--ref-model``, 
 reward model from ``ptk reward`` (``--reward-model``, frozen) and a critic initialized from it (trained; saved in
 ``output_dir/value_model``). Each rollout, per process:
     1. sample one completion for each of ``--prompts-per-step`` prompts from the policy;
-    2. score = the reward model at the last token, minus ``--missing-eos-penalty`` when the completion has no eos;
+    2. score = the reward model at the last token of prompt + completion rendered as ``ptk reward`` trained it (a
+       conversational completion that ended with eos gets the chat template's end-of-turn suffix), minus
+       ``--missing-eos-penalty`` when the completion has no eos;
     3. per-token reward = -kl_coef * KL_t (k1 = logp - ref, or k3) plus the score at the last completion token;
     4. GAE (``ptkernels.gae``) on the critic's values, advantages whitened (``ptkernels.masked_whiten``);
     5. ``--ppo-epochs`` passes over the rollout, ``--num-minibatches`` optimizer steps each, of the clipped policy
@@ -27,6 +29,7 @@ from .grpo import OnPolicySource, load_prompts, split_rows
 from .loop import TrainingModule, TrainResult, train
 from .modeling import load_causal_lm, load_sequence_classifier
 from .rollout import completion_batch
+from .tokenization import end_of_turn_suffix
 
 
 def token_values(critic, batch: dict) -> torch.Tensor:
@@ -42,6 +45,14 @@ def sequence_scores(reward_model, batch: dict) -> torch.Tensor:
                         use_cache=False).logits.squeeze(-1).float()
 
 
+def scored_completions(rows, completion_ids: list[list[int]], finished: list[bool],
+                       suffix: list[int]) -> list[list[int]]:
+    """The completions as the reward model scores them: with the chat template's end-of-turn ``suffix`` after the
+    eos of a conversational row (how ``ptk reward`` encoded its pairs; a plain-text answer ends at eos there too)."""
+    return [list(c) + suffix if done and isinstance(row.data["prompt"], list) else list(c)
+            for row, c, done in zip(rows, completion_ids, finished)]
+
+
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Per row, the index of the last 1 in ``mask`` (-1 for a row without any)."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
@@ -53,6 +64,7 @@ class PPORollouts(OnPolicySource):
         super().__init__(*args, engine=engine)
         self.critic, self.reward_model, self.ref_model = critic, reward_model, ref_model
         self.steps_per_rollout = self.cfg.ppo_epochs * self.cfg.num_minibatches
+        self.turn_suffix = end_of_turn_suffix(self.tokenizer)
 
     @torch.no_grad()
     def make_rollout(self, index: int):
@@ -66,7 +78,10 @@ class PPORollouts(OnPolicySource):
         self.critic.eval()
         old_values = torch.cat([token_values(self.critic, b) for b in split_rows(on_device, cfg.batch_size)]).cpu()
         self.critic.train(was_training)
-        scores = torch.cat([sequence_scores(self.reward_model, b) for b in split_rows(on_device, cfg.batch_size)])
+        scored = completion_batch(prompts, scored_completions(rows, out.completion_ids, out.finished,
+                                                              self.turn_suffix), self.tokenizer.pad_token_id)
+        scored = {k: v.to(device) for k, v in scored.items()}
+        scores = torch.cat([sequence_scores(self.reward_model, b) for b in split_rows(scored, cfg.batch_size)])
         scores = scores.cpu() - cfg.missing_eos_penalty * (~torch.tensor(out.finished)).float()
 
         kl = kl_penalty(old_logps, ref_logps, estimator=cfg.kl_estimator) * mask

@@ -230,6 +230,25 @@ def encode_prompt(row: Row, tokenizer, *, max_prompt_length: int) -> list[int]:
     return ids[-max_prompt_length:]
 
 
+def end_of_turn_suffix(tokenizer) -> list[int]:
+    """The tokens the chat template renders after the eos that ends an assistant turn (ChatML: the newline after
+    ``<|im_end|>``); ``[]`` without a template or when nothing follows eos.
+
+    A sampled completion stops at eos, but ``ptk reward`` trained the reward model on whole rendered turns and
+    scores the last token: a rollout scored without this suffix is scored at a position the reward model never
+    learned to score (on the pipeline's reward model, the margin between a chosen and a rejected answer fell from
+    ~7 to ~0.1 there)."""
+    eos = tokenizer.eos_token_id
+    if eos is None or _template_text(tokenizer) is None:
+        return []
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    if eos not in ids:
+        return []
+    last = len(ids) - 1 - ids[::-1].index(eos)
+    return ids[last + 1:]
+
+
 # ---------------------------------------------------------------------------------------------- batching
 
 

@@ -138,6 +138,28 @@ def test_ppo_end_to_end(sft_model, reward_model, rl_data, tmp_path):
     assert not torch.equal(critic.score.weight, start.score.weight)  # the critic was trained
 
 
+def test_ppo_scores_rollouts_as_ptk_reward_encoded_its_pairs():
+    """A conversational completion that ended with eos gets the template's end-of-turn tokens before the reward
+    model scores it (the reward model learned to score there); a plain one and one cut at max_new_tokens do not."""
+    from ptkernels.trainers.data import Row
+    from ptkernels.trainers.ppo import scored_completions
+    from ptkernels.trainers.tokenization import encode_prompt, encode_sft, end_of_turn_suffix
+    from ptkernels.trainers.tokenizer import load_tiny_tokenizer
+
+    tok = load_tiny_tokenizer()
+    chat = Row({"prompt": [{"role": "user", "content": "What is 2+2?"}]}, "x")
+    plain = Row({"prompt": "2+2="}, "y")
+    ids = tok("Answer: 4", add_special_tokens=False)["input_ids"]
+    done = ids + [tok.eos_token_id]
+    scored = scored_completions([chat, plain, chat], [done, done, ids], [True, True, False], end_of_turn_suffix(tok))
+    for row, completion, got in zip([chat, plain], [[{"role": "assistant", "content": "Answer: 4"}], "Answer: 4"],
+                                    scored):
+        reward_row = Row({"prompt": row.data["prompt"], "completion": completion}, "z")
+        expected = encode_sft(reward_row, tok, max_length=128, fmt="prompt_completion").input_ids
+        assert encode_prompt(row, tok, max_prompt_length=128) + got == expected
+    assert scored[2] == ids
+
+
 def test_ppo_needs_a_reward_model(rl_data, tmp_path):
     with pytest.raises(ValueError, match="--reward-model is required"):
         ptk(["ppo", "--data", rl_data, "--output-dir", str(tmp_path / "x")])

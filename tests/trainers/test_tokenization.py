@@ -15,6 +15,7 @@ from ptkernels.trainers.tokenization import (
     encode_prompt,
     encode_sft,
     encode_unpaired,
+    end_of_turn_suffix,
     pack,
     token_count,
 )
@@ -218,6 +219,21 @@ def test_encode_prompt(tok):
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
     assert encode_prompt(Row({"prompt": [SYSTEM, USER]}, "x"), tok, max_prompt_length=5) == ids[-5:]
     assert encode_prompt(Row({"prompt": "2+2="}, "x"), tok, max_prompt_length=64) == tok("2+2=")["input_ids"]
+
+
+def test_end_of_turn_suffix_completes_a_sampled_turn(tok):
+    """A sampled answer stops at eos; with the suffix after it, prompt + answer are exactly the tokens ptk reward
+    trains (and scores) on, so PPO's reward model scores rollouts where it learned to."""
+    suffix = end_of_turn_suffix(tok)
+    assert tok.decode(suffix) == "\n"  # the shipped ChatML template ends a turn with <|im_end|> and a newline
+    sampled = tok("It is four.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    prompt = encode_prompt(Row({"prompt": [USER]}, "x"), tok, max_prompt_length=256)
+    trained_on = encode_sft(Row({"prompt": [USER], "completion": [ANSWER]}, "x"), tok, max_length=256)
+    assert prompt + sampled + suffix == trained_on.input_ids
+    assert end_of_turn_suffix(clone(tok, chat_template=None)) == []
+    ends_at_eos = CHAT_TEMPLATE.replace("{{ '\n' }}{% endfor %}", "{% endfor %}")
+    assert ends_at_eos != CHAT_TEMPLATE
+    assert end_of_turn_suffix(clone(tok, chat_template=ends_at_eos)) == []
 
 
 # ---------------------------------------------------------------------------------------------- batching
