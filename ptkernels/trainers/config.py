@@ -174,6 +174,10 @@ class GRPOConfig(OnPolicyConfig):
     share_prompt: bool = option(True, "train with each distinct prompt of a micro-batch run through the model once, "
                                 "its keys and values shared by its completions (the same loss and gradients as "
                                 "whole rows, with fewer tokens)")
+    skip_zero_advantage: bool = option(True, "with --beta 0, leave out of the training forward the rows whose "
+                                       "advantage is exactly 0 (their loss and gradient are 0; the step's item "
+                                       "count keeps them, so the loss is unchanged); entropy and clip metrics are "
+                                       "then over the trained rows")
 
 
 @dataclass

@@ -6,7 +6,8 @@ with the verifiers (plain functions of the completion text and the data row; cod
 subprocess) and normalizes the rewards per group (``ptkernels.group_advantages``). The old-policy log-probs (when
 ``--num-iterations`` > 1) and the reference log-probs (when ``--beta`` > 0) come from hidden states through
 ptkernels, never from generate's scores. The loss is ``ptkernels.fused_linear_grpo_loss`` on the policy's
-hidden states: no ``[tokens, vocab]`` logits.
+hidden states: no ``[tokens, vocab]`` logits. With ``--beta`` 0, rows whose advantage is exactly 0 (a group of
+equal rewards) are not run at all (``--skip-zero-advantage``): their loss and gradient are 0.
 
 Data rows: ``prompt`` plus the ground truth the verifiers read (``answer``, ``tests``, ``format_pattern``, ...)
 and, with ``--verifier row``, the verifier's name in ``verifier``.
@@ -68,6 +69,13 @@ def split_rows(batch: dict, size: int) -> list[dict]:
     """A batch of rows cut into micro-batches of ``size`` rows."""
     n = batch["input_ids"].shape[0]
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def split_parts(batch: dict, parts: int) -> list[dict]:
+    """A batch of rows cut into ``parts`` micro-batches of nearly equal size (consecutive rows, none empty)."""
+    n = batch["input_ids"].shape[0]
+    bounds = [n * k // parts for k in range(parts + 1)]
+    return [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]
 
 
 def group_mean(values: list[float]) -> float:
@@ -155,9 +163,17 @@ class GRPORollouts(OnPolicySource):
             rows, prompts, out, scored = self.informative_groups(rows, prompts, out, scored)
         rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
         advantages = group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
-        batch = completion_batch(prompts, out.completion_ids, self.tokenizer.pad_token_id)
-        batch["advantages"] = advantages
-        batch["prompt_lengths"] = torch.tensor([len(p) for p in prompts])
+        parts = -(-len(prompts) // cfg.batch_size)  # micro-batches per step: the same on every process
+        lengths = [len(c) for c in out.completion_ids]
+        keep = self.rows_with_gradient(advantages, parts)
+        batch = completion_batch([prompts[i] for i in keep], [out.completion_ids[i] for i in keep],
+                                 self.tokenizer.pad_token_id)
+        batch["advantages"] = advantages[keep]
+        batch["prompt_lengths"] = torch.tensor([len(prompts[i]) for i in keep])
+        if len(keep) < len(prompts):  # the step's item count still counts the rows left out
+            items = (lambda idx: sum(lengths[i] for i in idx)) if cfg.loss_type in TOKEN_LEVEL else len
+            batch["item_scale"] = torch.full((len(keep),), items(range(len(prompts))) / max(items(keep), 1),
+                                             dtype=torch.float64)
         if cfg.num_iterations > 1:  # else the ratio is 1: the current log-probs, detached, stand in
             batch["old_logps"] = self.logps(self.policy, batch)
         if self.ref_model is not None:
@@ -171,7 +187,18 @@ class GRPORollouts(OnPolicySource):
             metrics["informative_groups"] = self.informative
         for name in sorted({n for _, parts in scored for n in parts}):
             metrics[f"reward_{name}"] = group_mean([parts[name] for _, parts in scored if name in parts])
-        return split_rows(batch, cfg.batch_size), metrics
+        metrics["trained_rows"] = len(keep) / len(prompts)
+        return split_parts(batch, parts), metrics
+
+    def rows_with_gradient(self, advantages: torch.Tensor, parts: int) -> list[int]:
+        """The rows to train: with ``--beta`` 0 a row whose advantage is exactly 0 has a zero loss and gradient
+        (the clipped ratio times 0), so with ``--skip-zero-advantage`` it is left out; at least ``parts`` rows stay
+        so that every process runs its micro-batches."""
+        rows = list(range(len(advantages)))
+        if not self.cfg.skip_zero_advantage or self.cfg.beta != 0:
+            return rows
+        nonzero = [i for i in rows if advantages[i] != 0]
+        return sorted(nonzero + [i for i in rows if advantages[i] == 0][:max(parts - len(nonzero), 0)])
 
     def informative_groups(self, rows, prompts, out, scored):
         """``prompts_per_step`` groups out of twice as many: those whose rewards differ first (in sampling order),
@@ -193,6 +220,10 @@ class GRPOLoss(TrainingModule):
         self.cfg = cfg
 
     def count(self, batch: dict) -> float:
+        """The micro-batch's items (completion tokens, or rows), scaled up by the rows its rollout left out."""
+        return self.items(batch) * (float(batch["item_scale"][0]) if "item_scale" in batch else 1.0)
+
+    def items(self, batch: dict) -> float:
         if self.cfg.loss_type in TOKEN_LEVEL:
             return float(batch["completion_mask"].sum())
         return batch["input_ids"].shape[0]
@@ -221,10 +252,11 @@ class GRPOLoss(TrainingModule):
             importance_sampling_level=c.importance_sampling_level, temperature=head["temperature"] * c.temperature,
             max_completion_length=c.max_new_tokens, num_items_in_batch=norm if c.loss_type == "dapo" else None,
             return_entropy=True, backend=c.backend)
-        items = self.count(batch)
+        items = self.items(batch)
         # dapo is already divided by norm; the others are means over this micro-batch: back to sums over norm.
         loss = out.loss if c.loss_type == "dapo" else out.loss * (items / norm)
-        metrics = {"kl": out.kl * items, "clip_ratio": out.clip_ratio * items, "entropy": out.entropy * items}
+        weight = self.count(batch)  # metrics: means over the trained items, as the loop divides by all of them
+        metrics = {"kl": out.kl * weight, "clip_ratio": out.clip_ratio * weight, "entropy": out.entropy * weight}
         if PTX + "input_ids" in batch:
             ptx_nll = self.ptx_loss({k[len(PTX):]: v for k, v in batch.items() if k.startswith(PTX)})
             loss = loss + c.ptx_coef * ptx_nll
