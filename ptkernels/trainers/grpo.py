@@ -194,11 +194,12 @@ class GRPORollouts(OnPolicySource):
         """The rows to train: with ``--beta`` 0 a row whose advantage is exactly 0 has a zero loss and gradient
         (the clipped ratio times 0), so with ``--skip-zero-advantage`` it is left out; at least ``parts`` rows stay
         so that every process runs its micro-batches."""
-        rows = list(range(len(advantages)))
         if not self.cfg.skip_zero_advantage or self.cfg.beta != 0:
-            return rows
-        nonzero = [i for i in rows if advantages[i] != 0]
-        return sorted(nonzero + [i for i in rows if advantages[i] == 0][:max(parts - len(nonzero), 0)])
+            return list(range(len(advantages)))
+        has_gradient = (advantages != 0).tolist()
+        nonzero = [i for i, g in enumerate(has_gradient) if g]
+        zero = [i for i, g in enumerate(has_gradient) if not g]
+        return sorted(nonzero + zero[:max(parts - len(nonzero), 0)])
 
     def informative_groups(self, rows, prompts, out, scored):
         """``prompts_per_step`` groups out of twice as many: those whose rewards differ first (in sampling order),
