@@ -256,7 +256,9 @@ class GRPOLoss(TrainingModule):
         items = self.items(batch)
         # dapo is already divided by norm; the others are means over this micro-batch: back to sums over norm.
         loss = out.loss if c.loss_type == "dapo" else out.loss * (items / norm)
-        weight = self.count(batch)  # metrics: means over the trained items, as the loop divides by all of them
+        # metrics: means over the trained items, as the loop divides by all of them (the scale stays a tensor: no
+        # host sync on the device batch)
+        weight = items * batch["item_scale"][0] if "item_scale" in batch else items
         metrics = {"kl": out.kl * weight, "clip_ratio": out.clip_ratio * weight, "entropy": out.entropy * weight}
         if PTX + "input_ids" in batch:
             ptx_nll = self.ptx_loss({k[len(PTX):]: v for k, v in batch.items() if k.startswith(PTX)})
