@@ -8,6 +8,8 @@ Implementations (``impl``):
     liger          Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA only, when installed)
     ptk-<backend>  ptkernels on each usable backend except "reference" (the eager oracle) and the Triton
                    interpreter
+    ptk-native+blas  the native backend with every GEMM on torch.mm (PTK_CPU_GEMM=blas), where ptkernels
+                   would otherwise take oneDNN (fp32 on CPU): what the fusion gains apart from the library
 
 Each case reports in ``extra_info``: peak memory growth of one fwd+bwd (CUDA: max_memory_allocated minus
 baseline; CPU: peak RSS growth of a fresh subprocess, see _measure.py), useful TFLOP/s (6*N_valid*D*V over
@@ -24,17 +26,18 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from _measure import cuda_peak_growth, peak_rss_growth, sync, useful_flops
+from _measure import cuda_peak_growth, gemm_libraries, peak_rss_growth, sync, three_gemms, useful_flops
 from conftest import INTERLEAVED_RESULTS, SESSION_RESULTS, WARMUP_SIZE, bench_rounds, mem_repeats
 
 import ptkernels
+from ptkernels.ops import gemm
 from ptkernels.ops.chunking import default_chunk_size
 from ptkernels.ops.dispatch import resolve_backend, triton_interpreting, unusable_reason
 
 IGNORE = -100
 OPS = ("linear_cross_entropy", "linear_token_logprobs")
 PTK_BACKENDS = ("torch", "triton", "native")
-IMPLS = ("eager", "torch_chunked", "liger") + tuple(f"ptk-{b}" for b in PTK_BACKENDS)
+IMPLS = ("eager", "torch_chunked", "liger") + tuple(f"ptk-{b}" for b in PTK_BACKENDS) + ("ptk-native+blas",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,7 +83,7 @@ def _objective(op: str, impl: str, p: Problem, chunk_size: int | None = None):
     h, w, y = p.hidden, p.weight, p.labels
     inv_valid = 1.0 / max(p.n_valid, 1)
     if impl.startswith("ptk-"):
-        backend = impl[4:]
+        backend = impl[4:].partition("+")[0]
         if op == "linear_cross_entropy":
             return lambda: ptkernels.linear_cross_entropy(h, w, y, ignore_index=IGNORE, chunk_size=chunk_size,
                                                           backend=backend)
@@ -114,6 +117,18 @@ def _objective(op: str, impl: str, p: Problem, chunk_size: int | None = None):
     raise ValueError(f"unknown impl {impl!r}")
 
 
+def _on_blas(step):
+    """``step`` with ptkernels' GEMMs on torch.mm (what PTK_CPU_GEMM=blas sets at import)."""
+    def blas_step():
+        saved, gemm._CPU_GEMM = gemm._CPU_GEMM, "blas"
+        try:
+            return step()
+        finally:
+            gemm._CPU_GEMM = saved
+
+    return blas_step
+
+
 def make_step(op: str, impl: str, p: Problem, chunk_size: int | None = None):
     """One fwd+bwd (gradients of hidden and weight), synchronized; returns the detached objective."""
     objective = _objective(op, impl, p, chunk_size)
@@ -124,7 +139,7 @@ def make_step(op: str, impl: str, p: Problem, chunk_size: int | None = None):
         sync(p.device)
         return out.detach()
 
-    return step
+    return _on_blas(step) if impl.endswith("+blas") else step
 
 
 def memory_case(op: str, impl: str, n: int, d: int, v: int, masked: float, dtype: str, device: str = "cpu",
@@ -147,7 +162,9 @@ def skip_reason(op: str, impl: str, device: torch.device) -> str | None:
             return "Liger-Kernel's fused linear cross-entropy runs on CUDA only"
         return None
     if impl.startswith("ptk-"):
-        backend = impl[4:]
+        backend, _, library = impl[4:].partition("+")
+        if library == "blas" and not (device.type == "cpu" and gemm.cpu_gemm_library() == "onednn"):
+            return "ptkernels' GEMMs are torch.mm here already"
         reason = unusable_reason(backend, device)
         if reason is not None:
             return f"ptkernels backend {backend!r} not usable: {reason}"
@@ -217,7 +234,8 @@ def _report(benchmark, op, impl, p: Problem, size, device, matmul_rate, chunk_si
         "op": op, "impl": impl, "size": size.name, "dtype": str(size.dtype).replace("torch.", ""),
         "n": size.n, "n_valid": p.n_valid, "d": size.d, "v": size.v,
         "chunk_size": chunk_size if chunk_size else (
-            default_chunk_size(size.v, device) if impl.startswith("ptk-") else None),
+            default_chunk_size(size.v, device, None if impl.endswith("+blas") else size.dtype)
+            if impl.startswith("ptk-") else None),
         "median_s": median,
         "useful_flops": flops,
         "useful_tflops": flops / median / 1e12 if median else None,
@@ -270,11 +288,15 @@ def test_fwd_bwd(benchmark, op, impl, problem, size, device, matmul_rate):
     problem.reset_grads()
 
 
-def test_gemm_floor(benchmark, problem, size, device, matmul_rate):
-    """The three GEMMs of useful work alone (h @ W.T, dz @ W, dz.T @ h), timed like the cases above."""
-    three_gemms = _gemm_floor_step(problem, size, device)
+@pytest.mark.parametrize("library", ["torch.mm", "ptkernels"])
+def test_gemm_floor(benchmark, library, problem, size, device, matmul_rate):
+    """The three GEMMs of useful work alone (h @ W.T, dz @ W, dz.T @ h), timed like the cases above, on
+    ``torch.mm`` and on ptkernels' GEMMs (oneDNN for fp32 on CPU; the same torch.mm elsewhere)."""
+    if library not in gemm_libraries(device, size.dtype):
+        pytest.skip(f"{library} is torch.mm on {device.type} in {size.dtype}")
+    step = _gemm_floor_step(problem, size, device, library)
     benchmark.group = f"gemm floor {size.name}"
-    benchmark.pedantic(three_gemms, rounds=bench_rounds(), iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=bench_rounds(), iterations=1, warmup_rounds=1)
     median = _median_seconds(benchmark)
     flops = useful_flops(problem.n_valid, size.d, size.v)
     benchmark.extra_info.update({
@@ -284,7 +306,7 @@ def test_gemm_floor(benchmark, problem, size, device, matmul_rate):
         "time_over_floor": median / matmul_rate.floor_seconds(flops) if median else None,
         **matmul_rate.as_info(),
     })
-    SESSION_RESULTS[("gemm_floor", "3 x torch.mm")] = {
+    SESSION_RESULTS[("gemm_floor", f"3 x {library}")] = {
         "median_s": median, "peak_mem_bytes": None, "useful_tflops": benchmark.extra_info["useful_tflops"],
         "time_over_floor": benchmark.extra_info["time_over_floor"]}
 
@@ -310,18 +332,19 @@ def test_chunk_size_sweep(benchmark, op, chunk_size, problem, size, device, matm
 
 
 
-def _gemm_floor_step(problem: Problem, size, device):
+def _gemm_floor_step(problem: Problem, size, device, library: str = "torch.mm"):
+    """The three unchunked GEMMs on ``library`` (see _measure.three_gemms) as one step."""
     h = problem.hidden.detach()[: problem.n_valid].contiguous()
     w = problem.weight.detach()
     dz = torch.empty(problem.n_valid, size.v, dtype=size.dtype, device=device).normal_(std=1e-4)
+    gemms = list(three_gemms(h, w, dz, library).values())
 
-    def three_gemms():
-        torch.mm(h, w.t())
-        torch.mm(dz, w)
-        torch.mm(dz.t(), h)
+    def step():
+        for f in gemms:
+            f()
         sync(device)
 
-    return three_gemms
+    return step
 
 
 @pytest.mark.interleaved
@@ -337,7 +360,11 @@ def test_interleaved(benchmark, op, problem, size, device, request):
         auto = "ptk-" + resolve_backend("auto", device)
         for c in SWEEP_CHUNKS:
             entries[f"{auto} chunk={c}"] = make_step(op, auto, problem, c)
-    entries["gemm_floor"] = _gemm_floor_step(problem, size, device)
+    # The floor on each GEMM library: ratios are to the fastest one ("gemm_floor"), the others are shown.
+    libraries = gemm_libraries(device, size.dtype)
+    floors = {lib: _gemm_floor_step(problem, size, device, lib) for lib in libraries}
+    for lib, step in floors.items():
+        entries[f"gemm_floor {lib}"] = step
     names = list(entries)
     times: dict[str, list[float]] = {k: [] for k in names}
     state = {"round": 0}
@@ -357,13 +384,16 @@ def test_interleaved(benchmark, op, problem, size, device, request):
     benchmark.group = f"{op} round-robin {size.name}"
     benchmark.pedantic(rotation, rounds=bench_rounds(), iterations=1, warmup_rounds=0)
 
+    fastest = min((f"gemm_floor {lib}" for lib in libraries), key=lambda k: statistics.median(times[k]))
+    times["gemm_floor"] = times[fastest]
+
     def ratio(name, base):
         if base not in times:
             return None
         return statistics.median(a / b for a, b in zip(times[name], times[base], strict=True))
 
     rows = {}
-    for name in names:
+    for name in names + ["gemm_floor"]:
         rows[name] = {"median_s": statistics.median(times[name]), "min_s": min(times[name]),
                       "x_eager": ratio(name, "eager"), "x_torch_chunked": ratio(name, "torch_chunked"),
                       "x_floor": ratio(name, "gemm_floor"), "rounds": len(times[name]),

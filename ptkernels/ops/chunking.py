@@ -11,21 +11,32 @@ from __future__ import annotations
 
 import torch
 
+from . import gemm
 
-def default_chunk_size(num_classes: int, device: torch.device) -> int:
-    """Rows per chunk so that one chunk of logits stays small but the GEMMs stay efficient.
 
-    CUDA: about 2^26 logits (256 MiB in fp32) per chunk, at least 256 rows: large GEMMs keep the tensor cores
-    busy. CPU: about 2^24 logits (64 MiB in fp32; 512 rows at V=32000). The row kernels work one row at a time
-    (a row sits in L2), so the chunk need not fit a cache; what the rows per chunk buy is GEMM 2,
-    ``dz @ W`` (M = rows, K = V), which packs all of W again for every chunk: at 256 rows that cost ~5% of the
-    fused cross-entropy's time at the DESIGN.md CPU size, at 512 rows it runs at the unchunked GEMMs' rate
-    (benchmarks/RESULTS.md, 2026-11-30 chunk sweep).
+def default_chunk_size(num_classes: int, device: torch.device, dtype: torch.dtype | None = None) -> int:
+    """Rows per chunk so that one chunk of logits stays small but the GEMMs stay efficient. ``dtype``: that of
+    the hidden states when the loop runs GEMMs (None for the ops that take logits).
+
+    CUDA: about 2^26 logits (256 MiB in fp32) per chunk: large GEMMs keep the tensor cores busy. CPU: about
+    2^24 logits (64 MiB in fp32; 512 rows at V=32000) on ``torch.mm``, whose GEMM 2 (``dz @ W``, K = V) packs
+    all of W again for every chunk (at 256 rows that cost ~5% at the DESIGN.md CPU size); about 2^23 (32 MiB,
+    256 rows) where the GEMMs run on oneDNN (``gemm.onednn_route``), which returns a fresh chunk of logits
+    every time: one above glibc's largest mmap threshold (``gemm.CPU_FRESH_BUFFER_BYTES``) is mapped,
+    zero-filled by page faults and unmapped again per chunk (GEMM 1 over the DESIGN.md CPU size: 0.32 s at 512
+    rows, 0.22 s at 256). Never fewer than 256 rows: below that the GEMMs' short dimension costs more than the
+    page faults (CPU, N=1024, D=512, V=128256: 2.09 s at 64 rows, 1.46 s at 256). The row kernels work one row
+    at a time (a row sits in L2), so the chunk need not fit a cache.
     """
-    budget = 1 << 26 if device.type == "cuda" else 1 << 24
-    rows = max(budget // max(num_classes, 1), 16)
+    if device.type == "cuda":
+        budget = 1 << 26
+    elif dtype is not None and gemm.onednn_route(device, dtype):
+        budget = gemm.CPU_FRESH_BUFFER_BYTES // 4
+    else:
+        budget = 1 << 24
+    rows = max(budget // max(num_classes, 1), 256)
     rows = 1 << (rows.bit_length() - 1)  # a power of two: fewer distinct shapes for the GEMM heuristics
-    return max(16, min(rows, 8192 if device.type == "cuda" else 4096))
+    return min(rows, 8192 if device.type == "cuda" else 4096)
 
 
 def want_sync_free(sync_free: bool | None, device: torch.device) -> bool:
@@ -74,58 +85,27 @@ def put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
         dst.index_copy_(0, rows, src.to(dst.dtype))
 
 
-def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """One chunk of logits ``h @ weight.T + bias`` in the input dtype (a fresh buffer, or written into ``out``)."""
-    if bias is None:
-        return torch.mm(h, weight.t(), out=out)
-    return torch.addmm(bias, h, weight.t(), out=out)
-
-
 class ChunkLogits:
-    """GEMM 1 of a chunk loop into one ``[chunk, V]`` buffer reused by every chunk.
+    """GEMM 1 of a chunk loop into one ``[chunk, V]`` buffer reused by every chunk, where the GEMM library
+    writes into a given buffer (torch.mm; oneDNN returns a fresh tensor, see ``gemm.writes_into_out``).
 
-    Why: on CPU a fresh chunk of logits (64 MiB at the default size) is above glibc's largest mmap threshold
-    (32 MiB), so every chunk paid for mapping, zero-filling and unmapping its pages: 1.068x the GEMM floor
-    against 1.019x with the buffer, native backend at the DESIGN.md CPU size (2026-11-30). Each chunk's logits
-    are dead once its gradient GEMMs have run, so the next chunk overwrites them. Under torch.compile the loop
-    allocates per chunk as before (no ``out=`` in the graph).
+    Why: on CPU a fresh chunk of logits above glibc's largest mmap threshold (32 MiB) pays for mapping,
+    zero-filling and unmapping its pages every time: 1.068x the GEMM floor against 1.019x with the buffer at
+    64 MiB chunks, native backend, DESIGN.md CPU size (2026-11-30). Each chunk's logits are dead once its
+    gradient GEMMs have run, so the next chunk overwrites them. Under torch.compile the loop allocates per
+    chunk as before (no ``out=`` in the graph).
     """
 
-    def __init__(self, plan_rows: int, chunk: int, like: torch.Tensor, num_classes: int):
+    def __init__(self, plan_rows: int, chunk: int, like: torch.Tensor, weight: torch.Tensor):
         rows = min(chunk, plan_rows)
         self.buf = None
-        if rows > 0 and not torch.compiler.is_compiling():
-            self.buf = torch.empty(rows, num_classes, dtype=like.dtype, device=like.device)
+        if rows > 0 and not torch.compiler.is_compiling() and gemm.writes_into_out(rows, weight, like):
+            self.buf = torch.empty(rows, weight.shape[0], dtype=like.dtype, device=like.device)
 
     def __call__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         fits = self.buf is not None and h.shape[0] <= self.buf.shape[0]
         out = self.buf[: h.shape[0]] if fits else None
-        return head_logits(h, weight, bias, out=out)
-
-
-_MIXED_ADDMM_OK: dict[torch.device, bool] = {}
-
-
-def accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, alpha: float = 1.0) -> None:
-    """acc += alpha * dz.T @ h with ``acc`` in fp32 (fp64) whatever the dtype of dz and h.
-
-    Same dtypes: an in-place addmm. bf16/fp16 on CUDA: addmm with ``out_dtype=float32`` writes straight into
-    the fp32 accumulator (PyTorch >= 2.8); elsewhere the chunk's product is formed in the input dtype (with
-    fp32 accumulation inside the GEMM) and added to the fp32 accumulator.
-    """
-    if dz.dtype == acc.dtype:
-        acc.addmm_(dz.t(), h, alpha=alpha)
-        return
-    dev = acc.device
-    if dev.type == "cuda" and _MIXED_ADDMM_OK.get(dev, True):
-        try:
-            torch.addmm(acc, dz.t(), h, alpha=alpha, out_dtype=acc.dtype, out=acc)
-            _MIXED_ADDMM_OK[dev] = True
-            return
-        except (TypeError, RuntimeError):
-            _MIXED_ADDMM_OK[dev] = False
-    acc.add_(torch.mm(dz.t(), h), alpha=alpha)
+        return gemm.logits(h, weight, bias, out=out)
 
 
 def reduction_scale(plan: RowPlan, reduction: str, dtype: torch.dtype):
@@ -145,5 +125,6 @@ def finish_head_grads(grads, grad_out, h_dtype: torch.dtype, w_dtype: torch.dtyp
     gh, gw, gb = grads
     if grad_out is not None:
         gh, gw, gb = (g.mul_(grad_out) if g is not None else None for g in (gh, gw, gb))
-    return (gh.to(h_dtype) if gh is not None else None, gw.to(w_dtype) if gw is not None else None,
+    return (gh.to(h_dtype) if gh is not None else None,
+            gemm.weight_grad_result(gw, w_dtype) if gw is not None else None,
             gb.to(w_dtype) if gb is not None else None)

@@ -26,6 +26,7 @@ import torch
 
 from ..reference import rl as ref_rl
 from ..reference.rl import GRPOOutput
+from . import gemm
 from .checks import check_float, check_head, check_labels, check_options
 from .chunking import ChunkLogits, RowPlan, default_chunk_size, take, want_sync_free
 from .dispatch import resolve_backend
@@ -88,7 +89,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         b = n // t if t else 0
         v = weight.shape[0]
         gh = torch.zeros_like(hidden2d) if need_dh else None
-        gw = torch.zeros(v, d, dtype=cd, device=weight.device) if need_dw else None
+        gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw else None
         gb = torch.zeros(v, dtype=cd, device=weight.device) if need_db else None
         sums = torch.zeros(6, dtype=cd, device=dev)  # loss, kl, low, high, region, sum m * entropy
         old1d = old1d.detach().to(cd) if old1d is not None else None
@@ -101,7 +102,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             plan = RowPlan(targets1d, IGNORE, chunk, sync_free)
             chunks = [(None, None, rows) for rows in plan.chunks()]
 
-        logits = ChunkLogits(n, chunk, hidden2d, v)  # a chunk of whole sequences may exceed it: then fresh
+        logits = ChunkLogits(n, chunk, hidden2d, weight)  # a chunk of whole sequences may exceed it: then fresh
         for b0, b1, rows in chunks:
             h = take(hidden2d, rows)
             z = logits(h, weight, bias)
@@ -163,7 +164,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         ctx.grads = None
         h_dtype, w_dtype = ctx.dtypes
         gh = gh.mul_(g_loss.to(gh.dtype)).to(h_dtype) if gh is not None else None
-        gw = gw.mul_(g_loss.to(gw.dtype)).to(w_dtype) if gw is not None else None
+        gw = gemm.weight_grad_result(gw.mul_(g_loss.to(gw.dtype)), w_dtype) if gw is not None else None
         gb = gb.mul_(g_loss.to(gb.dtype)).to(w_dtype) if gb is not None else None
         return (gh, gw, gb) + (None,) * 15
 
@@ -260,7 +261,7 @@ def fused_linear_grpo_loss(
     o = RowOptions(ignore_index=IGNORE, temperature=float(temperature))
     # Default: the shared chunk size, but at least one whole sequence (the sequence level needs it; at the
     # token level, GEMMs on more rows per chunk ran faster on CPU in the GRPO benchmark).
-    chunk = chunk_size or max(default_chunk_size(weight.shape[0], hidden.device), t)
+    chunk = chunk_size or max(default_chunk_size(weight.shape[0], hidden.device, hidden.dtype), t)
     loss, kl, region, low, high, entropy = FusedLinearGRPOFunction.apply(
         hidden.reshape(b * t, -1), weight, bias, targets.reshape(-1), mask1d,
         old_logps.reshape(-1) if old_logps is not None else None,

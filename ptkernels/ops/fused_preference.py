@@ -36,8 +36,9 @@ import torch
 
 from .. import reference
 from ..reference import preference as reference_preference
+from . import gemm
 from .checks import check_float, check_head, check_labels, check_options
-from .chunking import default_chunk_size, head_logits, take, want_sync_free
+from .chunking import default_chunk_size, take, want_sync_free
 from .dispatch import resolve_backend
 from .linear_cross_entropy import apply_head_grads
 from .logit_rows import RowOptions, compute_dtype, get_rows
@@ -172,7 +173,7 @@ def _sequence_sums(head: _Head, layout: _Layout, g0, g1, labels1d, rows_impl, o,
     single = len(blocks) == 1
     for r, sg in blocks:
         h = take(head.hidden2d, r)
-        z = head_logits(h, head.weight, head.bias)
+        z = gemm.logits(h, head.weight, head.bias)
         y = take(labels1d, r)
         lp, lse, _ = rows_impl.logprob_fwd(z, y, o, False)
         seq.index_add_(0, sg, lp.to(cd))
@@ -187,7 +188,7 @@ def _backward_blocks(head: _Head, kept, g_seg, rows_impl, o, grads):
     for r, sg, y, h, z, lse in kept:
         if z is None:  # a group split over several blocks: recompute its logits (GEMM 1 again)
             h = take(head.hidden2d, r)
-            z = head_logits(h, head.weight, head.bias)
+            z = gemm.logits(h, head.weight, head.bias)
         rows_impl.logprob_bwd(z, y, lse, None, g_seg.index_select(0, sg), None, o, grad_out=z)
         apply_head_grads(z, h, head.weight, r, 1.0, gh, gw, gb)
 
@@ -272,7 +273,7 @@ def _run(cfg: _Config, policy: _Head, ref_head: _Head | None, ref_given, labels2
             ref_cache = ref_all
 
     gh = torch.zeros_like(hidden2d) if need_dh else None
-    gw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_dw else None
+    gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw else None
     gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db else None
 
     losses = torch.zeros(n, dtype=cd, device=dev)
@@ -343,7 +344,7 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
         if grad_out is None:
             return (None,) * 13
         gh = gh.mul_(grad_out).to(h_dtype) if gh is not None else None
-        gw = gw.mul_(grad_out).to(w_dtype) if gw is not None else None
+        gw = gemm.weight_grad_result(gw.mul_(grad_out), w_dtype) if gw is not None else None
         gb = gb.mul_(grad_out).to(w_dtype) if gb is not None else None
         return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
 
@@ -395,7 +396,7 @@ def _grow_to(chunk_size, weight, hidden) -> int | None:
     2048 rows at V=32000). An explicit ``chunk_size`` is a hard limit."""
     if chunk_size is not None:
         return None
-    base = default_chunk_size(weight.shape[0], hidden.device)
+    base = default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
     return 8 * base if hidden.device.type == "cuda" else 4 * base
 
 
@@ -519,7 +520,7 @@ def fused_linear_preference_loss(
     cfg = _Config(kind=kind, paired=True, beta=float(beta), label_smoothing=float(label_smoothing),
                   gamma=float(simpo_gamma), bco_delta=None if bco_delta is None else float(bco_delta),
                   average=average, nll_weight=nll_w, o=o,
-                  chunk=chunk_size or default_chunk_size(weight.shape[0], hidden.device),
+                  chunk=chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype),
                   sync_free=want_sync_free(sync_free, hidden.device), grow_to=_grow_to(chunk_size, weight, hidden))
     ref_given = None
     if given:
@@ -604,7 +605,7 @@ def fused_linear_kto_loss(
     if shift:
         labels = reference.shift_labels(labels, ignore_index)
     name = resolve_backend(backend, hidden.device)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
     cd = compute_dtype(hidden.dtype)
     rows_impl = get_rows("torch" if name == "reference" else name)
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from . import gemm
 from .checks import check_head, check_labels, check_options
 from .chunking import (
     ChunkLogits,
     RowPlan,
-    accumulate_weight_grad,
     default_chunk_size,
     finish_head_grads,
     put,
@@ -41,7 +41,7 @@ def apply_head_grads(g, h, weight, rows, scale, gh, gw, gb):
     if g.dtype != weight.dtype:  # the torch rows return fp32 work buffers; the GEMMs run in the input dtype
         g = g.to(weight.dtype)
     if gh is not None:
-        dh = torch.mm(g, weight)
+        dh = gemm.input_grad(g, weight)
         if per_row:
             dh.mul_(scale.unsqueeze(1).to(dh.dtype))
         elif scale != 1.0:
@@ -49,9 +49,9 @@ def apply_head_grads(g, h, weight, rows, scale, gh, gw, gb):
         put(gh, rows, dh)
     if gw is not None:
         if per_row:
-            accumulate_weight_grad(gw, g, h * scale.unsqueeze(1).to(h.dtype))
+            gemm.accumulate_weight_grad(gw, g, h * scale.unsqueeze(1).to(h.dtype))
         else:
-            accumulate_weight_grad(gw, g, h, alpha=scale)
+            gemm.accumulate_weight_grad(gw, g, h, alpha=scale)
     if gb is not None:
         if per_row:
             gb.add_(torch.mv(g.t(), scale.to(g.dtype)).to(gb.dtype))
@@ -69,10 +69,10 @@ def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o
     loss = torch.zeros(n, dtype=cd, device=hidden2d.device)
     grads = row_scale is not None
     gh = torch.zeros_like(hidden2d) if grads and need_dh else None
-    gw = torch.zeros(v, d, dtype=cd, device=weight.device) if grads and need_dw else None
+    gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if grads and need_dw else None
     gb = torch.zeros(v, dtype=cd, device=weight.device) if grads and need_db else None
     all_valid = plan.index is not None
-    logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, v)
+    logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
     for rows in plan.chunks():
         h = take(hidden2d, rows)
         z = logits(h, weight, bias)
@@ -181,7 +181,7 @@ def linear_cross_entropy(
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, temperature=temperature)
     o = RowOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                    softcap=None if softcap is None else float(softcap), temperature=float(temperature))
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
     out = LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, o, reduction, chunk,

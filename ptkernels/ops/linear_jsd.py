@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..reference import distill as reference
+from . import gemm
 from .checks import check_float, check_head, check_labels, check_options, check_same
 from .chunking import (
     ChunkLogits,
@@ -202,10 +203,10 @@ def _jsd_chunk_loop(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, 
     loss = torch.zeros(n, dtype=cd, device=hidden2d.device)
     grads = row_scale is not None
     gh = torch.zeros_like(hidden2d) if grads and need_dh else None
-    gw = torch.zeros(v, d, dtype=cd, device=weight.device) if grads and need_dw else None
+    gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if grads and need_dw else None
     gb = torch.zeros(v, dtype=cd, device=weight.device) if grads and need_db else None
-    student_logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, v)
-    teacher_logits = ChunkLogits(plan.n_process, plan.chunk, ref_hidden2d, v)
+    student_logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
+    teacher_logits = ChunkLogits(plan.n_process, plan.chunk, ref_hidden2d, ref_weight)
     for rows in plan.chunks():
         h = take(hidden2d, rows)
         zs = student_logits(h, weight, bias)
@@ -367,7 +368,7 @@ def linear_jsd(
                                     temperature=temperature, reduction=reduction)
     rows_impl = get_jsd_rows(name)
     o = JSDRowOptions(beta=beta, temperature=float(temperature), ignore_index=ignore_index)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     ref_hidden2d = ref_hidden.reshape(-1, ref_hidden.shape[-1])
     labels1d = None if labels is None else labels.reshape(-1)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from . import gemm
 from .checks import check_float, check_head, check_labels, check_options
 from .chunking import (
     ChunkLogits,
     RowPlan,
-    accumulate_weight_grad,
     default_chunk_size,
     put,
     take,
@@ -39,7 +39,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         logp = torch.zeros(n, dtype=cd, device=hidden2d.device)
         lse = torch.zeros(n, dtype=cd, device=hidden2d.device)
         mean_s = torch.zeros(n, dtype=cd, device=hidden2d.device) if want_entropy else None
-        logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight.shape[0])
+        logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
         for rows in plan.chunks():
             z = logits(take(hidden2d, rows), weight, bias)
             lp, ls, ms = rows_impl.logprob_fwd(z, take(targets1d, rows), o, want_entropy)
@@ -67,9 +67,9 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         g_logp = _zeros_like_rows(g_logp, n, cd, hidden2d.device)
         plan = RowPlan(targets1d, o.ignore_index, chunk, sync_free)
         gh = torch.zeros_like(hidden2d) if need_dh else None
-        gw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_dw else None
+        gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw else None
         gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db else None
-        logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight.shape[0])
+        logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
         for rows in plan.chunks():
             h = take(hidden2d, rows)
             z = logits(h, weight, bias)
@@ -78,12 +78,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                                   take(g_logp, rows), take(g_ent, rows) if g_ent is not None else None, o,
                                   grad_out=z)
             if gh is not None:
-                put(gh, rows, torch.mm(z, weight))
+                put(gh, rows, gemm.input_grad(z, weight))
             if gw is not None:
-                accumulate_weight_grad(gw, z, h)
+                gemm.accumulate_weight_grad(gw, z, h)
             if gb is not None:
                 gb += z.sum(dim=0, dtype=cd)
-        return (gh, gw.to(weight.dtype) if gw is not None else None,
+        return (gh, gemm.weight_grad_result(gw, weight.dtype) if gw is not None else None,
                 gb.to(weight.dtype) if gb is not None else None, None, None, None, None, None, None)
 
 
@@ -169,7 +169,7 @@ def linear_token_logprobs(
         return reference.linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                                temperature=temperature, softcap=softcap,
                                                return_entropy=return_entropy)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
     out = LinearTokenLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                             targets.reshape(-1), o, chunk, get_rows(name),
                                             want_sync_free(sync_free, hidden.device), bool(return_entropy))

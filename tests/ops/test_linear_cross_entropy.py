@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import ptkernels as ptk
 from ptkernels import reference
-from ptkernels.ops import chunking
+from ptkernels.ops import gemm
 from tests.helpers import (
     DEVICE,
     FUSED_BACKENDS,
@@ -180,13 +180,13 @@ def test_sync_free_and_chunk_sizes_agree(backend, reduction):
 
 def test_masked_rows_skip_every_matmul(monkeypatch):
     seen = []
-    real = chunking.head_logits
+    real = gemm.logits
 
     def counting(h, w, b, out=None):
         seen.append(h.shape[0])
         return real(h, w, b, out=out)
 
-    monkeypatch.setattr(chunking, "head_logits", counting)
+    monkeypatch.setattr(gemm, "logits", counting)
     hidden, weight = rand(N, D), rand(V, D)
     labels = labels_with_mask((N,), V, ignore_every=3)
     n_valid = int((labels != -100).sum())
@@ -199,14 +199,14 @@ def test_masked_rows_skip_every_matmul(monkeypatch):
 def test_every_chunk_reuses_one_logits_buffer(monkeypatch):
     """GEMM 1 writes every chunk into one buffer (a fresh 64 MiB chunk each time cost ~5% on CPU)."""
     storages = []
-    real = chunking.head_logits
+    real = gemm.logits
 
     def recording(h, w, b, out=None):
         z = real(h, w, b, out=out)
         storages.append(z.untyped_storage().data_ptr())
         return z
 
-    monkeypatch.setattr(chunking, "head_logits", recording)
+    monkeypatch.setattr(gemm, "logits", recording)
     hidden, weight = rand(N, D), rand(V, D)
     labels = labels_with_mask((N,), V, ignore_every=3)
     ptk.linear_cross_entropy(hidden, weight, labels, chunk_size=5, backend="torch").backward()

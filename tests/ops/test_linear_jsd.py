@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptkernels.ops import chunking
+from ptkernels.ops import gemm
 from ptkernels.ops.linear_jsd import linear_jsd, linear_kl_divergence
 from ptkernels.reference import distill as reference
 from tests.helpers import (
@@ -311,13 +311,13 @@ def test_reference_model_gets_no_gradient(backend):
 
 def test_masked_rows_skip_every_matmul(monkeypatch):
     seen = []
-    real = chunking.head_logits
+    real = gemm.logits
 
     def counting(h, w, b, out=None):
         seen.append(h.shape[0])
         return real(h, w, b, out=out)
 
-    monkeypatch.setattr(chunking, "head_logits", counting)
+    monkeypatch.setattr(gemm, "logits", counting)
     hidden, weight, ref_hidden, ref_weight, kw = _inputs("temperature")
     n_valid = int((kw["labels"] != -100).sum())
     loss = linear_jsd(hidden, weight, ref_hidden, ref_weight, chunk_size=5, backend="torch", **kw)

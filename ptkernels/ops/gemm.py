@@ -1,0 +1,173 @@
+"""The three GEMMs around every chunk of rows, on the fastest library the tensors' device has.
+
+    logits              z   = h @ W.T (+ b)           GEMM 1
+    input_grad          dh  = dz @ W                  GEMM 2
+    accumulate_weight_grad  acc += alpha * dz.T @ h   GEMM 3 (fp32 accumulator)
+
+CUDA, and every dtype but fp32 on CPU: ``torch.mm`` / ``addmm`` (cuBLAS; on CPU, bf16 already goes to oneDNN).
+
+CPU fp32: oneDNN, through ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor lowers CPU linears to), for
+GEMMs of at least ``ONEDNN_MIN_FLOPS`` multiply-adds; ``torch.mm`` below that, where oneDNN's per-call
+overhead wins. Why: ``torch.mm`` in fp32 calls the BLAS of the wheel (MKL on x86), and MKL picks its code path
+by CPU vendor: on AMD it runs its generic AVX2 kernels, while oneDNN dispatches on the instruction set (AVX-512
+on Zen 4/5). On the 2-core AMD EPYC that CI and benchmarks/RESULTS.md use, oneDNN runs the DESIGN.md CPU
+size's GEMMs 1.7-2.3x faster. Both compute in IEEE fp32 with fp32 accumulation (oneDNN follows
+``torch.backends.mkldnn.matmul.fp32_precision`` like the rest of PyTorch); the choice depends only on the
+shape, never on a timing, so a run is reproducible. ``PTK_CPU_GEMM=blas`` (or ``torch.backends.mkldnn.flags
+(enabled=False)``) keeps every GEMM on ``torch.mm``.
+
+oneDNN is only handed operands that are contiguous or the transpose of a contiguous matrix: other strides
+(a column slice, say) send it down a reference path thousands of times slower. GEMM 3 on this route
+accumulates into a transposed buffer (``weight_grad_buffer``): ``acc.T += h.T @ dz`` is a dense GEMM plus a
+dense add, against 0.6x that speed for ``acc += dz.T @ h`` with oneDNN.
+
+oneDNN writes every product into a fresh tensor. glibc serves an allocation above its largest mmap threshold
+(32 MiB) with fresh pages each time: mapped, zero-filled on first touch, unmapped when freed. Every fresh
+product here is therefore kept within ``CPU_FRESH_BUFFER_BYTES``: the chunk loop's default chunk of logits
+(``chunking.default_chunk_size``) and GEMM 3's product, formed in blocks of the hidden dimension. At the
+DESIGN.md CPU size that took GEMM 3 from 0.34 s to 0.25 s, GEMM 1 from 0.32 s to 0.22 s.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ONEDNN_MIN_FLOPS = 1 << 24  # m * n * k; at 2^24 oneDNN is already 1.1-2x torch.mm on the CI host (RESULTS.md)
+ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD = 256  # GEMM 3's inner dimension; shorter ones lose to addmm_ (0.7x at 128)
+CPU_FRESH_BUFFER_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: larger blocks are mmapped
+
+_CPU_GEMM = os.environ.get("PTK_CPU_GEMM", "auto").strip().lower()
+if _CPU_GEMM not in ("auto", "blas"):
+    raise ValueError(f"PTK_CPU_GEMM must be 'auto' or 'blas', got {_CPU_GEMM!r}")
+
+_ONEDNN: dict[str, bool] = {}  # memoized in a plain dict so torch.compile traces through it
+
+
+def _onednn_available() -> bool:
+    if "ok" not in _ONEDNN:
+        _ONEDNN["ok"] = bool(torch.backends.mkldnn.is_available()
+                             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return _ONEDNN["ok"]
+
+
+def onednn_route(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when fp32 GEMMs on ``device`` of at least ``ONEDNN_MIN_FLOPS`` go to oneDNN."""
+    # Under CPU autocast the GEMMs stay on torch.mm, which autocast casts like every other CPU matmul.
+    return (device.type == "cpu" and dtype == torch.float32 and _CPU_GEMM == "auto"
+            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu") and _onednn_available())
+
+
+def cpu_gemm_library(dtype: torch.dtype = torch.float32) -> str:
+    """Which library runs the large CPU GEMMs of the fused ops in ``dtype``: "onednn" or "blas"."""
+    return "onednn" if onednn_route(torch.device("cpu"), dtype) else "blas"
+
+
+def _dense_or_transposed(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.t().is_contiguous()
+
+
+def _use_onednn(a: torch.Tensor, b: torch.Tensor, m: int, n: int, k: int) -> bool:
+    return (m * n * k >= ONEDNN_MIN_FLOPS and a.dtype == b.dtype and onednn_route(a.device, a.dtype)
+            and _dense_or_transposed(a) and _dense_or_transposed(b))
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) on oneDNN: x [m, k], w [n, k]."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+def logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """GEMM 1: ``h @ weight.T + bias`` in the input dtype (into ``out`` where the library can write there)."""
+    m, k = h.shape
+    if _use_onednn(h, weight, m, weight.shape[0], k) and (bias is None or bias.dtype == h.dtype):
+        return _linear(h, weight, bias)
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def writes_into_out(h_rows: int, weight: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``logits`` honours ``out`` for a chunk of ``h_rows`` rows (oneDNN returns a fresh tensor, so a
+    reused buffer would only hold memory)."""
+    v, d = weight.shape
+    big = h_rows * v * d >= ONEDNN_MIN_FLOPS
+    return not (big and like.dtype == weight.dtype and onednn_route(like.device, like.dtype)
+                and _dense_or_transposed(weight))
+
+
+def input_grad(dz: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """GEMM 2: ``dz @ weight`` ([c, V] @ [V, D])."""
+    m, n = dz.shape[0], weight.shape[1]
+    if _use_onednn(dz, weight, m, n, dz.shape[1]):
+        return _linear(dz, weight.t())
+    return torch.mm(dz, weight)
+
+
+def weight_grad_buffer(weight: torch.Tensor, like: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed ``[V, D]`` accumulator in ``acc_dtype`` for GEMM 3 over the rows of ``like`` ([N, D]). Where
+    GEMM 3 can take the oneDNN route it is stored transposed (a ``[D, V]`` contiguous tensor seen as
+    ``[V, D]``); hand it back through ``weight_grad_result``."""
+    v, d = weight.shape
+    rows = like.shape[0]
+    if (like.dtype == acc_dtype and rows >= ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD and rows * v * d >= ONEDNN_MIN_FLOPS
+            and onednn_route(like.device, like.dtype)):
+        return torch.zeros(d, v, dtype=acc_dtype, device=weight.device).t()
+    return torch.zeros(v, d, dtype=acc_dtype, device=weight.device)
+
+
+def accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, alpha: float = 1.0) -> None:
+    """GEMM 3: ``acc += alpha * dz.T @ h``, ``acc`` in fp32 (fp64) whatever the dtype of dz and h.
+
+    Same dtypes: oneDNN into a transposed accumulator (see the module docstring), else an in-place addmm.
+    bf16/fp16 on CUDA: addmm with ``out_dtype=float32`` writes straight into the fp32 accumulator
+    (PyTorch >= 2.8); elsewhere the chunk's product is formed in the input dtype (fp32 accumulation inside the
+    GEMM) and added to the fp32 accumulator.
+    """
+    if dz.dtype == acc.dtype:
+        rows = h.shape[0]
+        transposed = not acc.is_contiguous() and acc.t().is_contiguous()
+        if (transposed and rows >= ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD
+                and _use_onednn(dz, h, dz.shape[1], h.shape[1], rows)):
+            _accumulate_transposed_onednn(acc.t(), dz, h, alpha)
+        elif transposed:
+            acc.t().addmm_(h.t(), dz, alpha=alpha)
+        else:
+            acc.addmm_(dz.t(), h, alpha=alpha)
+        return
+    _accumulate_mixed(acc, dz, h, alpha)
+
+
+def _accumulate_transposed_onednn(acc_t: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, alpha: float) -> None:
+    """acc_t [D, V] += alpha * h.T @ dz, in blocks of D whose [d, V] products fit CPU_FRESH_BUFFER_BYTES."""
+    d, v = acc_t.shape
+    per_row = v * acc_t.element_size()
+    blocks = max(1, -(-d * per_row // CPU_FRESH_BUFFER_BYTES))
+    step = -(-d // blocks)
+    for d0 in range(0, d, step):
+        h_block = h[:, d0:d0 + step].t()  # a column slice: oneDNN gets a contiguous copy ([d, c], small)
+        h_block = (h_block * alpha if alpha != 1.0 else h_block).contiguous()
+        acc_t[d0:d0 + step].add_(_linear(h_block, dz.t()))
+
+
+_MIXED_ADDMM_OK: dict[torch.device, bool] = {}
+
+
+def _accumulate_mixed(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, alpha: float) -> None:
+    dev = acc.device
+    if dev.type == "cuda" and _MIXED_ADDMM_OK.get(dev, True):
+        try:
+            torch.addmm(acc, dz.t(), h, alpha=alpha, out_dtype=acc.dtype, out=acc)
+            _MIXED_ADDMM_OK[dev] = True
+            return
+        except (TypeError, RuntimeError):
+            _MIXED_ADDMM_OK[dev] = False
+    acc.add_(torch.mm(dz.t(), h), alpha=alpha)
+
+
+def weight_grad_result(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The accumulated weight gradient in the weight's dtype and layout (contiguous ``[V, D]``)."""
+    return acc.to(dtype).contiguous()
