@@ -6,14 +6,14 @@
 
 CUDA, and every dtype but fp32 on CPU: ``torch.mm`` / ``addmm`` (cuBLAS; on CPU, bf16 already goes to oneDNN).
 
-CPU fp32: oneDNN, through ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor lowers CPU linears to), for
-GEMMs of at least ``ONEDNN_MIN_FLOPS`` multiply-adds; ``torch.mm`` below that, where oneDNN's per-call
-overhead wins. Why: ``torch.mm`` in fp32 calls the BLAS of the wheel (MKL on x86), and MKL picks its code path
-by CPU vendor: on AMD it runs its generic AVX2 kernels, while oneDNN dispatches on the instruction set (AVX-512
-on Zen 4/5). On the 2-core AMD EPYC that CI and benchmarks/RESULTS.md use, oneDNN runs the DESIGN.md CPU
-size's GEMMs 1.7-2.3x faster. Both compute in IEEE fp32 with fp32 accumulation (oneDNN follows
-``torch.backends.mkldnn.matmul.fp32_precision`` like the rest of PyTorch); the choice depends only on the
-shape, never on a timing, so a run is reproducible. ``PTK_CPU_GEMM=blas`` (or ``torch.backends.mkldnn.flags
+CPU fp32: oneDNN, through ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor lowers CPU linears to), for GEMMs
+of at least ``ONEDNN_MIN_FLOPS`` multiply-adds; ``torch.mm`` below that, where building oneDNN's primitive for a
+new shape costs more than oneDNN saves. Why: ``torch.mm`` in fp32 calls the BLAS of the wheel (MKL on x86), and MKL
+picks its code path by CPU vendor: on AMD it runs its generic AVX2 kernels, while oneDNN dispatches on the
+instruction set (AVX-512 on Zen 4/5). On the 2-core AMD EPYC that CI and benchmarks/RESULTS.md use, oneDNN runs the
+DESIGN.md CPU size's GEMMs 1.7-2.3x faster. Both compute in IEEE fp32 with fp32 accumulation (oneDNN follows
+``torch.backends.mkldnn.matmul.fp32_precision`` like the rest of PyTorch); the choice depends only on the shape,
+never on a timing, so a run is reproducible. ``PTK_CPU_GEMM=blas`` (or ``torch.backends.mkldnn.flags
 (enabled=False)``) keeps every GEMM on ``torch.mm``.
 
 oneDNN is only handed operands that are contiguous or the transpose of a contiguous matrix: other strides
@@ -34,7 +34,10 @@ import os
 
 import torch
 
-ONEDNN_MIN_FLOPS = 1 << 24  # m * n * k; at 2^24 oneDNN is already 1.1-2x torch.mm on the CI host (RESULTS.md)
+# m * n * k. oneDNN builds (JITs) a primitive for every new shape, ~0.3 ms; small GEMMs of ever-changing shapes
+# (GRPO's trained rows x completion length at the quick preset) ran ~10-20% slower on it at 2^24. From 2^27 it
+# wins even on a new shape (128 x 872 x ~2000: 1.5 ms against 2.9 ms on torch.mm).
+ONEDNN_MIN_FLOPS = 1 << 27
 ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD = 256  # GEMM 3's inner dimension; shorter ones lose to addmm_ (0.7x at 128)
 CPU_FRESH_BUFFER_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: larger blocks are mmapped
 
