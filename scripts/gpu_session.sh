@@ -1,38 +1,85 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (see README "GPU checks"): the tests on CUDA (Triton compiled for real),
-# then the GPU-size benchmarks. Logs and figures land in $OUT (the device tool brings them back).
+# One prepared run for a lent GPU (see README "GPU checks"): build the native extension with its CUDA part, the
+# GPU-size benchmarks of linear_cross_entropy / token log-probs (issue 2's GPU targets), the tests on CUDA (Triton
+# compiled for real), then the DPO and GRPO benchmarks. Logs and figures land in $OUT (the device tool brings back
+# at most 8 files: this script writes 7).
 #
-#   device run:  bash scripts/gpu_session.sh            (optional: carry .whl with a liger-kernel wheel)
+#   device run:  bash scripts/gpu_session.sh     (carry .whl holding a liger-kernel wheel to benchmark Liger too)
 #
-# Budget: about 10 minutes on an H100. Stages are time-boxed so a hang in one still returns the others.
+# The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
+# to what is left, so a hang in one still returns the others' logs. Stages run one after another, never two at a
+# time on the GPU, so the timings are undisturbed.
 set -uo pipefail
 OUT="${OUT:-/tmp/ptk-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+START=$(date +%s)
+DEADLINE=$((START + ${PTK_GPU_BUDGET_S:-560}))
+SUMMARY="$OUT/session.log"
 
-if ls .whl/*.whl >/dev/null 2>&1; then  # peers (Liger-Kernel) carried as wheels: no network there
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+# stage NAME LIMIT CMD...: runs CMD with its output in $OUT/NAME.log, for at most LIMIT seconds and never past
+# the deadline; a one-line result goes to session.log.
+stage() {
+  local name=$1 limit=$2 t0 left rc
+  shift 2
+  t0=$(date +%s)
+  left=$((DEADLINE - t0))
+  if ((left < 20)); then
+    echo "== $name: skipped, ${left}s left" | tee -a "$SUMMARY"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit ${limit}s, at +$((t0 - START))s)"
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "== $name: rc=$rc after $(($(date +%s) - t0))s$( ((rc == 124 || rc == 137)) && echo ' (TIMED OUT)')" \
+    | tee -a "$SUMMARY"
+}
 
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
+  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
+  nproc
   date -u
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee "$SUMMARY"
 
-# 0. The native extension with its CUDA part (pybind11, ninja and nvcc are on the GPU image; no network).
-PTK_BUILD_CUDA=1 timeout 300 python3 setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log" | tail -5
-python3 -c "import ptkernels as p; print('backends on cuda:', p.backends('cuda'))" 2>&1 | tee -a "$OUT/build.log"
+if ls .whl/*.whl >/dev/null 2>&1; then # peers (Liger-Kernel) carried as wheels: no network there
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" && echo "carried wheels: $(ls .whl)" | tee -a "$SUMMARY"
+fi
 
-# 1. Tests on the GPU (Triton kernels compiled, CUDA-only tests included). The AOT compile check, the
-#    Hugging Face tests and the trainers' tests (CPU, tiny models, gloo) already run in CI; skip them here to save
-#    device time (the GPU image need not have datasets / matplotlib either).
-timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider \
-  --ignore=tests/kernels/test_compile_gpu.py --ignore=tests/integrations --ignore=tests/trainers \
-  2>&1 | tee "$OUT/tests.log" | tail -25
+# 1. The native extension with its CUDA part, for sm_90 only (pybind11, ninja and nvcc are on the GPU image).
+stage build 150 bash -c 'PTK_BUILD_CUDA=1 PTK_CUDA_ARCHS=90 MAX_JOBS="$(nproc)" python3 setup.py build_ext --inplace \
+  && python3 -c "import ptkernels as p; from ptkernels.ops.dispatch import unusable_reason as u
+print(\"backends on cuda:\", p.backends(\"cuda\"), \"| native:\", u(\"native\", \"cuda\") or \"usable\")"'
+tail -3 "$OUT/build.log" | tee -a "$SUMMARY"
 
-# 2. Benchmarks at the GPU sizes of DESIGN.md.
-timeout 420 python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$OUT/bench.json" --benchmark-columns=median,min,rounds 2>&1 | tee "$OUT/bench.log" | tail -40
+# 2. Issue 2's GPU size (N=8192, 25% masked, D=4096, V=128256, bf16): every implementation, the chunk-size
+#    sweep, and the round-robin that gives ratios measured side by side.
+stage bench_lce 240 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_bench_linear_cross_entropy.py \
+  --benchmark-only --interleaved --chunk-sweep -q -p no:cacheprovider --benchmark-json="$OUT/bench_lce.json" \
+  --benchmark-columns=median,min,rounds
+
+# 3. The tests on CUDA (every Triton kernel compiled for sm_90, the CUDA-only tests). The AOT compile checks, the
+#    Hugging Face tests and the trainers' tests run in CI on CPU already.
+parallel=()
+python3 -c "import xdist" 2>/dev/null && parallel=(-n 12)
+python3 -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout=120)
+stage tests 180 python3 -m pytest tests -q -p no:cacheprovider -rfE "${parallel[@]}" \
+  --ignore=tests/kernels/test_compile_gpu.py --ignore=tests/native/test_cuda_compile.py \
+  --ignore=tests/integrations --ignore=tests/trainers
+
+# 4. DPO (4 pairs x T=1024) and GRPO (8 x T=1024) at D=4096, V=128256, bf16.
+stage bench_rl 150 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_bench_grpo.py \
+  benchmarks/test_bench_preference.py --benchmark-only --interleaved -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_rl.json" --benchmark-columns=median,min,rounds
+
+# The reply shows the end of the output: the tests' verdict and the benchmarks' summary tables last.
+for name in tests bench_rl bench_lce; do
+  echo "################ $name"
+  [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|^FAILED|^ERROR|^\| |^=+ ptkernels" "$OUT/$name.log" \
+    | grep -v "^|---" | tail -n 45
+done
+cat "$SUMMARY"

@@ -121,6 +121,17 @@ class TorchJSDRows:
         return loss, g
 
 
+JSD_MAX_BLOCK_V = 2048
+
+
+def jsd_block_v(n_cols: int) -> int:
+    """Columns per loop step of ``jsd_rows_kernel``: half the other row kernels' cap, because each step holds a
+    block of the student's and of the teacher's logits (at 4096 columns, fp32, 8 warps, Triton 3.6 spilled)."""
+    from .triton_rows import block_v
+
+    return min(JSD_MAX_BLOCK_V, block_v(n_cols))
+
+
 class TritonJSDRows:
     """Launches ``jsd_rows_kernel`` (ptkernels/kernels/jsd_rows.py) behind the TorchJSDRows interface."""
 
@@ -128,7 +139,7 @@ class TritonJSDRows:
 
     def jsd(self, zs, zt, labels, o: JSDRowOptions, *, want_grad=False, grad_scale=None, scratch=False):
         from ..kernels.jsd_rows import jsd_rows_kernel
-        from .triton_rows import _row_major, _tl_compute, block_v, num_warps
+        from .triton_rows import _row_major, _tl_compute, num_warps
 
         zs = _row_major(zs, "logits")
         zt = _row_major(zt, "ref_logits")
@@ -146,7 +157,7 @@ class TritonJSDRows:
         else:  # dummies: WRITE_GRAD=False never touches them
             g_ptr, g_stride, scale, s_stride = zs, 0, loss, 0
         has_labels = labels is not None
-        bv = block_v(v)
+        bv = jsd_block_v(v)
         jsd_rows_kernel[(n,)](
             zs, zs.stride(0), zt, zt.stride(0), g_ptr, g_stride, labels if has_labels else loss, scale, s_stride,
             loss, v, o.ignore_index, float(o.beta), 1.0 / o.temperature,
@@ -425,7 +436,7 @@ def aot_kernel_specs(vocabs=(32000, 128256), dtypes=("bf16", "fp32")):
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
     specs = []
     for v in vocabs:
-        bv = launch.block_v(v)
+        bv = jsd_block_v(v)
         for name in dtypes:
             dt = torch_dtypes[name]
             z, out = aot._ptr(dt), aot._ptr(compute_dtype(dt))

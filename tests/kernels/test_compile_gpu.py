@@ -121,7 +121,7 @@ def test_specs_cover_every_kernel_and_follow_the_launchers():
     import pkgutil
 
     import ptkernels.kernels
-    from ptkernels.ops import triton_rows
+    from ptkernels.ops import linear_jsd, triton_rows
 
     kernels = set()
     for info in pkgutil.iter_modules(ptkernels.kernels.__path__):
@@ -132,6 +132,7 @@ def test_specs_cover_every_kernel_and_follow_the_launchers():
     assert kernels == {s.kernel_name for s in SPECS}, "a kernel has no spec in ptkernels/kernels/aot.py"
     for spec in SPECS:
         for v in spec.vocab:
-            assert spec.block_v == triton_rows.block_v(v)
+            launcher_block = linear_jsd.jsd_block_v if spec.kernel_name == "jsd_rows_kernel" else triton_rows.block_v
+            assert spec.block_v == launcher_block(v)
             assert spec.num_warps == triton_rows.num_warps(spec.block_v)
     assert len({s.id for s in SPECS}) == len(SPECS)
