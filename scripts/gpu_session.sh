@@ -6,7 +6,8 @@
 #
 #   device run:  bash scripts/gpu_session.sh     (carry .whl holding a liger-kernel wheel to benchmark Liger too)
 #
-# The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
+# PTK_GPU_STAGES says which stages run (default "build bench_lce tests bench_rl"); PTK_CHUNK_SWEEP=0 leaves
+# the chunk-size sweep out of bench_lce. The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
 # to what is left, so a hang in one still returns the others' logs. Stages run one after another, never two at a
 # time on the GPU, so the timings are undisturbed.
 set -uo pipefail
@@ -18,11 +19,16 @@ START=$(date +%s)
 DEADLINE=$((START + ${PTK_GPU_BUDGET_S:-560}))
 SUMMARY="$OUT/session.log"
 
+STAGES=" ${PTK_GPU_STAGES:-build bench_lce tests bench_rl} "
+SWEEP=(--chunk-sweep)
+[[ "${PTK_CHUNK_SWEEP:-1}" == 0 ]] && SWEEP=()
+
 # stage NAME LIMIT CMD...: runs CMD with its output in $OUT/NAME.log, for at most LIMIT seconds and never past
 # the deadline; a one-line result goes to session.log.
 stage() {
   local name=$1 limit=$2 t0 left rc
   shift 2
+  [[ "$STAGES" == *" $name "* ]] || return 0
   t0=$(date +%s)
   left=$((DEADLINE - t0))
   if ((left < 20)); then
@@ -59,7 +65,7 @@ tail -3 "$OUT/build.log" | tee -a "$SUMMARY"
 # 2. Issue 2's GPU size (N=8192, 25% masked, D=4096, V=128256, bf16): every implementation, the chunk-size
 #    sweep, and the round-robin that gives ratios measured side by side.
 stage bench_lce 240 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_bench_linear_cross_entropy.py \
-  --benchmark-only --interleaved --chunk-sweep -q -p no:cacheprovider --benchmark-json="$OUT/bench_lce.json" \
+  --benchmark-only --interleaved "${SWEEP[@]}" -q -p no:cacheprovider --benchmark-json="$OUT/bench_lce.json" \
   --benchmark-columns=median,min,rounds
 
 # 3. The tests on CUDA (every Triton kernel compiled for sm_90, the CUDA-only tests). The AOT compile checks, the

@@ -9,8 +9,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED_BACKENDS = [b for b in ("torch", "triton", "native") if b in ptkernels.backends(DEVICE)]
 
 
-def rand(*shape, dtype=torch.float64, requires_grad=True, scale=1.0):
-    t = (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
+def rand(*shape, dtype=torch.float64, requires_grad=True, scale=1.0, device=None):
+    t = (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device or DEVICE, dtype=dtype)
     return t.requires_grad_(requires_grad)
 
 

@@ -150,28 +150,28 @@ def kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
             compute = launch._tl_compute(dt).name
             for has_softcap in (False, True):
                 softcap = 30.0 if has_softcap else 1.0
+                transform = {"softcap_hi": softcap, "softcap_lo": 0.0, "inv_temp_hi": inv_temp, "inv_temp_lo": 0.0}
                 for write_grad in (False, True):
                     # grad: grad_out (logits dtype, row stride V) and scale.expand(n) (stride 0); without a
                     # gradient the launcher passes z and loss with zero strides.
                     add("ce_rows_kernel", {
                         "z_ptr": z, "z_stride": v, "grad_ptr": z, "grad_stride": v if write_grad else 0,
                         "labels_ptr": labels, "scale_ptr": out, "scale_stride": 0, "loss_ptr": out,
-                        "lse_ptr": out, "n_cols": v, "ignore_index": ignore_index, "label_smoothing": 0.0,
-                        "z_loss": 0.0, "softcap": softcap, "inv_temp": inv_temp,
+                        "lse_ptr": out, "n_cols": v, "ignore_index": ignore_index, "label_smoothing_hi": 0.0,
+                        "label_smoothing_lo": 0.0, "z_loss_hi": 0.0, "z_loss_lo": 0.0, **transform,
                     }, {"HAS_SOFTCAP": has_softcap, "WRITE_GRAD": write_grad, "BLOCK_V": bv,
                         "COMPUTE": compute}, nw, name, v)
                 for want_entropy in (False, True):
                     add("logprob_rows_fwd_kernel", {
                         "z_ptr": z, "z_stride": v, "targets_ptr": labels, "logp_ptr": out, "lse_ptr": out,
-                        "mean_s_ptr": out, "n_cols": v, "ignore_index": ignore_index, "softcap": softcap,
-                        "inv_temp": inv_temp,
+                        "mean_s_ptr": out, "n_cols": v, "ignore_index": ignore_index, **transform,
                     }, {"HAS_SOFTCAP": has_softcap, "WANT_ENTROPY": want_entropy, "BLOCK_V": bv,
                         "COMPUTE": compute}, nw, name, v)
                 for has_ent in (False, True):
                     add("logprob_rows_bwd_kernel", {
                         "z_ptr": z, "z_stride": v, "grad_ptr": z, "grad_stride": v, "targets_ptr": labels,
                         "lse_ptr": out, "mean_s_ptr": out, "g_logp_ptr": out, "g_ent_ptr": out, "n_cols": v,
-                        "ignore_index": ignore_index, "softcap": softcap, "inv_temp": inv_temp,
+                        "ignore_index": ignore_index, **transform,
                     }, {"HAS_SOFTCAP": has_softcap, "HAS_ENTROPY_GRAD": has_ent, "BLOCK_V": bv,
                         "COMPUTE": compute}, nw, name, v)
 

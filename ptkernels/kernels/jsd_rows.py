@@ -36,10 +36,12 @@ def _log_mix(log_p, log_q, log_beta, log_1m_beta):
 @triton.jit
 def jsd_rows_kernel(
     zs_ptr, zs_stride, zt_ptr, zt_stride, grad_ptr, grad_stride, labels_ptr, scale_ptr, scale_stride, loss_ptr,
-    n_cols, ignore_index, beta, inv_temp,
+    n_cols, ignore_index, beta_hi, beta_lo, inv_temp_hi, inv_temp_lo,
     MODE: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
+    # scalar floats arrive as fp32 (hi, lo) pairs (ops.grpo.split_fp32), rebuilt exactly in fp64 compute
+    inv_temp = (tl.zeros([], dtype=COMPUTE) + inv_temp_hi) + inv_temp_lo
     row = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + row * zs_stride
     zt_row = zt_ptr + row * zt_stride
@@ -84,8 +86,8 @@ def jsd_rows_kernel(
     ld_s = tl.log(d_s)
     ld_t = tl.log(d_t)
     if MODE == 2:  # 0 < beta < 1 here: both logs are finite
-        # beta arrives as fp32; its logs in the compute dtype keep beta + (1 - beta) = 1, so m = p when p = q
-        beta_c = tl.zeros([], dtype=COMPUTE) + beta
+        # its logs in the compute dtype keep beta + (1 - beta) = 1, so m = p when p = q
+        beta_c = (tl.zeros([], dtype=COMPUTE) + beta_hi) + beta_lo
         log_beta = tl.log(beta_c)
         log_1m_beta = tl.log(1.0 - beta_c)
     kl_q = tl.zeros([], dtype=COMPUTE)

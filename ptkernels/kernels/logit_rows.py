@@ -15,6 +15,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _scalar(hi, lo, COMPUTE: tl.constexpr):
+    """A float argument rebuilt in the compute dtype from its (hi, lo) fp32 pair (ops.grpo.split_fp32): Triton
+    passes scalar floats as fp32, and temperature 0.7 or softcap 30.1 must stay exact in fp64 compute."""
+    return (tl.zeros([], dtype=COMPUTE) + hi) + lo
+
+
+@triton.jit
 def _transform(z, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
     """Returns (s, t) with s the transformed logits and t = tanh(z / softcap) (0 without soft capping)."""
     if HAS_SOFTCAP:
@@ -32,9 +39,14 @@ def _transform(z, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def ce_rows_kernel(
     z_ptr, z_stride, grad_ptr, grad_stride, labels_ptr, scale_ptr, scale_stride, loss_ptr, lse_ptr,
-    n_cols, ignore_index, label_smoothing, z_loss, softcap, inv_temp,
+    n_cols, ignore_index, label_smoothing_hi, label_smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo,
+    inv_temp_hi, inv_temp_lo,
     HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
 ):
+    label_smoothing = _scalar(label_smoothing_hi, label_smoothing_lo, COMPUTE)
+    z_loss = _scalar(z_loss_hi, z_loss_lo, COMPUTE)
+    softcap = _scalar(softcap_hi, softcap_lo, COMPUTE)
+    inv_temp = _scalar(inv_temp_hi, inv_temp_lo, COMPUTE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     cols = tl.arange(0, BLOCK_V)
@@ -90,9 +102,11 @@ def ce_rows_kernel(
 @triton.jit
 def logprob_rows_fwd_kernel(
     z_ptr, z_stride, targets_ptr, logp_ptr, lse_ptr, mean_s_ptr,
-    n_cols, ignore_index, softcap, inv_temp,
+    n_cols, ignore_index, softcap_hi, softcap_lo, inv_temp_hi, inv_temp_lo,
     HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
 ):
+    softcap = _scalar(softcap_hi, softcap_lo, COMPUTE)
+    inv_temp = _scalar(inv_temp_hi, inv_temp_lo, COMPUTE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     cols = tl.arange(0, BLOCK_V)
@@ -131,9 +145,11 @@ def logprob_rows_fwd_kernel(
 @triton.jit
 def logprob_rows_bwd_kernel(
     z_ptr, z_stride, grad_ptr, grad_stride, targets_ptr, lse_ptr, mean_s_ptr, g_logp_ptr, g_ent_ptr,
-    n_cols, ignore_index, softcap, inv_temp,
+    n_cols, ignore_index, softcap_hi, softcap_lo, inv_temp_hi, inv_temp_lo,
     HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
 ):
+    softcap = _scalar(softcap_hi, softcap_lo, COMPUTE)
+    inv_temp = _scalar(inv_temp_hi, inv_temp_lo, COMPUTE)
     # dz = [g_logp onehot - p (g_logp + g_H (s - E_p[s]))] * ds/dz
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride

@@ -18,7 +18,11 @@ def default_chunk_size(num_classes: int, device: torch.device, dtype: torch.dtyp
     """Rows per chunk so that one chunk of logits stays small but the GEMMs stay efficient. ``dtype``: that of
     the hidden states when the loop runs GEMMs (None for the ops that take logits).
 
-    CUDA: about 2^26 logits (256 MiB in fp32) per chunk: large GEMMs keep the tensor cores busy. CPU: about
+    CUDA: about 2^28 logits per chunk (2048 rows at V=128256: 512 MiB in bf16): GEMM 3 (``dW += dz.T @ h``)
+    reads and writes the whole fp32 [V, D] accumulator once per chunk, so few, tall chunks keep the tensor cores
+    busy. On an H200 at N=8192 (25% masked), D=4096, V=128256, bf16, fwd+bwd ran at 1.56x the 3-GEMM floor with
+    512-row chunks, 1.22x with 2048 and 1.19x with 4096, the peak memory unchanged up to 2048 (the fp32
+    accumulator and the bf16 dW outweigh a chunk; benchmarks/RESULTS.md). CPU: about
     2^24 logits (64 MiB in fp32; 512 rows at V=32000) on ``torch.mm``, whose GEMM 2 (``dz @ W``, K = V) packs
     all of W again for every chunk (at 256 rows that cost ~5% at the DESIGN.md CPU size); about 2^23 (32 MiB,
     256 rows) where the GEMMs run on oneDNN (``gemm.onednn_route``), which returns a fresh chunk of logits
@@ -29,7 +33,7 @@ def default_chunk_size(num_classes: int, device: torch.device, dtype: torch.dtyp
     at a time (a row sits in L2), so the chunk need not fit a cache.
     """
     if device.type == "cuda":
-        budget = 1 << 26
+        budget = 1 << 28
     elif dtype is not None and gemm.onednn_route(device, dtype):
         budget = gemm.CPU_FRESH_BUFFER_BYTES // 4
     else:

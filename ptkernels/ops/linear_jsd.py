@@ -139,7 +139,7 @@ class TritonJSDRows:
 
     def jsd(self, zs, zt, labels, o: JSDRowOptions, *, want_grad=False, grad_scale=None, scratch=False):
         from ..kernels.jsd_rows import jsd_rows_kernel
-        from .triton_rows import _row_major, _tl_compute, num_warps
+        from .triton_rows import _row_major, _tl_compute, num_warps, split_fp32
 
         zs = _row_major(zs, "logits")
         zt = _row_major(zt, "ref_logits")
@@ -160,7 +160,7 @@ class TritonJSDRows:
         bv = jsd_block_v(v)
         jsd_rows_kernel[(n,)](
             zs, zs.stride(0), zt, zt.stride(0), g_ptr, g_stride, labels if has_labels else loss, scale, s_stride,
-            loss, v, o.ignore_index, float(o.beta), 1.0 / o.temperature,
+            loss, v, o.ignore_index, *split_fp32(float(o.beta)), *split_fp32(1.0 / o.temperature),
             MODE=o.mode, HAS_LABELS=has_labels, WRITE_GRAD=want_grad, BLOCK_V=bv, COMPUTE=_tl_compute(zs.dtype),
             num_warps=num_warps(bv),
         )
@@ -447,7 +447,8 @@ def aot_kernel_specs(vocabs=(32000, 128256), dtypes=("bf16", "fp32")):
                         args=(("zs_ptr", z), ("zs_stride", v), ("zt_ptr", z), ("zt_stride", v), ("grad_ptr", z),
                               ("grad_stride", v if write_grad else 0), ("labels_ptr", aot._ptr(torch.int64)),
                               ("scale_ptr", out), ("scale_stride", 0), ("loss_ptr", out), ("n_cols", v),
-                              ("ignore_index", -100), ("beta", 0.5), ("inv_temp", 1.0)),
+                              ("ignore_index", -100), ("beta_hi", 0.5), ("beta_lo", 0.0), ("inv_temp_hi", 1.0),
+                              ("inv_temp_lo", 0.0)),
                         constexprs=(("MODE", mode), ("HAS_LABELS", True), ("WRITE_GRAD", write_grad),
                                     ("BLOCK_V", bv), ("COMPUTE", launch._tl_compute(dt).name)),
                         num_warps=launch.num_warps(bv), dtype=name, vocab=(v,), tag=f"mode{mode}-V{v}"))

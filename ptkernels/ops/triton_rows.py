@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.logit_rows import ce_rows_kernel, logprob_rows_bwd_kernel, logprob_rows_fwd_kernel
+from .grpo import split_fp32
 from .logit_rows import RowOptions, compute_dtype
 
 MAX_BLOCK_V = 4096
@@ -33,7 +34,9 @@ def _row_major(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _transform_args(o: RowOptions):
-    return (1.0 if o.softcap is None else o.softcap), 1.0 / o.temperature, o.softcap is not None
+    """(softcap hi, lo, 1/temperature hi, lo), has_softcap: the kernels' scalar floats as fp32 pairs."""
+    scalars = (*split_fp32(1.0 if o.softcap is None else o.softcap), *split_fp32(1.0 / o.temperature))
+    return scalars, o.softcap is not None
 
 
 class TritonRows:
@@ -58,11 +61,11 @@ class TritonRows:
             g_ptr, g_stride, s_stride = grad, grad.stride(0), (scale.stride(0) if scale.dim() else 0)
         else:  # dummies: WRITE_GRAD=False never touches them
             g_ptr, g_stride, scale, s_stride = z, 0, loss, 0
-        softcap, inv_temp, has_softcap = _transform_args(o)
+        scalars, has_softcap = _transform_args(o)
         bv = block_v(v)
         ce_rows_kernel[(n,)](
             z, z.stride(0), g_ptr, g_stride, labels, scale, s_stride, loss, lse,
-            v, o.ignore_index, o.label_smoothing, o.z_loss, softcap, inv_temp,
+            v, o.ignore_index, *split_fp32(o.label_smoothing), *split_fp32(o.z_loss), *scalars,
             HAS_SOFTCAP=has_softcap, WRITE_GRAD=want_grad, BLOCK_V=bv, COMPUTE=_tl_compute(z.dtype),
             num_warps=num_warps(bv),
         )
@@ -77,11 +80,11 @@ class TritonRows:
         mean_s = torch.empty(n, dtype=cd, device=z.device) if want_entropy else None
         if n == 0:
             return logp, lse, mean_s
-        softcap, inv_temp, has_softcap = _transform_args(o)
+        scalars, has_softcap = _transform_args(o)
         bv = block_v(v)
         logprob_rows_fwd_kernel[(n,)](
             z, z.stride(0), targets, logp, lse, mean_s if want_entropy else lse,
-            v, o.ignore_index, softcap, inv_temp,
+            v, o.ignore_index, *scalars,
             HAS_SOFTCAP=has_softcap, WANT_ENTROPY=want_entropy, BLOCK_V=bv, COMPUTE=_tl_compute(z.dtype),
             num_warps=num_warps(bv),
         )
@@ -98,12 +101,12 @@ class TritonRows:
         g_logp = g_logp.to(cd).contiguous()
         has_ent = g_ent is not None
         g_ent = g_ent.to(cd).contiguous() if has_ent else g_logp
-        softcap, inv_temp, has_softcap = _transform_args(o)
+        scalars, has_softcap = _transform_args(o)
         bv = block_v(v)
         logprob_rows_bwd_kernel[(n,)](
             z, z.stride(0), grad_out, grad_out.stride(0), targets, lse.contiguous(),
             mean_s.contiguous() if has_ent else lse, g_logp, g_ent,
-            v, o.ignore_index, softcap, inv_temp,
+            v, o.ignore_index, *scalars,
             HAS_SOFTCAP=has_softcap, HAS_ENTROPY_GRAD=has_ent, BLOCK_V=bv, COMPUTE=_tl_compute(z.dtype),
             num_warps=num_warps(bv),
         )

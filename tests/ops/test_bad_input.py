@@ -9,11 +9,15 @@ from tests.helpers import DEVICE, rand
 D, V = 8, 31
 
 
+# The range checks run on CPU tensors: on CUDA they are device-side asserts (no host synchronization), which end
+# the process's CUDA context; tests/ops/test_gpu.py checks those in subprocesses.
+
+
 @pytest.mark.parametrize("fn", [ptk.linear_cross_entropy, ptk.linear_token_logprobs])
 def test_label_out_of_range(fn):
-    hidden, weight = rand(4, D), rand(V, D)
+    hidden, weight = rand(4, D, device="cpu"), rand(V, D, device="cpu")
     for bad in (V, -1, 10**6):
-        labels = torch.tensor([0, 1, bad, -100], device=DEVICE)
+        labels = torch.tensor([0, 1, bad, -100])
         with pytest.raises(ValueError, match="labels|targets"):
             fn(hidden, weight, labels)
 
@@ -21,7 +25,7 @@ def test_label_out_of_range(fn):
 @pytest.mark.parametrize("fn", [ptk.cross_entropy, ptk.token_logprobs])
 def test_label_out_of_range_from_logits(fn):
     with pytest.raises(ValueError, match="labels|targets"):
-        fn(rand(3, V), torch.tensor([0, V, 1], device=DEVICE))
+        fn(rand(3, V, device="cpu"), torch.tensor([0, V, 1]))
 
 
 def test_custom_ignore_index_is_respected():

@@ -27,7 +27,7 @@ def test_matches_reference(backend, reduction, option):
     kw = dict(reduction=reduction, **OPTIONS[option])
     ours = ptk.cross_entropy(logits, labels, chunk_size=7, backend=backend, **kw)
     truth = reference.cross_entropy(logits, labels, **kw)
-    g = torch.randn(truth.shape, dtype=torch.float64)
+    g = torch.randn(truth.shape, dtype=torch.float64, device=truth.device)
     rtol = 1e-10 if backend == "torch" else 1e-6
     assert_close_to_truth(ours, truth, rtol, "loss")
     assert_close_to_truth(torch.autograd.grad(ours, logits, g)[0], torch.autograd.grad(truth, logits, g)[0],

@@ -134,10 +134,11 @@ def test_fused_grpo_reference_backend_and_all_masked():
 
 def test_fused_grpo_errors():
     hidden, weight, bias, ids, mask, old, refp, adv = _problem()
-    bad = ids.clone()
+    bad = ids.cpu().clone()
     bad[0, 0] = V
-    with pytest.raises(ValueError, match="completion_ids"):
-        fused_linear_grpo_loss(hidden, weight, bad, mask, adv, backend="torch")
+    with pytest.raises(ValueError, match="completion_ids"):  # on CPU: on CUDA a device-side assert (test_gpu.py)
+        fused_linear_grpo_loss(hidden.detach().cpu(), weight.detach().cpu(), bad, mask.cpu(), adv.cpu(),
+                               backend="torch")
     with pytest.raises(ValueError, match="completion_mask has shape"):
         fused_linear_grpo_loss(hidden, weight, ids, mask[:, :3], adv, backend="torch")
     with pytest.raises(ValueError, match="hidden must be 3-D"):

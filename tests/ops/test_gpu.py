@@ -69,19 +69,34 @@ def test_sync_free_under_cuda_graph_capture():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_out_of_range_label_fails_without_a_host_sync():
-    """On CUDA the range check is torch._assert_async: it raises at the next synchronization. A device-side
-    assert poisons the CUDA context, so this runs in its own process."""
-    code = (
-        "import torch, ptkernels as ptk\n"
+# Value checks that on CUDA are device-side asserts (torch._assert_async or an assert in a kernel: no host
+# synchronization). Each case must fail at the next synchronization, naming what is wrong where the assert can
+# carry a message. A device-side assert ends the process's CUDA context, so each runs in its own process.
+DEVICE_CHECKS = {
+    "linear_cross_entropy labels": (
         "h = torch.randn(4, 8, device='cuda'); w = torch.randn(16, 8, device='cuda')\n"
-        "y = torch.tensor([0, 1, 99, -100], device='cuda')\n"
-        "loss = ptk.linear_cross_entropy(h, w, y, sync_free=True)\n"
-        "torch.cuda.synchronize()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode != 0
-    assert "labels" in out.stderr or "assert" in out.stderr.lower()
+        "ptk.linear_cross_entropy(h, w, torch.tensor([0, 1, 99, -100], device='cuda'), sync_free=True)\n"),
+    "linear_cross_entropy labels, counting valid tokens": (
+        "h = torch.randn(4, 8, device='cuda'); w = torch.randn(16, 8, device='cuda')\n"
+        "ptk.linear_cross_entropy(h, w, torch.tensor([0, 1, -7, -100], device='cuda'))\n"),
+    "linear_token_logprobs targets": (
+        "h = torch.randn(4, 8, device='cuda'); w = torch.randn(16, 8, device='cuda')\n"
+        "ptk.linear_token_logprobs(h, w, torch.tensor([0, 16, 1, -100], device='cuda'))\n"),
+    "cross_entropy labels": (
+        "ptk.cross_entropy(torch.randn(3, 16, device='cuda'), torch.tensor([0, 16, 1], device='cuda'))\n"),
+    "packed_sequence_logprobs cu_seqlens": (
+        "ptk.packed_sequence_logprobs(torch.randn(10, device='cuda'), torch.tensor([0, 6, 4, 10], device='cuda'))\n"),
+    "masked_var count": (
+        "ptk.masked_var(torch.randn(2, 3, device='cuda'), torch.zeros(2, 3, dtype=torch.bool, device='cuda'))\n"),
+}
+
+
+@pytest.mark.parametrize("case", list(DEVICE_CHECKS))
+def test_bad_values_fail_on_the_device_without_a_host_sync(case):
+    code = "import torch, ptkernels as ptk\n" + DEVICE_CHECKS[case] + "torch.cuda.synchronize()\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0, f"{case}: no error"
+    assert "assert" in out.stderr.lower(), f"{case}: {out.stderr[-2000:]}"
 
 
 def test_memory_stays_near_the_floor():
