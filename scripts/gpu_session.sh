@@ -85,7 +85,7 @@ stage bench_rl 150 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_ben
 # The reply shows the end of the output: the tests' verdict and the benchmarks' summary tables last.
 for name in tests bench_rl bench_lce; do
   echo "################ $name"
-  [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|^FAILED|^ERROR|^\| |^=+ ptkernels" "$OUT/$name.log" \
+  [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|crashed|^FAILED|^ERROR|^\| |^=+ ptkernels" "$OUT/$name.log" \
     | grep -v "^|---" | tail -n 45
 done
 cat "$SUMMARY"

@@ -23,8 +23,8 @@ def test_linear_cross_entropy_module():
 def test_grpo_module_matches_function():
     b, t = 4, 6
     logps, old = rand(b, t, requires_grad=False), rand(b, t, requires_grad=False)
-    adv = torch.randn(b, dtype=torch.float64)
-    mask = torch.ones(b, t)
+    adv = torch.randn(b, dtype=torch.float64, device=logps.device)
+    mask = torch.ones(b, t, device=logps.device)
     out = ptk.nn.GRPOLoss(loss_type="grpo", beta=0.0)(logps, old, adv, mask)
     ref = ptk.grpo_loss(logps, old, adv, mask, loss_type="grpo", beta=0.0)
     assert torch.equal(out.loss, ref.loss)

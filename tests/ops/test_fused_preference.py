@@ -309,8 +309,9 @@ def test_errors_are_clear():
         fused_linear_preference_loss(hidden, weight, labels[:, :4], **ref)
     with pytest.raises(ValueError, match="3-D"):
         fused_linear_preference_loss(hidden[:, 0], weight, labels[:, 0], **ref)
-    with pytest.raises(ValueError, match="labels"):
-        fused_linear_preference_loss(hidden, weight, labels.clamp(min=0) + V, **ref)
+    with pytest.raises(ValueError, match="labels"):  # a value check: on CUDA a device-side assert (test_gpu.py)
+        fused_linear_preference_loss(hidden.detach().cpu(), weight.detach().cpu(), labels.cpu().clamp(min=0) + V,
+                                     **{k: t.detach().cpu() for k, t in ref.items()})
     kh, kw_, kb, kl_labels, desirable = kto_problem()
     with pytest.raises(ValueError, match="exactly one"):
         fused_linear_kto_loss(kh, kw_, kl_labels, desirable)

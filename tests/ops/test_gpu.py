@@ -86,6 +86,11 @@ DEVICE_CHECKS = {
         "ptk.cross_entropy(torch.randn(3, 16, device='cuda'), torch.tensor([0, 16, 1], device='cuda'))\n"),
     "packed_sequence_logprobs cu_seqlens": (
         "ptk.packed_sequence_logprobs(torch.randn(10, device='cuda'), torch.tensor([0, 6, 4, 10], device='cuda'))\n"),
+    "fused_linear_preference_loss labels": (
+        "h = torch.randn(2, 3, 8, device='cuda'); w = torch.randn(16, 8, device='cuda')\n"
+        "ptk.fused_linear_preference_loss(h, w, torch.full((2, 3), 16, device='cuda'),\n"
+        "                                 ref_chosen_logps=torch.zeros(1, device='cuda'),\n"
+        "                                 ref_rejected_logps=torch.zeros(1, device='cuda'))\n"),
     "masked_var count": (
         "ptk.masked_var(torch.randn(2, 3, device='cuda'), torch.zeros(2, 3, dtype=torch.bool, device='cuda'))\n"),
 }

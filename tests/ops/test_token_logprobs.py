@@ -101,6 +101,6 @@ def test_all_ignored_gives_zeros():
     hidden, weight = rand(4, D), rand(V, D)
     targets = torch.full((4,), -100, device=DEVICE)
     logp, ent = ptk.linear_token_logprobs(hidden, weight, targets, return_entropy=True)
-    assert torch.equal(logp, torch.zeros(4, dtype=logp.dtype)) and torch.equal(ent, torch.zeros_like(ent))
+    assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(ent, torch.zeros_like(ent))
     gh, = torch.autograd.grad(logp.sum() + ent.sum(), (hidden,))
     assert torch.equal(gh, torch.zeros_like(gh))
