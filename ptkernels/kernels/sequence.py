@@ -15,6 +15,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _div(a, b, COMPUTE: tl.constexpr):
+    """a / b rounded as IEEE division, as PyTorch divides: Triton's fp32 ``/`` on a GPU is the approximate
+    div.full.f32 (up to 2 ulp), which made the gradient of a mean differ from ``mask / count`` (seen on an H200)."""
+    if COMPUTE == tl.float32:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
 def _bounds(cu_ptr, s, row_stride, seq_len, PACKED: tl.constexpr):
     """(start, end) of sequence ``s`` in element offsets of the flat storage."""
     if PACKED:
@@ -50,7 +60,7 @@ def sequence_logprobs_fwd_kernel(
     total = tl.sum(acc, axis=0)
     d = tl.sum(den, axis=0)
     if AVERAGE:
-        total = tl.where(d != 0.0, total / tl.where(d != 0.0, d, 1.0), 0.0)
+        total = tl.where(d != 0.0, _div(total, tl.where(d != 0.0, d, 1.0), COMPUTE), 0.0)
     tl.store(out_ptr + s, total)
     tl.store(den_ptr + s, d)
 
@@ -67,7 +77,7 @@ def sequence_logprobs_bwd_kernel(
     g = tl.load(g_ptr + s).to(COMPUTE)
     if AVERAGE:
         d = tl.load(den_ptr + s).to(COMPUTE)
-        g = tl.where(d != 0.0, g / tl.where(d != 0.0, d, 1.0), 0.0)
+        g = tl.where(d != 0.0, _div(g, tl.where(d != 0.0, d, 1.0), COMPUTE), 0.0)
     cols = tl.arange(0, BLOCK_T)
     for t0 in range(start, end, BLOCK_T):
         offs = t0 + cols
