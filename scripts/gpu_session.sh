@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (see README "GPU checks"): build the native extension with its CUDA part, the
+# One prepared run for a lent GPU (see README, "GPU checks"): build the native extension with its CUDA part, the
 # GPU-size benchmarks of linear_cross_entropy / token log-probs (issue 2's GPU targets), the tests on CUDA (Triton
 # compiled for real), then the DPO and GRPO benchmarks. Logs and figures land in $OUT (the device tool brings back
 # at most 8 files: this script writes 7).
