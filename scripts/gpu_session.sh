@@ -2,11 +2,11 @@
 # One prepared run for a lent GPU (see README, "GPU checks"): build the native extension with its CUDA part, the
 # GPU-size benchmarks of linear_cross_entropy / token log-probs (issue 2's GPU targets), the tests on CUDA (Triton
 # compiled for real), then the DPO and GRPO benchmarks. Logs and figures land in $OUT (the device tool brings back
-# at most 8 files: this script writes 7).
+# at most 8 files: this script writes 8).
 #
 #   device run:  bash scripts/gpu_session.sh     (carry .whl holding a liger-kernel wheel to benchmark Liger too)
 #
-# PTK_GPU_STAGES says which stages run (default "build bench_lce tests bench_rl"); PTK_CHUNK_SWEEP=0 leaves
+# PTK_GPU_STAGES says which stages run (default "build bench_lce tests bench_rl trainers"); PTK_CHUNK_SWEEP=0 leaves
 # the chunk-size sweep out of bench_lce. The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
 # to what is left, so a hang in one still returns the others' logs. Stages run one after another, never two at a
 # time on the GPU, so the timings are undisturbed.
@@ -19,7 +19,7 @@ START=$(date +%s)
 DEADLINE=$((START + ${PTK_GPU_BUDGET_S:-560}))
 SUMMARY="$OUT/session.log"
 
-STAGES=" ${PTK_GPU_STAGES:-build bench_lce tests bench_rl} "
+STAGES=" ${PTK_GPU_STAGES:-build bench_lce tests bench_rl trainers} "
 SWEEP=(--chunk-sweep)
 [[ "${PTK_CHUNK_SWEEP:-1}" == 0 ]] && SWEEP=()
 
@@ -68,8 +68,8 @@ stage bench_lce 240 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_be
   --benchmark-only --interleaved "${SWEEP[@]}" -q -p no:cacheprovider --benchmark-json="$OUT/bench_lce.json" \
   --benchmark-columns=median,min,rounds
 
-# 3. The tests on CUDA (every Triton kernel compiled for sm_90, the CUDA-only tests). The AOT compile checks, the
-#    Hugging Face tests and the trainers' tests run in CI on CPU already.
+# 3. The tests on CUDA (every Triton kernel compiled for sm_90, the CUDA-only tests). The AOT compile checks and the
+#    Hugging Face tests run on CPU in CI (nothing there takes a GPU); the trainers' tests are stage 5.
 parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 12)
 python3 -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout=120)
@@ -82,8 +82,13 @@ stage bench_rl 150 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_ben
   benchmarks/test_bench_preference.py --benchmark-only --interleaved -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench_rl.json" --benchmark-columns=median,min,rounds
 
+# 5. The trainers' tests on CUDA (the stages take the GPU and bf16 autocast there), less the two-process ones (one
+#    GPU here: NCCL wants one per rank) and those that need `datasets` (not on the GPU image).
+stage trainers 150 python3 -m pytest tests/trainers -q -p no:cacheprovider -rfE "${parallel[@]}" \
+  -k "not two_processes and not dataset"
+
 # The reply shows the end of the output: the tests' verdict and the benchmarks' summary tables last.
-for name in tests bench_rl bench_lce; do
+for name in trainers tests bench_rl bench_lce; do
   echo "################ $name"
   [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|crashed|^FAILED|^ERROR|^\| |^=+ ptkernels" "$OUT/$name.log" \
     | grep -v "^|---" | tail -n 45
