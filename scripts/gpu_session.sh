@@ -84,13 +84,16 @@ stage bench_rl 150 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_ben
 
 # 5. The trainers' tests on CUDA (the stages take the GPU and bf16 autocast there), less the two-process ones (one
 #    GPU here: NCCL wants one per rank) and those that need `datasets` (not on the GPU image).
-stage trainers 150 python3 -m pytest tests/trainers -q -p no:cacheprovider -rfE "${parallel[@]}" \
+#    -v and a 60-s limit per test: the log names each result as it lands, so a stage cut short by its box still
+#    says what failed (the first try, 2026-11-30, ran out at 144 s with one failure it never got to name).
+trainer_parallel=("${parallel[@]/--timeout=120/--timeout=60}")
+stage trainers 240 python3 -m pytest tests/trainers -v -p no:cacheprovider -rfE "${trainer_parallel[@]}" \
   -k "not two_processes and not dataset"
 
 # The reply shows the end of the output: the tests' verdict and the benchmarks' summary tables last.
 for name in trainers tests bench_rl bench_lce; do
   echo "################ $name"
-  [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|crashed|^FAILED|^ERROR|^\| |^=+ ptkernels" "$OUT/$name.log" \
-    | grep -v "^|---" | tail -n 45
+  [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|crashed|FAILED|^ERROR|^\| |^=+ ptkernels" \
+    "$OUT/$name.log" | grep -v "^|---" | tail -n 45
 done
 cat "$SUMMARY"
