@@ -6,13 +6,15 @@ value after a sequence's last valid token is 0: right padding gives no bootstrap
     delta_t = r_t + gamma * v_{t+1} - v_t,     A_t = delta_t + gamma * lam * A_{t+1},     A_T = v_T = 0
     advantages = A * m,   returns = (A + v) * m
 
-The recursion is inherently sequential in t; the loop carries A_{t+1} and v_{t+1} in registers. Scalar float
-arguments arrive as fp32, so gamma and gamma * lam come as (hi, lo) fp32 pairs whose sum rebuilds them in fp64
-compute (see kernels/grpo.py). Masked entries are never used unmasked, so garbage there (NaN, inf) cannot leak.
+The recursion is inherently sequential in t; the loop carries A_{t+1} and v_{t+1} in registers. gamma and
+gamma * lam come as (hi, lo) fp32 pairs (kernels/scalars.py). Masked entries are never used unmasked, so garbage
+there (NaN, inf) cannot leak.
 """
 
 import triton
 import triton.language as tl
+
+from .scalars import fp32_pair
 
 
 @triton.jit
@@ -20,8 +22,8 @@ def gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, n_cols, gamm
                COMPUTE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
-    gamma = (tl.zeros([], dtype=COMPUTE) + gamma_hi) + gamma_lo
-    gl = (tl.zeros([], dtype=COMPUTE) + gl_hi) + gl_lo  # gamma * lam
+    gamma = fp32_pair(gamma_hi, gamma_lo, COMPUTE)
+    gl = fp32_pair(gl_hi, gl_lo, COMPUTE)  # gamma * lam
     last = tl.zeros([], dtype=COMPUTE)
     next_v = tl.zeros([], dtype=COMPUTE)
     for i in range(0, n_cols):

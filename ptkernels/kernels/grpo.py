@@ -16,13 +16,13 @@ Outputs per row: loss = sum_t norm m l, kl = sum_t m k3, low/high/region = sum_t
 or the row's indicator (sequence level); grad[t] = norm m dl/dlogp_t. Masked tokens (m = 0) are never read
 into an exp, so garbage there (INVALID_LOGPROB, -inf) cannot make NaNs.
 
-Scalar float arguments arrive as fp32, so each parameter (lo, hi, delta, beta) comes as a pair (x_hi, x_lo) with
-x_hi = fp32(x) and x_lo = fp32(x - x_hi): x_hi + x_lo rebuilds x to ~2^-48 in fp64 compute, and is x_hi in fp32
-(no device tensor, so no host-to-device copy in the hot loop).
+Each float parameter (lo, hi, delta, beta) comes as an (x_hi, x_lo) fp32 pair (kernels/scalars.py).
 """
 
 import triton
 import triton.language as tl
+
+from .scalars import fp32_pair
 
 
 @triton.jit
@@ -57,10 +57,10 @@ def grpo_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
     cols = tl.arange(0, BLOCK)
-    lo = (tl.zeros([], dtype=COMPUTE) + lo_hi) + lo_lo
-    hi = (tl.zeros([], dtype=COMPUTE) + hi_hi) + hi_lo
-    delta = (tl.zeros([], dtype=COMPUTE) + delta_hi) + delta_lo
-    beta = (tl.zeros([], dtype=COMPUTE) + beta_hi) + beta_lo
+    lo = fp32_pair(lo_hi, lo_lo, COMPUTE)
+    hi = fp32_pair(hi_hi, hi_lo, COMPUTE)
+    delta = fp32_pair(delta_hi, delta_lo, COMPUTE)
+    beta = fp32_pair(beta_hi, beta_lo, COMPUTE)
     loss_acc = tl.zeros([], dtype=COMPUTE)
     kl_acc = tl.zeros([], dtype=COMPUTE)
     low_acc = tl.zeros([], dtype=COMPUTE)

@@ -22,6 +22,8 @@ runs for 0 < beta < 1. Rows whose label is ``ignore_index`` give loss 0 and a ze
 import triton
 import triton.language as tl
 
+from .scalars import fp32_pair
+
 
 @triton.jit
 def _log_mix(log_p, log_q, log_beta, log_1m_beta):
@@ -40,8 +42,7 @@ def jsd_rows_kernel(
     MODE: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
-    # scalar floats arrive as fp32 (hi, lo) pairs (ops.grpo.split_fp32), rebuilt exactly in fp64 compute
-    inv_temp = (tl.zeros([], dtype=COMPUTE) + inv_temp_hi) + inv_temp_lo
+    inv_temp = fp32_pair(inv_temp_hi, inv_temp_lo, COMPUTE)  # float arguments: kernels/scalars.py
     row = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + row * zs_stride
     zt_row = zt_ptr + row * zt_stride
@@ -87,7 +88,7 @@ def jsd_rows_kernel(
     ld_t = tl.log(d_t)
     if MODE == 2:  # 0 < beta < 1 here: both logs are finite
         # its logs in the compute dtype keep beta + (1 - beta) = 1, so m = p when p = q
-        beta_c = (tl.zeros([], dtype=COMPUTE) + beta_hi) + beta_lo
+        beta_c = fp32_pair(beta_hi, beta_lo, COMPUTE)
         log_beta = tl.log(beta_c)
         log_1m_beta = tl.log(1.0 - beta_c)
     kl_q = tl.zeros([], dtype=COMPUTE)

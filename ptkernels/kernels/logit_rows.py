@@ -13,12 +13,7 @@ every Triton version (3.6+) and in the interpreter.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _scalar(hi, lo, COMPUTE: tl.constexpr):
-    """A float argument rebuilt in the compute dtype from its (hi, lo) fp32 pair (ops.grpo.split_fp32): Triton
-    passes scalar floats as fp32, and temperature 0.7 or softcap 30.1 must stay exact in fp64 compute."""
-    return (tl.zeros([], dtype=COMPUTE) + hi) + lo
+from .scalars import fp32_pair
 
 
 @triton.jit
@@ -43,10 +38,10 @@ def ce_rows_kernel(
     inv_temp_hi, inv_temp_lo,
     HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    label_smoothing = _scalar(label_smoothing_hi, label_smoothing_lo, COMPUTE)
-    z_loss = _scalar(z_loss_hi, z_loss_lo, COMPUTE)
-    softcap = _scalar(softcap_hi, softcap_lo, COMPUTE)
-    inv_temp = _scalar(inv_temp_hi, inv_temp_lo, COMPUTE)
+    label_smoothing = fp32_pair(label_smoothing_hi, label_smoothing_lo, COMPUTE)
+    z_loss = fp32_pair(z_loss_hi, z_loss_lo, COMPUTE)
+    softcap = fp32_pair(softcap_hi, softcap_lo, COMPUTE)
+    inv_temp = fp32_pair(inv_temp_hi, inv_temp_lo, COMPUTE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     cols = tl.arange(0, BLOCK_V)
@@ -105,8 +100,8 @@ def logprob_rows_fwd_kernel(
     n_cols, ignore_index, softcap_hi, softcap_lo, inv_temp_hi, inv_temp_lo,
     HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    softcap = _scalar(softcap_hi, softcap_lo, COMPUTE)
-    inv_temp = _scalar(inv_temp_hi, inv_temp_lo, COMPUTE)
+    softcap = fp32_pair(softcap_hi, softcap_lo, COMPUTE)
+    inv_temp = fp32_pair(inv_temp_hi, inv_temp_lo, COMPUTE)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     cols = tl.arange(0, BLOCK_V)
@@ -148,8 +143,8 @@ def logprob_rows_bwd_kernel(
     n_cols, ignore_index, softcap_hi, softcap_lo, inv_temp_hi, inv_temp_lo,
     HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    softcap = _scalar(softcap_hi, softcap_lo, COMPUTE)
-    inv_temp = _scalar(inv_temp_hi, inv_temp_lo, COMPUTE)
+    softcap = fp32_pair(softcap_hi, softcap_lo, COMPUTE)
+    inv_temp = fp32_pair(inv_temp_hi, inv_temp_lo, COMPUTE)
     # dz = [g_logp onehot - p (g_logp + g_H (s - E_p[s]))] * ds/dz
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride

@@ -241,8 +241,8 @@ def grpo_rows_torch(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: b
 
 
 def split_fp32(x: float) -> tuple[float, float]:
-    """(hi, lo) with hi = fp32(x), lo = fp32(x - hi): a Triton kernel rebuilds x as hi + lo in its compute dtype
-    (scalar float arguments arrive as fp32; this keeps fp64 exact to ~2^-48 without a device tensor)."""
+    """(hi, lo) with hi = fp32(x), lo = fp32(x - hi): how every Triton kernel here takes a float argument, rebuilt
+    as hi + lo in its compute dtype (ptkernels/kernels/scalars.py: Triton passes Python floats as fp32)."""
     hi = struct.unpack("f", struct.pack("f", x))[0] if math.isfinite(x) else x
     lo = x - hi if math.isfinite(x) else 0.0
     return hi, struct.unpack("f", struct.pack("f", lo))[0]
