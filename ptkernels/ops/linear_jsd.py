@@ -139,7 +139,8 @@ class TritonJSDRows:
 
     def jsd(self, zs, zt, labels, o: JSDRowOptions, *, want_grad=False, grad_scale=None, scratch=False):
         from ..kernels.jsd_rows import jsd_rows_kernel
-        from .triton_rows import _row_major, _tl_compute, num_warps, split_fp32
+        from .grpo import split_fp32
+        from .triton_rows import _row_major, _tl_compute, num_warps
 
         zs = _row_major(zs, "logits")
         zt = _row_major(zt, "ref_logits")
