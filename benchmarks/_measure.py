@@ -12,7 +12,7 @@ Floor
     The fused linear cross-entropy needs three GEMMs of useful work, 6*N_valid*D*V FLOPs in all:
     ``z = h @ W.T``, ``dh = dz @ W`` and ``dW = dz.T @ h``. ``measure_matmul_rate`` times exactly those three
     products, unchunked, on the machine and dtype of the benchmark with every GEMM library ptkernels can use
-    there (``torch.mm``; on CPU in fp32 also oneDNN, see ptkernels/ops/gemm.py) and keeps the fastest: the
+    there (``torch.mm``; on CPU in fp32 also oneDNN, see ptkernels/ops/core/gemm.py) and keeps the fastest: the
     floor time of a case is its useful FLOPs over that rate, so a faster library never flatters the ratio.
 """
 
@@ -81,11 +81,11 @@ class MatmulRate:
 
 def three_gemms(h: torch.Tensor, w: torch.Tensor, dz: torch.Tensor, library: str) -> dict:
     """The three products as zero-argument calls on ``library``: "torch.mm", or "ptkernels" (the GEMMs of
-    ptkernels/ops/gemm.py, which take oneDNN for large fp32 CPU GEMMs and ``torch.mm`` elsewhere)."""
+    ptkernels/ops/core/gemm.py, which take oneDNN for large fp32 CPU GEMMs and ``torch.mm`` elsewhere)."""
     if library == "torch.mm":
         return {"h@W.T": lambda: torch.mm(h, w.t()), "dz@W": lambda: torch.mm(dz, w),
                 "dz.T@h": lambda: torch.mm(dz.t(), h)}
-    from ptkernels.ops import gemm
+    from ptkernels.ops.core import gemm
 
     acc = gemm.weight_grad_buffer(w, h, h.dtype)
     return {"h@W.T": lambda: gemm.logits(h, w), "dz@W": lambda: gemm.input_grad(dz, w),
@@ -93,7 +93,7 @@ def three_gemms(h: torch.Tensor, w: torch.Tensor, dz: torch.Tensor, library: str
 
 
 def gemm_libraries(device: torch.device, dtype: torch.dtype) -> list[str]:
-    from ptkernels.ops import gemm
+    from ptkernels.ops.core import gemm
 
     return ["torch.mm", "ptkernels"] if gemm.onednn_route(device, dtype) else ["torch.mm"]
 

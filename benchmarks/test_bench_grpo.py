@@ -28,7 +28,7 @@ from _measure import cuda_peak_growth, peak_rss_growth, sync, useful_flops
 from conftest import DEVICE, SESSION_RESULTS, bench_rounds, bench_size
 
 import ptkernels
-from ptkernels.ops.dispatch import triton_interpreting, unusable_reason
+from ptkernels.ops.core.dispatch import triton_interpreting, unusable_reason
 from ptkernels.ops.grpo import group_advantages
 from ptkernels.reference import rl as ref_rl
 

@@ -30,9 +30,9 @@ from _measure import cuda_peak_growth, gemm_libraries, peak_rss_growth, sync, th
 from conftest import INTERLEAVED_RESULTS, SESSION_RESULTS, WARMUP_SIZE, bench_rounds, mem_repeats
 
 import ptkernels
-from ptkernels.ops import gemm
-from ptkernels.ops.chunking import default_chunk_size
-from ptkernels.ops.dispatch import resolve_backend, triton_interpreting, unusable_reason
+from ptkernels.ops.core import gemm
+from ptkernels.ops.core.chunking import default_chunk_size
+from ptkernels.ops.core.dispatch import resolve_backend, triton_interpreting, unusable_reason
 
 IGNORE = -100
 OPS = ("linear_cross_entropy", "linear_token_logprobs")
@@ -170,8 +170,8 @@ def skip_reason(op: str, impl: str, device: torch.device) -> str | None:
             return f"ptkernels backend {backend!r} not usable: {reason}"
         if backend == "triton" and device.type == "cpu" and triton_interpreting():
             return "the Triton interpreter (TRITON_INTERPRET=1) is never benchmarked"
-        rows_module = {"triton": "ptkernels.ops.triton_rows",
-                       "native": "ptkernels.ops.native_rows"}.get(backend)
+        rows_module = {"triton": "ptkernels.ops.backends.triton",
+                       "native": "ptkernels.ops.backends.native"}.get(backend)
         if rows_module and importlib.util.find_spec(rows_module) is None:
             return f"ptkernels backend {backend!r}: {rows_module} does not exist yet"
     return None

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from _measure import cuda_peak_growth, peak_rss_growth, sync
 from conftest import SESSION_RESULTS, bench_rounds
 
-from ptkernels.ops.dispatch import triton_interpreting, unusable_reason
+from ptkernels.ops.core.dispatch import triton_interpreting, unusable_reason
 from ptkernels.ops.fused_preference import fused_linear_preference_loss
 
 IGNORE = -100

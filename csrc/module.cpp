@@ -3,7 +3,7 @@
 //
 // The ABI is deliberately small and pointer-based: tensors arrive as data pointers (Python ints), sizes, row
 // strides and a dtype code, so this module compiles without PyTorch's headers and links against no PyTorch
-// library. The Python side (ptkernels/ops/native.py) is the only caller: it validates every dtype, shape, stride,
+// library. The Python side (ptkernels/ops/backends/native_ops.py) is the only caller: it validates every dtype, shape, stride,
 // device and index before a call, so that no argument can make a kernel read or write out of bounds; the kernels
 // check again what is cheap to check (label range, segment bounds, sizes) and report it through their return
 // value, which becomes a Python exception here. The GIL is released while a kernel runs.
@@ -52,7 +52,7 @@ void check_cuda(int code, const char* what) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ptkernels native kernels (C++ / OpenMP on CPU; CUDA when built with it). Called only through "
-            "ptkernels.ops.native, which validates every argument.";
+            "ptkernels.ops.backends.native_ops, which validates every argument.";
   m.attr("abi_version") = kAbiVersion;
 #ifdef PTK_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -17,17 +17,15 @@ Public API (names are a contract; see README.md):
 """
 
 from . import nn, reference
+from .ops.core.dispatch import backends
 from .ops.cross_entropy import cross_entropy
-from .ops.dispatch import backends
 from .ops.fused_grpo import fused_linear_grpo_loss
 from .ops.fused_preference import fused_linear_kto_loss, fused_linear_preference_loss
-from .ops.grpo import GRPOOutput, group_advantages, grpo_loss
+from .ops.grpo import group_advantages, grpo_loss
 from .ops.kl import kl_penalty
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.linear_jsd import linear_jsd, linear_kl_divergence
 from .ops.ppo import (
-    PPOPolicyOutput,
-    PPOValueOutput,
     gae,
     masked_mean,
     masked_var,
@@ -36,8 +34,6 @@ from .ops.ppo import (
     ppo_value_loss,
 )
 from .ops.preference import (
-    KTOLossOutput,
-    PreferenceLossOutput,
     cpo_loss,
     dpo_loss,
     kto_loss,
@@ -46,6 +42,7 @@ from .ops.preference import (
 )
 from .ops.sequence_logprobs import packed_sequence_logprobs, sequence_logprobs
 from .ops.token_logprobs import linear_token_logprobs, token_logprobs
+from .types import GRPOOutput, KTOLossOutput, PPOPolicyOutput, PPOValueOutput, PreferenceLossOutput
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from .ops.checks import check_options
+from .ops.core.checks import check_options
 from .ops.fused_grpo import fused_linear_grpo_loss
 from .ops.fused_preference import fused_linear_kto_loss, fused_linear_preference_loss
 from .ops.grpo import grpo_loss

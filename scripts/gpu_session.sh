@@ -58,7 +58,7 @@ fi
 
 # 1. The native extension with its CUDA part, for sm_90 only (pybind11, ninja and nvcc are on the GPU image).
 stage build 150 bash -c 'PTK_BUILD_CUDA=1 PTK_CUDA_ARCHS=90 MAX_JOBS="$(nproc)" python3 setup.py build_ext --inplace \
-  && python3 -c "import ptkernels as p; from ptkernels.ops.dispatch import unusable_reason as u
+  && python3 -c "import ptkernels as p; from ptkernels.ops.core.dispatch import unusable_reason as u
 print(\"backends on cuda:\", p.backends(\"cuda\"), \"| native:\", u(\"native\", \"cuda\") or \"usable\")"'
 tail -3 "$OUT/build.log" | tee -a "$SUMMARY"
 
@@ -74,7 +74,7 @@ parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 12)
 python3 -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout=120)
 stage tests 180 python3 -m pytest tests -q -p no:cacheprovider -rfE "${parallel[@]}" \
-  --ignore=tests/kernels/test_compile_gpu.py --ignore=tests/native/test_cuda_compile.py \
+  --ignore=tests/tools/test_aot_compile.py --ignore=tests/ops/backends/test_cuda_compile.py \
   --ignore=tests/integrations --ignore=tests/trainers
 
 # 4. DPO (4 pairs x T=1024) and GRPO (8 x T=1024) at D=4096, V=128256, bf16.

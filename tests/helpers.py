@@ -40,7 +40,7 @@ def grads(outputs, inputs, grad_outputs):
 def bf16_store_slack(backend, dtype) -> float:
     """Triton's CPU interpreter rounds fp32 -> bf16 stores toward zero (the GPU rounds to nearest even), which
     doubles the rounding error of a bf16 gradient written by a Triton kernel. Tests allow for that there only."""
-    from ptkernels.ops.dispatch import triton_interpreting
+    from ptkernels.ops.core.dispatch import triton_interpreting
 
     if backend == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu" and triton_interpreting():
         return 2.0

@@ -1,5 +1,5 @@
 // C++ ABI of the ptkernels CPU kernels (csrc/cpu/*.cpp). Plain pointers and sizes: no PyTorch header is needed,
-// and the Python side (ptkernels/ops/native.py) validates every pointer, size, stride and dtype before a call.
+// and the Python side (ptkernels/ops/backends/native_ops.py) validates every pointer, size, stride and dtype before a call.
 //
 // dtype codes: 0 = fp32, 1 = fp16, 2 = bf16, 3 = fp64 (0..2 as in csrc/cuda/ptk_cuda.h). "Compute type" C is
 // double for fp64 storage and float otherwise: per-row inputs and outputs (grad_scale, loss, lse, logp, mean_s,
@@ -14,7 +14,7 @@
 
 namespace ptk { namespace cpu {
 
-// Cross-entropy rows (ptkernels/ops/logit_rows.py, TorchRows.ce):
+// Cross-entropy rows (ptkernels/ops/backends/torch.py, TorchRows.ce):
 //   s = softcap * tanh(z / softcap) * inv_temperature   (softcap <= 0: s = z * inv_temperature)
 //   loss = (1 - eps)(lse - s_y) + eps (lse - mean(s)) + z_loss lse^2,   lse = logsumexp(s)
 //   grad (when non-null, may be the logits themselves) = grad_scale[i] * dloss/dz (grad_scale null: 1)

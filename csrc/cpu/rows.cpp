@@ -1,6 +1,6 @@
 // CPU row kernels over one chunk of logits z [n_rows, n_cols]: the non-GEMM half of the fused ops.
 //
-// The same formulas as ptkernels/ops/logit_rows.py (TorchRows is the spec) and ptkernels/kernels/logit_rows.py:
+// The same formulas as ptkernels/ops/backends/torch.py (TorchRows is the spec) and ptkernels/kernels/rows.py:
 // one OpenMP thread per row at a time; per row,
 //   pass 1 streams the row once in blocks of kBlock columns: each block's transformed logits s go to an
 //          L1-resident buffer, its max updates the running max (rescaling the running sum of exp), then one

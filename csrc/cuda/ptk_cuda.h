@@ -11,7 +11,7 @@
 namespace ptk { namespace cuda {
 
 // Cross-entropy rows of logits z [n_rows, n_cols] (row stride logits_stride, unit column stride), the formulas of
-// ptkernels/kernels/logit_rows.py:ce_rows_kernel. loss[n_rows], lse[n_rows] (0 on ignore_index rows).
+// ptkernels/kernels/rows.py:ce_rows_kernel. loss[n_rows], lse[n_rows] (0 on ignore_index rows).
 // grad == nullptr: no gradient; else grad [n_rows, n_cols] (stride grad_stride, same dtype as logits, may alias
 // logits) = grad_scale[row * scale_stride] * dloss/dz (grad_scale == nullptr: 1). softcap <= 0: no soft capping.
 int ce_rows(const void* logits, int64_t logits_stride, void* grad, int64_t grad_stride, int dtype,

@@ -1,1 +1,2 @@
-"""@triton.jit kernels only, one family per file. Launchers live in ptkernels/ops/."""
+"""@triton.jit kernels only, one family per file (rows, jsd, grpo, gae, sequence; scalars is their shared fp32
+pair helper). Launchers live in ptkernels/ops/backends/triton.py."""

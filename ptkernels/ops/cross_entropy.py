@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .checks import check_float, check_labels, check_options
-from .chunking import default_chunk_size
-from .dispatch import resolve_backend
-from .logit_rows import RowOptions, compute_dtype, get_rows
+from ..types import compute_dtype
+from .backends import get_rows
+from .backends.base import RowOptions
+from .core.checks import check_float, check_labels, check_options
+from .core.chunking import default_chunk_size
+from .core.dispatch import resolve_backend
 
 
 def _chunks(n: int, chunk: int):

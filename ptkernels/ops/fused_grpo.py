@@ -6,7 +6,7 @@ except logp itself, and logp_t needs only its own row of logits. GSPO's sequence
 of one whole sequence, so at importance_sampling_level="sequence" a chunk holds whole sequences. The loop:
 
     z    = h_c @ W.T (+ b)                         GEMM 1, one chunk of logits [c, V]
-    logp, lse (, E_p[s])  = logprob_fwd(z)         row kernels (ptkernels/ops/logit_rows.py), c values each
+    logp, lse (, E_p[s])  = logprob_fwd(z)         row kernels (ptkernels/ops/backends/torch.py), c values each
     l, dl/dlogp = GRPO surrogate on the chunk      ptkernels/kernels/grpo.py (or PyTorch ops)
     dz   = logprob_bwd(z, dl/dlogp, dl/dH)         written in place of z
     dh_c = dz @ W;  dW += dz.T @ h_c               GEMMs 2 and 3
@@ -25,23 +25,22 @@ from __future__ import annotations
 import torch
 
 from ..reference import rl as ref_rl
-from ..reference.rl import GRPOOutput
-from . import gemm
-from .checks import check_float, check_head, check_labels, check_options
-from .chunking import ChunkLogits, RowPlan, default_chunk_size, take, want_sync_free
-from .dispatch import resolve_backend
+from ..types import GRPOOutput, compute_dtype
+from . import backends
+from .backends import get_rows
+from .backends.base import GRPOParams, RowOptions
+from .core import gemm
+from .core.checks import check_float, check_head, check_labels, check_options
+from .core.chunking import ChunkLogits, RowPlan, apply_head_grads, default_chunk_size, take, want_sync_free
+from .core.dispatch import resolve_backend
 from .grpo import (
-    GRPOParams,
     check_advantages,
     check_grpo_options,
     check_mask,
     check_token_tensor,
     finish_metrics,
-    get_grpo_rows,
     row_normalizers,
 )
-from .linear_cross_entropy import apply_head_grads
-from .logit_rows import RowOptions, compute_dtype, get_rows
 
 IGNORE = -100
 
@@ -214,7 +213,7 @@ def fused_linear_grpo_loss(
         completion_ids ``[B, T]`` ints in [0, V) where the mask is set; completion_mask ``[B, T]`` bool/int/float.
         advantages ``[B]``; old_logps, ref_logps ``[B, T]`` (constants: no gradient flows into them).
         return_entropy: compute the mean entropy (``output.entropy``) even without an entropy bonus.
-        chunk_size: completion tokens per chunk (default: ``ops.chunking.default_chunk_size(V)``, at least T);
+        chunk_size: completion tokens per chunk (default: ``ops.core.chunking.default_chunk_size(V)``, at least T);
             at the sequence level a chunk still holds at least one whole sequence.
         sync_free, backend: as ``linear_cross_entropy``.
 
@@ -266,7 +265,7 @@ def fused_linear_grpo_loss(
         hidden.reshape(b * t, -1), weight, bias, targets.reshape(-1), mask1d,
         old_logps.reshape(-1) if old_logps is not None else None,
         ref_logps.reshape(-1) if ref_logps is not None else None,
-        advantages.detach().to(cd), norm, t, p, o, chunk, get_rows(name), get_grpo_rows(name),
+        advantages.detach().to(cd), norm, t, p, o, chunk, get_rows(name), backends.get(name, "grpo_rows"),
         want_sync_free(sync_free, hidden.device), float(entropy_coef), want_entropy)
     return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high,
                       entropy=entropy if want_entropy else None)

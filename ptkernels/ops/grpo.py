@@ -14,17 +14,14 @@ so the loss is a plain sum of per-row partial sums and the gradient is ready aft
 
 from __future__ import annotations
 
-import math
-import struct
-from dataclasses import dataclass
-
 import torch
 
 from ..reference import rl as ref_rl
-from ..reference.rl import IS_LEVELS, LOSS_TYPES, REWARD_SCALES, GRPOOutput
-from .checks import check_float, check_same
-from .dispatch import resolve_backend
-from .logit_rows import compute_dtype
+from ..types import IS_LEVELS, LOSS_TYPES, REWARD_SCALES, GRPOOutput, compute_dtype
+from . import backends
+from .backends.base import GRPOParams
+from .core.checks import check_float, check_same
+from .core.dispatch import resolve_backend
 
 __all__ = ["GRPOOutput", "grpo_loss", "group_advantages"]
 
@@ -64,49 +61,10 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "gr
                                        scale=scale, eps=eps)
     with torch.no_grad():
         r = rewards.detach().to(compute_dtype(rewards.dtype))
-        if name == "native":
-            from . import native
-
-            if native.supports("vector", r.device, r.dtype):
-                return native.group_advantages(r.contiguous(), group_size, native.SCALE_MODES[scale], float(eps))
-        grouped = r.view(-1, group_size)
-        mean = grouped.mean(dim=1, keepdim=True)
-        # All-equal groups: r - mean can be a rounding error away from 0; make it exactly 0.
-        flat = (grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True))
-        adv = torch.where(flat, torch.zeros((), dtype=r.dtype, device=r.device), grouped - mean).reshape(-1)
-        if scale == "none":
-            return adv
-        if scale == "group":
-            if group_size > 1:
-                std = grouped.std(dim=1, keepdim=True).expand(-1, group_size).reshape(-1)
-            else:
-                std = torch.zeros_like(r)
-        else:
-            std = r.std().expand_as(r) if r.numel() > 1 else torch.zeros_like(r)
-        if eps == 0:
-            return torch.where(adv == 0, adv, adv / std)
-        return adv / (std + eps)
+        return backends.get(name, "group_advantages")(r, group_size, scale, float(eps))
 
 
 # ------------------------------------------------------------------------------------------ arguments
-
-
-@dataclass(frozen=True)
-class GRPOParams:
-    epsilon_low: float
-    epsilon_high: float
-    delta: float | None
-    beta: float
-    seq_level: bool
-    has_ref: bool
-
-    @property
-    def lo(self) -> float:
-        return 1.0 - self.epsilon_low
-
-    @property
-    def hi(self) -> float:
-        return 1.0 + self.epsilon_high
 
 
 def check_grpo_options(*, beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
@@ -174,118 +132,6 @@ def row_normalizers(mask: torch.Tensor, loss_type: str, max_completion_length, n
         return torch.full((b,), 1.0 / float(num_items_in_batch), dtype=cd, device=mask.device)
     # bnpo, and dapo without num_items_in_batch: every completion token of the batch
     return (1.0 / mask.sum().clamp(min=1.0)).expand(b)
-
-
-# ------------------------------------------------------------------------------------------ row functions
-
-
-@dataclass
-class GRPORows:
-    """Per-row partial sums of one call of a row function, and d loss / d logp (or None)."""
-
-    loss: torch.Tensor  # [R] sum_t norm * m * l
-    kl: torch.Tensor  # [R] sum_t m * k3
-    low: torch.Tensor  # [R] sum_t m * [low] (token level) or [low] (sequence level)
-    high: torch.Tensor
-    region: torch.Tensor
-    grad: torch.Tensor | None  # [R, C]
-
-
-def grpo_rows_torch(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool) -> GRPORows:
-    """The surrogate on ``[R, C]`` rows in PyTorch ops (any device). ``adv`` and ``norm`` broadcast to
-    ``[R, C]`` (``[R, 1]`` per row, ``[1, C]`` or ``[R, C]`` per token); everything in one compute dtype."""
-    m = mask
-    valid = m != 0
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    if p.seq_level:
-        len_ = m.sum(1, keepdim=True)
-        len1 = len_.clamp(min=1.0)
-        w = torch.where(valid, (logp - old) * m, zero).sum(1, keepdim=True) / len1
-        a = adv.expand(m.shape)[:, :1]
-    else:
-        w = torch.where(valid, logp - old, zero)
-        a = adv
-    r = torch.exp(w)
-    c1 = r.clamp(max=p.delta) if p.delta is not None else r
-    c2 = r.clamp(p.lo, p.hi)
-    t1, t2 = c1 * a, c2 * a
-    loss_tok = -torch.minimum(t1, t2)
-    low = (c1 < p.lo) & (a < 0)
-    high = (c1 > p.hi) & (a > 0)
-    grad = None
-    if want_grad:
-        dc1 = torch.where(r <= p.delta, r, zero) if p.delta is not None else r
-        dc2 = torch.where((r >= p.lo) & (r <= p.hi), r, zero)
-        dl = -a * torch.where(t1 < t2, dc1, torch.where(t2 < t1, dc2, 0.5 * (dc1 + dc2)))
-        if p.seq_level:
-            dl = dl * (len_ / len1)
-    nm = norm * m
-    if p.has_ref:
-        x = torch.where(valid, ref - logp, zero)
-        ex = torch.exp(x)
-        k3 = ex - x - 1.0
-        kl = (m * k3).sum(1)
-        loss_tok = loss_tok + p.beta * k3
-        if want_grad:
-            dl = dl + p.beta * (1.0 - ex)
-    else:
-        kl = torch.zeros(m.shape[0], dtype=logp.dtype, device=logp.device)
-    loss = torch.where(valid, nm * loss_tok, zero).sum(1)
-    if p.seq_level:
-        low_r, high_r, region_r = (x.squeeze(1).to(logp.dtype) for x in (low, high, low | high))
-    else:
-        low_r, high_r, region_r = ((x & valid).to(logp.dtype).mul(m).sum(1) for x in (low, high, low | high))
-    if want_grad:
-        grad = torch.where(valid, nm * dl, zero)
-    return GRPORows(loss, kl, low_r, high_r, region_r, grad)
-
-
-def split_fp32(x: float) -> tuple[float, float]:
-    """(hi, lo) with hi = fp32(x), lo = fp32(x - hi): how every Triton kernel here takes a float argument, rebuilt
-    as hi + lo in its compute dtype (ptkernels/kernels/scalars.py: Triton passes Python floats as fp32)."""
-    hi = struct.unpack("f", struct.pack("f", x))[0] if math.isfinite(x) else x
-    lo = x - hi if math.isfinite(x) else 0.0
-    return hi, struct.unpack("f", struct.pack("f", lo))[0]
-
-
-def grpo_rows_triton(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool) -> GRPORows:
-    """The same as ``grpo_rows_torch`` through ``ptkernels.kernels.grpo.grpo_rows_kernel``."""
-    import triton
-
-    from ..kernels.grpo import grpo_rows_kernel
-    from .triton_rows import _tl_compute
-
-    r_, c_ = mask.shape
-    cd = logp.dtype
-    dev = logp.device
-    logp, old, mask = logp.contiguous(), old.contiguous(), mask.contiguous()
-    ref = ref.contiguous() if ref is not None else logp
-    adv = adv.expand(r_, c_)
-    norm = norm.expand(r_, c_)
-    outs = [torch.empty(r_, dtype=cd, device=dev) for _ in range(5)]
-    grad = torch.empty(r_, c_, dtype=cd, device=dev) if want_grad else None
-    if r_ == 0 or c_ == 0:
-        for o in outs:
-            o.zero_()
-        if grad is not None:
-            grad.zero_()
-        return GRPORows(*outs, grad)
-    delta = p.delta if p.delta is not None else 1.0
-    scalars = [x for v in (p.lo, p.hi, delta, p.beta) for x in split_fp32(v)]
-    block = min(1024, triton.next_power_of_2(max(c_, 16)))
-    grpo_rows_kernel[(r_,)](
-        logp, old, ref, mask, adv, adv.stride(0), adv.stride(1), norm, norm.stride(0), norm.stride(1),
-        grad if want_grad else logp, *outs, c_, *scalars,
-        HAS_REF=p.has_ref, HAS_DELTA=p.delta is not None, SEQ_LEVEL=p.seq_level, WRITE_GRAD=want_grad,
-        BLOCK=block, COMPUTE=_tl_compute(cd), num_warps=4,
-    )
-    return GRPORows(*outs, grad)
-
-
-def get_grpo_rows(backend: str):
-    """The surrogate's row function for a resolved backend. "native" has no GRPO kernel: the surrogate is
-    O(B*T) elementwise work, done in PyTorch ops there (the vocabulary-sized work is the native rows')."""
-    return grpo_rows_triton if backend == "triton" else grpo_rows_torch
 
 
 def finish_metrics(kl_sum, low_sum, high_sum, region_sum, n_tokens, n_seqs, seq_level: bool):
@@ -396,5 +242,5 @@ def grpo_loss(
     norm = row_normalizers(m, loss_type, max_completion_length, num_items_in_batch)
     adv = advantages.detach().to(cd)
     loss, kl, region, low, high = GRPOLossFunction.apply(logps, old_logps, ref_logps, adv, m, norm, p,
-                                                         get_grpo_rows(name))
+                                                         backends.get(name, "grpo_rows"))
     return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high)

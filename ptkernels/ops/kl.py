@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.rl import KL_ESTIMATORS
-from .checks import check_float, check_same
-from .logit_rows import compute_dtype
+from ..types import KL_ESTIMATORS, compute_dtype
+from .core.checks import check_float, check_same
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str = "k3") -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 The loop (one chunk of valid rows at a time):
     z   = h_c @ W.T (+ b)                  GEMM 1, one chunk of logits, never the whole matrix
-    row kernel: loss_c, and dz = dloss/dz written in place of z (fp32 math; see ops/logit_rows.py)
+    row kernel: loss_c, and dz = dloss/dz written in place of z (fp32 math; see ops/backends/torch.py)
     dh_c = dz @ W                           GEMM 2
     dW  += dz.T @ h_c  (fp32 accumulator)   GEMM 3
 For reduction "mean"/"sum" the gradients are computed in the forward pass (three GEMMs in all; backward only
@@ -15,20 +15,21 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import gemm
-from .checks import check_head, check_labels, check_options
-from .chunking import (
+from ..types import compute_dtype
+from .backends import get_rows
+from .backends.base import RowOptions
+from .core import gemm
+from .core.checks import check_head, check_labels, check_options
+from .core.chunking import (
     ChunkLogits,
     RowPlan,
     default_chunk_size,
-    finish_head_grads,
     put,
-    reduction_scale,
     take,
     want_sync_free,
 )
-from .dispatch import resolve_backend
-from .logit_rows import RowOptions, compute_dtype, get_rows
+from .core.dispatch import resolve_backend
+from .core.head_loss import head_loss_backward, head_loss_forward
 
 
 def apply_head_grads(g, h, weight, rows, scale, gh, gw, gb):
@@ -85,46 +86,33 @@ def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Precompute-or-recompute (ops/core/head_loss.py) over ``_ce_chunk_loop``."""
+
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels1d, o: RowOptions, reduction: str, chunk: int, rows_impl,
                 sync_free: bool):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = bias is not None and ctx.needs_input_grad[2]
-        any_grad = need_dh or need_dw or need_db
-        plan = RowPlan(labels1d, o.ignore_index, chunk, sync_free)
-        cd = compute_dtype(hidden2d.dtype)
-        precompute = any_grad and reduction != "none"
-        scale, row_scale = reduction_scale(plan, reduction, cd)
-        loss, gh, gw, gb = _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o,
-                                          row_scale if precompute else None, need_dh, need_dw, need_db)
-        ctx.mode = "precomputed" if precompute else "recompute"
-        ctx.dtypes = (hidden2d.dtype, weight.dtype)
-        if precompute:
-            ctx.grads = (gh, gw, gb)
-        elif any_grad:
-            ctx.save_for_backward(hidden2d, weight, bias, labels1d)
-            ctx.args = (o, chunk, rows_impl, sync_free, need_dh, need_dw, need_db)
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total * scale if reduction == "mean" else total
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        ctx.args = (o, chunk, rows_impl, sync_free, need)
+        run, make_plan = LinearCrossEntropyFunction._loop(ctx.args)
+        return head_loss_forward(ctx, (hidden2d, weight, bias, labels1d), run, make_plan, reduction, need)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h_dtype, w_dtype = ctx.dtypes
-        if ctx.mode == "precomputed":
-            gh, gw, gb = ctx.grads
-            ctx.grads = None
-        else:
-            hidden2d, weight, bias, labels1d = ctx.saved_tensors
-            o, chunk, rows_impl, sync_free, need_dh, need_dw, need_db = ctx.args
-            plan = RowPlan(labels1d, o.ignore_index, chunk, sync_free)
-            g = grad_out.to(compute_dtype(h_dtype))
-            _, gh, gw, gb = _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o,
-                                           lambda rows, c: take(g, rows), need_dh, need_dw, need_db)
-            grad_out = None  # already applied per row
-        gh, gw, gb = finish_head_grads((gh, gw, gb), grad_out, h_dtype, w_dtype)
+        gh, gw, gb = head_loss_backward(ctx, grad_out, *LinearCrossEntropyFunction._loop(ctx.args))
         return gh, gw, gb, None, None, None, None, None, None
+
+    @staticmethod
+    def _loop(args):
+        o, chunk, rows_impl, sync_free, need = args
+
+        def make_plan(tensors):
+            return RowPlan(tensors[3], o.ignore_index, chunk, sync_free)
+
+        def run(tensors, plan, row_scale):
+            hidden2d, weight, bias, labels1d = tensors
+            return _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o, row_scale, *need)
+
+        return run, make_plan
 
 
 def linear_cross_entropy(
@@ -159,7 +147,7 @@ def linear_cross_entropy(
             ignored tokens, fp32).
         shift: Hugging Face's causal convention: position t predicts ``labels[..., t + 1]``. The labels are
             shifted (last position ignored); the hidden states are not copied.
-        chunk_size: rows of logits per chunk (default: see ``ops.chunking.default_chunk_size``).
+        chunk_size: rows of logits per chunk (default: see ``ops.core.chunking.default_chunk_size``).
         sync_free: default (None) finds the valid rows with one host-device synchronization per call; True
             never synchronizes (masked rows skipped on the device, their GEMM rows still computed); None turns
             it on under torch.compile and CUDA-graph capture.

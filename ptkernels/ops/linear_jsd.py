@@ -25,161 +25,33 @@ Derivation (0 < beta < 1): loss = beta sum p log p + (1 - beta) sum q log q - su
 dq_v/ds_j = q_v (delta_vj - q_j): d/ds_j sum q log q = q_j (log q_j - E_q[log q]) and
 d/ds_j sum m log m = (1 - beta) q_j (log m_j - E_q[log m]); the difference is the formula above. At beta = 1,
 d/ds_j sum q (log q - log p) = q_j (log q_j - log p_j) - q_j loss; at beta = 0, d/ds sum p (log p - log q) =
-q - p. Row implementations: ``TorchJSDRows`` (PyTorch ops, any device) and ``TritonJSDRows``
-(ptkernels/kernels/jsd_rows.py, one program per row).
+q - p. Row implementations: ``TorchJSDRows`` (ptkernels/ops/backends/torch.py, PyTorch ops, any device) and
+``TritonJSDRows`` (ptkernels/ops/backends/triton.py launching ptkernels/kernels/jsd.py, one program per row).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 from ..reference import distill as reference
-from . import gemm
-from .checks import check_float, check_head, check_labels, check_options, check_same
-from .chunking import (
+from ..types import compute_dtype
+from . import backends
+from .backends.base import JSDRowOptions
+from .core import gemm
+from .core.checks import check_head, check_labels, check_options, check_ref_head
+from .core.chunking import (
     ChunkLogits,
     RowPlan,
+    apply_head_grads,
     default_chunk_size,
-    finish_head_grads,
     put,
-    reduction_scale,
     take,
     want_sync_free,
 )
-from .dispatch import resolve_backend
-from .linear_cross_entropy import apply_head_grads
-from .logit_rows import compute_dtype
+from .core.dispatch import resolve_backend
+from .core.head_loss import head_loss_backward, head_loss_forward
 
 KL_DIRECTIONS = ("forward", "reverse")
-
-
-@dataclass(frozen=True)
-class JSDRowOptions:
-    beta: float = 0.5
-    temperature: float = 1.0
-    ignore_index: int = -100
-
-    @property
-    def mode(self) -> int:
-        """0: forward KL (beta = 0), 1: reverse KL (beta = 1), 2: the mixture (0 < beta < 1)."""
-        return 0 if self.beta == 0.0 else 1 if self.beta == 1.0 else 2
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Row implementations. Interface (TorchJSDRows is the spec):
-#     jsd(zs, zt, labels, o, *, want_grad, grad_scale=None, scratch=False) -> (loss [c], grad [c, V] or None)
-# zs, zt: [c, V] student and teacher logits (any float dtypes); labels: [c] or None (every row valid).
-# grad = dloss_i / dzs_i times grad_scale[i] (a [c] tensor, or None for 1), 0 at ignored rows; computed in
-# fp32 (fp64 for fp64 zs). ``scratch`` lets the implementation overwrite zs with the gradient.
-
-
-class TorchJSDRows:
-    name = "torch"
-
-    def jsd(self, zs, zt, labels, o: JSDRowOptions, *, want_grad=False, grad_scale=None, scratch=False):
-        cd = compute_dtype(zs.dtype)
-        s = zs.to(cd)
-        t = zt.to(cd)
-        if o.temperature != 1.0:
-            s = s / o.temperature
-            t = t / o.temperature
-        log_q = torch.log_softmax(s, dim=1)
-        log_p = torch.log_softmax(t, dim=1)
-        del s, t
-        q = log_q.exp()
-        mode, beta = o.mode, o.beta
-        if mode == 0:
-            p = log_p.exp()
-            loss = (p * (log_p - log_q)).sum(dim=1)
-            g = q.sub_(p) if want_grad else None
-        elif mode == 1:
-            r = log_q.sub_(log_p)  # log q - log p
-            loss = (q * r).sum(dim=1)
-            g = r.sub_(loss.unsqueeze(1)).mul_(q) if want_grad else None
-        else:
-            log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-            kl_p = (log_p.exp() * (log_p - log_m)).sum(dim=1)
-            d = log_q.sub_(log_m)  # log q - log m
-            kl_q = (q * d).sum(dim=1)
-            loss = beta * kl_p + (1.0 - beta) * kl_q
-            g = d.sub_(kl_q.unsqueeze(1)).mul_(q).mul_(1.0 - beta) if want_grad else None
-        zero = torch.zeros((), dtype=cd, device=zs.device)
-        valid = None if labels is None else labels != o.ignore_index
-        if valid is not None:
-            loss = torch.where(valid, loss, zero)
-        if not want_grad:
-            return loss, None
-        coef = torch.full((zs.shape[0],), 1.0 / o.temperature, dtype=cd, device=zs.device)
-        if grad_scale is not None:
-            coef = coef * grad_scale.to(cd)
-        if valid is not None:
-            coef = torch.where(valid, coef, zero)
-        g.mul_(coef.unsqueeze(1))
-        return loss, g
-
-
-JSD_MAX_BLOCK_V = 2048
-
-
-def jsd_block_v(n_cols: int) -> int:
-    """Columns per loop step of ``jsd_rows_kernel``: half the other row kernels' cap, because each step holds a
-    block of the student's and of the teacher's logits (at 4096 columns, fp32, 8 warps, Triton 3.6 spilled)."""
-    from .triton_rows import block_v
-
-    return min(JSD_MAX_BLOCK_V, block_v(n_cols))
-
-
-class TritonJSDRows:
-    """Launches ``jsd_rows_kernel`` (ptkernels/kernels/jsd_rows.py) behind the TorchJSDRows interface."""
-
-    name = "triton"
-
-    def jsd(self, zs, zt, labels, o: JSDRowOptions, *, want_grad=False, grad_scale=None, scratch=False):
-        from ..kernels.jsd_rows import jsd_rows_kernel
-        from .grpo import split_fp32
-        from .triton_rows import _row_major, _tl_compute, num_warps
-
-        zs = _row_major(zs, "logits")
-        zt = _row_major(zt, "ref_logits")
-        n, v = zs.shape
-        cd = compute_dtype(zs.dtype)
-        loss = torch.empty(n, dtype=cd, device=zs.device)
-        grad = None
-        if want_grad:
-            grad = zs if scratch else torch.empty_like(zs)
-        if n == 0:
-            return loss, grad
-        if want_grad:
-            scale = grad_scale.to(cd) if grad_scale is not None else torch.ones((), dtype=cd, device=zs.device)
-            g_ptr, g_stride, s_stride = grad, grad.stride(0), (scale.stride(0) if scale.dim() else 0)
-        else:  # dummies: WRITE_GRAD=False never touches them
-            g_ptr, g_stride, scale, s_stride = zs, 0, loss, 0
-        has_labels = labels is not None
-        bv = jsd_block_v(v)
-        jsd_rows_kernel[(n,)](
-            zs, zs.stride(0), zt, zt.stride(0), g_ptr, g_stride, labels if has_labels else loss, scale, s_stride,
-            loss, v, o.ignore_index, *split_fp32(float(o.beta)), *split_fp32(1.0 / o.temperature),
-            MODE=o.mode, HAS_LABELS=has_labels, WRITE_GRAD=want_grad, BLOCK_V=bv, COMPUTE=_tl_compute(zs.dtype),
-            num_warps=num_warps(bv),
-        )
-        return loss, grad
-
-
-TORCH_JSD_ROWS = TorchJSDRows()
-TRITON_JSD_ROWS = TritonJSDRows()
-
-
-def get_jsd_rows(backend: str):
-    """The JSD row implementation for a resolved backend name."""
-    if backend == "torch":
-        return TORCH_JSD_ROWS
-    if backend == "triton":
-        return TRITON_JSD_ROWS
-    raise RuntimeError(f"backend={backend!r} has no linear_jsd row kernels; use 'torch' (any device), "
-                       f"'triton' (CUDA) or 'reference'")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,83 +111,37 @@ def _jsd_chunk_loop(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, 
 
 
 class LinearJSDFunction(torch.autograd.Function):
+    """Precompute-or-recompute (ops/core/head_loss.py) over ``_jsd_chunk_loop``."""
+
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, labels1d, o: JSDRowOptions,
                 reduction: str, chunk: int, rows_impl, sync_free: bool):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = bias is not None and ctx.needs_input_grad[2]
-        any_grad = need_dh or need_dw or need_db
-        plan = _plan(labels1d, hidden2d.shape[0], o.ignore_index, chunk, sync_free)
-        cd = compute_dtype(hidden2d.dtype)
-        precompute = any_grad and reduction != "none"
-        scale, row_scale = reduction_scale(plan, reduction, cd)
-        loss, gh, gw, gb = _jsd_chunk_loop(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, labels1d,
-                                           plan, rows_impl, o, row_scale if precompute else None, need_dh,
-                                           need_dw, need_db)
-        ctx.mode = "precomputed" if precompute else "recompute"
-        ctx.dtypes = (hidden2d.dtype, weight.dtype)
-        if precompute:
-            ctx.grads = (gh, gw, gb)
-        elif any_grad:
-            ctx.save_for_backward(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, labels1d)
-            ctx.args = (o, chunk, rows_impl, sync_free, need_dh, need_dw, need_db)
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total * scale if reduction == "mean" else total
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        ctx.args = (o, chunk, rows_impl, sync_free, need)
+        run, make_plan = LinearJSDFunction._loop(ctx.args)
+        tensors = (hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, labels1d)
+        return head_loss_forward(ctx, tensors, run, make_plan, reduction, need)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h_dtype, w_dtype = ctx.dtypes
-        if ctx.mode == "precomputed":
-            gh, gw, gb = ctx.grads
-            ctx.grads = None
-        else:
-            hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, labels1d = ctx.saved_tensors
-            o, chunk, rows_impl, sync_free, need_dh, need_dw, need_db = ctx.args
-            plan = _plan(labels1d, hidden2d.shape[0], o.ignore_index, chunk, sync_free)
-            g = grad_out.to(compute_dtype(h_dtype))
-            _, gh, gw, gb = _jsd_chunk_loop(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, labels1d,
-                                            plan, rows_impl, o, lambda rows, c: take(g, rows), need_dh, need_dw,
-                                            need_db)
-            grad_out = None  # already applied per row
-        gh, gw, gb = finish_head_grads((gh, gw, gb), grad_out, h_dtype, w_dtype)
+        gh, gw, gb = head_loss_backward(ctx, grad_out, *LinearJSDFunction._loop(ctx.args))
         return gh, gw, gb, None, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _loop(args):
+        o, chunk, rows_impl, sync_free, need = args
+
+        def make_plan(tensors):
+            return _plan(tensors[6], tensors[0].shape[0], o.ignore_index, chunk, sync_free)
+
+        def run(tensors, plan, row_scale):
+            return _jsd_chunk_loop(*tensors, plan, rows_impl, o, row_scale, *need)
+
+        return run, make_plan
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Public functions
-
-
-def _check_ref_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias) -> None:
-    check_head(hidden, weight, bias)
-    check_float("ref_hidden", ref_hidden)
-    check_float("ref_weight", ref_weight)
-    if ref_weight.dim() != 2:
-        raise ValueError(f"ref_weight must be 2-D [V, D_ref], got shape {tuple(ref_weight.shape)}")
-    if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(
-            f"weight has shape {tuple(weight.shape)} but ref_weight has shape {tuple(ref_weight.shape)}: the two "
-            f"heads must share the vocabulary (V={weight.shape[0]} vs V={ref_weight.shape[0]})"
-        )
-    if ref_hidden.dim() < 1 or ref_hidden.shape[-1] != ref_weight.shape[1]:
-        raise ValueError(
-            f"ref_hidden has shape {tuple(ref_hidden.shape)} but ref_weight has shape {tuple(ref_weight.shape)}: "
-            f"ref_hidden's last dim must equal ref_weight's D={ref_weight.shape[1]}"
-        )
-    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"hidden has shape {tuple(hidden.shape)} but ref_hidden has shape {tuple(ref_hidden.shape)}: "
-            f"their leading (token) dims must match"
-        )
-    check_same("ref_hidden", ref_hidden, "ref_weight", ref_weight)
-    check_same("hidden", hidden, "ref_hidden", ref_hidden, dtype=False)
-    if ref_bias is not None:
-        check_float("ref_bias", ref_bias)
-        if tuple(ref_bias.shape) != (ref_weight.shape[0],):
-            raise ValueError(
-                f"ref_bias has shape {tuple(ref_bias.shape)} but ref_weight implies ({ref_weight.shape[0]},)")
-        check_same("ref_bias", ref_bias, "ref_weight", ref_weight)
 
 
 def linear_jsd(
@@ -362,7 +188,8 @@ def linear_jsd(
 
     Returns the loss in fp32 (fp64 for fp64 student input). Gradients flow into hidden, weight and bias only.
     """
-    _check_ref_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    check_head(hidden, weight, bias)
+    ref_hidden, ref_weight, ref_bias = check_ref_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     check_options(reduction=reduction, temperature=temperature, chunk_size=chunk_size)
     beta = float(beta)
     if not 0.0 <= beta <= 1.0:
@@ -372,13 +199,11 @@ def linear_jsd(
     name = resolve_backend(backend, hidden.device)
     if backend == "auto" and name == "native":  # no native JSD kernels: the chunked PyTorch rows on CPU
         name = "torch"
-    ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
-    ref_bias = None if ref_bias is None else ref_bias.detach()
     if name == "reference":
         return reference.linear_jsd(hidden, weight, ref_hidden, ref_weight, labels=labels, bias=bias,
                                     ref_bias=ref_bias, beta=beta, ignore_index=ignore_index,
                                     temperature=temperature, reduction=reduction)
-    rows_impl = get_jsd_rows(name)
+    rows_impl = backends.get(name, "JSD_ROWS")
     o = JSDRowOptions(beta=beta, temperature=float(temperature), ignore_index=ignore_index)
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
@@ -420,37 +245,3 @@ def linear_kl_divergence(
                       beta=0.0 if direction == "forward" else 1.0, ignore_index=ignore_index,
                       temperature=temperature, reduction=reduction, chunk_size=chunk_size, sync_free=sync_free,
                       backend=backend)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (for ptkernels/kernels/aot.py's no-spill check)
-
-
-def aot_kernel_specs(vocabs=(32000, 128256), dtypes=("bf16", "fp32")):
-    """``KernelSpec``s of ``jsd_rows_kernel`` as ``TritonJSDRows`` launches it: every MODE, with and without
-    the gradient pass, with labels; row-major chunks (stride V) and a stride-0 expanded gradient scale."""
-    import torch
-
-    from ..kernels import aot
-    from . import triton_rows as launch
-
-    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-    specs = []
-    for v in vocabs:
-        bv = jsd_block_v(v)
-        for name in dtypes:
-            dt = torch_dtypes[name]
-            z, out = aot._ptr(dt), aot._ptr(compute_dtype(dt))
-            for mode in (0, 1, 2):
-                for write_grad in (False, True):
-                    specs.append(aot.KernelSpec(
-                        kernel="ptkernels.kernels.jsd_rows:jsd_rows_kernel",
-                        args=(("zs_ptr", z), ("zs_stride", v), ("zt_ptr", z), ("zt_stride", v), ("grad_ptr", z),
-                              ("grad_stride", v if write_grad else 0), ("labels_ptr", aot._ptr(torch.int64)),
-                              ("scale_ptr", out), ("scale_stride", 0), ("loss_ptr", out), ("n_cols", v),
-                              ("ignore_index", -100), ("beta_hi", 0.5), ("beta_lo", 0.0), ("inv_temp_hi", 1.0),
-                              ("inv_temp_lo", 0.0)),
-                        constexprs=(("MODE", mode), ("HAS_LABELS", True), ("WRITE_GRAD", write_grad),
-                                    ("BLOCK_V", bv), ("COMPUTE", launch._tl_compute(dt).name)),
-                        num_warps=launch.num_warps(bv), dtype=name, vocab=(v,), tag=f"mode{mode}-V{v}"))
-    return specs

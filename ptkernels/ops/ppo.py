@@ -7,20 +7,23 @@ Every function takes ``[B, T]`` tensors and a ``mask [B, T]`` (bool, integer or 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..reference import rl as ref_rl
-from ..reference.rl import PPOPolicyOutput, PPOValueOutput
-from .checks import check_float, check_same
-from .dispatch import resolve_backend
-from .logit_rows import compute_dtype
+from ..types import PPOPolicyOutput, PPOValueOutput, compute_dtype
+from . import backends
+from .core.checks import check_float, check_same
+from .core.dispatch import resolve_backend
 
 __all__ = ["PPOPolicyOutput", "PPOValueOutput", "gae", "masked_mean", "masked_var", "masked_whiten",
            "ppo_policy_loss", "ppo_value_loss"]
 
 
 def _cd(*ts: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    """The compute dtype of several inputs together: fp64 when any of them is fp64."""
+    return functools.reduce(torch.promote_types, (compute_dtype(t.dtype) for t in ts))
 
 
 def _check_pair(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor, *, is_float: bool = True) -> None:
@@ -100,47 +103,6 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 # ------------------------------------------------------------------------------------------ GAE
 
 
-def _gae_torch(rewards, values, mask, gamma: float, lam: float):
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    valid = mask != 0
-    r = torch.where(valid, rewards * mask, zero)
-    v = torch.where(valid, values * mask, zero)
-    b, t = v.shape
-    adv = torch.empty_like(v)
-    last = torch.zeros(b, dtype=v.dtype, device=v.device)
-    next_v = torch.zeros(b, dtype=v.dtype, device=v.device)
-    gl = gamma * lam
-    for i in reversed(range(t)):
-        last = r[:, i] + gamma * next_v - v[:, i] + gl * last
-        adv[:, i] = last
-        next_v = v[:, i]
-    returns = torch.where(valid, (adv + v) * mask, zero)
-    return torch.where(valid, adv * mask, zero), returns
-
-
-def _gae_triton(rewards, values, mask, gamma: float, lam: float):
-    from ..kernels.gae import gae_kernel
-    from .grpo import split_fp32
-    from .triton_rows import _tl_compute
-
-    b, t = values.shape
-    adv = torch.empty_like(values)
-    ret = torch.empty_like(values)
-    if b == 0 or t == 0:
-        return adv, ret
-    gae_kernel[(b,)](rewards.contiguous(), values.contiguous(), mask.contiguous(), adv, ret, t,
-                     *split_fp32(gamma), *split_fp32(gamma * lam), COMPUTE=_tl_compute(values.dtype), num_warps=1)
-    return adv, ret
-
-
-def _gae_native(rewards, values, mask, gamma: float, lam: float):
-    from . import native
-
-    if not native.supports("vector", values.device, values.dtype):
-        return _gae_torch(rewards, values, mask, gamma, lam)
-    return native.gae(rewards.contiguous(), values.contiguous(), mask.contiguous(), gamma, lam)
-
-
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
         lam: float = 0.95, backend: str = "auto"):
     """Generalized advantage estimation (TRL's ``PPOTrainer`` loop) → ``(advantages, returns)``, ``[B, T]``.
@@ -171,8 +133,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     cd = _cd(rewards, values)
     with torch.no_grad():
         r, v, m = (x.detach().to(cd) for x in (rewards, values, mask))
-        fn = {"triton": _gae_triton, "native": _gae_native}.get(name, _gae_torch)
-        return fn(r, v, m, float(gamma), float(lam))
+        return backends.get(name, "gae")(r, v, m, float(gamma), float(lam))
 
 
 # ------------------------------------------------------------------------------------------ losses

@@ -16,11 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..reference import sequence as reference
-from .checks import check_float
-from .dispatch import resolve_backend
-from .logit_rows import compute_dtype
-
-MAX_BLOCK_T = 1024
+from . import backends
+from .core.checks import check_float
+from .core.dispatch import resolve_backend
 
 
 def _resolve(backend: str, device: torch.device) -> str:
@@ -60,124 +58,6 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device
         raise ValueError(f"{msg}; got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
 
 
-# ------------------------------------------------------------------------------------------------ torch
-
-
-def _torch_fwd(x2d, m2d, seg, n_seq, average):
-    """(out [S], den [S]). Padded: x2d/m2d are [S, T], seg None. Packed: x2d/m2d are [total], seg [total]."""
-    cd = compute_dtype(x2d.dtype)
-    x = x2d.to(cd)
-    m = None if m2d is None else m2d.to(cd)
-    xm = x if m is None else x * m
-    if seg is None:
-        total = xm.sum(dim=-1)
-        den = m.sum(dim=-1) if m is not None else torch.full((n_seq,), x.shape[-1], dtype=cd, device=x.device)
-    else:
-        total = torch.zeros(n_seq, dtype=cd, device=x.device).index_add_(0, seg, xm)
-        w = m if m is not None else torch.ones_like(x)
-        den = torch.zeros(n_seq, dtype=cd, device=x.device).index_add_(0, seg, w)
-    if average:
-        total = torch.where(den != 0, total / torch.where(den != 0, den, torch.ones_like(den)),
-                            torch.zeros_like(total))
-    return total, den
-
-
-def _torch_bwd(g, den, m2d, seg, shape, average, dtype):
-    cd = g.dtype
-    if average:
-        g = torch.where(den != 0, g / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(g))
-    per_tok = g.unsqueeze(-1).expand(shape) if seg is None else g.index_select(0, seg)
-    if m2d is not None:
-        per_tok = per_tok * m2d.to(cd)
-    return per_tok.to(dtype).contiguous()
-
-
-# ----------------------------------------------------------------------------------------------- triton
-
-
-def _block_t(n: int) -> int:
-    import triton
-
-    return min(MAX_BLOCK_T, triton.next_power_of_2(max(int(n), 16)))
-
-
-def _tl_compute(dtype):
-    import triton.language as tl
-
-    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
-
-
-def _mask_arg(m):
-    return m.view(torch.uint8) if m.dtype == torch.bool else m
-
-
-def _triton_fwd(x, m, cu, n_seq, seq_len, packed, average):
-    from ..kernels.sequence import sequence_logprobs_fwd_kernel
-
-    cd = compute_dtype(x.dtype)
-    out = torch.empty(n_seq, dtype=cd, device=x.device)
-    den = torch.empty(n_seq, dtype=cd, device=x.device)
-    if n_seq == 0:
-        return out, den
-    block = _block_t(seq_len if not packed else max(x.numel() // max(n_seq, 1), 1))
-    sequence_logprobs_fwd_kernel[(n_seq,)](
-        x, _mask_arg(m) if m is not None else x, cu if packed else x, out, den, seq_len, seq_len,
-        HAS_MASK=m is not None, PACKED=packed, AVERAGE=average, BLOCK_T=block, COMPUTE=_tl_compute(x.dtype),
-        num_warps=4,
-    )
-    return out, den
-
-
-def _triton_bwd(g, den, m, cu, n_seq, seq_len, packed, average, like):
-    from ..kernels.sequence import sequence_logprobs_bwd_kernel
-
-    grad = torch.empty_like(like)
-    if n_seq == 0 or grad.numel() == 0:
-        return grad.zero_()
-    if packed:  # tokens outside every sequence (none when cu_seqlens is valid) keep a zero gradient
-        grad.zero_()
-    block = _block_t(seq_len if not packed else max(like.numel() // max(n_seq, 1), 1))
-    sequence_logprobs_bwd_kernel[(n_seq,)](
-        grad, g.contiguous(), den, _mask_arg(m) if m is not None else g, cu if packed else g, seq_len, seq_len,
-        HAS_MASK=m is not None, PACKED=packed, AVERAGE=average, BLOCK_T=block, COMPUTE=_tl_compute(like.dtype),
-        num_warps=4,
-    )
-    return grad
-
-
-# ----------------------------------------------------------------------------------------------- native
-
-
-def _native_ok(x: torch.Tensor) -> bool:
-    from . import native
-
-    return native.supports("vector", x.device, compute_dtype(x.dtype))
-
-
-def _native_fwd(x, m, cu, n_seq, average):
-    """The native segment sums in the compute dtype: (out [S], den [S])."""
-    from . import native
-
-    cd = compute_dtype(x.dtype)
-    xc = x.to(cd).contiguous()
-    mc = None if m is None else m.to(cd).contiguous()
-    return native.segment_sums(xc, mc, None if cu is None else cu.to(torch.int64).contiguous(), n_seq, average)
-
-
-def _native_bwd(g, den, m, cu, n_seq, seq_len, packed, average, shape, dtype):
-    from . import native
-
-    cd = g.dtype
-    total = shape[0] if packed else n_seq * seq_len
-    mc = None if m is None else m.to(cd).contiguous()
-    grad = native.segment_sums_bwd(g.contiguous(), den.to(cd).contiguous(), mc,
-                                   cu.to(torch.int64).contiguous() if packed else None, total, seq_len, average)
-    return grad.to(dtype)
-
-
-# --------------------------------------------------------------------------------------------- autograd
-
-
 class SequenceLogprobsFunction(torch.autograd.Function):
     """Padded ``[S, T]`` (cu None) or packed ``[total]`` (cu [S + 1]) sums; ``impl`` is "torch", "triton" or
     "native"."""
@@ -186,12 +66,7 @@ class SequenceLogprobsFunction(torch.autograd.Function):
     def forward(ctx, x, mask, cu, seg, n_seq: int, average: bool, impl: str):
         packed = cu is not None
         seq_len = 0 if packed else x.shape[-1]
-        if impl == "triton":
-            out, den = _triton_fwd(x, mask, cu, n_seq, seq_len, packed, average)
-        elif impl == "native":
-            out, den = _native_fwd(x, mask, cu, n_seq, average)
-        else:
-            out, den = _torch_fwd(x, mask, seg, n_seq, average)
+        out, den = backends.get(impl, "sequence_fwd")(x, mask, cu, seg, n_seq, seq_len, packed, average)
         ctx.save_for_backward(mask, cu, seg, den)
         ctx.args = (n_seq, seq_len, packed, average, impl, x.shape, x.dtype)
         return out
@@ -203,13 +78,8 @@ class SequenceLogprobsFunction(torch.autograd.Function):
         if g is None or not ctx.needs_input_grad[0]:
             return (None,) * 7
         g = g.to(den.dtype)
-        if impl == "triton":
-            like = torch.empty(shape, dtype=dtype, device=g.device)
-            grad = _triton_bwd(g, den, mask, cu, n_seq, seq_len, packed, average, like)
-        elif impl == "native":
-            grad = _native_bwd(g, den, mask, cu, n_seq, seq_len, packed, average, shape, dtype)
-        else:
-            grad = _torch_bwd(g, den, mask, seg, shape, average, dtype)
+        grad = backends.get(impl, "sequence_bwd")(g, den, mask, cu, seg, n_seq, seq_len, packed, average, shape,
+                                                  dtype)
         return grad, None, None, None, None, None, None
 
 
@@ -231,7 +101,7 @@ def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor, *, average:
     name = _resolve(backend, token_logps.device)
     if name == "reference":
         return reference.sequence_logprobs(token_logps, mask, average=average)
-    if name == "native" and not _native_ok(token_logps):
+    if name == "native" and not backends.module("native").sequence_supported(token_logps):
         name = "torch"  # e.g. fp64 on CUDA: the CUDA segment sums are fp32 only
     lead = token_logps.shape[:-1]
     t = token_logps.shape[-1]
@@ -260,7 +130,7 @@ def packed_sequence_logprobs(token_logps: torch.Tensor, cu_seqlens: torch.Tensor
     name = _resolve(backend, token_logps.device)
     if name == "reference":
         return reference.packed_sequence_logprobs(token_logps, cu_seqlens, mask=mask, average=average)
-    if name == "native" and not _native_ok(token_logps):
+    if name == "native" and not backends.module("native").sequence_supported(token_logps):
         name = "torch"  # e.g. fp64 on CUDA: the CUDA segment sums are fp32 only
     n_seq = cu_seqlens.shape[0] - 1
     x = token_logps.contiguous()

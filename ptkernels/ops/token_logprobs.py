@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import gemm
-from .checks import check_float, check_head, check_labels, check_options
-from .chunking import (
+from ..types import compute_dtype
+from .backends import get_rows
+from .backends.base import RowOptions
+from .core import gemm
+from .core.checks import check_float, check_head, check_labels, check_options
+from .core.chunking import (
     ChunkLogits,
     RowPlan,
     default_chunk_size,
@@ -20,8 +23,7 @@ from .chunking import (
     take,
     want_sync_free,
 )
-from .dispatch import resolve_backend
-from .logit_rows import RowOptions, compute_dtype, get_rows
+from .core.dispatch import resolve_backend
 
 
 def _zeros_like_rows(g, n, cd, device):

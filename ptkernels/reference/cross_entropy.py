@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..types import compute_dtype
 
 
 def transform_logits(logits: torch.Tensor, softcap: float | None = None, temperature: float = 1.0):
     """Upcast to fp32 (fp64 stays fp64), then soft-cap, then divide by the temperature."""
-    s = logits.to(_compute_dtype(logits.dtype))
+    s = logits.to(compute_dtype(logits.dtype))
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     if temperature != 1.0:
@@ -35,7 +33,7 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     return torch.cat([labels[..., 1:], pad], dim=-1)
 
 
-def _reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_losses(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return per_token
     if reduction == "sum":
@@ -66,7 +64,7 @@ def cross_entropy(
     if z_loss:
         loss = loss + z_loss * lse.square()
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return _reduce(loss, valid, reduction)
+    return reduce_losses(loss, valid, reduction)
 
 
 def linear_cross_entropy(

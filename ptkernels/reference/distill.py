@@ -23,7 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cross_entropy import _compute_dtype, _reduce, transform_logits
+from ..types import compute_dtype
+from .cross_entropy import reduce_losses, transform_logits
 
 
 def generalized_jsd(
@@ -42,7 +43,7 @@ def generalized_jsd(
     The teacher is detached. Returns fp32 (fp64 for fp64 student logits); ``reduction="none"`` gives
     ``[...]`` with 0 at ignored rows.
     """
-    cd = _compute_dtype(student_logits.dtype)
+    cd = compute_dtype(student_logits.dtype)
     log_q = F.log_softmax(transform_logits(student_logits, temperature=temperature).to(cd), dim=-1)
     log_p = F.log_softmax(transform_logits(teacher_logits.detach(), temperature=temperature).to(cd), dim=-1)
     # F.kl_div(input, target, log_target=True) = exp(target) * (target - input) = KL(target || input) per term.
@@ -61,7 +62,7 @@ def generalized_jsd(
     else:
         valid = labels != ignore_index
         loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return _reduce(loss, valid, reduction)
+    return reduce_losses(loss, valid, reduction)
 
 
 def linear_jsd(

@@ -16,70 +16,22 @@ The batch loss is the mean of the per-pair losses (plus ``nll_weight * nll_loss`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "apo_zero", "apo_down")
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
-
-
-@dataclass(frozen=True)
-class PreferenceLossOutput:
-    """Result of a paired preference loss.
-
-    loss               scalar, the mean of ``losses`` (+ ``nll_weight * nll_loss`` when there is an NLL term)
-    losses             [B] per-pair losses
-    chosen_rewards     [B] implicit rewards of the chosen completions (detached)
-    rejected_rewards   [B] implicit rewards of the rejected completions (detached)
-    reward_accuracy    scalar, mean(chosen_rewards > rejected_rewards)
-    reward_margin      scalar, mean(chosen_rewards - rejected_rewards)
-    chosen_logps       [B] policy log-probs of the chosen completions as the loss saw them (detached)
-    rejected_logps     [B] same for the rejected completions
-    nll_loss           scalar NLL term when there is one (detached), else None
-    log_odds_ratio     ORPO only: mean(log sigma(log_odds)) (TRL's ``log_odds_ratio`` metric), else None
-    log_odds_chosen    ORPO only: mean(log_odds) (TRL's ``log_odds_chosen`` metric), else None
-    """
-
-    loss: torch.Tensor
-    losses: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    reward_accuracy: torch.Tensor
-    reward_margin: torch.Tensor
-    chosen_logps: torch.Tensor | None = None
-    rejected_logps: torch.Tensor | None = None
-    nll_loss: torch.Tensor | None = None
-    log_odds_ratio: torch.Tensor | None = None
-    log_odds_chosen: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class KTOLossOutput:
-    """Result of the (unpaired) KTO loss.
-
-    loss               scalar, the mean of ``losses``
-    losses             [n_chosen + n_rejected] weighted per-example losses, desirable ones first (TRL's order)
-    chosen_rewards     [n_chosen] beta * (pi - ref) of the desirable examples (detached)
-    rejected_rewards   [n_rejected] same for the undesirable examples
-    kl                 scalar reference point z0 = clamp(mean(pi_KL - ref_KL), min=0) (detached)
-    """
-
-    loss: torch.Tensor
-    losses: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    kl: torch.Tensor
-
-
-def _cd(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from ..types import (
+    CPO_LOSS_TYPES,
+    DPO_LOSS_TYPES,
+    KTO_LOSS_TYPES,
+    KTOLossOutput,
+    PreferenceLossOutput,
+    compute_dtype,  # noqa: F401 - re-exported: the oracle returns the public types
+)
 
 
 def _up(t):
-    return None if t is None else t.to(_cd(t))
+    return None if t is None else t.to(compute_dtype(t.dtype))
 
 
 def _output(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, nll_loss=None,

@@ -3,7 +3,7 @@
 Written the way TRL writes them (``GRPOTrainer._compute_loss``, ``GRPOTrainer._generate_and_score_completions``,
 ``trl.trainer.utils.masked_mean / masked_var / masked_whiten`` and the GAE loop of ``PPOTrainer.train``), with
 autograd doing the derivatives. Every fused or kernel path in ``ptkernels.ops`` is tested against these in
-float64. The output dataclasses live here so that the reference and the ops return the same types.
+float64. Both return the output types of ``ptkernels.types``.
 
 Notation: ``logps``, ``old_logps``, ``ref_logps``, ``mask`` are ``[B, T]`` (B sequences of T completion tokens),
 ``advantages`` is ``[B]``; ``m`` is the mask, ``L_b = sum_t m[b, t]``.
@@ -11,60 +11,17 @@ Notation: ``logps``, ``old_logps``, ``ref_logps``, ``mask`` are ``[B, T]`` (B se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IS_LEVELS = ("token", "sequence")
-REWARD_SCALES = ("group", "batch", "none")
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-
-
-@dataclass(frozen=True)
-class GRPOOutput:
-    """What ``grpo_loss`` / ``fused_linear_grpo_loss`` return.
-
-    loss             the scalar to backpropagate (fp32, fp64 for fp64 input); the only differentiable field
-    kl               mean per-token k3 KL to the reference over completion tokens (0 without ``ref_logps``)
-    clip_ratio       TRL's ``clip_ratio/region_mean``: fraction of tokens (sequences for GSPO) clipped
-    clip_ratio_low   TRL's ``clip_ratio/low_mean``:  coef_1 < 1 - epsilon_low  and A < 0
-    clip_ratio_high  TRL's ``clip_ratio/high_mean``: coef_1 > 1 + epsilon_high and A > 0
-    entropy          mean per-token entropy over completion tokens (fused op only, when computed), else None
-    """
-
-    loss: torch.Tensor
-    kl: torch.Tensor
-    clip_ratio: torch.Tensor
-    clip_ratio_low: torch.Tensor
-    clip_ratio_high: torch.Tensor
-    entropy: torch.Tensor | None = None
-
-    @property
-    def clip_ratio_region(self) -> torch.Tensor:
-        """Alias of ``clip_ratio`` (TRL logs it as ``clip_ratio/region_mean``)."""
-        return self.clip_ratio
-
-
-@dataclass(frozen=True)
-class PPOPolicyOutput:
-    """``ppo_policy_loss``: ``loss`` (differentiable), ``clip_frac`` and ``approx_kl`` (detached metrics)."""
-
-    loss: torch.Tensor
-    clip_frac: torch.Tensor
-    approx_kl: torch.Tensor
-
-
-@dataclass(frozen=True)
-class PPOValueOutput:
-    """``ppo_value_loss``: ``loss`` (differentiable) and ``clip_frac`` (detached metric)."""
-
-    loss: torch.Tensor
-    clip_frac: torch.Tensor
-
+from ..types import (  # noqa: F401 - re-exported: the oracle returns the public types
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    REWARD_SCALES,
+    GRPOOutput,
+    PPOPolicyOutput,
+    PPOValueOutput,
+)
 
 # --------------------------------------------------------------------------------------------------- KL
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..types import compute_dtype
 
 
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:
     """Sum (or mean over the mask) of ``token_logps [..., T]`` along the last dimension -> ``[...]``."""
-    x = token_logps.to(_compute_dtype(token_logps.dtype))
+    x = token_logps.to(compute_dtype(token_logps.dtype))
     m = mask.to(x.dtype)
     total = (x * m).sum(dim=-1)
     if not average:
@@ -33,7 +31,7 @@ def packed_sequence_logprobs(token_logps: torch.Tensor, cu_seqlens: torch.Tensor
                              average: bool = False) -> torch.Tensor:
     """Per-sequence sums (or means) of a padding-free batch ``token_logps [total]``; sequence ``s`` holds
     tokens ``cu_seqlens[s]:cu_seqlens[s + 1]`` -> ``[S]``. ``mask [total]`` (optional) weights the tokens."""
-    x = token_logps.to(_compute_dtype(token_logps.dtype))
+    x = token_logps.to(compute_dtype(token_logps.dtype))
     m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
     bounds = cu_seqlens.tolist()
     out = []

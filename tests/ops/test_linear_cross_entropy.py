@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import ptkernels as ptk
 from ptkernels import reference
-from ptkernels.ops import gemm
+from ptkernels.ops.core import gemm
 from tests.helpers import (
     DEVICE,
     FUSED_BACKENDS,

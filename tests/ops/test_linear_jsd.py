@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptkernels.ops import gemm
+from ptkernels.ops.core import gemm
 from ptkernels.ops.linear_jsd import linear_jsd, linear_kl_divergence
 from ptkernels.reference import distill as reference
 from tests.helpers import (

@@ -1,6 +1,6 @@
 // Cross-entropy rows from logits: forward (loss, lse) and, optionally, dloss/dz written in place of (or beside) z.
 //
-// Same formulas as the Triton ce_rows_kernel (ptkernels/kernels/logit_rows.py); with s = softcap * tanh(z /
+// Same formulas as the Triton ce_rows_kernel (ptkernels/kernels/rows.py); with s = softcap * tanh(z /
 // softcap) / T (or z / T without soft capping), p = softmax(s), lse = logsumexp(s), y the label, eps the label
 // smoothing and c the z-loss coefficient:
 //     loss     = (1 - eps)(lse - s_y) + eps (lse - mean(s)) + c lse^2

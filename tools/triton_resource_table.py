@@ -1,9 +1,9 @@
 """Prints a markdown table of the Triton kernels' register / stack / local-memory usage for sm_80 and sm_90.
 
-Compiles every spec in ptkernels/kernels/aot.py ahead of time (no GPU needed: ptxas and cuobjdump ship with
+Compiles every spec in tools/aot_compile.py ahead of time (no GPU needed: ptxas and cuobjdump ship with
 Triton's wheel), in a subprocess without TRITON_INTERPRET. Paste the output into benchmarks/RESULTS.md.
 
-    python scripts/triton_resource_table.py [--archs 80,90] [--jobs N] [--json results.json]
+    python tools/triton_resource_table.py [--archs 80,90] [--jobs N] [--json results.json]
 
 Exits with status 1 when a kernel fails to compile or spills.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ptkernels.kernels import aot  # noqa: E402
+from tools import aot_compile as aot  # noqa: E402
 
 
 def table(results: list[dict], toolchain: dict) -> str:

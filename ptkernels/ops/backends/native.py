@@ -1,6 +1,7 @@
-"""The row functions of ptkernels/ops/logit_rows.py on the native kernels (``ptkernels._C``, csrc/).
+"""The native backend: the row functions (interfaces in base.py), GAE and segment sums on the native kernels
+(``ptkernels._C``, csrc/).
 
-The same interface as TorchRows (the spec) and TritonRows, through the custom ops of ops/native.py:
+The same interface as TorchRows (the spec) and TritonRows, through the custom ops of native_ops.py:
 
     ce(z, labels, o, *, want_grad, grad_scale=None, grad_out=None, scratch=False, all_valid=False)
     logprob_fwd(z, targets, o, want_entropy) -> (logp, lse, mean_s or None)
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from . import native
-from .logit_rows import RowOptions, TorchRows, compute_dtype
+from ...types import compute_dtype
+from . import native_ops as native
+from . import torch as torch_backend
+from .base import RowOptions
 
-_TORCH_ROWS = TorchRows()
+_TORCH_ROWS = torch_backend.TORCH_ROWS
 
 
 def _row_major(z: torch.Tensor) -> torch.Tensor:
@@ -128,3 +131,51 @@ class NativeRows:
 
 
 NATIVE_ROWS = NativeRows()
+ROWS = NATIVE_ROWS
+
+
+# ---------------------------------------------------------------------------------------- group advantages
+
+
+def group_advantages(r, group_size: int, scale: str, eps: float):
+    if not native.supports("vector", r.device, r.dtype):
+        return torch_backend.group_advantages(r, group_size, scale, eps)
+    return native.group_advantages(r.contiguous(), group_size, native.SCALE_MODES[scale], float(eps))
+
+
+# ------------------------------------------------------------------------------------------------------ GAE
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    if not native.supports("vector", values.device, values.dtype):
+        return torch_backend.gae(rewards, values, mask, gamma, lam)
+    return native.gae(rewards.contiguous(), values.contiguous(), mask.contiguous(), gamma, lam)
+
+
+# ------------------------------------------------------------------------------------------- segment sums
+
+
+def sequence_supported(x: torch.Tensor) -> bool:
+    """Whether the native segment sums take ``x`` here (else the op runs the torch ones)."""
+    return native.supports("vector", x.device, compute_dtype(x.dtype))
+
+
+def _segment_sums(x, m, cu, n_seq, average):
+    """The native segment sums in the compute dtype: (out [S], den [S])."""
+    cd = compute_dtype(x.dtype)
+    xc = x.to(cd).contiguous()
+    mc = None if m is None else m.to(cd).contiguous()
+    return native.segment_sums(xc, mc, None if cu is None else cu.to(torch.int64).contiguous(), n_seq, average)
+
+
+def sequence_bwd(g, den, m, cu, seg, n_seq, seq_len, packed, average, shape, dtype):
+    cd = g.dtype
+    total = shape[0] if packed else n_seq * seq_len
+    mc = None if m is None else m.to(cd).contiguous()
+    grad = native.segment_sums_bwd(g.contiguous(), den.to(cd).contiguous(), mc,
+                                   cu.to(torch.int64).contiguous() if packed else None, total, seq_len, average)
+    return grad.to(dtype)
+
+
+def sequence_fwd(x, mask, cu, seg, n_seq, seq_len, packed, average):
+    return _segment_sums(x, mask, cu, n_seq, average)

@@ -14,7 +14,7 @@ The C ABI header is compiled as plain C++ (no CUDA headers) and linked against t
 drifts from a declaration fails here.
 
 nvcc is taken from $CUDA_HOME/bin, /usr/local/cuda/bin, then PATH; the tests skip only where none exists.
-``python tests/native/test_cuda_compile.py`` prints the per-kernel register/spill table as markdown.
+``python tests/ops/backends/test_cuda_compile.py`` prints the per-kernel register/spill table as markdown.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CUDA_DIR = REPO / "csrc" / "cuda"
 HEADER = CUDA_DIR / "ptk_cuda.h"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
@@ -43,10 +43,10 @@ COMPILE_TIMEOUT_S = 600
 
 # Kernels each source must define (instantiations per architecture); a new .cu file gets the generic checks only.
 EXPECTED = {
-    "cross_entropy.cu": {"ce_rows_kernel": 12},  # {fp32, fp16, bf16} x softcap x gradient
+    "rows.cu": {"ce_rows_kernel": 12},  # {fp32, fp16, bf16} x softcap x gradient
     "group_advantages.cu": {"group_kernel": 1, "batch_scale_kernel": 1},
     "gae.cu": {"gae_kernel": 1},
-    "segment_sums.cu": {"segment_sums_kernel": 2},  # with and without a mask
+    "sequence.cu": {"segment_sums_kernel": 2},  # with and without a mask
 }
 ABI = ("ce_rows", "group_advantages", "gae", "segment_sums")
 

@@ -1,4 +1,4 @@
-"""The native extension ptkernels._C behind the custom ops of ptkernels/ops/native.py.
+"""The native extension ptkernels._C behind the custom ops of ptkernels/ops/backends/native_ops.py.
 
 Bad input of every kind (dtype, strides, shapes, devices, zero sizes, index ranges, aliasing) gets a clear error or a
 correct result, never an out-of-bounds access; the ops trace through torch.compile (fullgraph) and pass
@@ -18,11 +18,13 @@ import torch
 
 import ptkernels as ptk
 from ptkernels import reference
-from ptkernels.ops import dispatch, native  # noqa: F401 - registers the torch.ops.ptkernels custom ops
-from ptkernels.ops.logit_rows import RowOptions, TorchRows
+from ptkernels.ops.backends import native_ops as native  # registers the torch.ops.ptkernels custom ops
+from ptkernels.ops.backends.base import RowOptions
+from ptkernels.ops.backends.torch import TorchRows
+from ptkernels.ops.core import dispatch  # noqa: F401
 from tests.helpers import FUSED_BACKENDS, assert_close_to_truth
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 NATIVE_CPU = "native" in ptk.backends("cpu")
 needs_native = pytest.mark.skipif(not NATIVE_CPU, reason=f"native backend unusable: "
                                                          f"{dispatch.unusable_reason('native', 'cpu')}")
@@ -32,7 +34,7 @@ ALL = RowOptions(label_smoothing=0.1, z_loss=1e-3, softcap=6.0, temperature=0.8)
 
 
 def _rows():
-    from ptkernels.ops.native_rows import NATIVE_ROWS
+    from ptkernels.ops.backends.native import NATIVE_ROWS
 
     return NATIVE_ROWS
 
@@ -84,7 +86,7 @@ def test_import_without_the_extension_falls_back():
     code = (
         "import sys; sys.modules['ptkernels._C'] = None\n"
         "import torch, ptkernels as ptk\n"
-        "from ptkernels.ops import dispatch\n"
+        "from ptkernels.ops.core import dispatch\n"
         "assert 'native' not in ptk.backends('cpu'), ptk.backends('cpu')\n"
         "assert 'not built' in dispatch.unusable_reason('native', 'cpu')\n"
         "assert dispatch.resolve_backend('auto', torch.device('cpu')) == 'torch'\n"

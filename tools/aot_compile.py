@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the Triton kernels for NVIDIA targets without a GPU, and their resource usage.
 
 Each ``KernelSpec`` is one specialization of one ``@triton.jit`` kernel exactly as a launcher in
-``ptkernels/ops/triton_rows.py`` would launch it for a real shape: the same pointer dtypes, the same scalar
+``ptkernels/ops/backends/triton.py`` would launch it for a real shape: the same pointer dtypes, the same scalar
 specialization (ints equal to 1 become constexprs, ints divisible by 16 get the divisibility hint, pointers
 are 16-byte aligned), the same constexprs and ``num_warps``. ``BLOCK_V``, ``num_warps`` and the compute
 dtype are taken from the launcher module's own functions, so the specs cannot drift from what runs.
@@ -15,8 +15,8 @@ or spill counts in the metadata without loading the kernel on a GPU; where a ver
 Compiling needs a process where ``TRITON_INTERPRET`` is off: under the interpreter ``@triton.jit`` returns
 an ``InterpretedFunction`` and patches ``triton.language``. The test suite turns the interpreter on when
 there is no GPU, so ``compile_in_subprocess`` runs the compiles in a fresh Python process with the
-variable removed (and in parallel worker processes there). Used by tests/kernels/test_compile_gpu.py and
-scripts/triton_resource_table.py.
+variable removed (and in parallel worker processes there). Used by tests/tools/test_aot_compile.py and
+tools/triton_resource_table.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 ARCHS = (80, 90)  # A100, H100/H200
 VOCABS = (32000, 128256)  # Llama-2 / Mistral, Llama-3
 DTYPES = ("bf16", "fp32")  # logits storage dtypes
-KERNEL_MODULE = "ptkernels.kernels.logit_rows"
+KERNEL_MODULE = "ptkernels.kernels.rows"
 _WARP_SIZE = 32
 
 
@@ -123,7 +123,8 @@ def kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
     """
     import torch
 
-    from ..ops import triton_rows as launch
+    from ptkernels.ops.backends import triton as launch
+    from ptkernels.types import compute_dtype
 
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                     "fp64": torch.float64}
@@ -145,9 +146,9 @@ def kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
         nw = launch.num_warps(bv)
         for name in dtypes:
             dt = torch_dtypes[name]
-            cd = launch.compute_dtype(dt)
+            cd = compute_dtype(dt)
             z, out = _ptr(dt), _ptr(cd)
-            compute = launch._tl_compute(dt).name
+            compute = launch.tl_compute(dt).name
             for has_softcap in (False, True):
                 softcap = 30.0 if has_softcap else 1.0
                 transform = {"softcap_hi": softcap, "softcap_lo": 0.0, "inv_temp_hi": inv_temp, "inv_temp_lo": 0.0}
@@ -182,17 +183,45 @@ def kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
             spec = dataclasses.replace(spec, tag="V" + "/".join(map(str, vs)))
         ids.add(spec.id)
         specs.append(spec)
-    # Kernels of other op families describe their own launches next to their launchers.
-    from ..ops import linear_jsd
-
-    specs += linear_jsd.aot_kernel_specs(vocabs, dtypes)
+    specs += jsd_kernel_specs(vocabs, dtypes)
     specs += rl_kernel_specs()
     specs += sequence_kernel_specs()
     return specs
 
 
+def jsd_kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
+    """``KernelSpec``s of ``jsd_rows_kernel`` as ``TritonJSDRows`` launches it: every MODE, with and without
+    the gradient pass, with labels; row-major chunks (stride V) and a stride-0 expanded gradient scale."""
+    import torch
+
+    from ptkernels.ops.backends import triton as launch
+    from ptkernels.types import compute_dtype
+
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+    specs = []
+    for v in vocabs:
+        bv = launch.jsd_block_v(v)
+        for name in dtypes:
+            dt = torch_dtypes[name]
+            z, out = _ptr(dt), _ptr(compute_dtype(dt))
+            for mode in (0, 1, 2):
+                for write_grad in (False, True):
+                    specs.append(KernelSpec(
+                        kernel="ptkernels.kernels.jsd:jsd_rows_kernel",
+                        args=(("zs_ptr", z), ("zs_stride", v), ("zt_ptr", z), ("zt_stride", v), ("grad_ptr", z),
+                              ("grad_stride", v if write_grad else 0), ("labels_ptr", _ptr(torch.int64)),
+                              ("scale_ptr", out), ("scale_stride", 0), ("loss_ptr", out), ("n_cols", v),
+                              ("ignore_index", -100), ("beta_hi", 0.5), ("beta_lo", 0.0), ("inv_temp_hi", 1.0),
+                              ("inv_temp_lo", 0.0)),
+                        constexprs=(("MODE", mode), ("HAS_LABELS", True), ("WRITE_GRAD", write_grad),
+                                    ("BLOCK_V", bv), ("COMPUTE", launch.tl_compute(dt).name)),
+                        num_warps=launch.num_warps(bv), dtype=name, vocab=(v,), tag=f"mode{mode}-V{v}"))
+    return specs
+
+
 def sequence_kernel_specs() -> list[KernelSpec]:
-    """The per-sequence segment sums of ops/sequence_logprobs.py: padded and packed, fp32 and bf16 inputs."""
+    """The per-sequence segment sums of ops/sequence_logprobs.py (launched by ops/backends/triton.py): padded
+    and packed, fp32 and bf16 inputs."""
     mod = "ptkernels.kernels.sequence"
     specs = []
     for packed in (False, True):
@@ -213,8 +242,9 @@ def sequence_kernel_specs() -> list[KernelSpec]:
 
 
 def rl_kernel_specs(seq_lens=(1024,)) -> list[KernelSpec]:
-    """The GRPO surrogate and the GAE scan as ops/grpo.py and ops/ppo.py launch them: all inputs in the
-    compute dtype (fp32; log-probs come out of the row kernels in fp32), one row per program."""
+    """The GRPO surrogate and the GAE scan as ops/backends/triton.py launches them for ops/grpo.py and
+    ops/ppo.py: all inputs in the compute dtype (fp32; log-probs come out of the row kernels in fp32), one row
+    per program."""
     import triton
 
     specs = []
@@ -470,7 +500,7 @@ def compile_in_subprocess(tasks: list[tuple[KernelSpec, int]], jobs: int | None 
 
     Returns (one result per task, in order; toolchain versions). ``extra_sys_path`` lets the child import
     kernels that live outside the package (a test module)."""
-    repo = str(Path(__file__).resolve().parents[2])
+    repo = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launch default; silences Triton 3.9's warning
@@ -479,7 +509,7 @@ def compile_in_subprocess(tasks: list[tuple[KernelSpec, int]], jobs: int | None 
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = Path(tmp, "tasks.json"), Path(tmp, "results.json")
         inp.write_text(json.dumps([[spec.to_json(), arch] for spec, arch in tasks]))
-        cmd = [sys.executable, "-c", "from ptkernels.kernels.aot import main; main()",
+        cmd = [sys.executable, "-c", "from tools.aot_compile import main; main()",
                "--tasks", str(inp), "--out", str(out)]
         if jobs:
             cmd += ["--jobs", str(jobs)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ptkernels as ptk
-from ptkernels.ops import dispatch
+from ptkernels.ops.core import dispatch
 from tests.helpers import rand
 
 

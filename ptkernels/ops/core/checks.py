@@ -88,3 +88,39 @@ def check_options(*, reduction: str = "mean", label_smoothing: float = 0.0, z_lo
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def check_ref_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ref_hidden: torch.Tensor,
+                   ref_weight: torch.Tensor | None, ref_bias: torch.Tensor | None):
+    """A reference (teacher) model's hidden states and head beside the policy's (already checked by
+    ``check_head``): same leading (token) dims and vocabulary V, the reference's own D, one dtype and device.
+    ``ref_weight`` None means the policy's head (detached), and then ``ref_bias`` defaults to its bias.
+    Returns ``(ref_hidden, ref_weight, ref_bias)``, detached: the reference model is a constant."""
+    if ref_weight is None:
+        ref_weight = weight.detach()
+        if ref_bias is None and bias is not None:
+            ref_bias = bias.detach()
+    check_float("ref_hidden", ref_hidden)
+    check_float("ref_weight", ref_weight)
+    if ref_weight.dim() != 2:
+        raise ValueError(f"ref_weight must be 2-D [V, D_ref], got shape {tuple(ref_weight.shape)}")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but ref_weight has shape {tuple(ref_weight.shape)}:"
+                         f" the reference head needs the same vocabulary (V={weight.shape[0]} vs "
+                         f"V={ref_weight.shape[0]})")
+    if ref_hidden.dim() < 1 or ref_hidden.shape[-1] != ref_weight.shape[1]:
+        raise ValueError(f"ref_hidden has shape {tuple(ref_hidden.shape)} but ref_weight has shape "
+                         f"{tuple(ref_weight.shape)}: ref_hidden's last dim must equal ref_weight's D")
+    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ref_hidden has shape {tuple(ref_hidden.shape)} but hidden has shape "
+                         f"{tuple(hidden.shape)}: hidden and ref_hidden must agree on every dimension but the last")
+    check_same("ref_hidden", ref_hidden, "ref_weight", ref_weight)
+    check_same("hidden", hidden, "ref_hidden", ref_hidden, dtype=False)
+    if ref_bias is not None:
+        check_float("ref_bias", ref_bias)
+        if tuple(ref_bias.shape) != (ref_weight.shape[0],):
+            raise ValueError(f"ref_bias has shape {tuple(ref_bias.shape)} but ref_weight implies "
+                             f"({ref_weight.shape[0]},)")
+        check_same("ref_bias", ref_bias, "ref_weight", ref_weight)
+        ref_bias = ref_bias.detach()
+    return ref_hidden.detach(), ref_weight.detach(), ref_bias

@@ -1,4 +1,4 @@
-"""The chunk loop's GEMMs (ptkernels/ops/gemm.py): oneDNN for large fp32 CPU GEMMs, torch.mm elsewhere.
+"""The chunk loop's GEMMs (ptkernels/ops/core/gemm.py): oneDNN for large fp32 CPU GEMMs, torch.mm elsewhere.
 
 The oneDNN route is forced on tiny shapes here (the size thresholds set to 0) and checked against float64 and
 against the torch.mm route, through the GEMM functions and through every fused op that uses them.
@@ -13,7 +13,7 @@ import torch
 
 import ptkernels as ptk
 from ptkernels import reference
-from ptkernels.ops import gemm
+from ptkernels.ops.core import gemm
 from tests.helpers import assert_close_to_truth
 from tests.helpers import labels_with_mask as _labels
 
@@ -197,7 +197,7 @@ def test_linear_jsd_on_onednn(monkeypatch):
 
 
 def test_env_blas_keeps_torch_mm_and_a_bad_value_names_the_variable():
-    code = "from ptkernels.ops import gemm; print(gemm.cpu_gemm_library())"
+    code = "from ptkernels.ops.core import gemm; print(gemm.cpu_gemm_library())"
     env = dict(os.environ, PTK_CPU_GEMM="blas")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "blas"

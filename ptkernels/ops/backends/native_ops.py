@@ -24,17 +24,17 @@ kernels the current stream (``torch.cuda.current_stream().cuda_stream``) on the 
 
 Dtypes: the row ops take fp32 / fp16 / bf16 / fp64 logits on CPU and fp32 / fp16 / bf16 on CUDA (math in fp32,
 fp64 for fp64); the others fp32 / fp64 on CPU, fp32 on CUDA. ``supports(op_family, device, dtype)`` says which;
-callers (native_rows.py, the op files) route anything else to the PyTorch implementation.
+callers (native.py) route anything else to the PyTorch implementation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .logit_rows import compute_dtype
+from ...types import compute_dtype
 
 try:
-    from .. import _C
+    from ... import _C
 except ImportError:  # not built: the ops exist (torch.compile can see them) but running one raises
     _C = None
 
