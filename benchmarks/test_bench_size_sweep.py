@@ -4,7 +4,8 @@ floor over N x V x D, round-robin in one process.
     pytest benchmarks/test_bench_size_sweep.py --benchmark-only                  the default subset (minutes)
     PTK_SWEEP=full pytest benchmarks/test_bench_size_sweep.py --benchmark-only   every cell that fits 24 GiB
     python benchmarks/test_bench_size_sweep.py BENCH.json      the markdown table and fitted growth from a
-                                                                pytest-benchmark JSON (--benchmark-json)
+                                                                pytest-benchmark JSON (--benchmark-json) or
+                                                                the JSON lines of PTK_SWEEP_OUT=FILE
 
 Grid: N in {64, 256, 1k, 4k, 16k, 64k} tokens (25% masked, as the DESIGN size), V in {872 (the quick preset),
 8k, 32k, 128k (Llama 3), 256k}, D in {128, 512, 2048}, fp32 on CPU, bf16 on CUDA. A cell is skipped when eager's
@@ -214,6 +215,10 @@ def test_size_sweep(benchmark, cell):
             mem[impl] = round(b / 2**20, 1)
     info["peak_mib"] = mem
     benchmark.extra_info.update(info)
+    out = os.environ.get("PTK_SWEEP_OUT")
+    if out:  # one JSON line per cell as it finishes, so a run cut short keeps what it measured
+        with open(out, "a") as f:
+            f.write(json.dumps(info) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -236,9 +241,14 @@ def fit_growth(rows: list[dict], impl: str) -> tuple[float, float, float]:
 
 
 def render(path: str) -> str:
+    """From a pytest-benchmark JSON, or the JSON lines of PTK_SWEEP_OUT."""
     with open(path) as f:
-        data = json.load(f)
-    rows = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("median_s")]
+        text = f.read()
+    try:
+        data = json.loads(text)
+        rows = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("median_s")]
+    except json.JSONDecodeError:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     rows.sort(key=lambda r: (r["d"], r["v"], r["n"]))
     out = ["| N | D | V | eager CE (s) | CE × eager | CE × floor | F.lce × eager | logprobs × eager | "
            "logprobs × floor | peak MiB eager / ptk |", "|" + "---:|" * 10]
