@@ -257,6 +257,4 @@ class ReferenceModel:
     @torch.no_grad()
     def summed_logps(self, batch: dict, backend: str = "auto") -> torch.Tensor:
         """``[B]``: each row's summed log-probs of its label tokens under the reference model."""
-        hidden, weight, head = self.head_inputs(batch)
-        return ptk.linear_token_logprobs(hidden[:, :-1], weight, batch["labels"][:, 1:], backend=backend,
-                                         **head).sum(-1)
+        return token_logps(self.model, batch, backend).sum(-1)

@@ -75,12 +75,16 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig(TrainConfig):
+    """Stage 0: next-token pretraining on raw text."""
+
     output_dir: str = option("runs/pretrain", OUTPUT_HELP)
     lr: float = option(1e-3, "peak learning rate (AdamW)")
 
 
 @dataclass
 class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: the next-token loss on the completion / assistant tokens."""
+
     output_dir: str = option("runs/sft", OUTPUT_HELP)
     packing: bool = option(False, "pack several examples per row (attention and positions restart per example)")
     lr: float = option(3e-4, "peak learning rate (AdamW)")
@@ -88,6 +92,8 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class RewardConfig(TrainConfig):
+    """A Bradley-Terry reward model on preference pairs."""
+
     output_dir: str = option("runs/reward", OUTPUT_HELP)
     lr: float = option(1e-4, "peak learning rate (AdamW)")
     center_rewards_coefficient: float = option(0.0, "adds coef * (r_chosen + r_rejected)^2 (Eisenstein et al.)")
@@ -138,6 +144,8 @@ class SimPOConfig(PreferenceConfig):
 
 @dataclass
 class KTOConfig(TrainConfig):
+    """KTO on unpaired desirable / undesirable completions, against a frozen reference model."""
+
     output_dir: str = option("runs/kto", OUTPUT_HELP)
     lr: float = option(5e-5, "peak learning rate (AdamW)")
     beta: float = option(0.1, "inverse temperature of the implicit reward")
@@ -166,6 +174,8 @@ class OnPolicyConfig(TrainConfig):
 
 @dataclass
 class GRPOConfig(OnPolicyConfig):
+    """GRPO: group sampling, verifiable rewards, group-normalized advantages."""
+
     output_dir: str = option("runs/grpo", OUTPUT_HELP)
     lr: float = option(1e-5, "peak learning rate (AdamW)")
     verifier: str = option("row", "reward: 'row' (each row's 'verifier' field), a name (math, format, exact, fact, "
@@ -198,6 +208,8 @@ class GRPOConfig(OnPolicyConfig):
 
 @dataclass
 class PPOConfig(OnPolicyConfig):
+    """RLHF with PPO: a reward model, a critic, a KL penalty to the reference, GAE."""
+
     output_dir: str = option("runs/ppo", OUTPUT_HELP)
     lr: float = option(1e-5, "peak learning rate (AdamW), policy and value model")
     reward_model: str = option("", "reward model folder (from ptk reward); the critic starts from it")

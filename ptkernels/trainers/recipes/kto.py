@@ -59,9 +59,9 @@ class KTOLoss(TrainingModule):
             ref = self.ref.fused_inputs(batch)
             ref["ref_kl_hidden"] = self.ref.head_inputs(kl_batch)[0]
         out = ptk.fused_linear_kto_loss(hidden, weight, batch["labels"], batch["desirable"], kl_hidden=kl_hidden,
-                                    kl_labels=batch["kl_labels"], beta=c.beta, desirable_weight=c.desirable_weight,
-                                    undesirable_weight=c.undesirable_weight, shift=True, backend=c.backend,
-                                    **head, **ref)
+                                        kl_labels=batch["kl_labels"], beta=c.beta, desirable_weight=c.desirable_weight,
+                                        undesirable_weight=c.undesirable_weight, shift=True, backend=c.backend,
+                                        **head, **ref)
         n = batch["input_ids"].shape[0]
         metrics = {"chosen_reward": out.chosen_rewards.sum(), "rejected_reward": out.rejected_rewards.sum(),
                    "kl": out.kl.detach() * n, "desirable": batch["desirable"].float().sum()}

@@ -139,11 +139,11 @@ class PPOLoss(TrainingModule):
         hidden, weight, head = head_inputs(self.model, hidden_states(self.model, batch))
         head["temperature"] *= c.temperature
         logps, entropy = ptk.linear_token_logprobs(hidden[:, :-1], weight, batch["labels"][:, 1:], return_entropy=True,
-                                               backend=c.backend, **head)
+                                                   backend=c.backend, **head)
         policy = ptk.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_range=c.clip_range)
         values = token_values(self.critic, batch)
         value = ptk.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
-                               clip_range_value=c.clip_range_value)
+                                   clip_range_value=c.clip_range_value)
         items = float(mask.sum())
         loss = (policy.loss + c.vf_coef * value.loss) * (items / norm)
         metrics = {"policy_loss": policy.loss.detach() * items, "value_loss": value.loss.detach() * items,
