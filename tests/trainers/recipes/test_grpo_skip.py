@@ -56,7 +56,7 @@ def model_tok():
 
 
 # With --share-prompt the gradients agree only to float32 rounding (Llama's RMSNorm computes in float32 even in a
-# float64 model, and the micro-batches group a prompt's rows differently): test_shared_prompt.py says more.
+# float64 model, and the micro-batches group a prompt's rows differently): rollout/test_shared_prompt.py says more.
 @pytest.mark.parametrize("loss_type,share,rtol", [("dapo", False, 1e-9), ("grpo", False, 1e-9),
                                                   ("dr_grpo", False, 1e-9), ("dapo", True, 1e-6)])
 def test_skipping_zero_advantage_rows_keeps_loss_and_gradients(model_tok, loss_type, share, rtol):

@@ -1,4 +1,5 @@
-"""The pipeline report (ptkernels/trainers/report.py): JSON structure, markdown table, plots, metrics.jsonl reading."""
+"""The pipeline report (ptkernels/trainers/recipes/report.py): JSON structure, markdown table, plots, reading
+metrics.jsonl."""
 
 import json
 import math

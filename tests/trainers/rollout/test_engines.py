@@ -1,6 +1,6 @@
 """Rollouts: left-padded batched generation, stopping at eos, seeded sampling (each with both built-in engines),
 and the log-probs the trainers compute from hidden states agreeing with what generate sampled from (tiny random
-Llama, CPU). The KV-cache engine's own tests are in test_kv_cache_engine.py."""
+Llama, CPU). The KV-cache engine's own tests are in test_kv_cache.py."""
 
 import copy
 

@@ -1,7 +1,7 @@
-"""The KV-cache sampler (``kv_cache_engine``): the same greedy tokens as Hugging Face generate, repeated prompts
+"""The KV-cache sampler (``rollout/kv_cache.py``): the same greedy tokens as Hugging Face generate, repeated prompts
 prefilled once yet decoded as if alone, logits at every sampled step equal to the full forward's, and the sampling
 rule (temperature, top-p, inverse CDF) drawing from the distribution it names. The behaviour both engines share
-(padding, eos, seeds, mode) is tested with each in test_rollout.py; the model and prompts come from conftest.py."""
+(padding, eos, seeds, mode) is tested with each in test_engines.py; the model and prompts come from conftest.py."""
 
 import copy
 
