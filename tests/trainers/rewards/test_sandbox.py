@@ -16,7 +16,7 @@ from ptkernels.trainers.rewards.sandbox import RUN_UID_BASE, SandboxResult, run_
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 PRINT_PGID = "import os, sys\nprint('PGID', os.getpgrp(), flush=True)\n"
 
 
