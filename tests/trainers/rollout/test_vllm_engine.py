@@ -9,20 +9,19 @@ module's ``policy``."""
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.util
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-import ptkernels.trainers
-from ptkernels.trainers.modeling import load_causal_lm, load_tokenizer, preset_config, save_pretrained
+from ptkernels.trainers.modeling import load_causal_lm, save_pretrained
 from ptkernels.trainers.rollout import HFGenerateEngine, SamplingConfig
+
+from .vllm_helpers import import_rollout_module, tiny_llama
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not importable in this interpreter (CPU: "
@@ -34,37 +33,7 @@ MAX_MODEL_LEN = 128
 PROMPT_TEXTS = ["What is 12+30?", "Answer: 4", "The model", "What is 12+31? Think step by step.", "a"]
 
 
-def _import_engine_module():
-    try:
-        return importlib.import_module("ptkernels.trainers.rollout.vllm_engine")
-    except ModuleNotFoundError:
-        # Until the trainers' restructure makes ptkernels/trainers/rollout/ a package (today rollout.py is the
-        # module of that name), the file is loaded under its future name.
-        name = "ptkernels.trainers.rollout.vllm_engine"
-        path = Path(ptkernels.trainers.__file__).parent / "rollout" / "vllm_engine.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-vllm_engine = _import_engine_module()
-
-
-def tiny_llama(seed: int = 0):
-    """(model, tokenizer): the tiny preset's Llama in float32 with the shipped tokenizer, but 2 heads of 32 (the
-    preset's heads of 16 are below the smallest size vLLM's CPU attention supports)."""
-    from transformers import LlamaForCausalLM
-
-    tokenizer = load_tokenizer("tiny")
-    config = preset_config("tiny", tokenizer)
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, tokenizer
+vllm_engine = import_rollout_module("vllm_engine")
 
 
 @pytest.fixture(scope="module")
