@@ -4,8 +4,8 @@
 #   scripts/ci_vllm.sh [VENV_DIR]            (default: $VLLM_VENV or /work/venv-vllm)
 #
 # Called from .ci/run after the main suite. The tests run from the repository root, so `import ptkernels` is this
-# checkout. Times (2 shared CPU cores): building the environment ~ see scripts/setup_vllm_venv.sh's last line,
-# the tests ~1-2 min (one vllm.LLM built per test module).
+# checkout. Times on 2 shared CPU cores (load ~10): building the environment ~5.5 min the first time (PyPI
+# downloads; a no-op check of a few seconds after), the tests ~2.5 min (one vllm.LLM per module: ~20-30 s each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-${VLLM_VENV:-/work/venv-vllm}}"

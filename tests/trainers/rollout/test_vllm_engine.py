@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ptkernels.trainers.modeling import load_causal_lm, save_pretrained
-from ptkernels.trainers.rollout import HFGenerateEngine, SamplingConfig
+from ptkernels.trainers.rollout import HFGenerateEngine, SamplingConfig, completion_batch, sequence_token_logps
 
 from .vllm_helpers import import_rollout_module, tiny_llama
 
@@ -137,6 +137,11 @@ def test_sampler_logps_match_the_model(engine, policy_dir, prompts, top_p):
             truth = truth - _kept_mass_log(model, prompt, completion, temperature, top_p)
         # fp32 forward of a 2-layer model: |error| of a log-prob ~1e-6; 1e-4 leaves room for the CPU GEMM's order
         torch.testing.assert_close(torch.tensor(logps, dtype=torch.float64), truth, rtol=0, atol=1e-4)
+    if top_p == 1.0:  # the trainer's own old-policy log-probs (ptkernels' fused head) on the training batch
+        batch = completion_batch(out.prompt_ids, out.completion_ids, policy_dir[1].pad_token_id)
+        trainer = sequence_token_logps(model, batch, temperature=temperature)
+        sampler = vllm_engine.sampler_logps_tensor(out, trainer.shape[1])
+        torch.testing.assert_close(sampler, trainer * batch["completion_mask"], rtol=0, atol=1e-4)
 
 
 @torch.no_grad()
@@ -164,6 +169,20 @@ def test_seeds_reproduce_and_rows_differ(engine, prompts):
     assert len({tuple(c) for c in first.completion_ids[:4]}) > 1, "repeats of a prompt must be separate samples"
     # a row's sample depends on (seed, row), not on the rest of the batch
     assert engine.generate(group[:3], sampling, seed=7).completion_ids == first.completion_ids[:3]
+
+
+def test_sampler_logps_line_up_with_the_training_batch():
+    """Where the trainer's [B, T-1] log-probs of a completion_batch hold completion tokens, the sampler's do."""
+    rollout = vllm_engine.VLLMRollout(prompt_ids=[[5, 6, 7], [8]], completion_ids=[[1, 2], [3, 4, 9]],
+                                      texts=["", ""], finished=[False, False],
+                                      sampler_logps=[[-0.5, -1.5], [-2.0, -3.0, -4.0]])
+    batch = completion_batch(rollout.prompt_ids, rollout.completion_ids, pad_token_id=0)
+    aligned = vllm_engine.sampler_logps_tensor(rollout, batch["completion_mask"].shape[1])
+    assert torch.equal(aligned != 0, batch["completion_mask"].bool())
+    assert torch.equal(batch["labels"][:, 1:][aligned != 0], torch.tensor([1, 2, 3, 4, 9]))
+    assert aligned[aligned != 0].tolist() == [-0.5, -1.5, -2.0, -3.0, -4.0]
+    with pytest.raises(ValueError, match="width"):
+        vllm_engine.sampler_logps_tensor(rollout, 2)
 
 
 def test_vllm_not_installed_says_how_to_install(monkeypatch, tmp_path):
