@@ -215,10 +215,19 @@ class VLLMEngine:
         self._asleep = False  # between generate calls with sleep mode on
         self._weights_awake = True  # weights resident (a sync wakes them alone before the rest)
         self._weights_valid = True  # False after a level-2 sleep until the next sync
-        self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       enable_sleep_mode=enable_sleep_mode, logprobs_mode=logprobs_mode,
-                       generation_config="vllm", enable_prefix_caching=True, **llm_kwargs)
+        try:
+            self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed,
+                           max_model_len=max_model_len, enforce_eager=enforce_eager,
+                           gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
+                           logprobs_mode=logprobs_mode, generation_config="vllm", enable_prefix_caching=True,
+                           **llm_kwargs)
+        except (ValueError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            if "memory" not in str(error).lower():
+                raise
+            raise ValueError(f"the vLLM engine does not fit: {error}\nKnobs: --max-length (max_model_len, now "
+                             f"{max_model_len}), gpu_memory_utilization (CUDA, now {gpu_memory_utilization}), "
+                             f"VLLM_CPU_KVCACHE_SPACE (CPU, GiB of KV cache, now "
+                             f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE')}), sleep mode (docs/vllm.md)") from error
 
     # -- sampling ---------------------------------------------------------------------------------------------
 
