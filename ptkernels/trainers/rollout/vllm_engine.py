@@ -17,7 +17,7 @@ What it does, and why:
   (``generation_config="vllm"``: no checkpoint top_k / repetition penalty), ``top_k`` off, stop at the tokenizer's
   eos (kept, as the built-in engines keep it), ``do_sample=False`` -> temperature 0 (argmax). ``seed`` gives row
   ``i`` its own generator seeded from (seed, i): the same call reproduces the same samples whatever the batch
-  around it, and rows repeating a prompt still differ.
+  around it, and rows repeating a prompt still differ. ``batch_size`` is not used: vLLM's scheduler batches.
 - **The sampler's own log-probs** (``VLLMRollout.sampler_logps``): vLLM's ``logprobs_mode="processed_logprobs"``,
   i.e. log p of the sampled token under the distribution actually sampled from (logits / temperature, top-p
   renormalized). With top_p = 1 that is what the trainer computes as the old policy's log-prob at the same
