@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict, fields
 
 if __package__:
-    from .vllm_engine import VLLMEngine, VLLMRollout, iter_full_weights
+    from .vllm_engine import SamplingConfig, VLLMEngine, VLLMRollout, iter_full_weights
 else:  # run as a file (python .../vllm_server.py) before the package exists: the sibling loaded by path
     import importlib.util
 
@@ -38,7 +38,8 @@ else:  # run as a file (python .../vllm_server.py) before the package exists: th
     _module = importlib.util.module_from_spec(_spec)
     sys.modules[_name] = _module
     _spec.loader.exec_module(_module)
-    VLLMEngine, VLLMRollout, iter_full_weights = _module.VLLMEngine, _module.VLLMRollout, _module.iter_full_weights
+    SamplingConfig, VLLMEngine, VLLMRollout = _module.SamplingConfig, _module.VLLMEngine, _module.VLLMRollout
+    iter_full_weights = _module.iter_full_weights
 
 __all__ = ["VLLMServerClient", "main", "serve"]
 
@@ -85,8 +86,6 @@ def _received_weights(conn):
 
 def _handle(engine: VLLMEngine, conn) -> bool:
     """Answer one request; False when the client asked the server to stop."""
-    from ptkernels.trainers.rollout import SamplingConfig  # the trainer's rollout types (see vllm_engine)
-
     request = _recv_json(conn)
     op = request.get("op")
     try:
