@@ -164,10 +164,11 @@ def _unwrap(model):
 def iter_full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, full tensor) for every entry of ``model``'s state dict, one at a time. An FSDP2 shard
     (a ``DTensor``) is all-gathered when reached, so every rank must consume this in the same order; a DDP
-    wrapper is looked through. Detached, never copied otherwise."""
+    wrapper and torch.compile's ``_orig_mod.`` are looked through. Detached, never copied otherwise."""
     from torch.distributed.tensor import DTensor
 
     for name, tensor in _unwrap(model).state_dict().items():
+        name = name.replace("_orig_mod.", "")  # a torch.compile'd module's names, back to the checkpoint's
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
         yield name, tensor.detach()
@@ -201,6 +202,7 @@ class VLLMEngine:
             raise ValueError("enable_sleep_mode: vLLM's sleep mode needs CUDA (its cumem allocator)")
         check_architecture(model_dir)
         _set_env_defaults(kv_cache_space_gib)
+        self._in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         from vllm import LLM
 
         if tokenizer is None:
@@ -282,9 +284,9 @@ class VLLMEngine:
 
     def load_weights(self, weights) -> None:
         """Reload the engine's weights in place from (Hugging Face name, tensor) pairs covering the model."""
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
-            raise RuntimeError("sync_weights needs the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): the "
-                               "multiprocess engine would pickle every tensor")
+        if not self._in_process:
+            raise RuntimeError("sync_weights needs the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0 when it "
+                               "is built): the multiprocess engine would pickle every tensor")
         if not self._weights_awake:  # asleep: the reload writes into resident weights only
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
