@@ -11,16 +11,18 @@ or ``get_verifier("math:0.8,format:0.2")``.
 
 from __future__ import annotations
 
-import json
 import math as _math
+import os
 import re
-import secrets
 import string
 import unicodedata
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
-from ptkernels.trainers.sandbox import run_python
+from ptkernels.trainers.rewards import code_tests
+from ptkernels.trainers.rewards.code_tests import SplitTest
+from ptkernels.trainers.sandbox import SandboxResult, run_python
 
 __all__ = [
     "VERIFIERS", "combine", "get_verifier", "math", "format", "exact", "fact", "code", "make_code_verifier",
@@ -340,65 +342,89 @@ def extract_code(completion: str) -> str:
     return text
 
 
-def _test_harness(tests: Sequence[str], marker: str) -> str:
-    """Child-side code that runs each assert string on its own and prints one JSON line per test. It is appended to
-    the model's code and runs only inside the sandbox; the trainer reads the lines back as data."""
-    lines = [
-        "import sys as _ptk_sys",
-        f"for _ptk_i, _ptk_src in enumerate({list(tests)!r}):",
-        "    try:",
-        "        exec(compile(_ptk_src, '<test %d>' % _ptk_i, 'exec'), globals())",
-        "        _ptk_ok = 'true'",
-        "    except BaseException:",
-        "        _ptk_ok = 'false'",
-        f"    _ptk_sys.stdout.write('\\n' + {marker!r} + '{{\"i\": %d, \"ok\": %s}}\\n' % (_ptk_i, _ptk_ok))",
-        "    _ptk_sys.stdout.flush()",
-    ]
-    return "\n" + "\n".join(lines) + "\n"
-
-
-def _passed_tests(stdout: str, marker: str, n: int) -> set[int]:
-    passed = set()
-    for line in stdout.splitlines():
-        if not line.startswith(marker):
-            continue
-        try:
-            record = json.loads(line[len(marker) :])
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("ok") is True:
-            i = record.get("i")
-            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n:
-                passed.add(i)
+def _passed_split(split: list[SplitTest], reports: str) -> list[bool]:
+    """Per split test: every check reported a plain value that passes here, and nothing raised."""
+    got = code_tests.read_reports(reports)
+    passed = []
+    for ti, test in enumerate(split):
+        ok, ci = True, 0
+        for si, (kind, _) in enumerate(test.statements):
+            if kind != "check":
+                if got.get((ti, si), ("value",))[0] == "error":
+                    ok = False
+                continue
+            status, encoded = got.get((ti, si), ("missing", None))
+            try:
+                ok = ok and status == "value" and code_tests.verdict(test.checks[ci], code_tests.decode(encoded))
+            except ValueError:
+                ok = False
+            ci += 1
+        passed.append(ok)
     return passed
 
 
-def make_code_verifier(*, timeout_s: float = 5.0, memory_mb: int = 256, **sandbox_kwargs) -> Verifier:
-    """A ``code`` verifier with its own sandbox limits (``run_python`` keyword arguments)."""
+def make_code_verifier(*, timeout_s: float = 5.0, memory_mb: int = 256, unsafe_sandbox: bool = False,
+                       workers: int | None = None, **sandbox_kwargs) -> Verifier:
+    """A ``code`` verifier with its own sandbox limits (``run_python`` keyword arguments). ``unsafe_sandbox``
+    runs code even without bubblewrap (weaker isolation, with a warning); ``workers`` bounds the sandboxed
+    processes one completion runs at once (default: the CPU count)."""
+    workers = workers or os.cpu_count() or 1
+
+    def run(program: str, **kw) -> SandboxResult:
+        return run_python(program, timeout_s=timeout_s, memory_mb=memory_mb, unsafe=unsafe_sandbox,
+                          **sandbox_kwargs, **kw)
+
+    def run_all(calls: list[dict]) -> list[SandboxResult]:
+        if len(calls) == 1:
+            return [run(**calls[0])]
+        with ThreadPoolExecutor(max_workers=min(workers, len(calls))) as pool:
+            return list(pool.map(lambda kw: run(**kw), calls))
 
     def code(completion: str, row: dict) -> float:
-        """Run the extracted code followed by ``row["tests"]`` in the sandbox.
+        """Run the extracted code against ``row["tests"]`` in the sandbox (see ``rewards/code_tests.py``).
 
-        ``tests`` a string: 1.0 when the process exits 0 within limits and reaches a completion marker printed after
-        the tests (so ``sys.exit(0)`` before the tests earns nothing), else 0.0. ``tests`` a list of assert
-        strings: the fraction that pass, each run in turn in one child that reports per test on stdout.
-        The markers carry a random nonce; code sharing the process could still forge them by introspection, which
-        the sandbox does not prevent (it protects the machine, not the reward).
+        ``tests`` a string: 1.0 when it passes as a whole, else 0.0. A list of strings: the fraction that pass.
+        A list of ``{"input", "output"}`` (or APPS' ``{"inputs", "outputs"}``): the fraction of cases whose
+        stdout matches, each run in a fresh process that must exit 0. Asserts against literals are split: the
+        call runs in the sandbox, the comparison here; the rest run whole, one fresh process per test.
         """
         tests = _require(row, "tests")
         program = extract_code(completion)
-        marker = f"__ptk_result_{secrets.token_hex(16)}__"
+        cases = code_tests.stdio_cases(tests)
+        if cases is not None:
+            results = run_all([{"program": program, "stdin": given} for given, _ in cases])
+            passed = [r.ok and code_tests.same_output(r.stdout, want) for r, (_, want) in zip(results, cases)]
+            return sum(passed) / len(cases)
         if isinstance(tests, str):
-            source = f"{program}\n\n{tests}\n\nimport sys as _ptk_sys\n_ptk_sys.stdout.write('\\n{marker}\\n')\n"
-            result = run_python(source, timeout_s=timeout_s, memory_mb=memory_mb, **sandbox_kwargs)
-            return float(result.ok and marker in result.stdout.splitlines())
-        if not isinstance(tests, (list, tuple)) or not all(isinstance(t, str) for t in tests):
-            raise ValueError("code verifier: row['tests'] must be a str or a list of str")
-        if not tests:
+            items = [tests]
+        elif isinstance(tests, (list, tuple)) and all(isinstance(t, str) for t in tests):
+            items = list(tests)
+        else:
+            raise ValueError("code verifier: row['tests'] must be a str, a list of str or stdin/stdout cases")
+        if not items:
             raise ValueError("code verifier: row['tests'] is empty")
-        result = run_python(program + "\n" + _test_harness(tests, marker), timeout_s=timeout_s,
-                            memory_mb=memory_mb, **sandbox_kwargs)
-        return len(_passed_tests(result.stdout, marker, len(tests))) / len(tests)
+        splits = [code_tests.split_test(t) for t in items]
+        split_idx = [i for i, s in enumerate(splits) if s is not None]
+        whole_idx = [i for i, s in enumerate(splits) if s is None]
+        calls = [{"program": program, "job": {"mode": "script", "source": items[i]}} for i in whole_idx]
+        if split_idx:
+            job = {"mode": "checks", "tests": [splits[i].statements for i in split_idx]}
+            calls.append({"program": program, "job": job})
+        results = run_all(calls)
+        passed = [False] * len(items)
+        for i, r in zip(whole_idx, results):
+            passed[i] = r.ok and r.reports.splitlines() == ["'done'"]
+        if split_idx:
+            for i, ok in zip(split_idx, _passed_split([splits[i] for i in split_idx], results[-1].reports)):
+                passed[i] = ok
+        # As when the tests ran in turn in one process: a test that runs out of time ends the run, so the tests
+        # after it earn nothing (a hang costs the whole remaining budget, whatever order the processes ran in).
+        hung = [i for i, r in zip(whole_idx, results) if r.timed_out]
+        if hung:
+            passed[min(hung) + 1:] = [False] * (len(items) - min(hung) - 1)
+        if isinstance(tests, str):
+            return float(passed[0])
+        return sum(passed) / len(items)
 
     return code
 
