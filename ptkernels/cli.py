@@ -22,6 +22,7 @@ COMMANDS = {
     "ppo": ("ptkernels.trainers.ppo", "RLHF with PPO: reward model, critic, KL penalty, GAE"),
     "safety": ("ptkernels.trainers.safety", "constitutional AI: critique-and-revise SFT, then AI-judged DPO"),
     "eval": ("ptkernels.trainers.evaluate", "held-out evaluation of a model on the task world"),
+    "check-sandbox": ("ptkernels.trainers.sandbox:main", "which isolation the code reward's sandbox has here"),
 }
 
 

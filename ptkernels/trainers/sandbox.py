@@ -548,3 +548,18 @@ def require_sandbox(unsafe: bool = False) -> dict:
     if info["isolation"] != "bubblewrap" and not unsafe:
         raise SandboxUnavailable(f"sandbox: {info['problem']}; {_bwrap.INSTALL_HINT}")
     return info
+
+
+def main(argv=None) -> int:
+    """``ptk check-sandbox``: print the isolation the code reward gets on this machine; exit 1 without it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print("usage: ptk check-sandbox\n\nProbes one sandboxed run and prints which isolation layers are active.")
+        return 0
+    info = sandbox_info()
+    for key, value in info.items():
+        print(f"{key:<20}{value}")
+    if info["isolation"] != "bubblewrap":
+        print(f"\nNOT ISOLATED: {_bwrap.INSTALL_HINT}", file=sys.stderr)
+        return 1
+    return 0

@@ -47,32 +47,37 @@ def _text(completion) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- math
-def _balanced_after(text: str, start: int) -> str | None:
-    """Contents of the brace group opening at text[start] == '{', or None when it never closes."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-    return None
+def _closing_braces(text: str) -> dict[int, int]:
+    """Index of each '{' -> index of the '}' that closes it, in one pass (unclosed ones are absent)."""
+    match, stack = {}, []
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            match[stack.pop()] = m.start()
+    return match
 
 
 def _last_boxed(text: str) -> str | None:
-    found = None
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text):
+    """Contents of the last ``\\boxed{...}`` (or ``\\fbox``) whose brace group closes, or of a bare
+    ``\\boxed 42``. Linear in the text: brace pairs are found once, not rescanned per candidate."""
+    candidates = list(re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text))
+    if not candidates:
+        return None
+    closing = _closing_braces(text) if any(m.group(1) for m in candidates) else {}
+    for m in reversed(candidates):
         if m.group(1):
-            inner = _balanced_after(text, m.start(1))
+            end = closing.get(m.start(1))
+            if end is not None:
+                return text[m.start(1) + 1 : end]
         else:  # "\boxed 42"
-            tail = re.match(r"\s*([^\s$]+)", text[m.end() :])
-            inner = tail.group(1) if tail else None
-        if inner is not None:
-            found = inner
-    return found
+            tail = _BARE_BOXED.match(text, m.end())
+            if tail:
+                return tail.group(1)
+    return None
 
 
+_BARE_BOXED = re.compile(r"\s*([^\s$]+)")
 _NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|-?\.\d+")
 
 
@@ -253,12 +258,27 @@ DEFAULT_FORMAT_PATTERN = (
 )
 
 
+_ANSWER_SAID = re.compile(r"(?i:answer)(?:[ \t]+is|[ \t]*:)[ \t]*\S")
+_HASHES_SAID = re.compile(r"####[ \t]*\S")
+
+
+def _default_format(text: str) -> bool:
+    """``DEFAULT_FORMAT_PATTERN`` checked on the last line with plain searches: linear, where the regex engine
+    backtracks quadratically on a line of many unclosed ``\\boxed{``."""
+    last = text[text.rfind("\n") + 1 :]
+    boxed = last.find("\\boxed{")
+    return ((boxed >= 0 and last.rfind("}") > boxed + 6) or _HASHES_SAID.search(last) is not None
+            or _ANSWER_SAID.search(last) is not None)
+
+
 def format(completion: str, row: dict) -> float:
     """1.0 when ``re.fullmatch(pattern, completion.strip(), re.DOTALL)`` matches; pattern is ``row["format_pattern"]``
     or ``DEFAULT_FORMAT_PATTERN``. fullmatch (not search) so a pattern describes the whole completion. The
     completion is first truncated to ``MAX_FORMAT_CHARS`` to bound backtracking time on long inputs."""
     pattern = row.get("format_pattern") or DEFAULT_FORMAT_PATTERN
     text = _text(completion)[:MAX_FORMAT_CHARS].strip()
+    if pattern == DEFAULT_FORMAT_PATTERN:
+        return float(_default_format(text))
     try:
         return float(re.fullmatch(pattern, text, flags=re.DOTALL) is not None)
     except re.error as e:
@@ -430,6 +450,7 @@ def make_code_verifier(*, timeout_s: float = 5.0, memory_mb: int = 256, unsafe_s
 
 
 code = make_code_verifier()
+_unsafe_code = make_code_verifier(unsafe_sandbox=True)  # --unsafe-code-sandbox: runs even without bubblewrap
 
 
 # ------------------------------------------------------------------------------------------------------- registry
@@ -442,7 +463,8 @@ def _require(row: dict, key: str):
 VERIFIERS: dict[str, Verifier] = {"math": math, "format": format, "exact": exact, "fact": fact, "code": code}
 
 
-def combine(names: Sequence[str] | str, weights: Sequence[float] | None = None) -> Verifier:
+def combine(names: Sequence[str] | str, weights: Sequence[float] | None = None, *,
+            unsafe_code_sandbox: bool = False) -> Verifier:
     """Weighted sum of verifiers. Default weights are 1/n each, so the result stays in [0, 1]; explicit weights
     are used as given (non-negative; they sum to 1 to stay in [0, 1])."""
     if isinstance(names, str):
@@ -450,7 +472,7 @@ def combine(names: Sequence[str] | str, weights: Sequence[float] | None = None) 
     names = list(names)
     if not names:
         raise ValueError("combine: names is empty")
-    fns = [_lookup(n) for n in names]
+    fns = [_lookup(n, unsafe_code_sandbox) for n in names]
     weights = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"combine: {len(weights)} weights for {len(names)} verifiers")
@@ -464,19 +486,22 @@ def combine(names: Sequence[str] | str, weights: Sequence[float] | None = None) 
     return combined
 
 
-def _lookup(name: str) -> Verifier:
+def _lookup(name: str, unsafe_code_sandbox: bool = False) -> Verifier:
     if name not in VERIFIERS:
         raise ValueError(f"unknown verifier {name!r}; valid names: {', '.join(sorted(VERIFIERS))}")
+    if name == "code" and unsafe_code_sandbox:
+        return _unsafe_code
     return VERIFIERS[name]
 
 
-def get_verifier(name: str) -> Verifier:
-    """``"math"``; ``"math,format"`` (equal weights); ``"math:0.8,format:0.2"`` (explicit weights)."""
+def get_verifier(name: str, *, unsafe_code_sandbox: bool = False) -> Verifier:
+    """``"math"``; ``"math,format"`` (equal weights); ``"math:0.8,format:0.2"`` (explicit weights).
+    ``unsafe_code_sandbox`` lets ``code`` run without bubblewrap (see ``sandbox.run_python``'s ``unsafe``)."""
     if not isinstance(name, str):
         raise ValueError(f"verifier name must be a str, got {name!r}; valid names: {', '.join(sorted(VERIFIERS))}")
     parts = [p.strip() for p in name.split(",") if p.strip()]
     if len(parts) == 1 and ":" not in parts[0]:
-        return _lookup(parts[0])
+        return _lookup(parts[0], unsafe_code_sandbox)
     if any(":" in p for p in parts):
         if not all(":" in p for p in parts):
             raise ValueError(f"verifier spec {name!r}: give a weight for every verifier or for none")
@@ -485,5 +510,5 @@ def get_verifier(name: str) -> Verifier:
             weights = [float(w) for _, w in pairs]
         except ValueError as e:
             raise ValueError(f"verifier spec {name!r}: bad weight ({e})") from e
-        return combine([n.strip() for n, _ in pairs], weights)
-    return combine(parts)
+        return combine([n.strip() for n, _ in pairs], weights, unsafe_code_sandbox=unsafe_code_sandbox)
+    return combine(parts, unsafe_code_sandbox=unsafe_code_sandbox)
