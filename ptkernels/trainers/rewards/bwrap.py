@@ -84,18 +84,19 @@ def bwrap_argv(bwrap: str, python: str, *, privileged: bool, tmpfs_bytes: int, s
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         argv += ["--unshare-user", "--disable-userns"]
-    for d in _LIB_DIRS:
+    libs = [d for d in _LIB_DIRS if os.path.islink(d) or os.path.isdir(d)]
+    binds, hide = interpreter_mounts(python)
+    # Parents of the mounts are made 0755 first: bwrap would create them with a restrictive or copied mode (/root
+    # is 0700), which the run's uid could not traverse.
+    parents = sorted({a for p in binds + libs for a in _ancestors(p)}, key=len)
+    for d in parents:
+        if not d.startswith(tuple(x + "/" for x in libs)) and d not in libs:
+            argv += ["--perms", "0755", "--dir", d]
+    for d in libs:
         if os.path.islink(d):
             argv += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
+        else:
             argv += ["--ro-bind", d, d]
-    binds, hide = interpreter_mounts(python)
-    # Parents of the binds are made 0755 first: bwrap would copy their host mode, and /root is 0700, which the
-    # run's uid could not traverse.
-    parents = sorted({os.path.dirname(p) for p in binds} | {a for p in binds for a in _ancestors(p)}, key=len)
-    for d in parents:
-        if d != "/" and not d.startswith(tuple(x + "/" for x in _LIB_DIRS)) and d not in _LIB_DIRS:
-            argv += ["--perms", "0755", "--dir", d]
     for path in binds:
         argv += ["--ro-bind", path, path]
     for path in hide:
