@@ -103,6 +103,11 @@ def test_missing_bubblewrap_refuses_unless_unsafe(monkeypatch):
             S.require_sandbox()
         with pytest.warns(RuntimeWarning, match="UNSAFE"):
             assert S.run_python("print(6 * 7)", unsafe=True).stdout == "42\n"
+        from ptkernels.trainers.grpo import RewardFunction
+
+        with pytest.raises(S.SandboxUnavailable, match="bubblewrap"):
+            RewardFunction("math,code")  # before any model is loaded
+        RewardFunction("math")  # no code reward: no sandbox needed
         unsafe = V.get_verifier("code", unsafe_code_sandbox=True)
         assert unsafe("def f(): return 1", {"tests": "assert f() == 1"}) == 1.0
         assert unsafe("def f(): return 2", {"tests": ["assert f() == 1"]}) == 0.0
