@@ -496,6 +496,8 @@ def sandbox_info() -> dict:
     bwrap = _bwrap.find_bwrap()
     root = os.geteuid() == 0
     problem = "bubblewrap (bwrap) is not installed" if bwrap is None else ""
+    if bwrap is not None and not {"--perms", "--json-status-fd"} <= _bwrap.bwrap_features(bwrap):
+        problem, bwrap = f"{bwrap} is too old ({_bwrap_version(bwrap)}; needs 0.5 or later)", None
     if bwrap is not None:
         for python in _interpreters():
             probe, why = _probe_bwrap(bwrap, python)
@@ -512,7 +514,10 @@ def sandbox_info() -> dict:
                 "mount_namespace": probe["host_tmp_hidden"] and not _HOST_DIRS & set(probe["root_entries"]),
                 "seccomp": probe["seccomp"] == "2", "no_new_privs": probe["no_new_privs"] == "1",
                 "capabilities": "none" if int(probe["cap_eff"] or "0", 16) == 0 else probe["cap_eff"],
-                "memory_limit": "RLIMIT_AS (memory_mb) + one tmpfs cap (tmpfs_mb) for workdir, /tmp, /dev/shm",
+                "memory_limit": ("RLIMIT_AS (memory_mb) + one tmpfs cap (tmpfs_mb) for workdir, /tmp, /dev/shm"
+                                 if "--size" in _bwrap.bwrap_features(bwrap) else
+                                 "RLIMIT_AS (memory_mb); the tmpfs is NOT capped (bwrap < 0.7 has no --size): files "
+                                 "bounded by max_file_bytes x max_open_files"),
                 "problem": "",
             }
     return _legacy_info(problem)

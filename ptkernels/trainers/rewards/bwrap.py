@@ -15,12 +15,14 @@ ordinary user, bwrap creates a user namespace (``--unshare-user``) and forbids n
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 
-__all__ = ["WORKDIR", "bwrap_argv", "find_bwrap", "interpreter_mounts", "INSTALL_HINT"]
+__all__ = ["WORKDIR", "bwrap_argv", "bwrap_features", "find_bwrap", "interpreter_mounts", "INSTALL_HINT"]
 
 WORKDIR = "/ptk-sandbox"
 INSTALL_HINT = (
@@ -39,6 +41,17 @@ def find_bwrap() -> str | None:
     if override is not None:
         return override if override and os.access(override, os.X_OK) else None
     return shutil.which("bwrap")
+
+
+@functools.lru_cache(maxsize=4)
+def bwrap_features(bwrap: str) -> frozenset[str]:
+    """The optional flags this bwrap knows (older releases lack some: --size and --disable-userns came in 0.7/0.8,
+    --json-status-fd in 0.5)."""
+    try:
+        text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(f for f in ("--size", "--disable-userns", "--json-status-fd", "--perms") if f in text)
 
 
 def interpreter_mounts(python: str) -> tuple[list[str], list[str]]:
@@ -77,13 +90,16 @@ def _ancestors(path: str) -> list[str]:
 def bwrap_argv(bwrap: str, python: str, *, privileged: bool, tmpfs_bytes: int, source_fd: int,
                seccomp_fd: int | None, command: list[str]) -> list[str]:
     """The full bwrap command running ``command`` (whose first element is ``python``) in the sandbox."""
+    features = bwrap_features(bwrap)
     argv = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LC_ALL", "C.UTF-8", "--cap-drop", "ALL"]
     if privileged:
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
-        argv += ["--unshare-user", "--disable-userns"]
+        argv += ["--unshare-user"]
+        if "--disable-userns" in features:  # else the seccomp filter alone refuses new user namespaces
+            argv += ["--disable-userns"]
     libs = [d for d in _LIB_DIRS if os.path.islink(d) or os.path.isdir(d)]
     binds, hide = interpreter_mounts(python)
     # Parents of the mounts are made 0755 first: bwrap would create them with a restrictive or copied mode (/root
@@ -107,7 +123,8 @@ def bwrap_argv(bwrap: str, python: str, *, privileged: bool, tmpfs_bytes: int, s
     argv += ["--symlink", "/proc/self/fd", "/dev/fd", "--symlink", "/proc/self/fd/0", "/dev/stdin",
              "--symlink", "/proc/self/fd/1", "/dev/stdout", "--symlink", "/proc/self/fd/2", "/dev/stderr"]
     # One capped tmpfs for everything writable: the working dir, /tmp and /dev/shm.
-    argv += ["--size", str(tmpfs_bytes), "--perms", "1777", "--tmpfs", WORKDIR,
+    size = ["--size", str(tmpfs_bytes)] if "--size" in features else []  # else: uncapped (sandbox_info says so)
+    argv += [*size, "--perms", "1777", "--tmpfs", WORKDIR,
              "--perms", "1777", "--dir", f"{WORKDIR}/.tmp", "--perms", "1777", "--dir", f"{WORKDIR}/.shm",
              "--symlink", f"{WORKDIR}/.tmp", "/tmp", "--symlink", f"{WORKDIR}/.shm", "/dev/shm",
              "--perms", "0644", "--file", str(source_fd), f"{WORKDIR}/main.py",
