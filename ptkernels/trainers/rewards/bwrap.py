@@ -54,7 +54,8 @@ def bwrap_features(bwrap: str) -> frozenset[str]:
     return frozenset(f for f in ("--size", "--disable-userns", "--json-status-fd", "--perms") if f in text)
 
 
-def interpreter_mounts(python: str) -> tuple[list[str], list[str]]:
+@functools.lru_cache(maxsize=8)
+def interpreter_mounts(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(read-only binds, paths to hide) for ``python``: the executable, its standard library (site-packages
     hidden) and the shared library of a ``--enable-shared`` build, when those are outside ``/usr/lib*``."""
     python = os.path.realpath(python)
@@ -79,7 +80,7 @@ def interpreter_mounts(python: str) -> tuple[list[str], list[str]]:
             binds.append(os.path.realpath(shared))
             if os.path.realpath(shared) != shared:
                 binds.append(shared)
-    return binds, hide
+    return tuple(binds), tuple(hide)
 
 
 def _ancestors(path: str) -> list[str]:
@@ -104,7 +105,7 @@ def bwrap_argv(bwrap: str, python: str, *, privileged: bool, tmpfs_bytes: int, s
     binds, hide = interpreter_mounts(python)
     # Parents of the mounts are made 0755 first: bwrap would create them with a restrictive or copied mode (/root
     # is 0700), which the run's uid could not traverse.
-    parents = sorted({a for p in binds + libs for a in _ancestors(p)}, key=len)
+    parents = sorted({a for p in [*binds, *libs] for a in _ancestors(p)}, key=len)
     for d in parents:
         if not d.startswith(tuple(x + "/" for x in libs)) and d not in libs:
             argv += ["--perms", "0755", "--dir", d]

@@ -12,6 +12,7 @@ Only x86-64 has a table (the numbers differ per architecture); elsewhere ``filte
 
 from __future__ import annotations
 
+import functools
 import platform
 import struct
 
@@ -64,6 +65,7 @@ def syscall_numbers(machine: str | None = None) -> dict[str, int] | None:
     return None if arch is None else dict(arch[1])
 
 
+@functools.lru_cache(maxsize=4)
 def filter_program(machine: str | None = None) -> bytes | None:
     """The filter as ``struct sock_filter[]`` bytes, or None where this architecture has no table."""
     arch = _ARCHES.get(machine or platform.machine())
