@@ -52,6 +52,7 @@ import warnings
 from dataclasses import dataclass
 
 from .rewards import bwrap as _bwrap
+from .rewards import runner as _runner
 from .rewards import seccomp as _seccomp
 
 __all__ = ["SandboxResult", "SandboxUnavailable", "run_python", "sandbox_info", "require_sandbox"]
@@ -63,7 +64,8 @@ _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
 _MINIMAL_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
 _SOURCE_NAME = "main.py"
-_RUNNER_SOURCE = open(os.path.join(os.path.dirname(__file__), "rewards", "runner.py"), encoding="utf-8").read()
+with open(_runner.__file__, encoding="utf-8") as _f:  # passed to `python -c`: the sandbox has no ptkernels
+    _RUNNER_SOURCE = _f.read()
 
 
 class SandboxUnavailable(RuntimeError):
