@@ -1,7 +1,8 @@
 """Code-reward sandbox overhead and verifier cost on adversarial text (CPU; times are never asserted).
 
-    sandbox-run        ``run_python("pass")``: bubblewrap, namespaces, seccomp, the trusted runner, teardown
-    bare-python        the same interpreter started directly (``-I -S -B -c pass``): the floor
+    sandbox-run        ``run_python("import os")``: bubblewrap, namespaces, seccomp, the trusted runner, teardown
+    bare-python        the same interpreter started directly (``-I -S -B -c "import os"``): the floor (every
+                       program, and the runner, imports os)
     code-verifier      one completion against 4 split asserts (one sandboxed run)
     code-parallel-8    8 completions scored at once in a thread pool (GRPO's scoring), per completion in extra_info
     verifier-1MB       math / fact / format / exact on 1 MB of unclosed ``\\boxed{`` (the old quadratic case)
@@ -37,18 +38,18 @@ def _mean_s(fn, n: int = 10) -> float:
 
 def test_bare_python(benchmark):
     python = sandbox_info()["python"]
-    run = lambda: subprocess.run([python, "-I", "-S", "-B", "-c", "pass"], check=True)  # noqa: E731
+    run = lambda: subprocess.run([python, "-I", "-S", "-B", "-c", "import os"], check=True)  # noqa: E731
     benchmark.pedantic(run, rounds=20, warmup_rounds=2)
     _FLOOR["bare"] = benchmark.stats.stats.mean
 
 
 def test_sandbox_run(benchmark):
-    result = benchmark.pedantic(lambda: run_python("pass"), rounds=20, warmup_rounds=2)
+    result = benchmark.pedantic(lambda: run_python("import os"), rounds=20, warmup_rounds=2)
     assert result.ok
     info = sandbox_info()
     benchmark.extra_info.update(isolation=info["isolation"], seccomp=info["seccomp"], run_as=info["run_as"])
     bare = _FLOOR.get("bare") or _mean_s(
-        lambda: subprocess.run([info["python"], "-I", "-S", "-B", "-c", "pass"], check=True))
+        lambda: subprocess.run([info["python"], "-I", "-S", "-B", "-c", "import os"], check=True))
     benchmark.extra_info["fixed_overhead_ms"] = round((benchmark.stats.stats.mean - bare) * 1e3, 1)
 
 
