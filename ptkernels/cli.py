@@ -23,6 +23,7 @@ COMMANDS = {
     "ppo": ("ptkernels.trainers.recipes.ppo", "RLHF with PPO: reward model, critic, KL penalty, GAE"),
     "safety": ("ptkernels.trainers.recipes.safety", "constitutional AI: critique-and-revise SFT, then AI-judged DPO"),
     "eval": ("ptkernels.trainers.recipes.evaluate", "held-out evaluation of a model on the task world"),
+    "check-sandbox": ("ptkernels.trainers.rewards.sandbox:main", "which isolation the code reward's sandbox has here"),
 }
 
 

@@ -180,6 +180,8 @@ class GRPOConfig(OnPolicyConfig):
     lr: float = option(1e-5, "peak learning rate (AdamW)")
     verifier: str = option("row", "reward: 'row' (each row's 'verifier' field), a name (math, format, exact, fact, "
                            "code), 'math,format' (equal weights) or 'math:0.8,format:0.2'")
+    unsafe_code_sandbox: bool = option(False, "run the code verifier's model-written code even without bubblewrap "
+                                       "(weaker, escapable isolation; prints a warning). Off: it refuses")
     num_generations: int = option(8, "completions sampled per prompt (the group)")
     num_iterations: int = option(1, "optimizer steps per rollout (old log-probs kept from sampling time)")
     beta: float = option(0.0, "KL coefficient to the reference (k3); 0 holds no reference model")

@@ -15,6 +15,9 @@ and, with ``--verifier row``, the verifier's name in ``verifier``.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 import ptkernels as ptk
@@ -25,6 +28,7 @@ from ..engine.config import GRPOConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import TrainResult, train
 from ..modeling import TrainingModule, head_inputs, hidden_states, load_causal_lm, load_reference
+from ..rewards.sandbox import require_sandbox
 from ..rewards.verifiers import get_verifier
 from ..rollout.onpolicy import PTX, OnPolicySource, load_prompts, split_parts
 from ..rollout.sampling import RolloutEngine
@@ -39,19 +43,22 @@ class RewardFunction:
     """The reward of a completion and its named parts (for logging): one verifier spec for all rows, or, with
     'row', the verifier each row names."""
 
-    def __init__(self, spec: str):
-        self.spec = spec
-        self._fixed = None if spec == "row" else get_verifier(spec)
+    def __init__(self, spec: str, unsafe_code_sandbox: bool = False):
+        self.spec, self.unsafe = spec, unsafe_code_sandbox
+        self._fixed = None if spec == "row" else get_verifier(spec, unsafe_code_sandbox=self.unsafe)
         self.parts = [] if spec == "row" else [p.split(":")[0].strip() for p in spec.split(",") if p.strip()]
+        if "code" in self.parts:
+            require_sandbox(unsafe=self.unsafe)  # no bubblewrap: fail now, saying how to install it
 
     def __call__(self, completion: str, row: Row) -> tuple[float, dict[str, float]]:
         if self._fixed is None:
             name = row.data.get("verifier")
             if not isinstance(name, str):
                 raise ValueError(f"{row.source}: --verifier row needs a 'verifier' field naming the verifier")
-            r = get_verifier(name)(completion, row.data)
+            r = get_verifier(name, unsafe_code_sandbox=self.unsafe)(completion, row.data)
             return r, {name: r}
-        parts = {n: get_verifier(n)(completion, row.data) for n in self.parts} if len(self.parts) > 1 else {}
+        parts = ({n: get_verifier(n, unsafe_code_sandbox=self.unsafe)(completion, row.data) for n in self.parts}
+                 if len(self.parts) > 1 else {})
         r = self._fixed(completion, row.data)
         return r, parts or {self.parts[0]: r}
 
@@ -70,7 +77,9 @@ class GRPORollouts(OnPolicySource):
     def make_rollout(self, index: int):
         cfg = self.cfg
         rows, prompts, out = self.sample(index, cfg.num_generations, 2 if cfg.dynamic_sampling else 1)
-        scored = [self.reward(text, row) for text, row in zip(out.texts, rows)]
+        # Completions are scored in parallel: a code reward waits on sandboxed processes, not on this one.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            scored = list(pool.map(self.reward, out.texts, rows))
         sampled = scored, [len(c) for c in out.completion_ids], out.finished  # all of them, for the metrics
         if cfg.dynamic_sampling:
             rows, prompts, out, scored = self.informative_groups(rows, prompts, out, scored)
@@ -203,7 +212,8 @@ def load_ptx_rows(cfg: GRPOConfig) -> tuple[list[Row], str | None]:
 def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
     info = init_distributed()
     try:
-        reward = RewardFunction(cfg.verifier)  # an unknown verifier fails before anything is loaded
+        # an unknown verifier, or a code reward without a sandbox, fails before anything is loaded
+        reward = RewardFunction(cfg.verifier, cfg.unsafe_code_sandbox)
         ptx_rows, ptx_fmt = load_ptx_rows(cfg)
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk grpo: --distributed fsdp is not supported (generation needs whole weights); "

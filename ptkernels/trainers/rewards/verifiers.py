@@ -11,16 +11,18 @@ or ``get_verifier("math:0.8,format:0.2")``.
 
 from __future__ import annotations
 
-import json
 import math as _math
+import os
 import re
-import secrets
 import string
 import unicodedata
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
-from ptkernels.trainers.rewards.sandbox import run_python
+from ptkernels.trainers.rewards import code_tests
+from ptkernels.trainers.rewards.code_tests import SplitTest
+from ptkernels.trainers.rewards.sandbox import SandboxResult, run_python
 
 __all__ = [
     "VERIFIERS", "combine", "get_verifier", "math", "format", "exact", "fact", "code", "make_code_verifier",
@@ -45,32 +47,37 @@ def _text(completion) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- math
-def _balanced_after(text: str, start: int) -> str | None:
-    """Contents of the brace group opening at text[start] == '{', or None when it never closes."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-    return None
+def _closing_braces(text: str) -> dict[int, int]:
+    """Index of each '{' -> index of the '}' that closes it, in one pass (unclosed ones are absent)."""
+    match, stack = {}, []
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            match[stack.pop()] = m.start()
+    return match
 
 
 def _last_boxed(text: str) -> str | None:
-    found = None
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text):
+    """Contents of the last ``\\boxed{...}`` (or ``\\fbox``) whose brace group closes, or of a bare
+    ``\\boxed 42``. Linear in the text: brace pairs are found once, not rescanned per candidate."""
+    candidates = list(re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text))
+    if not candidates:
+        return None
+    closing = _closing_braces(text) if any(m.group(1) for m in candidates) else {}
+    for m in reversed(candidates):
         if m.group(1):
-            inner = _balanced_after(text, m.start(1))
+            end = closing.get(m.start(1))
+            if end is not None:
+                return text[m.start(1) + 1 : end]
         else:  # "\boxed 42"
-            tail = re.match(r"\s*([^\s$]+)", text[m.end() :])
-            inner = tail.group(1) if tail else None
-        if inner is not None:
-            found = inner
-    return found
+            tail = _BARE_BOXED.match(text, m.end())
+            if tail:
+                return tail.group(1)
+    return None
 
 
+_BARE_BOXED = re.compile(r"\s*([^\s$]+)")
 _NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|-?\.\d+")
 
 
@@ -251,12 +258,27 @@ DEFAULT_FORMAT_PATTERN = (
 )
 
 
+_ANSWER_SAID = re.compile(r"(?i:answer)(?:[ \t]+is|[ \t]*:)[ \t]*\S")
+_HASHES_SAID = re.compile(r"####[ \t]*\S")
+
+
+def _default_format(text: str) -> bool:
+    """``DEFAULT_FORMAT_PATTERN`` checked on the last line with plain searches: linear, where the regex engine
+    backtracks quadratically on a line of many unclosed ``\\boxed{``."""
+    last = text[text.rfind("\n") + 1 :]
+    boxed = last.find("\\boxed{")
+    return ((boxed >= 0 and last.rfind("}") > boxed + 6) or _HASHES_SAID.search(last) is not None
+            or _ANSWER_SAID.search(last) is not None)
+
+
 def format(completion: str, row: dict) -> float:
     """1.0 when ``re.fullmatch(pattern, completion.strip(), re.DOTALL)`` matches; pattern is ``row["format_pattern"]``
     or ``DEFAULT_FORMAT_PATTERN``. fullmatch (not search) so a pattern describes the whole completion. The
     completion is first truncated to ``MAX_FORMAT_CHARS`` to bound backtracking time on long inputs."""
     pattern = row.get("format_pattern") or DEFAULT_FORMAT_PATTERN
     text = _text(completion)[:MAX_FORMAT_CHARS].strip()
+    if pattern == DEFAULT_FORMAT_PATTERN:
+        return float(_default_format(text))
     try:
         return float(re.fullmatch(pattern, text, flags=re.DOTALL) is not None)
     except re.error as e:
@@ -340,70 +362,95 @@ def extract_code(completion: str) -> str:
     return text
 
 
-def _test_harness(tests: Sequence[str], marker: str) -> str:
-    """Child-side code that runs each assert string on its own and prints one JSON line per test. It is appended to
-    the model's code and runs only inside the sandbox; the trainer reads the lines back as data."""
-    lines = [
-        "import sys as _ptk_sys",
-        f"for _ptk_i, _ptk_src in enumerate({list(tests)!r}):",
-        "    try:",
-        "        exec(compile(_ptk_src, '<test %d>' % _ptk_i, 'exec'), globals())",
-        "        _ptk_ok = 'true'",
-        "    except BaseException:",
-        "        _ptk_ok = 'false'",
-        f"    _ptk_sys.stdout.write('\\n' + {marker!r} + '{{\"i\": %d, \"ok\": %s}}\\n' % (_ptk_i, _ptk_ok))",
-        "    _ptk_sys.stdout.flush()",
-    ]
-    return "\n" + "\n".join(lines) + "\n"
-
-
-def _passed_tests(stdout: str, marker: str, n: int) -> set[int]:
-    passed = set()
-    for line in stdout.splitlines():
-        if not line.startswith(marker):
-            continue
-        try:
-            record = json.loads(line[len(marker) :])
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("ok") is True:
-            i = record.get("i")
-            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n:
-                passed.add(i)
+def _passed_split(split: list[SplitTest], reports: str) -> list[bool]:
+    """Per split test: every check reported a plain value that passes here, and nothing raised."""
+    got = code_tests.read_reports(reports)
+    passed = []
+    for ti, test in enumerate(split):
+        ok, ci = True, 0
+        for si, (kind, _) in enumerate(test.statements):
+            if kind != "check":
+                if got.get((ti, si), ("value",))[0] == "error":
+                    ok = False
+                continue
+            status, encoded = got.get((ti, si), ("missing", None))
+            try:
+                ok = ok and status == "value" and code_tests.verdict(test.checks[ci], code_tests.decode(encoded))
+            except ValueError:
+                ok = False
+            ci += 1
+        passed.append(ok)
     return passed
 
 
-def make_code_verifier(*, timeout_s: float = 5.0, memory_mb: int = 256, **sandbox_kwargs) -> Verifier:
-    """A ``code`` verifier with its own sandbox limits (``run_python`` keyword arguments)."""
+def make_code_verifier(*, timeout_s: float = 5.0, memory_mb: int = 256, unsafe_sandbox: bool = False,
+                       workers: int | None = None, **sandbox_kwargs) -> Verifier:
+    """A ``code`` verifier with its own sandbox limits (``run_python`` keyword arguments). ``unsafe_sandbox``
+    runs code even without bubblewrap (weaker isolation, with a warning); ``workers`` bounds the sandboxed
+    processes one completion runs at once (default: the CPU count)."""
+    workers = workers or os.cpu_count() or 1
+
+    def run(program: str, **kw) -> SandboxResult:
+        return run_python(program, timeout_s=timeout_s, memory_mb=memory_mb, unsafe=unsafe_sandbox,
+                          **sandbox_kwargs, **kw)
+
+    def run_all(calls: list[dict]) -> list[SandboxResult]:
+        if len(calls) == 1:
+            return [run(**calls[0])]
+        with ThreadPoolExecutor(max_workers=min(workers, len(calls))) as pool:
+            return list(pool.map(lambda kw: run(**kw), calls))
 
     def code(completion: str, row: dict) -> float:
-        """Run the extracted code followed by ``row["tests"]`` in the sandbox.
+        """Run the extracted code against ``row["tests"]`` in the sandbox (see ``rewards/code_tests.py``).
 
-        ``tests`` a string: 1.0 when the process exits 0 within limits and reaches a completion marker printed after
-        the tests (so ``sys.exit(0)`` before the tests earns nothing), else 0.0. ``tests`` a list of assert
-        strings: the fraction that pass, each run in turn in one child that reports per test on stdout.
-        The markers carry a random nonce; code sharing the process could still forge them by introspection, which
-        the sandbox does not prevent (it protects the machine, not the reward).
+        ``tests`` a string: 1.0 when it passes as a whole, else 0.0. A list of strings: the fraction that pass.
+        A list of ``{"input", "output"}`` (or APPS' ``{"inputs", "outputs"}``): the fraction of cases whose
+        stdout matches, each run in a fresh process that must exit 0. Asserts against literals are split: the
+        call runs in the sandbox, the comparison here; the rest run whole, one fresh process per test.
         """
         tests = _require(row, "tests")
         program = extract_code(completion)
-        marker = f"__ptk_result_{secrets.token_hex(16)}__"
+        cases = code_tests.stdio_cases(tests)
+        if cases is not None:
+            results = run_all([{"program": program, "stdin": given} for given, _ in cases])
+            passed = [r.ok and code_tests.same_output(r.stdout, want) for r, (_, want) in zip(results, cases)]
+            return sum(passed) / len(cases)
         if isinstance(tests, str):
-            source = f"{program}\n\n{tests}\n\nimport sys as _ptk_sys\n_ptk_sys.stdout.write('\\n{marker}\\n')\n"
-            result = run_python(source, timeout_s=timeout_s, memory_mb=memory_mb, **sandbox_kwargs)
-            return float(result.ok and marker in result.stdout.splitlines())
-        if not isinstance(tests, (list, tuple)) or not all(isinstance(t, str) for t in tests):
-            raise ValueError("code verifier: row['tests'] must be a str or a list of str")
-        if not tests:
+            items = [tests]
+        elif isinstance(tests, (list, tuple)) and all(isinstance(t, str) for t in tests):
+            items = list(tests)
+        else:
+            raise ValueError("code verifier: row['tests'] must be a str, a list of str or stdin/stdout cases")
+        if not items:
             raise ValueError("code verifier: row['tests'] is empty")
-        result = run_python(program + "\n" + _test_harness(tests, marker), timeout_s=timeout_s,
-                            memory_mb=memory_mb, **sandbox_kwargs)
-        return len(_passed_tests(result.stdout, marker, len(tests))) / len(tests)
+        splits = [code_tests.split_test(t) for t in items]
+        split_idx = [i for i, s in enumerate(splits) if s is not None]
+        whole_idx = [i for i, s in enumerate(splits) if s is None]
+        calls = [{"program": program, "job": {"mode": "script", "source": items[i]}} for i in whole_idx]
+        if split_idx:
+            job = {"mode": "checks", "tests": [splits[i].statements for i in split_idx]}
+            calls.append({"program": program, "job": job})
+        results = run_all(calls)
+        passed = [False] * len(items)
+        for i, r in zip(whole_idx, results):
+            passed[i] = r.ok and r.reports.splitlines() == ["'done'"]
+        if split_idx:
+            for i, ok in zip(split_idx, _passed_split([splits[i] for i in split_idx], results[-1].reports)):
+                passed[i] = ok
+        # As when the tests ran in turn in one process: a test that runs out of time ends the run, so the tests
+        # after it earn nothing (a hang costs the whole remaining budget, whatever order the processes ran in).
+        hung = [i for i, r in zip(whole_idx, results) if r.timed_out]
+        if hung:
+            passed[min(hung) + 1:] = [False] * (len(items) - min(hung) - 1)
+        if isinstance(tests, str):
+            return float(passed[0])
+        return sum(passed) / len(items)
 
     return code
 
 
 code = make_code_verifier()
+_unsafe_code = make_code_verifier(unsafe_sandbox=True)  # --unsafe-code-sandbox: runs even without bubblewrap
 
 
 # ------------------------------------------------------------------------------------------------------- registry
@@ -416,7 +463,8 @@ def _require(row: dict, key: str):
 VERIFIERS: dict[str, Verifier] = {"math": math, "format": format, "exact": exact, "fact": fact, "code": code}
 
 
-def combine(names: Sequence[str] | str, weights: Sequence[float] | None = None) -> Verifier:
+def combine(names: Sequence[str] | str, weights: Sequence[float] | None = None, *,
+            unsafe_code_sandbox: bool = False) -> Verifier:
     """Weighted sum of verifiers. Default weights are 1/n each, so the result stays in [0, 1]; explicit weights
     are used as given (non-negative; they sum to 1 to stay in [0, 1])."""
     if isinstance(names, str):
@@ -424,7 +472,7 @@ def combine(names: Sequence[str] | str, weights: Sequence[float] | None = None) 
     names = list(names)
     if not names:
         raise ValueError("combine: names is empty")
-    fns = [_lookup(n) for n in names]
+    fns = [_lookup(n, unsafe_code_sandbox) for n in names]
     weights = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"combine: {len(weights)} weights for {len(names)} verifiers")
@@ -438,19 +486,22 @@ def combine(names: Sequence[str] | str, weights: Sequence[float] | None = None) 
     return combined
 
 
-def _lookup(name: str) -> Verifier:
+def _lookup(name: str, unsafe_code_sandbox: bool = False) -> Verifier:
     if name not in VERIFIERS:
         raise ValueError(f"unknown verifier {name!r}; valid names: {', '.join(sorted(VERIFIERS))}")
+    if name == "code" and unsafe_code_sandbox:
+        return _unsafe_code
     return VERIFIERS[name]
 
 
-def get_verifier(name: str) -> Verifier:
-    """``"math"``; ``"math,format"`` (equal weights); ``"math:0.8,format:0.2"`` (explicit weights)."""
+def get_verifier(name: str, *, unsafe_code_sandbox: bool = False) -> Verifier:
+    """``"math"``; ``"math,format"`` (equal weights); ``"math:0.8,format:0.2"`` (explicit weights).
+    ``unsafe_code_sandbox`` lets ``code`` run without bubblewrap (see ``sandbox.run_python``'s ``unsafe``)."""
     if not isinstance(name, str):
         raise ValueError(f"verifier name must be a str, got {name!r}; valid names: {', '.join(sorted(VERIFIERS))}")
     parts = [p.strip() for p in name.split(",") if p.strip()]
     if len(parts) == 1 and ":" not in parts[0]:
-        return _lookup(parts[0])
+        return _lookup(parts[0], unsafe_code_sandbox)
     if any(":" in p for p in parts):
         if not all(":" in p for p in parts):
             raise ValueError(f"verifier spec {name!r}: give a weight for every verifier or for none")
@@ -459,5 +510,5 @@ def get_verifier(name: str) -> Verifier:
             weights = [float(w) for _, w in pairs]
         except ValueError as e:
             raise ValueError(f"verifier spec {name!r}: bad weight ({e})") from e
-        return combine([n.strip() for n, _ in pairs], weights)
-    return combine(parts)
+        return combine([n.strip() for n, _ in pairs], weights, unsafe_code_sandbox=unsafe_code_sandbox)
+    return combine(parts, unsafe_code_sandbox=unsafe_code_sandbox)

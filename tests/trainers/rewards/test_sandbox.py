@@ -17,7 +17,8 @@ from ptkernels.trainers.rewards.sandbox import RUN_UID_BASE, SandboxResult, run_
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
-PRINT_PGID = "import os, sys\nprint('PGID', os.getpgrp(), flush=True)\n"
+# The run's PID namespace (its inode): every process of the run lives in it, so none may be left afterwards.
+PRINT_PGID = "import os, sys\nprint('PGID', os.stat('/proc/self/ns/pid').st_ino, flush=True)\n"
 
 
 def _rss_mb() -> float:
@@ -35,18 +36,18 @@ def _pgid(result: SandboxResult) -> int:
     raise AssertionError(f"child did not report its group: {result}")
 
 
-def _assert_group_gone(pgid: int) -> None:
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)
-    # Also nothing that changed group but kept the session (a live process whose session id is the child's pid).
+def _assert_group_gone(pid_ns: int) -> None:
+    """No live process of the run's PID namespace is left (as root every process is visible here)."""
+    assert pid_ns != os.stat("/proc/self/ns/pid").st_ino, "the run shared the trainer's PID namespace"
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
+                ns = os.stat(f"/proc/{entry}/ns/pid").st_ino
                 stat = pathlib.Path(f"/proc/{entry}/stat").read_bytes()
             except OSError:
                 continue
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            assert not (int(fields[3]) == pgid and fields[0] != b"Z"), f"leftover process {entry}"
+            state = stat[stat.rfind(b")") + 2 :].split()[0]
+            assert not (ns == pid_ns and state != b"Z"), f"leftover process {entry}"
 
 
 def _hostile(body: str, *, timeout_s: float = 2.0, **kw) -> SandboxResult:
@@ -120,20 +121,25 @@ def _processes_mentioning(needle: str) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not sandbox_info()["dropped_privileges"], reason="needs the per-run uid (running as root)")
-def test_fork_past_the_hook_into_a_new_session_is_still_cleaned_up(unharmed):
-    # _imp.create_builtin instantiates _posixsubprocess without an import event; fork_exec is not audited. The
-    # escaped `sleep` starts its own session, so only the per-run uid sweep can find it.
+@pytest.mark.parametrize("audit_hook", [True, False])
+def test_fork_past_the_hook_into_a_new_session_is_still_cleaned_up(unharmed, audit_hook):
+    # _imp.create_builtin instantiates _posixsubprocess without an import event where it is built in (Debian's
+    # python); fork_exec is not audited. Where it is not, the run goes without the hook (the OS layers alone).
+    # The escaped daemon starts its own session: only the PID namespace's end can take it along.
     duration = f"3600.{uuid.uuid4().int % 10**9:09d}"
     body = (
-        "import _imp\nclass Spec: name = '_posixsubprocess'\nps = _imp.create_builtin(Spec)\n"
-        f"args = [b'/bin/sleep', b'{duration}']\n"
+        "import _imp, sys\nclass Spec: name = '_posixsubprocess'\nps = _imp.create_builtin(Spec)\n"
+        "if ps is None:\n    print('NOT BUILT IN', flush=True)\n    import _posixsubprocess as ps\n"
+        f"args = [sys.executable.encode(), b'-c', b'import time; time.sleep({duration})']\n"
         "pid = ps.fork_exec(args, [args[0]], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, True,"
         " -1, None, None, None, -1, None, False)\n"
         "import time\ntime.sleep(0.3)\nprint('SPAWNED', os.getsid(pid) != os.getsid(0), flush=True)\n"
     )
-    result = run_python(PRINT_PGID + body)
-    assert "SPAWNED True" in result.stdout, result  # the bypass really forked, into another session
+    result = run_python(PRINT_PGID + body, audit_hook=audit_hook)
+    if audit_hook and "NOT BUILT IN" in result.stdout:
+        assert "PermissionError" in result.stderr  # the hook stopped the import
+    else:
+        assert "SPAWNED True" in result.stdout, result  # the bypass really forked, into another session
     _assert_group_gone(_pgid(result))
     assert not _processes_mentioning(duration)
 

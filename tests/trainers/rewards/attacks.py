@@ -1,0 +1,324 @@
+"""The attacks of the code-reward threat model (docs/sandbox.md), as plain functions (no pytest, no torch) so the
+same code runs in the test process (root) and in a dropped-privilege subprocess (``nobody``, see
+test_attacks.py). Each takes a scratch directory that its user can write (standing for the trainer's own
+files), performs the attack through the public verifier/sandbox API, and raises AssertionError when it had any
+effect: a wrong solution rewarded, a file outside the sandbox changed, a process or file left behind, the
+"trainer" (a victim process of the same user) harmed.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+
+from ptkernels.trainers import verifiers as V
+from ptkernels.trainers.rewards.sandbox import run_python
+
+HOST_SHARED = ("/tmp", "/dev/shm")
+
+
+def _snapshot() -> set[str]:
+    found = set()
+    for d in HOST_SHARED:
+        try:
+            found |= {os.path.join(d, e) for e in os.listdir(d)}
+        except OSError:
+            pass
+    return found
+
+
+def _processes_mentioning(token: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if token.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+class Outside:
+    """Checks that a run left no trace: nothing new in /tmp or /dev/shm that the run made (names carrying the
+    token, or the sandbox's own prefix), no process mentioning the token, the victim process alive."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.before = _snapshot()
+        self.victim = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(600) # {token}-victim"])
+
+    def check(self) -> None:
+        try:
+            time.sleep(0.05)
+            assert self.victim.poll() is None, "the victim (standing for the trainer) was killed"
+            new = [p for p in _snapshot() - self.before if self.token in p or "ptk-sandbox" in p]
+            assert not new, f"left behind on the host: {new}"
+            left = [p for p in _processes_mentioning(self.token) if p != self.victim.pid]
+            assert not left, f"processes left behind: {left}"
+        finally:
+            self.victim.kill()
+            self.victim.wait()
+
+
+def _zero(completion: str, tests, **kw) -> None:
+    verifier = V.make_code_verifier(timeout_s=kw.pop("timeout_s", 3.0), **kw)
+    got = verifier(f"```python\n{completion}\n```", {"tests": tests})
+    assert got == 0.0, f"wrong code scored {got}"
+
+
+# ------------------------------------------------------------------------------------------- escaping the sandbox
+def kill_the_trainer(scratch: str) -> None:
+    token = uuid.uuid4().hex
+    out = Outside(token)
+    victim = out.victim.pid
+    body = (
+        "import os, signal\n"
+        f"for pid in (os.getppid(), {victim}, 1, -1):\n"
+        "    for attack in (lambda: signal.pidfd_send_signal(os.pidfd_open(pid), signal.SIGKILL),\n"
+        "                   lambda: os.kill(pid, signal.SIGKILL)):\n"
+        "        try:\n            attack()\n        except Exception as e:\n            print(type(e).__name__)\n"
+    )
+    for hook in (True, False):
+        res = run_python(body, audit_hook=hook)
+        assert res.returncode is not None
+    _zero(body + "\ndef f():\n    return 0\n", "assert f() == 1")
+    out.check()
+    assert os.getpid() and os.kill(os.getpid(), 0) is None  # we are alive
+
+
+def overwrite_the_checkpoint(scratch: str) -> None:
+    token = uuid.uuid4().hex
+    out = Outside(token)
+    ckpt = os.path.join(scratch, f"checkpoint-{token}.pt")
+    with open(ckpt, "w") as f:
+        f.write("weights")
+    before = sorted(os.listdir(scratch))
+    body = (
+        "import os\n"
+        f"path = {ckpt!r}\n"
+        "attacks = [\n"
+        "    lambda: __import__('readline').write_history_file(path),\n"
+        "    lambda: __import__('sqlite3').connect(path).execute('create table t(x)'),\n"
+        "    lambda: __import__('dbm.ndbm').ndbm.open(path, 'c'),\n"
+        "    lambda: open(path, 'w').write('pwned'),\n"
+        "    lambda: os.remove(path),\n"
+        f"    lambda: open(os.path.join(os.path.dirname(path), 'new-{token}'), 'w'),\n"
+        "]\n"
+        "for attack in attacks:\n"
+        "    try:\n        attack()\n    except BaseException as e:\n        print(type(e).__name__)\n"
+    )
+    for hook in (True, False):
+        run_python(body, audit_hook=hook)
+    _zero(body + "\ndef f():\n    return 0\n", "assert f() == 1")
+    with open(ckpt) as f:
+        assert f.read() == "weights", "the checkpoint was changed"
+    assert sorted(os.listdir(scratch)) == before, "files appeared next to the checkpoint"
+    out.check()
+
+
+def daemons_and_fork_bombs(scratch: str) -> None:
+    token = uuid.uuid4().hex
+    out = Outside(token)
+    daemon = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n    os.setsid()\n"
+        f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(600) # {token}'])\n"
+        "time.sleep(0.2)\n"
+    )
+    builtin_bypass = (
+        "import _imp, os, sys\nclass Spec: name = '_posixsubprocess'\nps = _imp.create_builtin(Spec)\n"
+        "if ps is not None:\n"
+        f"    args = [sys.executable.encode(), b'-c', b'import time; time.sleep(600) # {token}']\n"
+        "    ps.fork_exec(args, [args[0]], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, True,"
+        " -1, None, None, None, -1, None, False)\n"
+    )
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    for body in (daemon, builtin_bypass, bomb):
+        for hook in (True, False):
+            run_python(body, audit_hook=hook, timeout_s=1.0, max_processes=16)
+        _zero(body + "\ndef f():\n    return 0\n", "assert f() == 1", timeout_s=1.0, max_processes=16)
+    out.check()
+
+
+def fill_tmp_and_shm(scratch: str) -> None:
+    token = uuid.uuid4().hex
+    out = Outside(token)
+    body = (
+        "import os\nwritten = 0\n"
+        f"for d in ('/tmp', '/dev/shm', '.'):\n"
+        "    for i in range(48):\n"
+        "        try:\n"
+        f"            with open(os.path.join(d, f'{token}-{{i}}'), 'wb') as f:\n"
+        "                f.write(b'x' * (8 << 20))\n"
+        "            written += 8 << 20\n"
+        "        except OSError:\n            break\n"
+        "print(written)\n"
+    )
+    for hook in (True, False):
+        res = run_python(body, audit_hook=hook, memory_mb=256, tmpfs_mb=32)
+        assert res.ok, res
+        assert int(res.stdout) <= 32 << 20, f"wrote {res.stdout} bytes past a 32 MiB tmpfs"
+    _zero(body + "\ndef f():\n    return 0\n", "assert f() == 1")
+    out.check()
+
+
+def reach_host_sockets(scratch: str) -> None:
+    token = uuid.uuid4().hex
+    out = Outside(token)
+    path = os.path.join(scratch, f"s-{token}")
+    abstract = f"\0ptk-{token}"
+    listeners = []
+    for address in (path, abstract):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(address)
+        s.listen(4)
+        s.setblocking(False)
+        listeners.append(s)
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(4)
+    tcp.setblocking(False)
+    listeners.append(tcp)
+    try:
+        if os.path.exists(path):
+            os.chmod(path, 0o777)
+        body = (
+            "import socket\n"
+            f"for family, address in ((socket.AF_UNIX, {path!r}), (socket.AF_UNIX, {abstract!r}),"
+            f" (socket.AF_INET, ('127.0.0.1', {tcp.getsockname()[1]}))):\n"
+            "    try:\n        socket.socket(family).connect(address)\n        print('CONNECTED')\n"
+            "    except OSError as e:\n        print(type(e).__name__)\n"
+        )
+        for hook in (True, False):
+            res = run_python(body, audit_hook=hook)
+            assert "CONNECTED" not in res.stdout, res
+        for s in listeners:
+            try:
+                s.accept()
+                raise AssertionError("a sandboxed run connected to a host socket")
+            except BlockingIOError:
+                pass
+    finally:
+        for s in listeners:
+            s.close()
+        if os.path.exists(path):
+            os.unlink(path)
+    out.check()
+
+
+def read_secrets(scratch: str) -> None:
+    token = uuid.uuid4().hex
+    os.environ["PTK_TEST_SECRET"] = token
+    secret_file = os.path.join(scratch, f"secret-{token}")
+    with open(secret_file, "w") as f:
+        f.write(token)
+    try:
+        body = (
+            "import os\nfound = []\n"
+            f"for p in ('/etc/shadow', '/etc/passwd', {secret_file!r}, '/proc/1/environ'):\n"
+            "    try:\n        found.append(open(p, 'rb').read())\n    except OSError:\n        pass\n"
+            "for pid in os.listdir('/proc'):\n"
+            "    try:\n        found.append(open(f'/proc/{pid}/environ', 'rb').read())\n"
+            "    except OSError:\n        pass\n"
+            "found.append(repr(dict(os.environ)).encode())\n"
+            "print(b''.join(found).hex())\n"
+        )
+        for hook in (True, False):
+            res = run_python(body, audit_hook=hook)
+            assert res.ok, res
+            seen = bytes.fromhex(res.stdout.strip())
+            assert token.encode() not in seen, "the sandbox read the trainer's secret"
+            assert b"root:" not in seen, "the sandbox read /etc/passwd or /etc/shadow"
+    finally:
+        del os.environ["PTK_TEST_SECRET"]
+        os.unlink(secret_file)
+
+
+# ------------------------------------------------------------------------------------------- forging the verdict
+EXPECTED = 9876543211  # what f(3) must return; no trivial program guesses it
+SPLIT_TESTS = ["assert f(3) == 9876543211", "assert 9876543211 == f(3)"]
+FORGERS = {
+    # the old harness wrote a nonce into main.py; now look for the expected value anywhere it could be
+    "read_expected": (
+        "import os, re\ndef f(x):\n"
+        "    paths = ['/proc/self/cmdline', '/proc/self/environ', '/proc/1/cmdline', '/proc/1/environ']\n"
+        "    for root in ('/ptk-sandbox', '/tmp', '/dev/shm'):\n"
+        "        for dirpath, _, files in os.walk(root):\n"
+        "            paths += [os.path.join(dirpath, n) for n in files if n != 'main.py']\n"
+        "    for path in paths:\n"
+        "        try:\n"
+        "            data = open(path, 'rb').read(1 << 20)\n"
+        "        except OSError:\n            continue\n"
+        "        found = re.search(rb'== *([0-9]{6,})', data)\n"
+        "        if found:\n            return int(found.group(1))\n"
+        "    return 0\n"
+    ),
+    "shadow_exec_compile": (
+        "import builtins\ndef f(x):\n    return 0\n"
+        "builtins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: None\n"
+        "builtins.eval = lambda *a, **k: 9876543211\nexec = compile = eval = builtins.exec\n"
+    ),
+    "always_equal": (
+        "class Anything(int):\n    def __eq__(self, other):\n        return True\n    __ne__ = lambda s, o: False\n"
+        "    def __bool__(self):\n        return True\n    __hash__ = int.__hash__\n"
+        "def f(x):\n    return Anything(0)\n"
+    ),
+    "replace_stdout": (
+        "import sys, io\nclass Out(io.StringIO):\n    def write(self, s):\n"
+        "        return sys.__stdout__.write(\"(0, 0, 'value', 9876543211)\\n'done'\\n\")\n"
+        "sys.stdout = sys.stderr = Out()\ndef f(x):\n    return 0\n"
+    ),
+    "atexit_forger": (
+        "import atexit, os\n"
+        "def forge():\n"
+        "    for fd in range(3, 64):\n"
+        "        for line in (b\"(0, 0, 'value', True)\\n\", b\"(0, 1, 'value', 1)\\n\", b\"'done'\\n\"):\n"
+        "            try:\n                os.write(fd, line)\n            except OSError:\n                pass\n"
+        "    print('__ptk_result_0__{\"i\": 0, \"ok\": true}')\n"
+        "atexit.register(forge)\ndef f(x):\n    raise SystemExit(0)\n"
+    ),
+    "exit_before_tests": "import os\ndef f(x):\n    return 0\nos._exit(0)\n",
+    "exit_status_only": "import sys\ndef f(x):\n    sys.exit(0)\n",
+}
+
+
+def forge_verdicts(scratch: str) -> None:
+    token = uuid.uuid4().hex
+    out = Outside(token)
+    good = "def f(x):\n    return 9876543208 + x\n"
+    assert V.code(f"```python\n{good}```", {"tests": SPLIT_TESTS}) == 1.0  # the tests can be passed
+    for name, program in FORGERS.items():
+        for tests in (SPLIT_TESTS, SPLIT_TESTS[0], "\n".join(SPLIT_TESTS),
+                      ["assert f(3) == 9876543211"] * 2 + ["y = f(3)\nassert y == 9876543211"]):
+            got = V.code(f"```python\n{program}```", {"tests": tests})
+            assert got == 0.0, f"{name} scored {got} on {tests!r}"
+        # stdin/stdout: the expected output never enters the sandbox either
+        io_program = program + "\nprint(f(3))\n"
+        got = V.code(f"```python\n{io_program}```", {"tests": [{"input": "3\n", "output": "9876543211\n"}]})
+        assert got == 0.0, f"{name} scored {got} on a stdin/stdout test"
+    out.check()
+
+
+ALL = [kill_the_trainer, overwrite_the_checkpoint, daemons_and_fork_bombs, fill_tmp_and_shm, reach_host_sockets,
+       read_secrets, forge_verdicts]
+
+
+def main() -> None:
+    """Run every attack (argv[1]: scratch dir) and print one line per attack: name, then ok or the failure."""
+    scratch = sys.argv[1]
+    for attack in ALL:
+        try:
+            attack(scratch)
+            print(attack.__name__, "ok", flush=True)
+        except BaseException as e:  # report, keep going: the parent test names every failure
+            traceback.print_exc()
+            print(attack.__name__, "FAIL", repr(e).replace("\n", " "), flush=True)
+
+
+if __name__ == "__main__":
+    main()

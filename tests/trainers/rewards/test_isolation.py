@@ -1,0 +1,126 @@
+"""The OS layers one by one: seccomp (table and effect), namespaces, the per-run uid, the missing-tool refusal and
+the unsafe fallback."""
+
+import ast
+import os
+import re
+
+import pytest
+
+from ptkernels.trainers import sandbox as S
+from ptkernels.trainers import verifiers as V
+from ptkernels.trainers.rewards import seccomp
+
+needs_bwrap = pytest.mark.skipif(S.sandbox_info()["isolation"] != "bubblewrap", reason="bubblewrap not installed")
+HEADER = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"
+
+
+@pytest.mark.skipif(not os.path.exists(HEADER), reason="no kernel headers to compare with")
+def test_seccomp_table_matches_the_kernel_headers():
+    header = dict(re.findall(r"#define __NR_(\w+) (\d+)", open(HEADER).read()))
+    table = seccomp.syscall_numbers("x86_64")
+    assert {name: str(nr) for name, nr in table.items()} == {name: header[name] for name in table}
+    assert set(seccomp.DENIED) <= set(table)
+
+
+def test_seccomp_program_shape():
+    program = seccomp.filter_program("x86_64")
+    assert len(program) % 8 == 0 and 0 < len(program) // 8 < 4096  # struct sock_filter[], BPF_MAXINSNS
+    assert seccomp.filter_program("sparc") is None
+
+
+@needs_bwrap
+@pytest.mark.parametrize("audit_hook", [False])
+def test_denied_syscalls_fail_with_eperm(audit_hook):
+    # Raw syscalls through ctypes (the audit hook is off: the filter alone must refuse them).
+    table = seccomp.syscall_numbers()
+    if table is None:
+        pytest.skip("no seccomp table for this architecture")
+    calls = {name: table[name] for name in ("ptrace", "unshare", "setns", "mount", "bpf", "perf_event_open",
+                                              "keyctl", "add_key", "kexec_load", "process_vm_readv",
+                                              "pidfd_open", "io_uring_setup", "userfaultfd")}
+    body = (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        f"for name, nr in {calls!r}.items():\n"
+        "    r = libc.syscall(nr, 0, 0, 0, 0, 0)\n"
+        "    print(name, r, ctypes.get_errno())\n"
+        f"print('clone_newuser', libc.syscall({table['clone']}, 0x10000000 | 17, 0, 0, 0, 0), ctypes.get_errno())\n"
+        f"print('clone3', libc.syscall({table['clone3']}, 0, 0), ctypes.get_errno())\n"
+        "print('seccomp', [l for l in open('/proc/self/status') if l.startswith('Seccomp:')][0].split()[1])\n"
+    )
+    res = S.run_python(body, audit_hook=audit_hook)
+    assert res.ok, res
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines())
+    for name in calls:
+        assert lines[name] == "-1 1", (name, lines[name])  # EPERM
+    assert lines["clone_newuser"] == "-1 1" and lines["clone3"] == "-1 38" and lines["seccomp"] == "2"
+    # Ordinary process creation still works (clone without namespace flags).
+    assert S.run_python("import os\npid = os.fork()\nos._exit(0) if pid == 0 else print(os.waitpid(pid, 0)[1])",
+                        audit_hook=False).stdout == "0\n"
+
+
+@needs_bwrap
+def test_namespaces_and_identity():
+    body = (
+        "import os\n"
+        "print(repr((os.getpid(), sorted(e for e in os.listdir('/proc') if e.isdigit()), os.getuid(), os.getgroups(),"
+        " sorted(os.listdir('/')), os.path.exists('/usr/bin/sh'), open('/proc/self/net/dev').read().count(':'),"
+        " [l.split()[1] for l in open('/proc/self/status') if l.startswith(('NoNewPrivs', 'CapEff'))])))\n"
+    )
+    res = S.run_python(body, audit_hook=False)
+    pid, procs, uid, groups, root, has_shell, interfaces, (caps, nnp) = ast.literal_eval(res.stdout)
+    assert pid <= 3 and len(procs) <= 3  # PID namespace: only the run's own processes
+    assert interfaces == 1 and not has_shell and not {"etc", "home", "var", "run"} & set(root)
+    assert int(caps, 16) == 0 and nnp == "1"
+    if os.geteuid() == 0:
+        assert uid >= S.RUN_UID_BASE and groups == []
+    info = S.sandbox_info()
+    assert info["pid_namespace"] and info["network_namespace"] and info["mount_namespace"] and info["no_new_privs"]
+    assert info["dropped_privileges"] == (os.geteuid() == 0)
+
+
+def test_run_uid_skips_ids_known_to_the_user_database(monkeypatch):
+    assert S._id_in_use(0)  # root
+    taken = S.RUN_UID_BASE + 5
+    real_getpwuid = S.pwd.getpwuid
+    monkeypatch.setattr(S.pwd, "getpwuid", lambda uid: ("ldap-user",) if uid == taken else real_getpwuid(uid))
+    draws = iter([5, 5, 7])
+    monkeypatch.setattr(S.secrets, "randbelow", lambda n: next(draws))
+    assert S._run_uid() == S.RUN_UID_BASE + 7
+
+
+def test_missing_bubblewrap_refuses_unless_unsafe(monkeypatch):
+    monkeypatch.setenv("PTK_BWRAP", "")
+    S.sandbox_info.cache_clear()
+    S._warn_unsafe.cache_clear()
+    try:
+        assert S.sandbox_info()["isolation"] == "none"
+        with pytest.raises(S.SandboxUnavailable, match="apt-get install -y bubblewrap"):
+            S.run_python("print(1)")
+        with pytest.raises(S.SandboxUnavailable, match="unsafe-code-sandbox"):
+            V.code("def f(): return 1", {"tests": "assert f() == 1"})
+        with pytest.raises(S.SandboxUnavailable):
+            S.require_sandbox()
+        with pytest.warns(RuntimeWarning, match="UNSAFE"):
+            assert S.run_python("print(6 * 7)", unsafe=True).stdout == "42\n"
+        from ptkernels.trainers.grpo import RewardFunction
+
+        with pytest.raises(S.SandboxUnavailable, match="bubblewrap"):
+            RewardFunction("math,code")  # before any model is loaded
+        RewardFunction("math")  # no code reward: no sandbox needed
+        unsafe = V.get_verifier("code", unsafe_code_sandbox=True)
+        assert unsafe("def f(): return 1", {"tests": "assert f() == 1"}) == 1.0
+        assert unsafe("def f(): return 2", {"tests": ["assert f() == 1"]}) == 0.0
+    finally:
+        monkeypatch.delenv("PTK_BWRAP")
+        S.sandbox_info.cache_clear()
+    assert S.sandbox_info()["isolation"] in ("bubblewrap", "none")
+
+
+def test_check_sandbox_command(capsys):
+    from ptkernels.cli import main
+
+    rc = main(["check-sandbox"])
+    out = capsys.readouterr().out
+    assert ("isolation           bubblewrap" in out) == (rc == 0)
+    assert "seccomp" in out and "memory_limit" in out
