@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ptkernels.trainers import verifiers as V
+from ptkernels.trainers.rewards import verifiers as V
 from ptkernels.trainers.rewards.sandbox import run_python, sandbox_info
 
 pytestmark = pytest.mark.skipif(sandbox_info()["isolation"] != "bubblewrap", reason="bubblewrap not installed")

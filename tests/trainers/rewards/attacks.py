@@ -14,7 +14,7 @@ import time
 import traceback
 import uuid
 
-from ptkernels.trainers import verifiers as V
+from ptkernels.trainers.rewards import verifiers as V
 from ptkernels.trainers.rewards.sandbox import run_python
 
 HOST_SHARED = ("/tmp", "/dev/shm")

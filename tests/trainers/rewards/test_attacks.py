@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from ptkernels.trainers import sandbox as S
+from ptkernels.trainers.rewards import sandbox as S
 
 from . import attacks
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ptkernels.trainers import verifiers as V
+from ptkernels.trainers.rewards import verifiers as V
 from ptkernels.trainers.rewards import code_tests as C
 from ptkernels.trainers.rewards.sandbox import sandbox_info
 

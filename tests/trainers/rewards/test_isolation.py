@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from ptkernels.trainers import sandbox as S
-from ptkernels.trainers import verifiers as V
+from ptkernels.trainers.rewards import sandbox as S
+from ptkernels.trainers.rewards import verifiers as V
 from ptkernels.trainers.rewards import seccomp
 
 needs_bwrap = pytest.mark.skipif(S.sandbox_info()["isolation"] != "bubblewrap", reason="bubblewrap not installed")
@@ -103,7 +103,7 @@ def test_missing_bubblewrap_refuses_unless_unsafe(monkeypatch):
             S.require_sandbox()
         with pytest.warns(RuntimeWarning, match="UNSAFE"):
             assert S.run_python("print(6 * 7)", unsafe=True).stdout == "42\n"
-        from ptkernels.trainers.grpo import RewardFunction
+        from ptkernels.trainers.recipes.grpo import RewardFunction
 
         with pytest.raises(S.SandboxUnavailable, match="bubblewrap"):
             RewardFunction("math,code")  # before any model is loaded

@@ -36,7 +36,7 @@ for name, path in (("ptkernels", repo + "/ptkernels"), ("ptkernels.trainers", re
     module = types.ModuleType(name)
     module.__path__ = [path]
     sys.modules[name] = module
-from ptkernels.trainers import verifiers as V
+from ptkernels.trainers.rewards import verifiers as V
 texts = json.loads(sys.stdin.read())
 row = {"answer": "42", "facts": {"k": "paris"}, "fact_key": "k"}
 for size in (None, int(sys.argv[2])):
