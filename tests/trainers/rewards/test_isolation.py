@@ -8,8 +8,8 @@ import re
 import pytest
 
 from ptkernels.trainers.rewards import sandbox as S
-from ptkernels.trainers.rewards import verifiers as V
 from ptkernels.trainers.rewards import seccomp
+from ptkernels.trainers.rewards import verifiers as V
 
 needs_bwrap = pytest.mark.skipif(S.sandbox_info()["isolation"] != "bubblewrap", reason="bubblewrap not installed")
 HEADER = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"
