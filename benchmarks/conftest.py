@@ -184,3 +184,132 @@ def pytest_terminal_summary(terminalreporter):
             fmt(r.get("time_over_floor"), ".2f"),
         ]
         tr.write_line("| " + " | ".join(cells) + " |")
+
+
+# ------------------------------------------------------------------ shared helpers of the per-family files
+
+
+PTK_BACKENDS = ("torch", "triton", "native")  # "reference" is the eager oracle, never benchmarked as ptkernels
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def smoke() -> bool:
+    """PTK_BENCH_SMALL=1: every file picks its smoke size (figures meaningless)."""
+    return os.environ.get("PTK_BENCH_SMALL", "0") not in ("", "0")
+
+
+def ptk_skip_reason(backend: str, device: torch.device) -> str | None:
+    """Why ptkernels' ``backend`` cannot be benchmarked on ``device`` (None when it can)."""
+    from ptkernels.ops.core.dispatch import triton_interpreting, unusable_reason
+
+    reason = unusable_reason(backend, device)
+    if reason is not None:
+        return f"ptkernels backend {backend!r} not usable: {reason}"
+    if backend == "triton" and device.type == "cpu" and triton_interpreting():
+        return "the Triton interpreter (TRITON_INTERPRET=1) is never benchmarked"
+    return None
+
+
+def median_seconds(benchmark) -> float | None:
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable
+        return None
+    return float(stats.stats.median)
+
+
+def peak_memory(module_file: str, kwargs: dict, warmup_kwargs: dict, step=None, reset=None,
+                device: torch.device = DEVICE) -> tuple[float, str]:
+    """Peak memory of one step: CUDA ``max_memory_allocated`` growth of ``step`` in this process; CPU the
+    median peak RSS growth of ``mem_repeats()`` fresh subprocesses running ``memory_case(**kwargs)`` of
+    ``module_file`` (after one ``memory_case(**warmup_kwargs)``)."""
+    from _measure import cuda_peak_growth, peak_rss_growth
+
+    if device.type == "cuda":
+        return cuda_peak_growth(step, device, reset=reset), "cuda max_memory_allocated - baseline"
+    runs = [float(peak_rss_growth(module_file, "memory_case", kwargs=kwargs,
+                                  warmup_kwargs=warmup_kwargs)["growth_bytes"])
+            for _ in range(max(1, mem_repeats()))]
+    import statistics
+
+    return (statistics.median(runs),
+            f"cpu peak RSS growth (VmHWM - VmRSS) of a fresh subprocess, median of {len(runs)}")
+
+
+def record(benchmark, op: str, impl: str, info: dict) -> dict:
+    """Adds the median, the ratios to this run's ``eager`` case of ``op`` and ``info`` to ``extra_info``;
+    keeps the row for the terminal summary. Run the eager case first (list it first) for the ratios."""
+    median = median_seconds(benchmark)
+    info = {"op": op, "impl": impl, "median_s": median, **info}
+    mem = info.get("peak_mem_bytes")
+    if mem is not None:
+        info["peak_mem_mib"] = mem / 2 ** 20
+    base = SESSION_RESULTS.get((op, "eager"))
+    if base and median and base.get("median_s"):
+        info["time_x_eager"] = median / base["median_s"]
+        if mem is not None and base.get("peak_mem_bytes"):
+            info["mem_x_eager"] = mem / base["peak_mem_bytes"]
+    benchmark.extra_info.update(info)
+    SESSION_RESULTS[(op, impl)] = info
+    return info
+
+
+class Leaves:
+    """Base of a benchmark problem: ``leaves`` are the tensors whose gradients a step computes."""
+
+    leaves: tuple[torch.Tensor, ...] = ()
+
+    def reset_grads(self) -> None:
+        for t in self.leaves:
+            t.grad = None
+
+
+def fwd_bwd(objective, device: torch.device):
+    """One synchronized step of ``objective() -> (outputs, scalar or None)``: backward from the scalar when
+    there is one; returns the detached outputs (a tuple), which the case checks against eager's."""
+    from _measure import sync
+
+    def step():
+        outs, scalar = objective()
+        if scalar is not None:
+            scalar.backward()
+        sync(device)
+        return tuple(o.detach() for o in (outs if isinstance(outs, tuple) else (outs,)))
+
+    return step
+
+
+_EAGER: dict[tuple[str, str], tuple[tuple[torch.Tensor, ...], list]] = {}
+
+
+def _eager(key, problem: Leaves, make_step):
+    if key not in _EAGER:
+        problem.reset_grads()
+        outs = make_step("eager")()
+        grads = [None if t.grad is None else t.grad.float().clone() for t in problem.leaves]
+        _EAGER[key] = (tuple(o.float() for o in outs), grads)
+        problem.reset_grads()
+    return _EAGER[key]
+
+
+def run_case(benchmark, *, module_file: str, op: str, impl: str, problem: Leaves, make_step, size: dict,
+             warmup_size: dict, tol: float, info: dict | None = None) -> dict:
+    """Times ``make_step(impl)`` (``bench_rounds()`` rounds after one warm-up; setup resets the gradients),
+    checks its outputs and its leaves' gradients against ``make_step("eager")`` (run once per op, outside the
+    timed rounds; relative error of the gradient's norm within ``tol``), measures its peak memory (see
+    ``peak_memory``: ``module_file`` defines ``memory_case(op, impl, **size)``) and records ``extra_info``."""
+    ref_outs, ref_grads = _eager((module_file, op), problem, make_step)
+    name = "-".join(f"{k}{v}" for k, v in size.items())
+    benchmark.group = f"{op} {DEVICE.type}-{name}"
+    outs = benchmark.pedantic(make_step(impl), setup=problem.reset_grads, rounds=bench_rounds(), iterations=1,
+                              warmup_rounds=1)
+    for i, (o, r) in enumerate(zip(outs, ref_outs, strict=True)):
+        torch.testing.assert_close(o.float(), r, rtol=tol, atol=tol, msg=lambda m, i=i: f"{op}/{impl} out {i}: {m}")
+    for t, r in zip(problem.leaves, ref_grads, strict=True):
+        if r is not None:
+            err = (t.grad.float() - r).norm() / r.norm().clamp_min(1e-30)
+            assert err < tol, f"{op}/{impl}: gradient rel. error {err:.3g}"
+    mem, how = peak_memory(module_file, {"op": op, "impl": impl, **size}, {"op": op, "impl": impl, **warmup_size},
+                           step=make_step(impl), reset=problem.reset_grads)
+    problem.reset_grads()
+    return record(benchmark, op, impl, {"size": f"{DEVICE.type}-{name}", **size, "peak_mem_bytes": mem,
+                                        "peak_mem_method": how, **(info or {})})

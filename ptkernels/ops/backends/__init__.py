@@ -6,7 +6,7 @@ families it implements under the names of base.py (``ROWS``, ``JSD_ROWS``, ``grp
 ``group_advantages``, ``gae``, ``sequence_fwd``/``sequence_bwd``); a family a backend leaves out runs the torch
 one, except JSD rows, for which ``get`` raises on "native". Adding a backend: a module here with those names, a
 line in ``module``, and its probe in ops/core/dispatch.py. Backend modules are imported on first use (triton.py imports
-triton, native_ops.py the extension).
+triton, native_ops/ the extension).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ logits ``z [c, V]`` to one of these row functions, then multiplies the gradient 
 
     torch.TorchRows    plain PyTorch ops (any device): the spec
     triton.TritonRows  Triton kernels, one program per row, two passes over V (ptkernels/kernels/rows.py)
-    native.NativeRows  the csrc/ kernels through the custom ops of native_ops.py
+    native.NativeRows  the csrc/ kernels through the custom ops of native_ops/
 
 Every row function understands ``ignore_index`` (that row gives 0 and a zero gradient), the logit transform
 ``s = softcap * tanh(z / softcap) / temperature`` and applies its chain rule, and computes in fp32 (fp64 for

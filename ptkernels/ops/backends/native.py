@@ -1,7 +1,7 @@
 """The native backend: the row functions (interfaces in base.py), GAE and segment sums on the native kernels
 (``ptkernels._C``, csrc/).
 
-The same interface as TorchRows (the spec) and TritonRows, through the custom ops of native_ops.py:
+The same interface as TorchRows (the spec) and TritonRows, through the custom ops of native_ops/:
 
     ce(z, labels, o, *, want_grad, grad_scale=None, grad_out=None, scratch=False, all_valid=False)
     logprob_fwd(z, targets, o, want_entropy) -> (logp, lse, mean_s or None)

@@ -1,4 +1,4 @@
-"""The native extension ptkernels._C behind the custom ops of ptkernels/ops/backends/native_ops.py.
+"""The native extension ptkernels._C behind the custom ops of ptkernels/ops/backends/native_ops/.
 
 Bad input of every kind (dtype, strides, shapes, devices, zero sizes, index ranges, aliasing) gets a clear error or a
 correct result, never an out-of-bounds access; the ops trace through torch.compile (fullgraph) and pass
@@ -169,11 +169,11 @@ def test_ce_op_rejects_foreign_devices():
     only the fake kernel through the dispatcher, so the implementation is called directly here)."""
     z, y = _logits(4, 9), _labels(4, 9)
     with pytest.raises(ValueError, match="labels is on meta"):
-        native._run_ce(z, y.to("meta"), None, None, *_ce_args())
+        native.rows._run_ce(z, y.to("meta"), None, None, *_ce_args())
     with pytest.raises(ValueError, match="grad is on meta"):
-        native._run_ce(z, y, None, torch.empty(4, 9, device="meta"), *_ce_args())
+        native.rows._run_ce(z, y, None, torch.empty(4, 9, device="meta"), *_ce_args())
     with pytest.raises(ValueError, match="CPU and CUDA"):
-        native._run_ce(z.to("meta"), y.to("meta"), None, None, *_ce_args())
+        native.rows._run_ce(z.to("meta"), y.to("meta"), None, None, *_ce_args())
     with pytest.raises(ValueError, match="labels is on meta.*logits"):
         ptk.cross_entropy(z, y.to("meta"), backend="native")
 
@@ -199,7 +199,7 @@ def test_labels_out_of_range_raise(bad):
 @needs_native
 def test_kernel_guards_labels_even_without_the_python_check(monkeypatch):
     """The C++ kernel checks the label range itself (no out-of-bounds access even if a caller skips the check)."""
-    monkeypatch.setattr(native, "_check_index", lambda *a, **k: None)
+    monkeypatch.setattr(native.rows, "check_index", lambda *a, **k: None)  # the row ops look it up there
     z = _logits(4, 9)
     grad = torch.full_like(z, 7.0)
     with pytest.raises(ValueError, match="1 value"):
