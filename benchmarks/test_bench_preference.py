@@ -230,3 +230,37 @@ def test_dpo_fwd_bwd(benchmark, impl, ref, dpo_problem, matmul_rate):
     benchmark.extra_info.update(info)
     SESSION_RESULTS[(op, impl)] = info
     p.reset_grads()
+
+
+LOSS_TYPES = ("sigmoid", "nca_pair", "sppo_hard", "discopop", "sigmoid_norm", "sft", ["sigmoid", "sft"], "aot")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES, ids=lambda x: x if isinstance(x, str) else "+".join(x))
+def test_dpo_loss_types_fwd_bwd(benchmark, loss_type, dpo_problem):
+    """TRL 1.16's newer DPO loss types on the fused op (auto backend, precomputed reference log-probs): the loss is
+    a few flops on [B] values, so each costs what sigmoid costs (3 GEMMs), except aot, whose sort over the batch
+    couples pairs and takes a forward-only pass first (4 GEMMs). ``time_x_sigmoid`` is the ratio within the run."""
+    p = dpo_problem
+    kw = dict(ref_chosen_logps=p.ref_chosen_logps, ref_rejected_logps=p.ref_rejected_logps, beta=BETA,
+              loss_type=loss_type)
+
+    def step():
+        out = fused_linear_preference_loss(p.hidden, p.weight, p.labels, **kw).loss
+        out.backward()
+        sync(p.device)
+        return out.detach()
+
+    name = loss_type if isinstance(loss_type, str) else "+".join(loss_type)
+    benchmark.group = f"fused_linear_dpo loss types fwd+bwd {size_name(dpo_size())}"
+    out = benchmark.pedantic(step, setup=p.reset_grads, rounds=bench_rounds(), iterations=1, warmup_rounds=1)
+    assert torch.isfinite(out)
+    stats = getattr(benchmark, "stats", None)
+    median = float(stats.stats.median) if stats is not None else None
+    info = {"op": "fused_linear_dpo_loss_types", "loss_type": name, "size": size_name(dpo_size()),
+            "median_s": median}
+    base = SESSION_RESULTS.get(("fused_linear_dpo_loss_types", "sigmoid"))
+    if base and median and base.get("median_s"):
+        info["time_x_sigmoid"] = median / base["median_s"]
+    benchmark.extra_info.update(info)
+    SESSION_RESULTS[("fused_linear_dpo_loss_types", name)] = info
+    p.reset_grads()

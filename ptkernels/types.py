@@ -69,7 +69,13 @@ class PPOValueOutput:
 
 # ------------------------------------------------------------------------------- preference (DPO family, KTO)
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "apo_zero", "apo_down")
+# TRL 1.16.0's 15 DPO loss types (DPOTrainer._compute_loss), in TRL's order, then ptkernels' own "cdpo"
+# (conservative DPO: sigmoid with label smoothing, which TRL 1.16 no longer has).
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "apo_zero", "apo_down", "nca_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "discopop", "sigmoid_norm", "sft", "cdpo")
+# TRL 1.16 DPOConfig.f_divergence_type, and the loss types that accept a non-default one (DPOTrainer.__init__)
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft", "cdpo")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 

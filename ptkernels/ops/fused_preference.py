@@ -10,15 +10,17 @@ chunk is k complete groups, i.e. all their valid (non-ignored) tokens, about ``c
     segment sums (index_add_) -> sequence log-probs of the chunk's sequences (/ lengths when averaging)
     per-group losses and d loss / d sequence-logp on [2k] values (a tiny autograd graph over
         ops.preference.pair_losses: groups are independent and the batch mean's 1/B is known up front)
-    per-token coefficient = d loss / d seq-logp of its sequence (+ the NLL term's -w / N_chosen on chosen tokens)
+    per-token coefficient = d loss / d seq-logp of its sequence (x the token's LD-DPO weight), + the NLL / sft
+        term's -w / N_chosen on chosen tokens
     row kernel ``logprob_bwd`` writes d loss / d z in place of z
     dh_c = dz @ W,  dW += dz.T @ h_c (fp32 accumulator)  GEMMs 2 and 3
 
 so forward + backward cost 3 GEMMs (plus the reference model's forward GEMM) with the memory of one chunk;
 backward only scales the precomputed gradients by the incoming scalar. Two cases take a second pass:
-    * a loss that couples groups: bco_pair's reference point delta is the batch-mean reward, unknown until every
-      sequence is scored. Without ``bco_delta`` a forward-only pass computes all sequence log-probs first
-      (and caches the reference ones), then the main loop runs with delta fixed (4 GEMMs).
+    * a loss that couples groups: aot / aot_unpaired sort the batch's log-ratios, and WPO-weighted sft multiplies
+      the batch's NLL by each pair's weight, so a pair's gradient is unknown until every sequence is scored. A
+      forward-only pass computes all sequence log-probs first (and caches the reference ones), then the main loop
+      forms the gradients from the whole batch's loss (4 GEMMs).
     * a single group with more valid tokens than ``chunk_size``: its rows are split into blocks; a forward pass
       keeps only the per-token lse, and the backward blocks recompute their logits (4 GEMMs for that group).
 The default chunk size grows (up to 8x ``default_chunk_size`` on CUDA, 4x on CPU) so that the largest pair fits
@@ -29,6 +31,8 @@ rows are skipped on the device inside the row kernels while their GEMM rows are 
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -43,15 +47,17 @@ from .core.chunking import default_chunk_size, want_sync_free
 from .core.dispatch import resolve_backend
 from .core.groups import Head, forward_sequence_logps
 from .fused_preference_loop import FusedConfig, run
+from .linear_cross_entropy import linear_cross_entropy
 from .preference_math import (
     check_batch,
     check_loss_options,
+    dpo_spec,
     kto_reference_point,
     make_output,
 )
 
 FUSED_LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo", "cpo")
-_AVERAGED_BY_DEFAULT = ("ipo", "simpo", "orpo")  # TRL length-averages these (DPO ipo, CPO ipo/simpo, ORPO)
+_AVERAGED_BY_DEFAULT = ("simpo", "orpo")  # TRL 1.16 length-averages these log-probs (CPO simpo, ORPO)
 _NLL_BY_DEFAULT = ("orpo", "cpo")  # ORPO's SFT term and CPO's cpo_alpha both default to weight 1
 
 
@@ -62,11 +68,12 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels2d, ref_hidden2d, ref_weight, ref_bias, ref_given, desirable,
-                z0, cfg: FusedConfig, rows_impl):
+                z0, cfg: FusedConfig, rows_impl, seq_lengths=None):
         ctx.set_materialize_grads(False)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         ref_head = None if ref_hidden2d is None else Head(ref_hidden2d, ref_weight, ref_bias)
-        out = run(cfg, Head(hidden2d, weight, bias), ref_head, ref_given, labels2d, desirable, z0, rows_impl, need)
+        out = run(cfg, Head(hidden2d, weight, bias), ref_head, ref_given, labels2d, desirable, z0, rows_impl, need,
+                  seq_lengths)
         ctx.grads = out.grads
         ctx.dtypes = (hidden2d.dtype, weight.dtype)
         logps = (*out.logps, None)[:2]
@@ -81,11 +88,11 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
         ctx.grads = None
         h_dtype, w_dtype = ctx.dtypes
         if grad_out is None:
-            return (None,) * 12
+            return (None,) * 13
         gh = gh.mul_(grad_out).to(h_dtype) if gh is not None else None
         gw = gemm.weight_grad_result(gw.mul_(grad_out), w_dtype) if gw is not None else None
         gb = gb.mul_(grad_out).to(w_dtype) if gb is not None else None
-        return gh, gw, gb, None, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -128,7 +135,7 @@ def fused_linear_preference_loss(
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
-    loss_type: str = "sigmoid",
+    loss_type: str | list[str] = "sigmoid",
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
@@ -143,6 +150,14 @@ def fused_linear_preference_loss(
     chunk_size: int | None = None,
     sync_free: bool | None = None,
     backend: str = "auto",
+    loss_weights: list[float] | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+    alpha: float = 0.0,
+    nll_target: torch.Tensor | None = None,
 ) -> PreferenceLossOutput:
     """A paired preference loss straight from the policy's final hidden states and output head, never
     building the logits (see the module docstring for the chunk loop: 3 GEMMs for forward + backward).
@@ -152,21 +167,34 @@ def fused_linear_preference_loss(
             rows i and B + i). ``labels``: ``[2B, T]``, ``ignore_index`` on prompt and padding tokens.
         weight, bias: the policy's head ``[V, D]`` (and ``[V]``); gradients flow to hidden, weight and bias.
         ref_chosen_logps, ref_rejected_logps: ``[B]`` reference log-probs, precomputed (in the loss's units:
-            averaged when the loss averages); constants. Or instead:
+            summed, LD-weighted under ``ld_alpha``, averaged only with ``average_logps``); constants. Or instead:
         ref_hidden, ref_weight, ref_bias: the reference model's hidden states ``[2B, T, D_ref]`` and head
             (``ref_weight`` defaults to ``weight``, detached); scored under no_grad inside the same chunk loop.
-        loss_type: the DPO family (``sigmoid``, ``ipo``, ``hinge``, ``robust``, ``exo_pair``, ``bco_pair``,
-            ``apo_zero``, ``apo_down``; formulas in ``ptkernels.dpo_loss``), ``simpo`` (formula in
-            ``simpo_loss``; ``simpo_gamma`` is TRL's gamma), ``orpo`` (``orpo_loss``) or ``cpo`` (CPO's sigmoid
-            loss, ``cpo_loss``). ``reference_free=True`` runs a DPO-family loss with the reference log-probs at
-            0, which gives CPO's ``hinge``/``ipo`` (and ``sigmoid`` = ``cpo``).
-        beta, label_smoothing, bco_delta: as in ``dpo_loss`` (bco_pair without ``bco_delta`` uses the batch-mean
-            reward: a forward-only pass first, 4 GEMMs).
-        nll_weight: adds ``nll_weight * NLL``, the cross-entropy of the chosen completions' tokens (mean over
-            them): RPO's ``rpo_alpha``, CPO's ``cpo_alpha``, ORPO's SFT term. Default: 1 for ``orpo`` and
-            ``cpo``, else 0.
+        loss_type: a DPO-family type of TRL 1.16 (``sigmoid``, ``hinge``, ``ipo``, ``exo_pair``, ``nca_pair``,
+            ``robust``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``,
+            ``discopop``, ``sigmoid_norm``, ``sft``) or ptkernels' ``cdpo``, formulas in ``ptkernels.dpo_loss``;
+            or a list of them with ``loss_weights`` (TRL's MPO); or ``simpo`` (``simpo_loss``; ``simpo_gamma``
+            is TRL's gamma), ``orpo`` (``orpo_loss``) or ``cpo`` (CPO's sigmoid with cDPO smoothing,
+            ``cpo_loss``). ``reference_free=True`` runs a DPO-family loss with the reference log-probs at 0.
+        beta, label_smoothing, bco_delta, loss_weights, f_divergence_type, f_alpha_divergence_coef,
+            discopop_tau: as in ``dpo_loss`` (TRL 1.16's names and rules). ``ipo`` and ``sigmoid_norm`` divide by
+            the completion lengths: with ``shift=True`` the non-ignored labels before the shift (TRL 1.16's
+            unshifted ``completion_mask.sum()``, so an empty prompt counts the unscored first token as TRL does);
+            with pre-shifted labels the scored-token counts (equal to TRL's unless the prompt is empty).
+        ld_alpha: LD-DPO (TRL's ``ld_alpha``): each sequence log-prob (policy and computed reference) is
+            ``sum(first min(len_c, len_r) scored tokens) + ld_alpha * sum(the rest)``; rewards and logps too.
+        use_weighting: WPO (TRL's ``use_weighting``): every pair's loss times ``w_c * w_r``, ``w = exp(mean over
+            scored tokens of (logp - log sum_v p_v^2))``, detached (one extra logsumexp pass over each chunk).
+        alpha: AlphaPO's reward shape for ``simpo`` / ``cpo`` (TRL ``CPOConfig.alpha``).
+        nll_weight: adds ``nll_weight * NLL``, the token-pooled cross-entropy of the chosen rows: CPO's
+            ``cpo_alpha``, ORPO's SFT term, Liger's ``compute_nll_loss``/``alpha``. Default: 1 for ``orpo`` and
+            ``cpo``, else 0. (TRL 1.16's RPO is ``loss_type=["sigmoid", "sft"]``.)
+        nll_target: Liger 0.8.5's ``nll_target``: ``[2B, T]`` (or ``[B, T]``) labels the NLL term is taken over
+            instead of ``labels`` (its chosen half; divisor = its non-ignored count). TRL 1.16's ORPO takes the
+            NLL over prompt + completion: pass the input ids with only padding set to ``ignore_index``. Costs one
+            fused cross-entropy over the chosen rows besides the loop.
         average_logps: length-average the sequence log-probs (sum / valid tokens). Default as TRL: on for
-            ``ipo``, ``simpo`` and ``orpo``, off otherwise.
+            ``simpo`` and ``orpo``, off otherwise (``ipo`` divides inside the loss).
         shift: Hugging Face's causal shift of the labels (position t scored against labels[t + 1]).
         temperature, softcap: the logit transform ``s = softcap * tanh(z / softcap) / temperature`` (both models).
         chunk_size: rows of logits per chunk, a hard limit (a pair larger than it is split over blocks and takes
@@ -174,23 +202,46 @@ def fused_linear_preference_loss(
             the largest pair fits whole (chunks always hold whole pairs when they can).
         sync_free: as in ``linear_cross_entropy``. backend: "auto", "reference", "torch", "triton", "native".
 
+    ``aot`` / ``aot_unpaired`` (a sort over the batch) and ``sft`` under ``use_weighting`` couple the pairs: a
+    forward-only pass scores every sequence first (4 GEMMs). Every other type costs what ``sigmoid`` costs.
+
     Returns ``PreferenceLossOutput``: ``loss`` (differentiable scalar), and detached ``losses`` [B],
-    ``chosen_rewards``/``rejected_rewards`` [B], ``reward_accuracy``, ``reward_margin``, the policy's
-    ``chosen_logps``/``rejected_logps`` [B] as the loss saw them, ``nll_loss`` (when ``nll_weight``), and the
-    ORPO metrics. fp32 (fp64 for fp64 input).
+    ``chosen_rewards``/``rejected_rewards`` [B] (``beta * (pi - ref)`` of the summed log-probs for every DPO type,
+    as TRL 1.16 logs them), ``reward_accuracy``, ``reward_margin``, the policy's ``chosen_logps``/
+    ``rejected_logps`` [B] as the loss saw them, ``nll_loss`` (with an NLL term or sft), and the ORPO metrics.
+    fp32 (fp64 for fp64 input).
     """
     _check_sequences(hidden, weight, bias, labels, ignore_index)
     b2 = hidden.shape[0]
     if b2 == 0 or b2 % 2:
         raise ValueError(f"hidden has {b2} sequences: it must hold the chosen batch then the rejected batch "
                          f"(2B sequences, B >= 1), so an even, non-zero count")
-    if loss_type not in FUSED_LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(FUSED_LOSS_TYPES)}")
-    kind = "sigmoid" if loss_type == "cpo" else loss_type
-    check_loss_options(kind, FUSED_LOSS_TYPES, beta=beta, label_smoothing=label_smoothing)
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    family = all(t in DPO_LOSS_TYPES for t in types)
+    spec = None
+    if family:
+        spec = dpo_spec(types, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
+                        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                        discopop_tau=discopop_tau, bco_delta=None if bco_delta is None else float(bco_delta),
+                        use_weighting=use_weighting)
+        kind = "dpo"
+    elif len(types) == 1 and types[0] in FUSED_LOSS_TYPES:
+        loss_type = types[0]
+        kind = "sigmoid" if loss_type == "cpo" else loss_type
+        check_loss_options(kind, FUSED_LOSS_TYPES, beta=beta, label_smoothing=label_smoothing)
+        if ld_alpha is not None or use_weighting:
+            raise ValueError(f"ld_alpha and use_weighting are DPO options; loss_type={loss_type!r} takes neither")
+    else:
+        bad = [t for t in types if t not in FUSED_LOSS_TYPES]
+        raise ValueError(f"unknown loss_type {(bad or types)[0]!r}; valid: {', '.join(FUSED_LOSS_TYPES)} "
+                         f"(a list may combine DPO-family types only)")
+    if alpha and kind not in ("simpo", "sigmoid"):
+        raise ValueError(f"alpha (AlphaPO) applies to loss_type 'simpo' and 'cpo', not {loss_type!r}")
+    if ld_alpha is not None and not 0.0 <= float(ld_alpha) <= 1.0:
+        raise ValueError(f"ld_alpha must be in [0, 1] (TRL's DPOConfig), got {ld_alpha}")
     o = _row_options(ignore_index, temperature, softcap, chunk_size)
     n = b2 // 2
-    needs_ref = loss_type in DPO_LOSS_TYPES and not reference_free
+    needs_ref = family and not reference_free
     given = ref_chosen_logps is not None or ref_rejected_logps is not None
     if not needs_ref:
         if given or ref_hidden is not None:
@@ -213,23 +264,41 @@ def fused_linear_preference_loss(
             raise ValueError(f"ref_chosen_logps is on {ref_chosen_logps.device} but hidden is on {hidden.device}")
     if ref_hidden is not None:
         ref_hidden, ref_weight, ref_bias = check_ref_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    average = (loss_type in _AVERAGED_BY_DEFAULT) if average_logps is None else bool(average_logps)
+    average = (kind in _AVERAGED_BY_DEFAULT) if average_logps is None else bool(average_logps)
     nll_w = (1.0 if loss_type in _NLL_BY_DEFAULT else 0.0) if nll_weight is None else float(nll_weight)
+    ext_nll = None
+    if nll_target is not None:
+        if tuple(nll_target.shape) not in ((b2, labels.shape[1]), (n, labels.shape[1])):
+            raise ValueError(f"nll_target has shape {tuple(nll_target.shape)} but labels has shape "
+                             f"{tuple(labels.shape)}: give [2B, T] or [B, T] (the chosen rows)")
+        check_labels("nll_target", nll_target, nll_target.shape, weight.shape[0], ignore_index, hidden, "hidden")
+        if nll_w:
+            ext_nll = linear_cross_entropy(hidden[:n], weight, nll_target[:n], bias=bias, ignore_index=ignore_index,
+                                           softcap=softcap, temperature=temperature, shift=shift,
+                                           chunk_size=chunk_size, sync_free=sync_free, backend=backend)
+    seq_lengths = (labels != ignore_index).sum(dim=1) if shift else None  # TRL's unshifted completion_mask.sum()
     if shift:
         labels = reference.shift_labels(labels, ignore_index)
+    loop_nll_w = 0.0 if ext_nll is not None or nll_target is not None else nll_w
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
-        return reference_preference.linear_preference_loss(
+        out = reference_preference.linear_preference_loss(
             hidden, weight, labels, bias=bias, ref_chosen_logps=ref_chosen_logps,
             ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-            loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
-            bco_delta=bco_delta, reference_free=reference_free, nll_weight=nll_w, average_logps=average,
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap)
-    cfg = FusedConfig(kind=kind, paired=True, beta=float(beta), label_smoothing=float(label_smoothing),
-                  gamma=float(simpo_gamma), bco_delta=None if bco_delta is None else float(bco_delta),
-                  average=average, nll_weight=nll_w, o=o,
-                  chunk=chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype),
-                  sync_free=want_sync_free(sync_free, hidden.device), grow_to=_grow_to(chunk_size, weight, hidden))
+            loss_type=list(types) if kind == "dpo" else loss_type, beta=beta, label_smoothing=label_smoothing,
+            simpo_gamma=simpo_gamma, bco_delta=bco_delta, reference_free=reference_free, nll_weight=loop_nll_w,
+            average_logps=average, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+            loss_weights=loss_weights, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
+            use_weighting=use_weighting, alpha=alpha, seq_lengths=seq_lengths)
+        return _with_external_nll(out, ext_nll, nll_w)
+    cfg = FusedConfig(kind=kind, paired=True, beta=float(beta), spec=spec, label_smoothing=float(label_smoothing),
+                      gamma=float(simpo_gamma), alpha=float(alpha), average=average, nll_weight=loop_nll_w,
+                      ld_alpha=None if ld_alpha is None else float(ld_alpha), use_weighting=bool(use_weighting),
+                      input_dtype=hidden.dtype, o=o,
+                      chunk=chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype),
+                      sync_free=want_sync_free(sync_free, hidden.device),
+                      grow_to=_grow_to(chunk_size, weight, hidden))
     ref_given = None
     if given:
         cd = compute_dtype(hidden.dtype)
@@ -237,9 +306,17 @@ def fused_linear_preference_loss(
     loss, losses, pc, pr, cw, rw, log_odds, ratio, nll = FusedLinearPreferenceFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, None if ref_hidden is None else
         ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, ref_given, None, None, cfg,
-        get_rows(name))
+        get_rows(name), seq_lengths)
     extras = {"log_odds": log_odds, "ratio": ratio} if log_odds is not None else None
-    return make_output(losses, cw, rw, pc, pr, nll_loss=nll, nll_weight=nll_w, extras=extras, loss=loss)
+    out = make_output(losses, cw, rw, pc, pr, nll_loss=nll, nll_weight=nll_w, extras=extras, loss=loss)
+    return _with_external_nll(out, ext_nll, nll_w)
+
+
+def _with_external_nll(out: PreferenceLossOutput, nll, weight: float) -> PreferenceLossOutput:
+    """Adds the NLL over ``nll_target`` (computed by the fused cross-entropy) to the loop's loss."""
+    if nll is None:
+        return out
+    return replace(out, loss=out.loss + weight * nll, nll_loss=nll.detach())
 
 
 def fused_linear_kto_loss(
@@ -268,6 +345,7 @@ def fused_linear_kto_loss(
     softcap: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    average_log_prob: bool = False,
 ) -> KTOLossOutput:
     """KTO (TRL's ``KTOTrainer``) straight from hidden states and the head, never building the logits.
 
@@ -279,7 +357,9 @@ def fused_linear_kto_loss(
     them under no_grad too) minus their reference log-probs (``ref_kl_logps [M]``, or ``ref_kl_hidden``
     through the reference head): z0 = clamp(mean(pi_KL - ref_KL), min=0), a forward-only pass; else 0.
     Reference log-probs of the examples: ``ref_logps [N]`` or ``ref_hidden`` (+ ``ref_weight``/``ref_bias``,
-    defaulting to the policy's head, detached). Sequence log-probs are sums over valid tokens (TRL's KTO).
+    defaulting to the policy's head, detached). Sequence log-probs are sums over valid tokens, as TRL 1.16's KTO
+    (which has no averaging option); ``average_log_prob=True`` divides every sequence log-prob (examples, reference,
+    and the KL completions) by its valid-token count: Liger 0.8.5's ``average_log_prob`` option, not TRL's.
 
     Returns ``KTOLossOutput`` (``loss`` differentiable; ``losses`` desirable first, as TRL; rewards; ``kl``).
     Synchronizes twice per call (the valid-token counts; the number of desirable examples, to split the outputs).
@@ -323,11 +403,12 @@ def fused_linear_kto_loss(
         if (ref_kl_logps is None) == (ref_kl_hidden is None):
             raise ValueError("kl_hidden needs the reference side: ref_kl_logps [M] or ref_kl_hidden (exactly one)")
         with torch.no_grad():
+            kl_len = (kl_labels != ignore_index).sum(dim=1).clamp(min=1).to(cd) if average_log_prob else 1.0
             pol_kl = _sequence_logps(kl_hidden, weight.detach(), None if bias is None else bias.detach(),
-                                     kl_labels, rows_impl, o, chunk, name)
+                                     kl_labels, rows_impl, o, chunk, name) / kl_len
             if ref_kl_hidden is not None:
                 rkh, rkw, rkb = check_ref_head(kl_hidden, weight, bias, ref_kl_hidden, policy_ref_weight, ref_bias)
-                ref_kl = _sequence_logps(rkh, rkw, rkb, kl_labels, rows_impl, o, chunk, name)
+                ref_kl = _sequence_logps(rkh, rkw, rkb, kl_labels, rows_impl, o, chunk, name) / kl_len
             else:
                 check_batch([("ref_kl_logps", ref_kl_logps)])
                 if ref_kl_logps.shape[0] != kl_hidden.shape[0]:
@@ -345,8 +426,9 @@ def fused_linear_kto_loss(
             hidden, weight, labels, desirable, bias=bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
             ref_weight=ref_weight, ref_bias=ref_bias, kl=z0, loss_type=loss_type, beta=beta,
             desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, ignore_index=ignore_index,
-            temperature=temperature, softcap=softcap)
-    cfg = FusedConfig(kind=loss_type, paired=False, beta=float(beta), desirable_weight=float(desirable_weight),
+            temperature=temperature, softcap=softcap, average_log_prob=average_log_prob)
+    cfg = FusedConfig(kind=loss_type, paired=False, beta=float(beta), average=bool(average_log_prob),
+                      desirable_weight=float(desirable_weight),
                   undesirable_weight=float(undesirable_weight), o=o, chunk=chunk, sync_free=False,
                   grow_to=_grow_to(chunk_size, weight, hidden))
     loss, losses, _, _, rewards, *_ = FusedLinearPreferenceFunction.apply(

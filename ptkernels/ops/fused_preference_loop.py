@@ -5,8 +5,9 @@ Per chunk: the reference log-probs of its sequences (given, or scored under no_g
 the policy's sequence log-probs (GEMM 1 + forward row function), the per-group losses and d loss / d sequence
 log-prob on ``[2k]`` values (a tiny autograd graph over ``ops.preference.pair_losses`` or the KTO losses: groups
 are independent and the batch mean's 1/B is known up front), then the per-token gradient in place of the logits
-and GEMMs 2 and 3. bco_pair without ``bco_delta`` couples groups through the batch-mean reward: a forward-only
-pass computes every sequence log-prob first (and caches the reference ones).
+and GEMMs 2 and 3. aot / aot_unpaired (a sort over the batch) and WPO-weighted sft couple the groups: a forward-only
+pass computes every sequence log-prob first (and caches the reference ones), the whole batch's loss and its
+gradient per sequence, then the main loop forms the head's gradients (4 GEMMs).
 """
 
 from __future__ import annotations
@@ -20,25 +21,39 @@ from ..types import compute_dtype
 from .backends.base import RowOptions
 from .core import gemm
 from .core.groups import GroupLayout, Head, backward_blocks, sequence_sums
-from .preference_math import bco_batch_delta, kto_example_losses, pair_losses
+from .preference_math import DPOSpec, kto_example_losses, pair_losses
 
 
 @dataclass(frozen=True)
 class FusedConfig:
-    kind: str  # a pair_losses loss type, or a KTO loss type
+    kind: str  # "dpo" (the family in ``spec``), "simpo", "orpo", "sigmoid" (CPO), or a KTO loss type
     paired: bool
     beta: float
+    spec: DPOSpec | None = None
     label_smoothing: float = 0.0
     gamma: float = 0.0
-    bco_delta: float | None = None
+    alpha: float = 0.0  # AlphaPO (simpo / CPO)
     average: bool = False
     nll_weight: float = 0.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    ld_alpha: float | None = None
+    use_weighting: bool = False
+    input_dtype: torch.dtype = torch.float32
     o: RowOptions = RowOptions()
     chunk: int = 1024
     sync_free: bool = False
     grow_to: int | None = None  # default chunk size: may grow to this many rows so that one group fits whole
+
+    @property
+    def sft_weight(self) -> float:
+        return self.spec.sft_weight if self.spec is not None else 0.0
+
+    @property
+    def coupled(self) -> bool:
+        """The loss of a pair depends on other pairs: aot's sort over the batch, or WPO-weighted sft (the batch's
+        NLL times each pair's weight). Then a forward-only pass scores every sequence first (4 GEMMs)."""
+        return self.spec is not None and (self.spec.batch_coupled or (self.use_weighting and self.sft_weight != 0))
 
 
 class LoopResult(NamedTuple):
@@ -50,20 +65,44 @@ class LoopResult(NamedTuple):
     rewards: tuple  # same layout as logps
     log_odds: torch.Tensor | None  # ORPO only
     ratio: torch.Tensor | None  # ORPO only
-    nll: torch.Tensor | None  # the NLL term, when nll_weight
+    nll: torch.Tensor | None  # the NLL of the chosen completions, when an NLL term or sft is present
     grads: tuple
 
 
-def group_math(cfg: FusedConfig, seq, cnt, ref, k, inv_n, need_grad, delta, z0, desirable):
-    """Losses of k groups and d (sum of losses * inv_n) / d seq. ``seq`` [n_seg] are sums over tokens."""
+def ld_token_weights(labels2d: torch.Tensor, ignore_index: int, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's per-token weights ``[S * T]`` (TRL 1.16 ``DPOTrainer._compute_loss``): 1 on a pair's first
+    ``min(len_c, len_r)`` scored completion tokens, ``ld_alpha`` on the longer completion's tail, 0 elsewhere."""
+    valid = labels2d != ignore_index
+    pos = valid.cumsum(dim=1)
+    cnt = valid.sum(dim=1)
+    n = labels2d.shape[0] // 2
+    shared = torch.minimum(cnt[:n], cnt[n:]).repeat(2).unsqueeze(1)
+    w = torch.where(pos <= shared, torch.ones((), dtype=torch.float64, device=labels2d.device),
+                    torch.full((), float(ld_alpha), dtype=torch.float64, device=labels2d.device))
+    return (w * valid).reshape(-1)
+
+
+def group_math(cfg: FusedConfig, seq, raw, cnt, lens, ref, k, inv_n, need_grad, z0, desirable, wpo, n_chosen):
+    """Losses of k groups and d (sum of losses * inv_n) / d seq (and / d raw). ``seq`` [n_seg] are the (LD-weighted)
+    sums over tokens, ``raw`` the unweighted ones when the sft term is computed here (coupled path), else None."""
     with torch.enable_grad():
         leaf = seq.detach().requires_grad_(need_grad)
+        raw_leaf = None if raw is None else raw.detach().requires_grad_(need_grad)
         v = leaf / cnt.clamp(min=1).to(leaf.dtype) if cfg.average else leaf
         extras = {}
         if cfg.paired:
             rc, rr = (None, None) if ref is None else (ref[:k], ref[k:])
-            losses, cw, rw, extras = pair_losses(cfg.kind, v[:k], v[k:], rc, rr, beta=cfg.beta,
-                                                 label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, delta=delta)
+            if cfg.kind == "dpo":
+                nll = None if raw_leaf is None else -raw_leaf[:k].sum() / n_chosen
+                lengths = (lens[:k].to(v.dtype), lens[k:].to(v.dtype))
+                pw = None if wpo is None else wpo[:k] * wpo[k:]
+                losses, cw, rw, extras = pair_losses("dpo", v[:k], v[k:], rc, rr, beta=cfg.beta, spec=cfg.spec,
+                                                     lengths=lengths, nll=nll, pair_weights=pw,
+                                                     input_dtype=cfg.input_dtype)
+            else:
+                losses, cw, rw, extras = pair_losses(cfg.kind, v[:k], v[k:], rc, rr, beta=cfg.beta,
+                                                     label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
+                                                     alpha=cfg.alpha)
             logps = (v[:k].detach(), v[k:].detach())
             rewards = (cw, rw)
         else:
@@ -72,63 +111,53 @@ def group_math(cfg: FusedConfig, seq, cnt, ref, k, inv_n, need_grad, delta, z0, 
                                         cfg.undesirable_weight)
             logps = (v.detach(),)
             rewards = ((cfg.beta * r).detach(),)
-        d = None
+        d = d_raw = None
         if need_grad:
-            (d,) = torch.autograd.grad(losses.sum() * inv_n, leaf, allow_unused=True)
-            if d is None:
-                d = torch.zeros_like(leaf)
-    return losses.detach(), logps, rewards, extras, d
+            leaves = [leaf] if raw_leaf is None else [leaf, raw_leaf]
+            total = losses.sum() * inv_n
+            grads = (torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad
+                     else (None,) * len(leaves))  # e.g. sft alone: its gradient is the loop's NLL term
+            d = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
+            if raw_leaf is not None:
+                d_raw = grads[1] if grads[1] is not None else torch.zeros_like(raw_leaf)
+    return losses.detach(), logps, rewards, extras, d, d_raw
 
 
 class ReferenceLogps:
-    """The reference log-probs of a chunk's sequences, in the loss's units (averaged when the loss averages):
-    from the given ``[S]`` values, or scored through the reference head under no_grad, or None (reference-free)."""
+    """The reference log-probs of a chunk's sequences, in the loss's units (averaged when the loss averages,
+    LD-weighted under ``ld_alpha``): from the given ``[S]`` values, or scored through the reference head under
+    no_grad, or None (reference-free)."""
 
     def __init__(self, cfg: FusedConfig, layout: GroupLayout, ref_head: Head | None, ref_given, labels1d,
-                 rows_impl):
+                 rows_impl, token_weights1d):
         self.cfg, self.layout, self.ref_head, self.cache = cfg, layout, ref_head, ref_given
-        self.labels1d, self.rows_impl = labels1d, rows_impl
+        self.labels1d, self.rows_impl, self.tw = labels1d, rows_impl, token_weights1d
 
     def __call__(self, g0: int, g1: int):
         if self.cache is not None:
-            return torch.cat([self.cache[s0:s1] for s0, s1 in self.layout.seq_ranges(g0, g1)])
+            return gather(self.layout, self.cache, g0, g1)
         if self.ref_head is None:
             return None
         with torch.no_grad():
             seq, _ = sequence_sums(self.ref_head, self.layout, g0, g1, self.labels1d, self.rows_impl, self.cfg.o,
-                                   keep=False)
+                                   keep=False, token_weights1d=self.tw)
         return averaged(self.cfg, self.layout, seq, g0, g1)
+
+
+def gather(layout: GroupLayout, values, g0: int, g1: int):
+    """The entries of a per-sequence ``[S]`` tensor for the chunk's sequences, in the chunk's segment order."""
+    return torch.cat([values[s0:s1] for s0, s1 in layout.seq_ranges(g0, g1)])
+
+
+def scatter(layout: GroupLayout, dst, src, g0: int, g1: int):
+    i = 0
+    for s0, s1 in layout.seq_ranges(g0, g1):
+        dst[s0:s1] = src[i:i + s1 - s0]
+        i += s1 - s0
 
 
 def averaged(cfg: FusedConfig, layout: GroupLayout, seq, g0: int, g1: int):
     return seq / layout.chunk_counts(g0, g1).clamp(min=1).to(seq.dtype) if cfg.average else seq
-
-
-def batch_delta(cfg: FusedConfig, policy: Head, layout: GroupLayout, labels1d, rows_impl, ref: ReferenceLogps):
-    """bco_pair's reference point: ``bco_delta`` when given, else the batch-mean reward from a forward-only pass
-    over every sequence (the reference log-probs it scores are cached in ``ref``); None for other losses."""
-    if not (cfg.paired and cfg.kind == "bco_pair"):
-        return None
-    cd = compute_dtype(policy.hidden2d.dtype)
-    dev = policy.hidden2d.device
-    if cfg.bco_delta is not None:
-        return torch.tensor(cfg.bco_delta, dtype=cd, device=dev)
-    n = layout.n_groups
-    pol_all = torch.zeros(2 * n, dtype=cd, device=dev)
-    ref_all = torch.zeros(2 * n, dtype=cd, device=dev)
-    for g0, g1 in layout.chunks():
-        rref = ref(g0, g1)
-        with torch.no_grad():
-            seq, _ = sequence_sums(policy, layout, g0, g1, labels1d, rows_impl, cfg.o, keep=False)
-        seq = averaged(cfg, layout, seq, g0, g1)
-        k = g1 - g0
-        if rref is None:  # reference-free
-            rref = torch.zeros_like(seq)
-        for dst, src in ((pol_all, seq), (ref_all, rref)):
-            dst[g0:g1] = src[:k]
-            dst[n + g0:n + g1] = src[k:]
-    ref.cache = ref_all
-    return bco_batch_delta(cfg.beta * (pol_all[:n] - ref_all[:n]), cfg.beta * (pol_all[n:] - ref_all[n:]))
 
 
 def _head_grad_buffers(policy: Head, need):
@@ -140,9 +169,17 @@ def _head_grad_buffers(policy: Head, need):
             torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db else None)
 
 
+def _wpo_weights(extra, cnt):
+    """WPO's per-sequence weight ``exp(sum_t aligned / clamp(count, 1))`` (detached; may exceed 1)."""
+    sums = extra.get("wpo_sums")
+    return None if sums is None else torch.exp(sums / cnt.clamp(min=1).to(sums.dtype))
+
+
 def run(cfg: FusedConfig, policy: Head, ref_head: Head | None, ref_given, labels2d, desirable, z0, rows_impl,
-        need: tuple[bool, bool, bool]) -> LoopResult:
-    """The chunk loop: per-group results, the loss and the gradients of (hidden, weight, bias) per ``need``."""
+        need: tuple[bool, bool, bool], seq_lengths=None) -> LoopResult:
+    """The chunk loop: per-group results, the loss and the gradients of (hidden, weight, bias) per ``need``.
+
+    ``seq_lengths`` [S]: the completion lengths ipo / sigmoid_norm divide by (default: the scored-token counts)."""
     o = cfg.o
     need_grad = any(need)
     layout = GroupLayout(labels2d, o.ignore_index, cfg.paired, cfg.chunk, cfg.sync_free, cfg.grow_to)
@@ -151,47 +188,98 @@ def run(cfg: FusedConfig, policy: Head, ref_head: Head | None, ref_given, labels
     dev = policy.hidden2d.device
     n = layout.n_groups
     inv_n = 1.0 / max(n, 1)
-    ref = ReferenceLogps(cfg, layout, ref_head, ref_given, labels1d, rows_impl)
-    delta = batch_delta(cfg, policy, layout, labels1d, rows_impl, ref)
+    tw = None
+    if cfg.paired and cfg.ld_alpha is not None:
+        tw = ld_token_weights(labels2d, o.ignore_index, cfg.ld_alpha).to(cd)
+    ref = ReferenceLogps(cfg, layout, ref_head, ref_given, labels1d, rows_impl, tw)
+    lens_all = layout.counts if seq_lengths is None else seq_lengths
     grads = _head_grad_buffers(policy, need)
 
-    def zeros():
-        return torch.zeros(n, dtype=cd, device=dev)
+    def zeros(m=n):
+        return torch.zeros(m, dtype=cd, device=dev)
 
     losses = zeros()
     logps = tuple(zeros() for _ in range(2 if cfg.paired else 1))
     rewards = tuple(zeros() for _ in logps)
     log_odds, ratio = (zeros(), zeros()) if cfg.kind == "orpo" else (None, None)
-    with_nll = cfg.paired and bool(cfg.nll_weight)
+    n_chosen = layout.counts[:n].sum().clamp(min=1).to(cd) if cfg.paired else None
+    sft_w = cfg.sft_weight
+    # the NLL of the chosen tokens (the nll_weight term and, outside the coupled path, the sft loss type): its
+    # gradient on each chosen token is the constant -(weight) / n_chosen, known up front
+    nll_w_loop = cfg.nll_weight + (0.0 if cfg.coupled else sft_w) if cfg.paired else 0.0
+    with_nll = cfg.paired and (cfg.nll_weight != 0 or sft_w != 0)
     nll_sum = torch.zeros((), dtype=cd, device=dev)
-    n_chosen = layout.counts[:n].sum().clamp(min=1).to(cd)
-    nll_coef = -cfg.nll_weight / n_chosen if with_nll else None  # d (w * nll) / d logp of each chosen token
+    want_extra = {"wpo": cfg.use_weighting}
+
+    d_all = d_raw_all = None
+    if cfg.coupled:  # forward-only pass over every sequence, then the whole batch's loss and its gradients
+        s_all, raw_all, wpo_all, ref_all = zeros(2 * n), zeros(2 * n), zeros(2 * n), zeros(2 * n)
+        has_ref = True
+        for g0, g1 in layout.chunks():
+            rref = ref(g0, g1)
+            extra = dict(want_extra)
+            with torch.no_grad():
+                seq, _ = sequence_sums(policy, layout, g0, g1, labels1d, rows_impl, o, keep=False,
+                                       token_weights1d=tw, extra=extra)
+            cnt = layout.chunk_counts(g0, g1)
+            scatter(layout, s_all, averaged(cfg, layout, seq, g0, g1) if False else seq, g0, g1)
+            scatter(layout, raw_all, extra["raw"], g0, g1)
+            w = _wpo_weights(extra, cnt)
+            if w is not None:
+                scatter(layout, wpo_all, w, g0, g1)
+            if rref is None:
+                has_ref = False
+            else:
+                scatter(layout, ref_all, rref, g0, g1)
+        if has_ref:
+            ref.cache = ref_all
+        l_all, lp_all, rw_all, extras, d_all, d_raw_all = group_math(
+            cfg, s_all, raw_all if sft_w else None, layout.counts, lens_all, ref_all if has_ref else None, n,
+            inv_n, need_grad, z0, None, wpo_all if cfg.use_weighting else None, n_chosen)
+        losses.copy_(l_all)
+        for i in range(2):
+            logps[i].copy_(lp_all[i])
+            rewards[i].copy_(rw_all[i])
+        if with_nll:
+            nll_sum = -raw_all[:n].sum()
 
     for g0, g1 in layout.chunks():
         k = g1 - g0
-        rref = ref(g0, g1)
-        seq, kept = sequence_sums(policy, layout, g0, g1, labels1d, rows_impl, o, keep=need_grad)
+        if cfg.coupled and not need_grad:
+            break
+        rref = None if cfg.coupled else ref(g0, g1)
+        extra = dict(want_extra)
+        seq, kept = sequence_sums(policy, layout, g0, g1, labels1d, rows_impl, o, keep=need_grad,
+                                  token_weights1d=tw, extra=extra)
         cnt = layout.chunk_counts(g0, g1)
-        l_c, lp_c, rw_c, extras, d = group_math(cfg, seq, cnt, rref, k, inv_n, need_grad, delta, z0,
-                                                None if desirable is None else desirable[g0:g1])
-        losses[g0:g1] = l_c
-        for i in range(len(logps)):
-            logps[i][g0:g1] = lp_c[i]
-            rewards[i][g0:g1] = rw_c[i]
-        if log_odds is not None:
-            log_odds[g0:g1] = extras["log_odds"]
-            ratio[g0:g1] = extras["ratio"]
-        if with_nll:
-            nll_sum -= seq[:k].sum()
+        if cfg.coupled:
+            d = gather(layout, d_all, g0, g1)
+            d_raw = None if d_raw_all is None else gather(layout, d_raw_all, g0, g1)
+        else:
+            lens = gather(layout, lens_all, g0, g1) if cfg.paired else None
+            l_c, lp_c, rw_c, extras, d, d_raw = group_math(
+                cfg, seq, None, cnt, lens, rref, k, inv_n, need_grad, z0,
+                None if desirable is None else desirable[g0:g1], _wpo_weights(extra, cnt), n_chosen)
+            losses[g0:g1] = l_c
+            for i in range(len(logps)):
+                logps[i][g0:g1] = lp_c[i]
+                rewards[i][g0:g1] = rw_c[i]
+            if log_odds is not None:
+                log_odds[g0:g1] = extras["log_odds"]
+                ratio[g0:g1] = extras["ratio"]
+            if with_nll:
+                nll_sum -= extra["raw"][:k].sum()
         if need_grad:
-            if nll_coef is not None:
-                d = d.clone()
-                d[:k] += nll_coef
-            backward_blocks(policy, kept, d, rows_impl, o, grads)
+            if nll_w_loop:
+                d_raw = torch.zeros_like(d) if d_raw is None else d_raw.clone()
+                d_raw[:k] -= nll_w_loop / n_chosen
+            backward_blocks(policy, kept, d, rows_impl, o, grads, token_weights1d=tw, g_raw=d_raw)
         del kept
 
-    loss = losses.sum() * inv_n
     nll = nll_sum / n_chosen if with_nll else None
-    if nll is not None:
+    if nll is not None and sft_w and not cfg.coupled:
+        losses += sft_w * nll  # sft: the same NLL for every pair (TRL expands it to the batch)
+    loss = losses.sum() * inv_n
+    if nll is not None and cfg.nll_weight:
         loss = loss + cfg.nll_weight * nll
     return LoopResult(loss, losses, logps, rewards, log_odds, ratio, nll, grads)

@@ -164,7 +164,7 @@ def linear_jsd(
     """Generalized Jensen-Shannon divergence between a reference (teacher) model's next-token distribution
     and the student's, from hidden states and output heads, never building either model's logits.
 
-    Per token, as TRL's ``GKDTrainer.generalized_jsd_loss`` and Liger-Kernel's ``LigerFusedLinearJSD``::
+    Per token, as TRL 1.16's ``GKDTrainer.generalized_jsd_loss`` and Liger-Kernel 0.8.5's ``LigerFusedLinearJSD``::
 
         Q = softmax((hidden @ weight.T + bias) / temperature)               student
         P = softmax((ref_hidden @ ref_weight.T + ref_bias) / temperature)   reference / teacher (no gradient)
@@ -181,13 +181,24 @@ def linear_jsd(
             matmul. None: every row counts.
         beta: in [0, 1]; the weight of the teacher in the mixture M.
         temperature: divides both models' logits.
-        reduction: "mean" (over the kept rows; 0 when there are none), "sum" or "none" (``[...]``, 0 at
-            ignored rows).
+        reduction: "mean" (over the kept rows, a per-token mean; 0 when there are none: TRL 1.16's
+            ``DistillationTrainer`` and Liger 0.8.5's divisor, and TRL's GKD ``batchmean`` when labels are given),
+            "batchmean" (TRL 1.16 ``GKDTrainer.generalized_jsd_loss``'s exactly: with labels as "mean"; without
+            labels the sum divided by the leading dimension, B for ``[B, T, D]`` hidden states), "sum" or "none"
+            (``[...]``, 0 at ignored rows).
         chunk_size, sync_free, backend: as in ``linear_cross_entropy``; ``backend`` is "auto", "reference",
             "torch" or "triton".
 
     Returns the loss in fp32 (fp64 for fp64 student input). Gradients flow into hidden, weight and bias only.
     """
+    if reduction == "batchmean":  # TRL's GKD: per token with labels; without, sum / leading dimension
+        if labels is not None:
+            reduction = "mean"
+        else:
+            total = linear_jsd(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, beta=beta,
+                               ignore_index=ignore_index, temperature=temperature, reduction="sum",
+                               chunk_size=chunk_size, sync_free=sync_free, backend=backend)
+            return total / max(hidden.shape[0] if hidden.dim() > 1 else 1, 1)
     check_head(hidden, weight, bias)
     ref_hidden, ref_weight, ref_bias = check_ref_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     check_options(reduction=reduction, temperature=temperature, chunk_size=chunk_size)

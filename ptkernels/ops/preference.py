@@ -13,6 +13,8 @@ for fp64 input); outputs fp32. Every function returns a frozen dataclass (``Pref
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..types import (
@@ -23,9 +25,10 @@ from ..types import (
     PreferenceLossOutput,
 )
 from .preference_math import (
-    bco_batch_delta,
     check_batch,
     check_loss_options,
+    dpo_losses,
+    dpo_spec,
     kto_example_losses,
     kto_reference_point,
     lengths_like,
@@ -59,7 +62,7 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor | None,
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | list[str] = "sigmoid",
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
@@ -67,56 +70,87 @@ def dpo_loss(
     reference_free: bool = False,
     nll_loss: torch.Tensor | None = None,
     nll_weight: float = 1.0,
+    loss_weights: list[float] | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    wpo_weights: torch.Tensor | None = None,
 ) -> PreferenceLossOutput:
-    """DPO and its variants on sequence log-probs ``[B]`` (TRL's ``DPOTrainer.dpo_loss``).
+    """DPO and its variants on sequence log-probs ``[B]``, as TRL 1.16.0's ``DPOTrainer._compute_loss``.
 
-    With ``logits = (pi_c - pi_r) - (ref_c - ref_r)`` and ``u = beta * logits``, per pair:
+    Inputs are the summed completion log-probs (TRL 1.16 never averages them; only ``ipo`` and ``sigmoid_norm``
+    divide, by the lengths). With the log-ratios ``lr_c = pi_c - ref_c``, ``lr_r = pi_r - ref_r``, the
+    f-divergence scores ``s = f'(exp(lr))`` (``f_divergence_type``: reverse_kl ``lr``; forward_kl
+    ``1 - exp(-lr)``; js_divergence ``log 2 + ls(lr)``; alpha_divergence ``(exp((a-1) lr) - 1) / (a-1)``,
+    ``a = f_alpha_divergence_coef``, exponent clamped at 80 (11 for fp16 input)), ``u = beta (s_c - s_r)``,
+    ``eps = label_smoothing``, ``N = clamp(lengths, min=1)``, per pair:
 
-        sigmoid   -(1 - eps) ls(u) - eps ls(-u)            (DPO; label_smoothing eps > 0 is conservative DPO)
-        robust    (-(1 - eps) ls(u) + eps ls(-u)) / (1 - 2 eps)        (needs eps < 0.5)
-        exo_pair  sigma(u) (ls(u) - log(1 - eps)) + sigma(-u) (ls(-u) - log eps)      (eps = 0 -> 1e-3)
-        hinge     relu(1 - u)                                           (RSO)
-        ipo       (logits - 1 / (2 beta))^2 on length-averaged log-probs: TRL divides the policy and the
-                  reference log-probs by the completion lengths, so ``chosen_lengths``/``rejected_lengths``
-                  (valid-token counts, ``[B]``) are required and all four inputs are divided by them
-        bco_pair  -ls(beta (pi_c - ref_c) - delta) - ls(-(beta (pi_r - ref_r) - delta)); TRL's delta is a
-                  running mean (across steps) of the batch-mean reward: pass it as ``bco_delta``; None uses
-                  this batch's mean of both rewards (detached), TRL's value at its first step
-        apo_zero  1 - sigma(beta (pi_c - ref_c)) + sigma(beta (pi_r - ref_r))
-        apo_down  sigma(beta (pi_c - ref_c)) + 1 - sigma(beta ((pi_c - ref_c) - (pi_r - ref_r)))
+        sigmoid       -ls(u)                          (label_smoothing is NOT read, as in TRL 1.16 and Liger 0.8.5)
+        cdpo          -(1 - eps) ls(u) - eps ls(-u)   conservative DPO: ptkernels' name for what TRL < 1.0 did
+                                                      with sigmoid + label_smoothing (not a TRL 1.16 loss type)
+        hinge         relu(1 - u)
+        ipo           ((s_c / N_c - s_r / N_r) - 1 / (2 beta))^2
+        sigmoid_norm  -ls(beta (s_c / N_c - s_r / N_r))
+        exo_pair      sigma(u) (ls(u) - log(1 - eps)) + sigma(-u) (ls(-u) - log eps)     (eps > 0 required)
+        robust        (-(1 - eps) ls(u) + eps ls(-u)) / (1 - 2 eps)                       (eps < 0.5 required)
+        nca_pair      -ls(beta lr_c) - ls(-beta lr_c) / 2 - ls(-beta lr_r) / 2
+        bco_pair      -ls(beta lr_c - delta) - ls(delta - beta lr_r); delta = ``bco_delta``, default 0 (TRL 1.16
+                      and Liger 0.8.5 have no offset; BCO's running mean, if wanted, is the caller's to pass)
+        sppo_hard     (lr_c - 1 / (2 beta))^2 + (lr_r + 1 / (2 beta))^2
+        aot           d = sort(pi_c - pi_r) - sort(ref_c - ref_r) (sorted over the batch);
+                      -(1 - eps) ls(beta d) - eps ls(-beta d)
+        aot_unpaired  the same with d = sort(lr_c) - sort(lr_r)
+        apo_zero      1 - sigma(beta lr_c) + sigma(beta lr_r)
+        apo_down      sigma(beta lr_c) + 1 - sigma(beta (lr_c - lr_r))
+        discopop      -ls(u) (1 - m) + exp(-u) m,  m = sigma(u / discopop_tau)
+        sft           the token-pooled NLL of the chosen completions (the same value for every pair):
+                      ``nll_loss`` when given, else -sum(pi_c) / sum(chosen_lengths)
 
-    ``loss = mean(losses)`` (+ ``nll_weight * nll_loss`` when ``nll_loss`` is given: RPO, TRL's ``rpo_alpha``).
-    Rewards ``beta * (pi - ref)`` are detached. ``reference_free=True`` takes the reference log-probs as 0
-    (pass None for them): TRL's ``reference_free``, and CPO's losses.
+    nca_pair, bco_pair, sppo_hard, aot*, apo_* read the log-ratios, so like TRL 1.16 they reject a non-default
+    ``f_divergence_type`` (ValueError). ``loss_type`` may be a list with ``loss_weights`` (TRL's MPO; RPO is
+    ``["sigmoid", "sft"]`` with weights ``[1, alpha]``): ``losses = sum_k w_k l_k``. ``wpo_weights`` [B]
+    (detached) multiplies every pair's loss: WPO's ``w_c * w_r`` with ``w = exp(mean_t(logp_t - log sum_v
+    p_v^2))`` over the completion's tokens, which needs the logits (``fused_linear_preference_loss(...,
+    use_weighting=True)`` computes it). LD-DPO (``ld_alpha``) also needs per-token log-probs: pass
+    ``sum(shared tokens) + ld_alpha * sum(tail)`` as the four inputs, or use the fused op's ``ld_alpha``.
+
+    ``loss = mean(losses)``, plus ``nll_weight * nll_loss`` when ``nll_loss`` is given and ``sft`` is not a loss
+    type. Rewards are ``beta * lr`` of the summed log-ratios for every loss type (ipo and the f-divergences
+    included), as TRL 1.16 logs them. ``reference_free=True`` takes the reference log-probs as 0.
     """
-    check_loss_options(loss_type, DPO_LOSS_TYPES, beta=beta, label_smoothing=label_smoothing)
+    spec = dpo_spec(loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
+                    f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                    discopop_tau=discopop_tau, bco_delta=None, use_weighting=wpo_weights is not None)
     if reference_free:
         ref_chosen_logps = ref_rejected_logps = None
     elif ref_chosen_logps is None or ref_rejected_logps is None:
         raise ValueError("ref_chosen_logps and ref_rejected_logps are required (or pass reference_free=True)")
     check_batch([("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps),
-                 ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)])
+                 ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
+                 ("wpo_weights", wpo_weights)])
     pc, pr, rc, rr = map(upcast, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
-    if loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("loss_type='ipo' is length-normalized as in TRL: pass chosen_lengths and "
-                             "rejected_lengths (the number of completion tokens of each sequence)")
-        lc = lengths_like("chosen_lengths", chosen_lengths, pc, "policy_chosen_logps")
-        lr = lengths_like("rejected_lengths", rejected_lengths, pr, "policy_rejected_logps")
-        pc, pr = pc / lc, pr / lr
-        if rc is not None:
-            rc, rr = rc / lc, rr / lr
-    delta = None
-    if loss_type == "bco_pair":
-        if bco_delta is None:
-            cr = pc - rc if rc is not None else pc
-            rj = pr - rr if rr is not None else pr
-            delta = bco_batch_delta(beta * cr, beta * rj)
-        else:
-            delta = scalar_like(bco_delta, pc.dtype, pc.device)
-    losses, cw, rw, extras = pair_losses(loss_type, pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing,
-                                         delta=delta)
-    return make_output(losses, cw, rw, pc, pr, nll_loss=nll_scalar(nll_loss, pc), nll_weight=nll_weight, extras=extras)
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
+    lengths = None
+    if chosen_lengths is not None:
+        lengths = (lengths_like("chosen_lengths", chosen_lengths, pc, "policy_chosen_logps"),
+                   lengths_like("rejected_lengths", rejected_lengths, pr, "policy_rejected_logps"))
+    if spec.bco_delta is None and bco_delta is not None:
+        spec = replace(spec, bco_delta=scalar_like(bco_delta, pc.dtype, pc.device))
+    nll = nll_scalar(nll_loss, pc)
+    has_sft = "sft" in spec.loss_types
+    if has_sft and nll is None:
+        if lengths is None:
+            raise ValueError("loss_type 'sft' needs the chosen completions' NLL: pass nll_loss, or chosen_lengths "
+                             "and rejected_lengths (then NLL = -sum(policy_chosen_logps) / sum(chosen_lengths))")
+        nll = -pc.sum() / lengths[0].sum().clamp(min=1)
+    weights = None if wpo_weights is None else upcast(wpo_weights).detach()
+    losses, cw, rw = dpo_losses(spec, pc, pr, rc, rr, lengths=lengths, nll=nll if has_sft else None,
+                                pair_weights=weights, input_dtype=policy_chosen_logps.dtype)
+    loss = losses.mean()
+    if nll is not None and not has_sft:
+        loss = loss + nll_weight * nll
+    return make_output(losses, cw, rw, pc, pr, nll_loss=nll, loss=loss)
 
 
 def cpo_loss(
@@ -129,8 +163,9 @@ def cpo_loss(
     simpo_gamma: float = 0.5,
     nll_loss: torch.Tensor | None = None,
     nll_weight: float = 1.0,
+    alpha: float = 0.0,
 ) -> PreferenceLossOutput:
-    """CPO (TRL's ``CPOTrainer.cpo_loss``): no reference model, ``logits = pi_c - pi_r``, per pair
+    """CPO (TRL 1.16's ``CPOTrainer.cpo_loss``): no reference model, ``logits = pi_c - pi_r``, per pair
 
         sigmoid   -(1 - eps) ls(beta logits) - eps ls(-beta logits)
         simpo     -(1 - eps) ls(beta logits - simpo_gamma) - eps ls(-(beta logits - simpo_gamma))
@@ -139,13 +174,16 @@ def cpo_loss(
 
     ``loss = mean(losses) + nll_weight * nll_loss`` (TRL's ``cpo_alpha``, default 1; ``nll_loss`` is the
     cross-entropy of the chosen completions, e.g. ``ptk.linear_cross_entropy``). TRL feeds ``ipo`` and
-    ``simpo`` length-averaged log-probs and the others summed ones. Rewards ``beta * pi`` (detached).
+    ``simpo`` length-averaged log-probs and the others summed ones. CPO keeps cDPO's smoothing on ``sigmoid``
+    (TRL 1.16 CPO does; its DPO does not). AlphaPO (``alpha != 0``, TRL's ``CPOConfig.alpha``): every ``pi`` is
+    replaced by ``(1 - exp(pi)^(-alpha)) / alpha`` before the loss and the rewards. Rewards ``beta * pi``
+    (detached).
     """
     check_loss_options(loss_type, CPO_LOSS_TYPES, beta=beta, label_smoothing=label_smoothing)
     check_batch([("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps)])
     pc, pr = upcast(policy_chosen_logps), upcast(policy_rejected_logps)
     losses, cw, rw, extras = pair_losses(loss_type, pc, pr, None, None, beta=beta,
-                                         label_smoothing=label_smoothing, gamma=simpo_gamma)
+                                         label_smoothing=label_smoothing, gamma=simpo_gamma, alpha=float(alpha))
     return make_output(losses, cw, rw, pc, pr, nll_loss=nll_scalar(nll_loss, pc), nll_weight=nll_weight, extras=extras)
 
 
@@ -162,7 +200,7 @@ def simpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     *,
-    beta: float = 2.0,
+    beta: float = 0.1,
     gamma: float | None = None,
     gamma_beta_ratio: float | None = None,
     label_smoothing: float = 0.0,
@@ -170,22 +208,26 @@ def simpo_loss(
     rejected_lengths: torch.Tensor | None = None,
     nll_loss: torch.Tensor | None = None,
     nll_weight: float = 1.0,
+    alpha: float = 0.0,
 ) -> PreferenceLossOutput:
-    """SimPO (TRL: ``CPOTrainer`` with ``loss_type="simpo"``, ``cpo_alpha=0``) on length-averaged log-probs:
+    """SimPO (TRL 1.16: ``CPOTrainer`` with ``loss_type="simpo"``) on length-averaged log-probs:
 
         losses = -(1 - eps) ls(beta (pi_c - pi_r) - gamma) - eps ls(-(beta (pi_c - pi_r) - gamma))
 
-    ``gamma`` is TRL's ``simpo_gamma`` (default 0.5); or give SimPO's ``gamma_beta_ratio`` (gamma = ratio *
-    beta). ``beta`` defaults to SimPO's 2.0. The inputs are average log-probs; or pass summed log-probs with
-    ``chosen_lengths``/``rejected_lengths`` and they are divided here. ``nll_loss`` (optional) adds
-    ``nll_weight * nll_loss`` (CPO-SimPO). Rewards ``beta * pi`` (detached).
+    Defaults are TRL 1.16's ``CPOConfig`` and Liger 0.8.5's ``LigerFusedLinearSimPOLoss``: ``beta=0.1``,
+    ``gamma=0.5`` (TRL's ``simpo_gamma``, gamma itself). The SimPO paper and repository use ``beta=2.0`` with
+    ``gamma_beta_ratio`` (gamma = ratio * beta): pass them explicitly. The inputs are average log-probs; or pass
+    summed log-probs with ``chosen_lengths``/``rejected_lengths`` and they are divided here. ``nll_loss``
+    (optional) adds ``nll_weight * nll_loss`` (CPO-SimPO, TRL's default ``cpo_alpha=1``; pure SimPO has none).
+    AlphaPO (``alpha != 0``; TRL's ``loss_type="alphapo"``): ``pi`` becomes ``(1 - exp(pi)^(-alpha)) / alpha``
+    first. Rewards ``beta * pi`` (detached).
     """
     check_loss_options("simpo", ("simpo",), beta=beta, label_smoothing=label_smoothing)
     g = simpo_gamma_from(beta, gamma, gamma_beta_ratio)
     check_batch([("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps)])
     pc, pr = _averaged(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
     losses, cw, rw, extras = pair_losses("simpo", pc, pr, None, None, beta=beta, label_smoothing=label_smoothing,
-                                         gamma=g)
+                                         gamma=g, alpha=float(alpha))
     return make_output(losses, cw, rw, pc, pr, nll_loss=nll_scalar(nll_loss, pc), nll_weight=nll_weight, extras=extras)
 
 
@@ -209,13 +251,15 @@ def orpo_loss(
     nll_loss: torch.Tensor | None = None,
     nll_weight: float = 1.0,
 ) -> PreferenceLossOutput:
-    """ORPO (TRL's ``ORPOTrainer``) on length-averaged log-probs (``< 0``):
+    """ORPO (TRL 1.16's ``ORPOTrainer.odds_ratio_loss``) on length-averaged log-probs (``< 0``):
 
         log_odds = (pi_c - pi_r) - (log(1 - exp(pi_c)) - log(1 - exp(pi_r)))
         losses   = -beta * ls(log_odds)
         loss     = mean(losses) + nll_weight * nll_loss        (TRL: nll_loss - mean(beta * ls(log_odds)))
 
-    ``nll_loss`` is the chosen completions' cross-entropy (ORPO's SFT term; omitted when None). TRL's
+    ``nll_loss`` is ORPO's SFT term (omitted when None): TRL 1.16's ``ORPOTrainer`` takes the token-pooled
+    cross-entropy of the chosen rows over prompt AND completion (every non-padding token, shifted), while
+    Liger 0.8.5 takes the completion only unless given ``nll_target``. TRL's
     ``losses`` is ``beta * ls(log_odds)``; here ``losses`` holds its negation, the per-pair loss. Summed
     log-probs can be passed with ``chosen_lengths``/``rejected_lengths``. Also returns TRL's metrics
     ``log_odds_ratio = mean(ls(log_odds))`` and ``log_odds_chosen = mean(log_odds)``. Rewards ``beta * pi``.
@@ -241,7 +285,8 @@ def kto_loss(
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
 ) -> KTOLossOutput:
-    """KTO (TRL's ``KTOTrainer.kto_loss``), unpaired: desirable (chosen) and undesirable (rejected) examples
+    """KTO (TRL 1.16's ``KTOTrainer._compute_loss``, summed log-probs), unpaired: desirable (chosen) and
+    undesirable (rejected) examples
     come in batches of any sizes (either may be empty), with ``r = pi - ref`` per example:
 
         z0           clamp(mean(policy_kl_logps - ref_kl_logps), min=0), detached: the KL reference point from

@@ -13,7 +13,10 @@ the GKD paper, arXiv:2306.13649) and Liger-Kernel's ``LigerFusedLinearJSD``::
 
 The two ends are special cases, as in TRL and Liger, not the limits of the mixture formula (which tends to 0
 at both ends). Each KL sums over the whole vocabulary. Rows whose label is ``ignore_index`` are skipped;
-``reduction="mean"`` divides by the number of kept rows (TRL's "batchmean"), 0 when there are none.
+``reduction="mean"`` divides by the number of kept rows, 0 when there are none (TRL 1.16's
+``DistillationTrainer``, Liger 0.8.5, and TRL's GKD "batchmean" when labels are given); ``"batchmean"`` is TRL
+1.16 ``GKDTrainer.generalized_jsd_loss``'s: with labels the same, without labels ``sum / size(0)`` (B for
+``[B, T, V]`` logits, not B * T).
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ def generalized_jsd(
         kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True)  # KL(Q || M)
         per_vocab = beta * kl_p + (1.0 - beta) * kl_q
     loss = per_vocab.sum(dim=-1)
+    if reduction == "batchmean":
+        if labels is None:
+            return loss.sum() / max(loss.shape[0] if loss.dim() > 0 else 1, 1)
+        reduction = "mean"
     if labels is None:
         valid = torch.ones(loss.shape, dtype=torch.bool, device=loss.device)
     else:

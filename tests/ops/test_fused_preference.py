@@ -41,15 +41,15 @@ def problem(dtype=torch.float64, scale=1.0):
 
 
 def options(loss_type):
-    kw = dict(loss_type=loss_type, beta=0.2, label_smoothing=0.15 if loss_type in ("sigmoid", "robust", "exo_pair",
-                                                                                   "simpo", "cpo") else 0.0)
+    smoothed = ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo")  # the types that read it
+    kw = dict(loss_type=loss_type, beta=0.2, label_smoothing=0.15 if loss_type in smoothed else 0.0)
     if loss_type == "simpo":
         kw.update(beta=1.5, simpo_gamma=0.4)
     return kw
 
 
 def oracle_defaults(loss_type, nll_weight=None, average_logps=None):
-    avg = loss_type in ("ipo", "simpo", "orpo") if average_logps is None else average_logps
+    avg = loss_type in ("simpo", "orpo") if average_logps is None else average_logps
     nll = (1.0 if loss_type in ("orpo", "cpo") else 0.0) if nll_weight is None else nll_weight
     return dict(nll_weight=nll, average_logps=avg)
 
@@ -106,10 +106,9 @@ def test_oracle_is_the_eager_chain():
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_reference_given_equals_reference_computed(backend, loss_type):
     hidden, weight, bias, labels, ref = problem()
-    avg = loss_type == "ipo"
     with torch.no_grad():
         tok = reference.linear_token_logprobs(ref["ref_hidden"], ref["ref_weight"], labels, bias=ref["ref_bias"])
-        ref_seq = sequence_logprobs(tok, labels != -100, average=avg)  # in the loss's units (averaged for ipo)
+        ref_seq = sequence_logprobs(tok, labels != -100)  # summed: ipo divides inside the loss (TRL 1.16)
     computed = fused_linear_preference_loss(hidden, weight, labels, bias=bias, loss_type=loss_type, backend=backend,
                                             **ref)
     given = fused_linear_preference_loss(hidden, weight, labels, bias=bias, loss_type=loss_type, backend=backend,
@@ -319,3 +318,37 @@ def test_errors_are_clear():
         fused_linear_kto_loss(kh, kw_, kl_labels, desirable.long(), ref_logps=rand(5, requires_grad=False))
     with pytest.raises(ValueError, match="kl_labels"):
         fused_linear_kto_loss(kh, kw_, kl_labels, desirable, ref_logps=rand(5, requires_grad=False), kl_hidden=kh)
+
+
+DPO_OPTION_CASES = [
+    dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    dict(loss_type="sigmoid", ld_alpha=0.3),
+    dict(loss_type="aot", ld_alpha=0.2, label_smoothing=0.1, shift=True),
+    dict(loss_type="ipo", f_divergence_type="js_divergence", shift=True),
+    dict(loss_type="sigmoid_norm", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    dict(loss_type="discopop", discopop_tau=0.2, use_weighting=True),
+    dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], use_weighting=True, ld_alpha=0.5),
+]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("case", range(len(DPO_OPTION_CASES)))
+def test_dpo_options_match_reference(backend, case):
+    """MPO lists, LD-DPO, f-divergences, WPO and the batch-coupled paths (aot, WPO-weighted sft) with gradients;
+    chunk_size=8 splits the longest pair over blocks."""
+    hidden, weight, bias, labels, ref = problem()
+    kw = dict(DPO_OPTION_CASES[case], beta=0.2)
+    ours = fused_linear_preference_loss(hidden, weight, labels, bias=bias, chunk_size=8, backend=backend, **ref, **kw)
+    truth = ref_pref.linear_preference_loss(hidden, weight, labels, bias=bias, **ref, nll_weight=0.0,
+                                            average_logps=False,
+                                            seq_lengths=(labels != -100).sum(1) if kw.get("shift") else None, **kw)
+    compare(ours, truth, (hidden, weight, bias), 1e-9, f"{backend}/{kw}")
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo"])
+def test_alphapo_fused(loss_type):
+    hidden, weight, bias, labels, _ = problem()
+    kw = dict(loss_type=loss_type, beta=1.5, alpha=0.3, label_smoothing=0.1)
+    ours = fused_linear_preference_loss(hidden, weight, labels, bias=bias, backend=FUSED_BACKENDS[0], **kw)
+    truth = ref_pref.linear_preference_loss(hidden, weight, labels, bias=bias, **kw, **oracle_defaults(loss_type))
+    compare(ours, truth, (hidden, weight, bias), 1e-9, loss_type)

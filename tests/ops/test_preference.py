@@ -44,11 +44,13 @@ def compare(ours, truth, inputs, rtol=1e-12, what=""):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 def test_dpo_matches_reference(b, loss_type, label_smoothing):
     pc, pr, rc, rr = batch(b)
-    lengths = {}
-    if loss_type == "ipo":
-        lengths = dict(chosen_lengths=torch.arange(3, 3 + b, device=DEVICE),
-                       rejected_lengths=torch.arange(7, 7 + b, device=DEVICE).double())
+    lengths = dict(chosen_lengths=torch.arange(3, 3 + b, device=DEVICE),
+                   rejected_lengths=torch.arange(7, 7 + b, device=DEVICE).double())
     kw = dict(beta=0.3, loss_type=loss_type, label_smoothing=label_smoothing, **lengths)
+    if loss_type == "exo_pair" and label_smoothing == 0:
+        with pytest.raises(ValueError, match="exo_pair.*label_smoothing > 0"):
+            ops.dpo_loss(pc, pr, rc, rr, **kw)
+        return
     ours = ops.dpo_loss(pc, pr, rc, rr, **kw)
     truth = reference.dpo_loss(pc, pr, rc, rr, **kw)
     compare(ours, truth, (pc, pr, rc, rr), what=loss_type)

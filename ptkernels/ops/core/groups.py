@@ -97,12 +97,33 @@ class Head:
         self.hidden2d, self.weight, self.bias = hidden2d, weight, bias
 
 
-def sequence_sums(head: Head, layout: GroupLayout, g0, g1, labels1d, rows_impl, o, keep: bool):
-    """Forward over the chunk's rows: (sequence sums [n_seg], kept blocks for backward)."""
+def log_sum_sq_probs(z: torch.Tensor, lse: torch.Tensor, o) -> torch.Tensor:
+    """``log sum_v p_v^2 = lse(2 s) - 2 lse(s)`` per row of a chunk of logits (WPO's normalizer), no gradient;
+    ``s`` the transformed logits (softcap, temperature), ``lse`` their log-sum-exp from the row function."""
+    with torch.no_grad():
+        s = z.to(lse.dtype)
+        if o.softcap is not None:
+            s = o.softcap * torch.tanh(s / o.softcap)
+        if o.temperature != 1.0:
+            s = s / o.temperature
+        return torch.logsumexp(2.0 * s, dim=-1) - 2.0 * lse
+
+
+def sequence_sums(head: Head, layout: GroupLayout, g0, g1, labels1d, rows_impl, o, keep: bool,
+                  token_weights1d=None, extra: dict | None = None):
+    """Forward over the chunk's rows: (sequence sums [n_seg], kept blocks for backward).
+
+    ``token_weights1d`` [S * T] weights each token's log-prob in the sum (LD-DPO); ``extra`` (a dict) receives
+    ``raw`` (the unweighted sums, when weighted) and, when it holds ``wpo=True``, ``wpo``: the per-sequence sums of
+    ``logp - log sum_v p_v^2`` (WPO's aligned log-probs)."""
     rows, segs, n_seg = layout.rows(g0, g1)
     blocks = layout.blocks(rows, segs)
     cd = compute_dtype(head.hidden2d.dtype)
-    seq = torch.zeros(n_seg, dtype=cd, device=head.hidden2d.device)
+    dev = head.hidden2d.device
+    seq = torch.zeros(n_seg, dtype=cd, device=dev)
+    raw = torch.zeros(n_seg, dtype=cd, device=dev) if token_weights1d is not None else None
+    want_wpo = extra is not None and extra.get("wpo", False)
+    wpo = torch.zeros(n_seg, dtype=cd, device=dev) if want_wpo else None
     kept = []
     single = len(blocks) == 1
     for r, sg in blocks:
@@ -110,20 +131,37 @@ def sequence_sums(head: Head, layout: GroupLayout, g0, g1, labels1d, rows_impl, 
         z = gemm.logits(h, head.weight, head.bias)
         y = take(labels1d, r)
         lp, lse, _ = rows_impl.logprob_fwd(z, y, o, False)
-        seq.index_add_(0, sg, lp.to(cd))
+        lp = lp.to(cd)
+        if raw is not None:
+            raw.index_add_(0, sg, lp)
+            seq.index_add_(0, sg, lp * take(token_weights1d, r).to(cd))
+        else:
+            seq.index_add_(0, sg, lp)
+        if wpo is not None:
+            aligned = lp - log_sum_sq_probs(z, lse.to(cd), o)
+            wpo.index_add_(0, sg, torch.where(y != o.ignore_index, aligned, torch.zeros_like(aligned)))
         if keep:  # one block keeps its logits for the in-place gradient; several keep only lse (recompute)
             kept.append((r, sg, y, h if single else None, z if single else None, lse))
         del z
+    if extra is not None:
+        extra["raw"] = seq if raw is None else raw
+        extra["wpo_sums"] = wpo
     return seq, kept
 
 
-def backward_blocks(head: Head, kept, g_seg, rows_impl, o, grads):
+def backward_blocks(head: Head, kept, g_seg, rows_impl, o, grads, token_weights1d=None, g_raw=None):
+    """d loss / d logp of each token = ``g_seg[its sequence] * token weight (+ g_raw[its sequence])``."""
     gh, gw, gb = grads
     for r, sg, y, h, z, lse in kept:
         if z is None:  # a group split over several blocks: recompute its logits (GEMM 1 again)
             h = take(head.hidden2d, r)
             z = gemm.logits(h, head.weight, head.bias)
-        rows_impl.logprob_bwd(z, y, lse, None, g_seg.index_select(0, sg), None, o, grad_out=z)
+        g = g_seg.index_select(0, sg)
+        if token_weights1d is not None:
+            g = g * take(token_weights1d, r).to(g.dtype)
+        if g_raw is not None:
+            g = g + g_raw.index_select(0, sg)
+        rows_impl.logprob_bwd(z, y, lse, None, g, None, o, grad_out=z)
         apply_head_grads(z, h, head.weight, r, 1.0, gh, gw, gb)
 
 

@@ -106,11 +106,25 @@ class PreferenceConfig(TrainConfig):
 
     lr: float = option(5e-5, "peak learning rate (AdamW)")
     beta: float = option(0.1, "inverse temperature of the implicit reward")
-    loss_type: str = option("sigmoid", "DPO family: sigmoid, ipo, hinge, robust, exo_pair, bco_pair, apo_zero, "
-                            "apo_down (ORPO / SimPO have their own commands)")
-    label_smoothing: float = option(0.0, "cDPO / robust DPO label noise")
-    nll_weight: float = option(0.0, "adds nll_weight * NLL of the chosen completions (RPO's alpha)")
+    loss_type: str = option("sigmoid", "DPO family, TRL 1.16's types: sigmoid, hinge, ipo, exo_pair, nca_pair, "
+                            "robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
+                            "sigmoid_norm, sft, and cdpo (conservative DPO); a comma-separated list with "
+                            "--loss-weights is TRL's MPO, e.g. sigmoid,sft for RPO (ORPO / SimPO have their own "
+                            "commands)")
+    label_smoothing: float = option(0.0, "label noise of robust, exo_pair, aot, aot_unpaired and cdpo (sigmoid "
+                                    "ignores it, as in TRL 1.16)")
+    nll_weight: float = option(0.0, "adds nll_weight * NLL of the chosen completions (CPO's cpo_alpha)")
     simpo_gamma: float = option(0.5, "SimPO's target margin gamma (simpo only)")
+    # TRL 1.16 DPOConfig / CPOConfig names (ptkernels.fused_linear_preference_loss documents each)
+    loss_weights: str = option("", "comma-separated weight per --loss-type entry (TRL's loss_weights; default 1s)")
+    f_divergence_type: str = option("reverse_kl", "reverse_kl, forward_kl, js_divergence or alpha_divergence",
+                                    choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
+    f_alpha_divergence_coef: float = option(0.5, "alpha of alpha_divergence")
+    discopop_tau: float = option(0.05, "discopop's temperature")
+    ld_alpha: float | None = option(None, "LD-DPO: weight of the longer completion's tokens past the shorter's "
+                                    "length, in [0, 1] (default: off)")
+    use_weighting: bool = option(False, "WPO: weight each pair's loss by its completions' policy probability")
+    alpha: float = option(0.0, "AlphaPO's alpha (simpo, or cpo via --loss-type cpo --reference-free)")
 
 
 @dataclass
@@ -139,7 +153,8 @@ class SimPOConfig(PreferenceConfig):
 
     output_dir: str = option("runs/simpo", OUTPUT_HELP)
     loss_type: str = option("simpo", "fixed: simpo", choices=("simpo",))
-    beta: float = option(2.0, "SimPO's beta (reward scale on length-averaged log-probs)")
+    beta: float = option(0.1, "SimPO's beta (reward scale on length-averaged log-probs); 0.1 as TRL 1.16's "
+                         "CPOConfig and Liger, the SimPO paper uses 2.0")
 
 
 @dataclass
@@ -151,6 +166,8 @@ class KTOConfig(TrainConfig):
     beta: float = option(0.1, "inverse temperature of the implicit reward")
     desirable_weight: float = option(1.0, "weight of desirable (label=true) examples")
     undesirable_weight: float = option(1.0, "weight of undesirable (label=false) examples")
+    average_log_prob: bool = option(False, "length-average the sequence log-probs (Liger's option; TRL 1.16's KTO "
+                                    "sums them)")
     ref_model: str = option("", "reference model folder (default: the initial policy)")
     ref_mode: str = option("precompute", "'precompute' or 'live' (see dpo)", choices=("precompute", "live"))
 

@@ -2,8 +2,9 @@
 
 Each micro-batch is one forward of the policy over ``[chosen; rejected]`` up to its final hidden states, then
 ``ptkernels.fused_linear_preference_loss``: the sequence log-probs, the loss and its gradient, chunk by chunk,
-without the ``[tokens, vocab]`` logits. ``--loss-type`` picks the DPO family member (sigmoid = DPO, ipo, hinge,
-robust, exo_pair, bco_pair, apo_zero, apo_down); ``ptk orpo`` and ``ptk simpo`` are reference-free.
+without the ``[tokens, vocab]`` logits. ``--loss-type`` picks the DPO family member (TRL 1.16's 15 types and
+cdpo; a comma-separated list with ``--loss-weights`` is MPO), with TRL's ``--f-divergence-type``, ``--ld-alpha``,
+``--use-weighting``; ``ptk orpo`` (NLL over prompt + completion, as TRL) and ``ptk simpo`` are reference-free.
 
 The reference model (``--ref-model``, default: the initial policy):
     --ref-mode precompute  (default) scores every pair once before training and keeps only the numbers, so no
@@ -38,8 +39,18 @@ class PreferenceLoss(TrainingModule):
 
     def loss_options(self) -> dict:
         c = self.cfg
-        return dict(loss_type=c.loss_type, beta=c.beta, label_smoothing=c.label_smoothing,
-                    simpo_gamma=c.simpo_gamma, nll_weight=c.nll_weight or None, shift=True, backend=c.backend)
+        types = [t.strip() for t in c.loss_type.split(",") if t.strip()]
+        options = dict(loss_type=types[0] if len(types) == 1 else types, beta=c.beta,
+                       label_smoothing=c.label_smoothing, simpo_gamma=c.simpo_gamma, nll_weight=c.nll_weight or None,
+                       shift=True, backend=c.backend)
+        if c.loss_weights:
+            options["loss_weights"] = [float(w) for w in c.loss_weights.split(",")]
+        if c.loss_type in ("simpo", "cpo"):
+            options["alpha"] = c.alpha
+        elif c.loss_type != "orpo":
+            options.update(f_divergence_type=c.f_divergence_type, f_alpha_divergence_coef=c.f_alpha_divergence_coef,
+                           discopop_tau=c.discopop_tau, ld_alpha=c.ld_alpha, use_weighting=c.use_weighting)
+        return options
 
     def forward(self, batch: dict, norm: float):
         hidden, weight, head = head_inputs(self.model, hidden_states(self.model, batch))
@@ -48,7 +59,10 @@ class PreferenceLoss(TrainingModule):
             ref = {"ref_chosen_logps": batch["ref_chosen_logps"], "ref_rejected_logps": batch["ref_rejected_logps"]}
         elif self.ref is not None:
             ref = self.ref.fused_inputs(batch)
-        out = ptk.fused_linear_preference_loss(hidden, weight, batch["labels"], **head, **ref, **self.loss_options())
+        options = self.loss_options()
+        if self.cfg.loss_type == "orpo":  # TRL 1.16's ORPO: the NLL over prompt + completion (every non-pad token)
+            options["nll_target"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        out = ptk.fused_linear_preference_loss(hidden, weight, batch["labels"], **head, **ref, **options)
         pairs = pairs_in(batch)
         metrics = {"accuracy": out.reward_accuracy * pairs, "margin": out.reward_margin * pairs,
                    "chosen_reward": out.chosen_rewards.sum(), "rejected_reward": out.rejected_rewards.sum(),
@@ -61,13 +75,13 @@ class PreferenceLoss(TrainingModule):
 
 @torch.no_grad()
 def reference_logps(ref: ReferenceModel, examples: list, cfg: PreferenceConfig, pad_id: int, info: DistInfo) -> list:
-    """(chosen, rejected) log-probs of every pair under the reference, in the loss's units (summed, or averaged
-    for the length-normalized losses): the same fused op run reference-free, its policy log-probs read back."""
+    """(chosen, rejected) log-probs of every pair under the reference, in the loss's units (summed; LD-weighted
+    under --ld-alpha): the same fused op run reference-free, its policy log-probs read back."""
     ref.model.to(info.device).eval()
     module = PreferenceLoss(ref.model, cfg)
-    options = {**module.loss_options(), "loss_type": "sigmoid" if cfg.loss_type == "bco_pair" else cfg.loss_type}
-    if options["loss_type"] not in REFERENCE_FREE:
-        options["reference_free"] = True
+    # plain sigmoid, reference-free: only the sequence log-probs are read (summed, LD-weighted under ld_alpha)
+    options = {**module.loss_options(), "loss_type": "sigmoid", "reference_free": True, "label_smoothing": 0.0,
+               "loss_weights": None, "f_divergence_type": "reverse_kl", "use_weighting": False}
     out = []
     for i in range(0, len(examples), cfg.batch_size):
         batch = {k: v.to(info.device) for k, v in collate_pairs(examples[i:i + cfg.batch_size], pad_id).items()}

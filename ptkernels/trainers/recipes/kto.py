@@ -55,12 +55,16 @@ class KTOLoss(TrainingModule):
         ref = {}
         if "ref_logps" in batch:
             ref = {"ref_logps": batch["ref_logps"], "ref_kl_logps": batch["ref_kl_logps"]}
+            if c.average_log_prob:  # the precomputed sums, averaged over the (shifted) completion tokens
+                for key, labels in (("ref_logps", batch["labels"]), ("ref_kl_logps", batch["kl_labels"])):
+                    ref[key] = ref[key] / (labels[:, 1:] != -100).sum(1).clamp(min=1).to(ref[key].dtype)
         elif self.ref is not None:
             ref = self.ref.fused_inputs(batch)
             ref["ref_kl_hidden"] = self.ref.head_inputs(kl_batch)[0]
         out = ptk.fused_linear_kto_loss(hidden, weight, batch["labels"], batch["desirable"], kl_hidden=kl_hidden,
                                         kl_labels=batch["kl_labels"], beta=c.beta, desirable_weight=c.desirable_weight,
                                         undesirable_weight=c.undesirable_weight, shift=True, backend=c.backend,
+                                        average_log_prob=c.average_log_prob,
                                         **head, **ref)
         n = batch["input_ids"].shape[0]
         metrics = {"chosen_reward": out.chosen_rewards.sum(), "rejected_reward": out.rejected_rewards.sum(),

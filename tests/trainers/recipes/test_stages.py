@@ -82,8 +82,10 @@ def test_reward_model(data_dir, tmp_path, sft_model):
     ("dpo", ["--loss-type", "sigmoid"]),
     ("dpo", ["--loss-type", "ipo", "--ref-mode", "live"]),
     ("dpo", ["--loss-type", "hinge"]),
+    # TRL 1.16's options: RPO/MPO as a weighted list, LD-DPO, WPO
+    ("dpo", ["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5", "--ld-alpha", "0.5", "--use-weighting"]),
     ("orpo", []),
-    ("simpo", []),
+    ("simpo", ["--beta", "2.0"]),  # the SimPO paper's beta (the default is TRL 1.16's 0.1)
 ])
 def test_preference_stages(data_dir, tmp_path, sft_model, stage, extra):
     out = run(stage, data_dir["pref"], tmp_path / stage, "--model", sft_model, "--max-steps", "20", "--lr", "2e-3",
