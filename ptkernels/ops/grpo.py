@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..reference import rl as ref_rl
-from ..types import IS_LEVELS, LOSS_TYPES, REWARD_SCALES, GRPOOutput, compute_dtype
+from ..types import AGGREGATIONS, IS_LEVELS, LOSS_TYPES, REWARD_SCALES, GRPOOutput, compute_dtype
 from . import backends
 from .backends.base import GRPO_KINDS, GRPOParams
 from .core.checks import check_float, check_same
@@ -33,37 +33,77 @@ __all__ = ["GRPOOutput", "grpo_loss", "group_advantages"]
 
 
 def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     reward_weights=None, multi_objective_aggregation: str = "sum_then_normalize",
                      backend: str = "auto"):
-    """GRPO advantages of ``rewards [N]`` laid out as N / group_size consecutive groups (TRL's layout:
-    the completions of one prompt are adjacent).
+    """GRPO advantages of ``rewards [N]`` (or ``[N, R]``: R reward functions) laid out as N / group_size
+    consecutive groups (TRL's layout: the completions of one prompt are adjacent), TRL 1.16.0's
+    ``GRPOTrainer._generate_and_score_completions``:
 
         scale="group":  A_i = (r_i - mean_g) / (std_g + eps)     std_g Bessel-corrected, as torch.std
         scale="batch":  A_i = (r_i - mean_g) / (std + eps)       std over the whole batch (TRL's "batch")
-        scale="none":   A_i =  r_i - mean_g                       (Dr. GRPO)
+        scale="none":   A_i =  r_i - mean_g                       (Dr. GRPO: no std division, TRL's
+                                                                   scale_rewards=False / "none")
 
-    A group whose rewards are all equal gives exactly 0 (never NaN); the std of a single value counts as 0.
+    Unscorable rewards (NaN; TRL's reward function returning None) are left out of the statistics (nanmean,
+    Bessel nanstd, which is NaN below 2 values) and every NaN advantage becomes 0 (TRL's ``nan_to_num``): the
+    unscorable rows, a group with a single scorable member, an all-NaN group. A group whose rewards are all
+    equal gives exactly 0.
+
+    Several reward functions, ``rewards [N, R]`` with ``reward_weights [R]`` (default ones), TRL's
+    ``multi_objective_aggregation``:
+        "sum_then_normalize" (TRL's default): r = nansum_k(w_k r_k) (NaN when the whole row is NaN), then the above.
+        "normalize_then_sum": each function normalized in its group, (r_k - nanmean_g) / (nanstd_g + eps), then
+            r = nansum_k(w_k .) and A = (r - nanmean(r)) / (nanstd(r) + eps) over the batch; ``scale`` is not
+            used (as TRL).
+
     Returns fp32 (fp64 for fp64 input); not differentiable. ``group_size`` must divide N. ``backend``: "native"
-    (csrc/ kernels: C++ on CPU, CUDA for fp32 on GPU; else the PyTorch ops), "reference", or "torch" / "triton"
-    (PyTorch ops on the device: O(N) work with no Triton kernel of its own); "auto" picks the native kernels on CPU
-    when they are built.
+    (csrc/ kernels: C++ on CPU, CUDA for fp32 on GPU, for finite 1-D rewards; NaN takes the PyTorch ops, after
+    one host check), "reference", or "torch" / "triton" (PyTorch ops on the device: O(N) work with no Triton
+    kernel of its own); "auto" picks the native kernels on CPU when they are built. The multi-reward
+    aggregation itself is PyTorch ops on every backend.
     """
     check_float("rewards", rewards)
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be [N] or [N, R], got shape {tuple(rewards.shape)}")
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if rewards.numel() % group_size != 0:
-        raise ValueError(f"group_size={group_size} does not divide the number of rewards {rewards.numel()}")
+    if rewards.shape[0] % group_size != 0:
+        raise ValueError(f"group_size={group_size} does not divide the number of rewards {rewards.shape[0]}")
     if scale not in REWARD_SCALES:
         raise ValueError(f"scale must be one of {REWARD_SCALES}, got {scale!r}")
+    if multi_objective_aggregation not in AGGREGATIONS:
+        raise ValueError(f"multi_objective_aggregation must be one of {', '.join(AGGREGATIONS)}; "
+                         f"got {multi_objective_aggregation!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    n_funcs = rewards.shape[1] if rewards.dim() == 2 else 1
+    cd = compute_dtype(rewards.dtype)
+    if reward_weights is not None:
+        reward_weights = torch.as_tensor(reward_weights, dtype=cd, device=rewards.device)
+        if tuple(reward_weights.shape) != (n_funcs,):
+            raise ValueError(f"reward_weights has shape {tuple(reward_weights.shape)} but rewards implies "
+                             f"({n_funcs},): one weight per reward function")
     name = resolve_backend(backend, rewards.device)
     if name == "reference":
-        return ref_rl.group_advantages(rewards.detach().to(compute_dtype(rewards.dtype)), group_size=group_size,
-                                       scale=scale, eps=eps)
+        return ref_rl.group_advantages(rewards.detach().to(cd), group_size=group_size, scale=scale, eps=eps,
+                                       reward_weights=reward_weights,
+                                       multi_objective_aggregation=multi_objective_aggregation)
     with torch.no_grad():
-        r = rewards.detach().to(compute_dtype(rewards.dtype))
+        r = rewards.detach().to(cd)
+        if r.dim() == 1 and (reward_weights is not None or multi_objective_aggregation == "normalize_then_sum"):
+            r = r.unsqueeze(1)
+        if r.dim() == 2:
+            w = reward_weights if reward_weights is not None else torch.ones(n_funcs, dtype=cd, device=r.device)
+            unscorable = torch.isnan(r).all(dim=1)
+            nan = torch.full((), math.nan, dtype=cd, device=r.device)
+            if multi_objective_aggregation == "normalize_then_sum":
+                per = torch.stack([backends.get("torch", "group_advantages")(
+                    torch.where(torch.isnan(r[:, k]), nan, r[:, k]), group_size, "group", float(eps))
+                    for k in range(n_funcs)], dim=1)
+                per = torch.where(torch.isnan(r), nan, per)  # nansum leaves the unscorable terms out
+                total = torch.where(unscorable, nan, (per * w).nansum(dim=1))
+                return backends.get("torch", "group_advantages")(total, total.shape[0], "group", float(eps))
+            r = torch.where(unscorable, nan, (r * w).nansum(dim=1))
         return backends.get(name, "group_advantages")(r, group_size, scale, float(eps))
 
 

@@ -460,11 +460,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 
 
 def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    *, clip_range: float = 0.2) -> PPOPolicyOutput:
-    """TRL's PPO policy loss:
+                    *, clip_range: float = 0.2, sampler_logps: torch.Tensor | None = None,
+                    vllm_importance_sampling_mode: str = "token_truncate",
+                    vllm_importance_sampling_clip_min: float | None = None,
+                    vllm_importance_sampling_clip_max: float | None = 3.0) -> PPOPolicyOutput:
+    """TRL's PPO policy loss, with the sampler/trainer correction of ``sampler_importance_weights`` when
+    ``sampler_logps`` is given:
 
         ratio = exp(logps - old_logps)
-        loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)), m)
+        loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)) * is_ratio, m)
         clip_frac = masked_mean(pg_losses2 > pg_losses, m);  approx_kl = 0.5 * masked_mean((logps - old)^2, m)
     """
     mask = mask.to(logps.dtype)
@@ -473,11 +477,19 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     pg_loss_max = torch.max(pg_losses, pg_losses2)
+    extra = {}
+    if sampler_logps is not None:
+        is_ratio, mt = sampler_importance_weights(old_logps, sampler_logps, mask, mode=vllm_importance_sampling_mode,
+                                                  clip_min=vllm_importance_sampling_clip_min,
+                                                  clip_max=vllm_importance_sampling_clip_max)
+        pg_loss_max = pg_loss_max * is_ratio
+        extra = dict(sampler_abs_logp_diff=mt["abs_diff"], is_masked_fraction=mt["masked"],
+                     is_weight_mean=mt["mean"], is_weight_max=mt["max"])
     loss = masked_mean(pg_loss_max, mask)
     with torch.no_grad():
         clip_frac = masked_mean((pg_losses2 > pg_losses).to(logps.dtype), mask)
         approx_kl = 0.5 * masked_mean(logprobs_diff**2, mask)
-    return PPOPolicyOutput(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl)
+    return PPOPolicyOutput(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl, **extra)
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -293,25 +293,36 @@ def grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool, p
 # ---------------------------------------------------------------------------------------- group advantages
 
 
+def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Bessel-corrected std of the non-NaN values (keepdim), NaN with fewer than 2 (TRL's ``nanstd``)."""
+    if dim is None:
+        x = x.reshape(-1)
+        dim = 0
+    valid = ~torch.isnan(x)
+    cnt = valid.sum(dim, keepdim=True).to(x.dtype)
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    dev = torch.where(valid, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+    var = (dev * dev).sum(dim, keepdim=True) / (cnt - 1).clamp(min=1.0)
+    return torch.where(cnt > 1, var.sqrt(), torch.full_like(var, math.nan))
+
+
 def group_advantages(r, group_size: int, scale: str, eps: float):
-    """GRPO advantages of ``r [N]`` (compute dtype) in groups of ``group_size``; formulas in ops/grpo.py."""
+    """GRPO advantages of ``r [N]`` (compute dtype, NaN = unscorable) in groups of ``group_size``; formulas in
+    ops/grpo.py. NaN rewards stay out of the statistics (nanmean / Bessel nanstd) and get advantage 0."""
     grouped = r.view(-1, group_size)
-    mean = grouped.mean(dim=1, keepdim=True)
+    valid = ~torch.isnan(grouped)
+    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
     # All-equal groups: r - mean can be a rounding error away from 0; make it exactly 0.
-    flat = (grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True))
-    adv = torch.where(flat, torch.zeros((), dtype=r.dtype, device=r.device), grouped - mean).reshape(-1)
-    if scale == "none":
-        return adv
-    if scale == "group":
-        if group_size > 1:
-            std = grouped.std(dim=1, keepdim=True).expand(-1, group_size).reshape(-1)
-        else:
-            std = torch.zeros_like(r)
-    else:
-        std = r.std().expand_as(r) if r.numel() > 1 else torch.zeros_like(r)
-    if eps == 0:
-        return torch.where(adv == 0, adv, adv / std)
-    return adv / (std + eps)
+    inf = torch.full((), math.inf, dtype=r.dtype, device=r.device)
+    flat = (torch.where(valid, grouped, -inf).amax(dim=1, keepdim=True)
+            == torch.where(valid, grouped, inf).amin(dim=1, keepdim=True))
+    adv = torch.where(flat, zero, grouped - mean).reshape(-1)
+    if scale != "none":
+        std = (_nanstd(grouped, 1).expand(-1, group_size) if scale == "group" else _nanstd(r).expand(r.shape[0], 1))
+        std = std.reshape(-1)
+        adv = torch.where(adv == 0, adv, adv / std) if eps == 0 else adv / (std + eps)
+    return torch.nan_to_num(adv, nan=0.0)
 
 
 # ------------------------------------------------------------------------------------------------------ GAE
