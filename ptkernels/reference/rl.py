@@ -128,7 +128,8 @@ def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, *, 
 
         r_t = token_rewards_t - kl_coef * kl_t * m_t
         G_t = r_t + gamma * G_{t+1}, the running return reset to 0 where m_t = 0
-        A = masked_whiten(G, m) * m          mean and unbiased variance over every valid token of the batch
+        A = verl's masked_whiten(G, m) * m: mu = sum(G m) / (sum m + 1e-8),
+            var = sum((G - mu)^2 m) / (sum m + 1e-8) * sum m / (sum m - 1),  (G - mu) * rsqrt(var + 1e-8)
     Returns ``(advantages, returns)``."""
     m = mask.to(token_rewards.dtype)
     r = token_rewards if kl is None else token_rewards - kl_coef * kl * m
@@ -138,7 +139,10 @@ def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, *, 
         running = r[:, t] + gamma * running
         returns[:, t] = running
         running = running * m[:, t]
-    return masked_whiten(returns, m) * m, returns
+    n = m.sum()
+    mu = (returns * m).sum() / (n + 1e-8)
+    var = ((returns - mu) ** 2 * m).sum() / (n + 1e-8) * (n / (n - 1))
+    return (returns - mu) * torch.rsqrt(var + 1e-8) * m, returns
 
 
 def remax_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, baseline: torch.Tensor):
