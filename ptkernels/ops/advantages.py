@@ -65,9 +65,9 @@ def rloo_advantages(rewards: torch.Tensor, *, group_size: int, normalize_advanta
         base = (torch.nansum(grouped, 1, keepdim=True) - grouped) / (cnt - 1)
         a = (grouped - base).reshape(-1)
         if normalize_advantages:
-            from .backends.torch import _nanstd
+            from .backends.torch import nanstd
 
-            a = (a - torch.nanmean(a)) / (_nanstd(a).reshape(()) + eps)
+            a = (a - torch.nanmean(a)) / (nanstd(a).reshape(()) + eps)
         return torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
 
 

@@ -293,7 +293,7 @@ def grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool, p
 # ---------------------------------------------------------------------------------------- group advantages
 
 
-def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Bessel-corrected std of the non-NaN values (keepdim), NaN with fewer than 2 (TRL's ``nanstd``)."""
     if dim is None:
         x = x.reshape(-1)
@@ -319,7 +319,7 @@ def group_advantages(r, group_size: int, scale: str, eps: float):
             == torch.where(valid, grouped, inf).amin(dim=1, keepdim=True))
     adv = torch.where(flat, zero, grouped - mean).reshape(-1)
     if scale != "none":
-        std = (_nanstd(grouped, 1).expand(-1, group_size) if scale == "group" else _nanstd(r).expand(r.shape[0], 1))
+        std = (nanstd(grouped, 1).expand(-1, group_size) if scale == "group" else nanstd(r).expand(r.shape[0], 1))
         std = std.reshape(-1)
         adv = torch.where(adv == 0, adv, adv / std) if eps == 0 else adv / (std + eps)
     return torch.nan_to_num(adv, nan=0.0)
