@@ -23,10 +23,12 @@ pytest.importorskip("transformers")
 
 from conftest import bench_rounds
 
-from ptkernels.trainers.config import GRPOConfig
-from ptkernels.trainers.grpo import GRPOLoss
+from ptkernels.trainers.engine.config import GRPOConfig
 from ptkernels.trainers.modeling import load_causal_lm
-from ptkernels.trainers.rollout import SamplingConfig, completion_batch, generate
+from ptkernels.trainers.recipes.grpo import GRPOLoss
+from ptkernels.trainers.rollout.engines import generate
+from ptkernels.trainers.rollout.sampling import SamplingConfig
+from ptkernels.trainers.rollout.scoring import completion_batch
 
 PROMPTS, SAMPLES, NEW_TOKENS = 16, 16, 24
 

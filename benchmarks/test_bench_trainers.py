@@ -4,7 +4,7 @@ Hugging Face loss.
 Paths (``impl``), same initial weights, same batch:
     eager   the model's own Hugging Face loss: ``model(input_ids=..., attention_mask=..., labels=labels).loss``
             (full ``[B, T, V]`` logits, upcast and ``cross_entropy`` inside transformers)
-    ptk     ``ptkernels.trainers.causal_lm.CausalLMLoss(model)(batch, norm)``, what ``ptk sft`` runs: the final
+    ptk     ``ptkernels.trainers.modeling.CausalLMLoss(model)(batch, norm)``, what ``ptk sft`` runs: the final
             hidden states and the head's weight into the fused ``linear_cross_entropy`` (no logits), the summed
             NLL over ``norm`` = the label tokens after the shift (the same mean as Hugging Face's loss)
 
@@ -88,8 +88,8 @@ class Path:
     """One path's model (its own copy of the initial weights), optimizer and step."""
 
     def __init__(self, impl: str, model, batch: dict):
-        from ptkernels.trainers.causal_lm import CausalLMLoss
-        from ptkernels.trainers.tokenization import token_count
+        from ptkernels.trainers.data.tokenization import token_count
+        from ptkernels.trainers.modeling import CausalLMLoss
 
         self.impl, self.model, self.batch = impl, model, batch
         model.train()
@@ -165,7 +165,7 @@ def _paths(config: str) -> tuple[dict, int, int, int]:
 
 
 def _label_tokens(paths: dict) -> int:
-    from ptkernels.trainers.tokenization import token_count
+    from ptkernels.trainers.data.tokenization import token_count
 
     return token_count(paths["ptk"].batch)
 

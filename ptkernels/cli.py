@@ -1,7 +1,8 @@
 """The `ptk` command. Each sub-command lives in its own module; this file only dispatches.
 
     ptk check        a quick tour: fused vs eager linear cross-entropy on this machine
-    ptk pretrain / sft / reward / dpo / orpo / simpo / kto     the trainers (ptkernels/trainers/)
+    ptk pretrain / sft / reward / dpo / orpo / simpo / kto / grpo / ppo / safety / pipeline / eval
+                     the trainers (ptkernels/trainers/recipes/)
 """
 
 from __future__ import annotations
@@ -9,19 +10,19 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "pipeline": ("ptkernels.trainers.pipeline", "the whole stack on the embedded task world, with a report"),
+    "pipeline": ("ptkernels.trainers.recipes.pipeline", "the whole stack on the embedded task world, with a report"),
     "check": ("ptkernels.check", "fused vs eager linear cross-entropy on this machine (time, memory, loss)"),
-    "pretrain": ("ptkernels.trainers.pretrain", "stage 0: next-token pretraining on raw text"),
-    "sft": ("ptkernels.trainers.sft", "supervised fine-tuning, prompt-masked"),
-    "reward": ("ptkernels.trainers.reward", "Bradley-Terry reward model on preference pairs"),
-    "dpo": ("ptkernels.trainers.dpo", "DPO family (--loss-type) on preference pairs"),
-    "orpo": ("ptkernels.trainers.dpo:main_orpo", "ORPO on preference pairs (no reference model)"),
-    "simpo": ("ptkernels.trainers.dpo:main_simpo", "SimPO on preference pairs (no reference model)"),
-    "kto": ("ptkernels.trainers.kto", "KTO on unpaired desirable / undesirable completions"),
-    "grpo": ("ptkernels.trainers.grpo", "GRPO: group sampling, verifiable rewards, group-normalized advantages"),
-    "ppo": ("ptkernels.trainers.ppo", "RLHF with PPO: reward model, critic, KL penalty, GAE"),
-    "safety": ("ptkernels.trainers.safety", "constitutional AI: critique-and-revise SFT, then AI-judged DPO"),
-    "eval": ("ptkernels.trainers.evaluate", "held-out evaluation of a model on the task world"),
+    "pretrain": ("ptkernels.trainers.recipes.pretrain", "stage 0: next-token pretraining on raw text"),
+    "sft": ("ptkernels.trainers.recipes.sft", "supervised fine-tuning, prompt-masked"),
+    "reward": ("ptkernels.trainers.recipes.reward", "Bradley-Terry reward model on preference pairs"),
+    "dpo": ("ptkernels.trainers.recipes.dpo", "DPO family (--loss-type) on preference pairs"),
+    "orpo": ("ptkernels.trainers.recipes.dpo:main_orpo", "ORPO on preference pairs (no reference model)"),
+    "simpo": ("ptkernels.trainers.recipes.dpo:main_simpo", "SimPO on preference pairs (no reference model)"),
+    "kto": ("ptkernels.trainers.recipes.kto", "KTO on unpaired desirable / undesirable completions"),
+    "grpo": ("ptkernels.trainers.recipes.grpo", "GRPO: group sampling, verifiable rewards, group advantages"),
+    "ppo": ("ptkernels.trainers.recipes.ppo", "RLHF with PPO: reward model, critic, KL penalty, GAE"),
+    "safety": ("ptkernels.trainers.recipes.safety", "constitutional AI: critique-and-revise SFT, then AI-judged DPO"),
+    "eval": ("ptkernels.trainers.recipes.evaluate", "held-out evaluation of a model on the task world"),
 }
 
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from .trainers.loop import Interrupted
+        from .trainers.engine.loop import Interrupted
 
         if isinstance(exc, Interrupted):
             print(exc, file=sys.stderr)

@@ -112,26 +112,48 @@ PTK_INLINE void ce_grad_row(const T* z, T* g, int64_t n_cols, C lse, C pc, C sub
 //   pass A: max and sum of z (s = z * inv_temp, inv_temp > 0, so max(s) = inv_temp max(z))
 //   pass B: g = exp(s - max(s)) and their sum              (g may be z itself)
 //   pass C: g = a [g / sum (1 + 2 c lse) - eps / V] inv_temp
+//
+// Both sums over the row are taken in blocks of block_cols() columns (a vector-lane sum per block, then the
+// block sums), as row_stats does. One simd reduction over the whole row would give each vector lane a chain of
+// V / lanes additions: at V = 70001 and 8 lanes (GCC's default 256-bit vectors, also on AVX-512 CPUs) the sum
+// of exp carried ~8750 roundings, and its relative error scales every p_j of the row alike, so it reached the
+// input gradient as error * E_p[w] (2-4x eager's error where ATen summed with 16 lanes). Blocked, a chain is
+// block_cols() / lanes + V / block_cols() long, whatever the vector width.
 template <typename C> PTK_INLINE void row_max_sum(const C* z, int64_t n_cols, C& max_out, C& sum_out) {
-  C m = -std::numeric_limits<C>::infinity(), acc = 0;
+  constexpr int64_t kBlock = block_cols<C>();
+  C m = -std::numeric_limits<C>::infinity(), total = 0;
+  for (int64_t j0 = 0; j0 < n_cols; j0 += kBlock) {
+    const int64_t len = std::min(kBlock, n_cols - j0);
+    const C* zb = z + j0;
+    C acc = 0;
 #pragma omp simd reduction(max : m) reduction(+ : acc)
-  for (int64_t j = 0; j < n_cols; ++j) {
-    m = z[j] > m ? z[j] : m;
-    acc += z[j];
+    for (int64_t k = 0; k < len; ++k) {
+      m = zb[k] > m ? zb[k] : m;
+      acc += zb[k];
+    }
+    total += acc;
   }
   max_out = m;
-  sum_out = acc;
+  sum_out = total;
 }
 
 template <typename C> PTK_INLINE C exp_store_row(const C* z, C* g, int64_t n_cols, C inv_temp, C shift) {
-  C acc = 0;
+  constexpr int64_t kBlock = block_cols<C>();
+  C total = 0;
+  for (int64_t j0 = 0; j0 < n_cols; j0 += kBlock) {
+    const int64_t len = std::min(kBlock, n_cols - j0);
+    const C* zb = z + j0;
+    C* gb = g + j0;
+    C acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n_cols; ++j) {
-    const C e = fast_exp(z[j] * inv_temp - shift);
-    g[j] = e;
-    acc += e;
+    for (int64_t k = 0; k < len; ++k) {
+      const C e = fast_exp(zb[k] * inv_temp - shift);
+      gb[k] = e;
+      acc += e;
+    }
+    total += acc;
   }
-  return acc;
+  return total;
 }
 
 template <typename C> PTK_INLINE void affine_row(C* g, int64_t n_cols, C mul, C sub) {

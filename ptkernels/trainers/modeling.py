@@ -1,4 +1,8 @@
-"""Loading models and tokenizers: a local Hugging Face folder, or a built-in preset (random init, shipped tokenizer).
+"""The model side of every stage: loading models and tokenizers, reading a causal LM's final hidden states and
+output head for ptkernels' fused losses, the base class of the stages' loss modules, the next-token loss, and the
+frozen reference model that DPO and KTO read the same way.
+
+Models: a local Hugging Face folder, or a built-in preset (random init, shipped tokenizer).
 
 Presets are small Llama-architecture models, so every stage runs on a laptop CPU with nothing downloaded:
     tiny    2 layers, d=64   (tests)
@@ -9,11 +13,22 @@ Weights are kept in fp32 (the loop autocasts to bf16 on GPU); ``trust_remote_cod
 
 from __future__ import annotations
 
+import abc
+import inspect
 import os
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from .tokenizer import load_tiny_tokenizer
+import ptkernels as ptk
+
+from ..integrations.hf import causal_lm_hidden_states, output_head
+from .data.tiny_tokenizer import load_tiny_tokenizer
+from .data.tokenization import token_count
+
+if TYPE_CHECKING:
+    from .engine.distributed import DistInfo
 
 
 def quiet_transformers() -> None:
@@ -21,6 +36,7 @@ def quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+
 
 PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -123,3 +139,122 @@ def save_pretrained(model, tokenizer, path: str, state_dict: dict | None = None)
         state_dict = {k: v for k, v in state_dict.items() if k not in tied}
     model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
+
+
+# ------------------------------------------------------------------ hidden states and head, for the fused losses
+
+
+def hidden_states(model, batch: dict, **model_kwargs) -> torch.Tensor:
+    """The final hidden states of a (possibly packed) batch; no logits, no KV cache unless ``model_kwargs`` ask
+    for one (see ``cache_argument``)."""
+    extra = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    return causal_lm_hidden_states(model, batch["input_ids"], **{"use_cache": False, **extra, **model_kwargs})
+
+
+def head_inputs(model, hidden: torch.Tensor):
+    """(hidden, weight, kwargs) for ptkernels' fused ops: the model's head (bias, softcap, temperature), in the
+    autocast dtype when autocast is on (as the model's own nn.Linear head would run)."""
+    head = output_head(model)
+    weight, bias = head.weight, head.bias
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return hidden, weight, {"bias": bias, "softcap": head.softcap, "temperature": head.temperature}
+
+
+def cache_argument(model) -> str:
+    """The name of the KV cache argument of ``model``'s forward (and field of its output): ``cache`` since
+    transformers 5 renamed it, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def token_logps(model, batch: dict, backend: str = "auto", temperature: float = 1.0) -> torch.Tensor:
+    """log p(labels[t+1] | tokens <= t) for t < T-1, 0 where the label is -100: ``[B, T-1]``, no logits.
+    ``temperature``: of the distribution sampled from (the model's logits divided by it, as in generate)."""
+    hidden, weight, head = head_inputs(model, hidden_states(model, batch))
+    head["temperature"] *= temperature
+    return ptk.linear_token_logprobs(hidden[:, :-1], weight, batch["labels"][:, 1:], backend=backend, **head)
+
+
+
+# ------------------------------------------------------------------------------------------------ loss modules
+
+
+class TrainingModule(nn.Module, abc.ABC):
+    """Base class of the stages' loss modules: ``self.model`` is the model that is trained and saved.
+
+    ``forward(batch, norm)`` returns ``(loss, metrics)``: the sum of the micro-batch's per-item losses divided by
+    ``norm``, and per-item metric sums (see ``engine/loop.py``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @abc.abstractmethod
+    def count(self, batch: dict) -> float:
+        """The items of a micro-batch (see engine/loop.py)."""
+
+    def saved_models(self) -> dict[str, str]:
+        """Where each trained submodule goes: {sub-folder of the output ('' = the output itself): attribute}."""
+        return {"": "model"}
+
+
+class CausalLMLoss(TrainingModule):
+    """The next-token loss of pretraining and SFT: ``ptkernels.linear_cross_entropy`` on the final hidden states,
+    summed over the label tokens of the micro-batch and divided by the accumulated step's token count."""
+
+    def __init__(self, model, backend: str = "auto"):
+        super().__init__(model)
+        self.backend = backend
+
+    def count(self, batch: dict) -> float:
+        return token_count(batch)
+
+    def forward(self, batch: dict, norm: float):
+        hidden, weight, head = head_inputs(self.model, hidden_states(self.model, batch))
+        nll = ptk.linear_cross_entropy(hidden, weight, batch["labels"], shift=True, reduction="sum",
+                                       backend=self.backend, **head)
+        return nll / norm, {"nll": nll.detach()}
+
+
+# ------------------------------------------------------------------------------------------- reference model
+
+
+def load_reference(cfg, info: DistInfo):
+    """The frozen reference model: ``--ref-model``, or the initial policy (``--model``, the same seed for a
+    preset), loaded before any ``--resume`` replaces the policy's weights; in eval mode on this process's device."""
+    name = cfg.ref_model or cfg.model
+    ref, _ = load_causal_lm(name, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_length)
+    return ref.requires_grad_(False).to(info.device).eval()
+
+
+class ReferenceModel:
+    """The frozen reference policy of DPO and KTO, read one way by both: its final hidden states and output head for
+    a batch, without gradients. The fused losses take them live (``--ref-mode live``) or turn them into reference
+    log-probs once before training (``--ref-mode precompute``). Not an ``nn.Module`` attribute of the loss module:
+    it is neither trained, nor wrapped by DDP, nor saved."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @classmethod
+    def load(cls, cfg, info: DistInfo) -> ReferenceModel:
+        return cls(load_reference(cfg, info))
+
+    @torch.no_grad()
+    def head_inputs(self, batch: dict):
+        """(hidden, weight, head options) of ``batch`` under the reference model, as ``head_inputs`` gives them."""
+        return head_inputs(self.model, hidden_states(self.model, batch))
+
+    def fused_inputs(self, batch: dict, prefix: str = "ref_") -> dict:
+        """The reference's hidden states, weight and bias as the fused losses' ``ref_hidden`` / ``ref_weight`` /
+        ``ref_bias`` arguments (``prefix`` + name)."""
+        hidden, weight, head = self.head_inputs(batch)
+        return {f"{prefix}hidden": hidden, f"{prefix}weight": weight, f"{prefix}bias": head["bias"]}
+
+    @torch.no_grad()
+    def summed_logps(self, batch: dict, backend: str = "auto") -> torch.Tensor:
+        """``[B]``: each row's summed log-probs of its label tokens under the reference model."""
+        return token_logps(self.model, batch, backend).sum(-1)

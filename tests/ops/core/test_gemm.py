@@ -25,6 +25,13 @@ N, D, V = 37, 19, 251
 FP32 = 2e-6  # relative to the largest magnitude: a few fp32 roundings of sums of up to V terms
 
 
+@pytest.fixture(autouse=True)
+def _route_on(monkeypatch):
+    """This file tests the oneDNN route itself: on even when the run sets PTK_CPU_GEMM=blas (.ci/run's second
+    pass), which only sets ``gemm._CPU_GEMM`` at import."""
+    monkeypatch.setattr(gemm, "_CPU_GEMM", "auto")
+
+
 @pytest.fixture
 def onednn_calls(monkeypatch):
     """Forces the oneDNN route at any size and counts its calls."""

@@ -1,0 +1,343 @@
+"""The training loop every stage shares: AdamW, warmup + cosine, gradient accumulation, clipping, logging,
+atomic checkpoints, exact resume, Ctrl-C.
+
+A stage hands over a ``TrainingModule`` (``modeling.py``): an ``nn.Module`` whose ``forward(batch, norm)`` returns
+``(loss, metrics)`` where ``loss`` is the *sum* of the per-item losses of the micro-batch divided by ``norm``,
+and ``metrics`` maps names to per-item *sums* (detached tensors). An "item" is what the stage normalizes by:
+a label token (pretrain, SFT), a pair (reward model, DPO family) or an example (KTO). ``norm`` is the item
+count of the whole accumulated step over all processes divided by the number of processes, so after DDP's
+gradient averaging every step's gradient is the mean over all its items, whatever the micro-batch split:
+one process with batch 8 and two processes with batch 4 take the same steps.
+
+Data order is a function of the step: the examples are shuffled once per epoch from ``seed`` and step ``s``
+takes the next ``batch_size * grad_accum * world_size`` of that stream. So the data position in a checkpoint is
+just the step, and ``--resume`` continues exactly as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, to_dict
+from .distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, wrap
+
+if TYPE_CHECKING:
+    from ..modeling import TrainingModule
+
+
+class StepOrder:
+    """Which examples each micro-batch of each step holds: a seeded shuffle per epoch, read as one stream."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise ValueError("the training data set is empty after tokenization and truncation")
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perms[epoch]
+
+    def indices(self, start: int, count: int) -> list[int]:
+        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + count)]
+
+
+class Dataset:
+    """A fixed data set (offline stages): encoded examples and the function that collates a list of them.
+
+    The data source interface the loop uses (on-policy stages implement it with rollouts):
+    ``micro_batches(step, cfg, info)`` this process's micro-batches of optimizer step ``step``;
+    ``state_dict()`` / ``load_state_dict()`` what a checkpoint must keep to continue exactly (here nothing:
+    the order is a function of the step); ``metrics()`` extra numbers to log for the last step.
+    """
+
+    def __init__(self, examples: list, collate: Callable[[list], dict], seed: int = 0):
+        self.examples, self.collate = examples, collate
+        self.order = StepOrder(len(examples), seed)
+
+    def micro_batches(self, step: int, cfg: TrainConfig, info: DistInfo) -> list[dict]:
+        first = step * cfg.batch_size * cfg.grad_accum * info.world_size
+        out = []
+        for a in range(cfg.grad_accum):
+            offset = first + (a * info.world_size + info.rank) * cfg.batch_size
+            out.append(self.collate([self.examples[i] for i in self.order.indices(offset, cfg.batch_size)]))
+        return out
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def metrics(self) -> dict:
+        return {}
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class _StopFlag:
+    """Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C after saving a checkpoint (the CLI exits with 130)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    metrics: list[dict] = field(default_factory=list)
+    output_dir: str = ""
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _tokens_in(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    ids = batch.get("input_ids")
+    return 0 if ids is None else int(ids.numel())
+
+
+class _MetricsLog:
+    def __init__(self, cfg: TrainConfig, info: DistInfo, append: bool):
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.enabled = info.is_main
+        self.tb = None
+        if self.enabled:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            if not append and os.path.exists(self.path):
+                os.remove(self.path)
+            if cfg.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+                except ImportError:
+                    print("ptk: --tensorboard ignored: tensorboard is not installed")
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on GPU (and when asked for), fp32 otherwise; weights and optimizer state stay fp32."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+class Trainer:
+    """One run of the loop: the wrapped module, its optimizer and schedule, the data source, and where it saves.
+    ``start()`` builds it (resuming from a checkpoint when asked), ``step()`` is one optimizer step."""
+
+    def __init__(self, cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, info: DistInfo,
+                 stage: str):
+        self.cfg, self.module, self.data, self.tokenizer, self.info = cfg, module, data, tokenizer, info
+        self.stage = stage
+        self.saved = module.saved_models()
+        self.config = {"stage": stage, **to_dict(cfg)}
+
+    def start(self) -> int:
+        """Loads a checkpoint's weights when resuming, wraps the module (DDP / FSDP2), builds AdamW and the
+        schedule and restores their state and the RNGs (or seeds them); returns the step to start from."""
+        cfg, module, info = self.cfg, self.module, self.info
+        resume_dir = ckpt.resolve_resume(cfg.output_dir, cfg.resume)
+        if resume_dir is None and ckpt.holds_earlier_run(cfg.output_dir) and not cfg.overwrite:
+            raise FileExistsError(f"--output-dir {cfg.output_dir!r} holds an earlier run: pass --resume to continue "
+                                  f"it or --overwrite to start over (its model stays until the new one is saved)")
+        if resume_dir is not None:
+            for folder, attr in self.saved.items():
+                ckpt.load_model_weights(getattr(module, attr), os.path.join(resume_dir, folder))
+        if cfg.gradient_checkpointing:
+            module.model.gradient_checkpointing_enable()
+        module.to(info.device)
+        module.train()
+        self.trained = wrap(module, module.model, info, cfg.distributed)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                           weight_decay=cfg.weight_decay, foreach=info.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.resumed = resume_dir is not None
+        if resume_dir is None:
+            torch.manual_seed(cfg.seed)
+            return 0
+        state = ckpt.load_trainer_state(resume_dir)
+        ckpt.load_optimizer_state(module, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.data.load_state_dict(state.get("data", {}))
+        return state["step"]
+
+    def step(self, step: int, stop: _StopFlag) -> tuple[dict, int, bool]:
+        """Optimizer step ``step``: every micro-batch's forward and backward, clipping, one reduction over the
+        processes, the update. Returns the logged row, the tokens seen here and whether any process asked to stop."""
+        micro = self.data.micro_batches(step, self.cfg, self.info)
+        # The item count of the whole step over all processes normalizes every micro-batch's loss.
+        local_items = sum(self.module.count(b) for b in micro)
+        total_items = float(all_reduce_sum(torch.tensor([local_items], dtype=torch.float64), self.info)[0])
+        norm = max(total_items, 1.0) / self.info.world_size
+        loss_sum, sums, tokens = self.accumulate(micro, norm)
+        grad_norm = self.clip_gradients()
+        names, source_names, packed = self.reduce(loss_sum, sums, stop.raised)
+        loss_value = float(packed[0]) / self.info.world_size
+        if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+            raise FloatingPointError(f"ptk {self.stage}: the loss ({loss_value}) or gradient norm "
+                                     f"({float(grad_norm)}) is not finite at step {step + 1}; stopping "
+                                     f"without saving (the last checkpoint is kept)")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "items": total_items}
+        row.update({k: float(packed[1 + i]) / max(total_items, 1.0) for i, k in enumerate(names)})
+        row.update({k: float(packed[1 + len(names) + i]) / self.info.world_size for i, k in enumerate(source_names)})
+        return row, tokens, float(packed[-1]) > 0
+
+    def accumulate(self, micro: list[dict], norm: float):
+        """Forward and backward of each micro-batch (gradients synchronized on the last one); the loss and metric
+        sums stay on the device until the step's one reduction: no host sync per micro-batch."""
+        info = self.info
+        loss_sum, sums, tokens = torch.zeros((), dtype=torch.float64, device=info.device), {}, 0
+        for a, batch in enumerate(micro):
+            tokens += _tokens_in(batch)
+            batch = _to_device(batch, info.device)
+            last = a == len(micro) - 1
+            with gradient_sync(self.trained, self.cfg.distributed, last), autocast(self.cfg, info.device):
+                loss, metrics = self.trained(batch, norm)
+                loss.backward()
+            loss_sum += loss.detach().double()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=info.device).detach().double()
+        return loss_sum, sums, tokens
+
+    def clip_gradients(self) -> torch.Tensor:
+        max_norm = self.cfg.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm) if max_norm > 0 else torch.zeros(())
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+
+    def reduce(self, loss_sum: torch.Tensor, sums: dict, stop_requested: bool):
+        """One all-reduce per step: the loss, every metric sum, the data source's own metrics (means per process,
+        e.g. a rollout's reward) and the stop flag. Returns the metric names, the source's names and the sums."""
+        names = sorted(sums)
+        source = self.data.metrics()
+        source_names = sorted(source)
+        host = torch.tensor([float(source[k]) for k in source_names] + [float(stop_requested)],
+                            dtype=torch.float64, device=self.info.device)
+        packed = torch.cat([torch.stack([loss_sum, *[sums[k].reshape(()) for k in names]]), host])
+        return names, source_names, all_reduce_sum(packed, self.info).cpu()
+
+    def save(self, step: int, final: bool = False) -> None:
+        """A checkpoint of ``step`` (and with ``final`` the output folder's model); a collective: every process."""
+        module_state, optim_state = ckpt.gather_state(self.module, self.optimizer)
+        if self.info.is_main:
+            trainer_state = {"step": step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                             "rng": ckpt.rng_state(), "data": self.data.state_dict(),
+                             "world_size": self.info.world_size}
+            models = {folder: (getattr(self.module, attr), ckpt.substate(module_state, attr))
+                      for folder, attr in self.saved.items()}
+            ckpt.save_checkpoint(self.cfg.output_dir, step, models, self.tokenizer, trainer_state, self.config,
+                                 self.cfg.save_total_limit)
+            if final:
+                ckpt.save_final(self.cfg.output_dir, models, self.tokenizer, self.config)
+        barrier(self.info)
+
+
+def _progress_bar(cfg: TrainConfig, info: DistInfo, start: int, stage: str):
+    if not (cfg.progress and info.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, desc=f"ptk {stage}", dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, info: DistInfo, *,
+          stage: str, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Runs ``cfg.max_steps`` optimizer steps of ``module`` on ``data`` and writes the outputs (see the module
+    docstring). ``module.model`` holds its initial weights; with ``--resume`` the checkpoint's replace them."""
+    trainer = Trainer(cfg, module, data, tokenizer, info, stage)
+    step = trainer.start()
+    log = _MetricsLog(cfg, info, append=trainer.resumed)
+    bar = _progress_bar(cfg, info, step, stage)
+    history: list[dict] = []
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        with _StopFlag() as stop:
+            while step < cfg.max_steps:
+                row, tokens, stopped = trainer.step(step, stop)
+                step, tokens_since = step + 1, tokens_since + tokens
+                if step % cfg.log_steps == 0 or step == cfg.max_steps:
+                    now = time.perf_counter()
+                    row["tokens_per_s"] = tokens_since * info.world_size / max(now - t_last, 1e-9)
+                    t_last, tokens_since = now, 0
+                    log.write(row)
+                    if on_log is not None:
+                        on_log(row)
+                history.append(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if stopped:  # Ctrl-C on any process
+                    trainer.save(step)
+                    raise Interrupted(f"ptk {stage}: interrupted; checkpoint saved at step {step} in "
+                                      f"{ckpt.checkpoint_dir(cfg.output_dir)} (continue with --resume)")
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
+                    trainer.save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+    trainer.save(step, final=True)
+    return TrainResult(steps=step, metrics=history, output_dir=cfg.output_dir)

@@ -1,0 +1,123 @@
+"""``ptk dpo`` (and ``ptk orpo``, ``ptk simpo``): preference optimization on ``prompt``/``chosen``/``rejected``.
+
+Each micro-batch is one forward of the policy over ``[chosen; rejected]`` up to its final hidden states, then
+``ptkernels.fused_linear_preference_loss``: the sequence log-probs, the loss and its gradient, chunk by chunk,
+without the ``[tokens, vocab]`` logits. ``--loss-type`` picks the DPO family member (sigmoid = DPO, ipo, hinge,
+robust, exo_pair, bco_pair, apo_zero, apo_down); ``ptk orpo`` and ``ptk simpo`` are reference-free.
+
+The reference model (``--ref-model``, default: the initial policy):
+    --ref-mode precompute  (default) scores every pair once before training and keeps only the numbers, so no
+                           reference model is held during training;
+    --ref-mode live        keeps a frozen copy and scores each micro-batch inside the same fused chunk loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import ptkernels as ptk
+
+from ..data.rows import load_data
+from ..data.tokenization import collate_pairs, encode_all, encode_preference, pairs_in
+from ..engine.config import DPOConfig, ORPOConfig, PreferenceConfig, SimPOConfig, parse_config
+from ..engine.distributed import DistInfo, init_distributed, shutdown
+from ..engine.loop import Dataset, TrainResult, autocast, train
+from ..modeling import ReferenceModel, TrainingModule, head_inputs, hidden_states, load_causal_lm
+
+REFERENCE_FREE = ("orpo", "simpo")
+
+
+class PreferenceLoss(TrainingModule):
+    def __init__(self, model, cfg: PreferenceConfig, ref: ReferenceModel | None = None):
+        super().__init__(model)
+        self.cfg = cfg
+        self.ref = ref  # scores each micro-batch live (--ref-mode live); None: precomputed or reference-free
+
+    def count(self, batch: dict) -> float:
+        return pairs_in(batch)
+
+    def loss_options(self) -> dict:
+        c = self.cfg
+        return dict(loss_type=c.loss_type, beta=c.beta, label_smoothing=c.label_smoothing,
+                    simpo_gamma=c.simpo_gamma, nll_weight=c.nll_weight or None, shift=True, backend=c.backend)
+
+    def forward(self, batch: dict, norm: float):
+        hidden, weight, head = head_inputs(self.model, hidden_states(self.model, batch))
+        ref = {}
+        if "ref_chosen_logps" in batch:
+            ref = {"ref_chosen_logps": batch["ref_chosen_logps"], "ref_rejected_logps": batch["ref_rejected_logps"]}
+        elif self.ref is not None:
+            ref = self.ref.fused_inputs(batch)
+        out = ptk.fused_linear_preference_loss(hidden, weight, batch["labels"], **head, **ref, **self.loss_options())
+        pairs = pairs_in(batch)
+        metrics = {"accuracy": out.reward_accuracy * pairs, "margin": out.reward_margin * pairs,
+                   "chosen_reward": out.chosen_rewards.sum(), "rejected_reward": out.rejected_rewards.sum(),
+                   "chosen_logp": out.chosen_logps.sum(), "rejected_logp": out.rejected_logps.sum()}
+        if out.nll_loss is not None:
+            metrics["nll"] = out.nll_loss.detach() * pairs
+        # The fused loss is the mean over this micro-batch's pairs: back to a sum, over the step's pairs.
+        return out.loss * (pairs / norm), metrics
+
+
+@torch.no_grad()
+def reference_logps(ref: ReferenceModel, examples: list, cfg: PreferenceConfig, pad_id: int, info: DistInfo) -> list:
+    """(chosen, rejected) log-probs of every pair under the reference, in the loss's units (summed, or averaged
+    for the length-normalized losses): the same fused op run reference-free, its policy log-probs read back."""
+    ref.model.to(info.device).eval()
+    module = PreferenceLoss(ref.model, cfg)
+    options = {**module.loss_options(), "loss_type": "sigmoid" if cfg.loss_type == "bco_pair" else cfg.loss_type}
+    if options["loss_type"] not in REFERENCE_FREE:
+        options["reference_free"] = True
+    out = []
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = {k: v.to(info.device) for k, v in collate_pairs(examples[i:i + cfg.batch_size], pad_id).items()}
+        with autocast(cfg, info.device):
+            hidden, weight, head = ref.head_inputs(batch)
+            res = ptk.fused_linear_preference_loss(hidden, weight, batch["labels"], **head, **options)
+        out += list(zip(res.chosen_logps.float().cpu().tolist(), res.rejected_logps.float().cpu().tolist()))
+    return out
+
+
+def _collate(examples: list, pad_id: int) -> dict:
+    pairs = [e[0] if isinstance(e, tuple) else e for e in examples]
+    batch = collate_pairs(pairs, pad_id)
+    if isinstance(examples[0], tuple):
+        ref = torch.tensor([e[1] for e in examples], dtype=torch.float32)
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
+    return batch
+
+
+def run(cfg: PreferenceConfig, stage: str = "dpo") -> TrainResult:
+    info = init_distributed()
+    try:
+        rows, _ = load_data(cfg, ("preference",), info)
+        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+                                          max_length=cfg.max_length)
+        examples = encode_all(rows, lambda r: encode_preference(r, tokenizer, max_length=cfg.max_length,
+                                                                truncation=cfg.truncation), "pairs", info)
+        ref = None
+        if cfg.loss_type not in REFERENCE_FREE:
+            ref = ReferenceModel.load(cfg, info)
+            if cfg.ref_mode == "precompute":
+                logps = reference_logps(ref, examples, cfg, tokenizer.pad_token_id, info)
+                examples = [(pair, pair_logps) for pair, pair_logps in zip(examples, logps)]
+                ref = None  # not held during training
+        data = Dataset(examples, lambda ex: _collate(ex, tokenizer.pad_token_id), cfg.seed)
+        return train(cfg, PreferenceLoss(model, cfg, ref), data, tokenizer, info, stage=stage)
+    finally:
+        shutdown(info)
+
+
+def main(argv: list[str]) -> int:
+    run(parse_config(DPOConfig, argv, prog="ptk dpo"), "dpo")
+    return 0
+
+
+def main_orpo(argv: list[str]) -> int:
+    run(parse_config(ORPOConfig, argv, prog="ptk orpo"), "orpo")
+    return 0
+
+
+def main_simpo(argv: list[str]) -> int:
+    run(parse_config(SimPOConfig, argv, prog="ptk simpo"), "simpo")
+    return 0

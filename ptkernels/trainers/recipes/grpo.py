@@ -1,0 +1,227 @@
+"""``ptk grpo``: GRPO with verifiable rewards (DeepSeekMath; TRL's GRPOTrainer).
+
+Every ``--num-iterations`` optimizer steps, each process samples ``--prompts-per-step`` prompts, generates
+``--num-generations`` completions of each from the current policy (``--rollout-engine``), scores them
+with the verifiers (plain functions of the completion text and the data row; code runs in a sandboxed
+subprocess) and normalizes the rewards per group (``ptkernels.group_advantages``). The old-policy log-probs (when
+``--num-iterations`` > 1) and the reference log-probs (when ``--beta`` > 0) come from hidden states through
+ptkernels, never from generate's scores. The loss is ``ptkernels.fused_linear_grpo_loss`` on the policy's
+hidden states: no ``[tokens, vocab]`` logits. With ``--beta`` 0, rows whose advantage is exactly 0 (a group of
+equal rewards) are not run at all (``--skip-zero-advantage``): their loss and gradient are 0.
+
+Data rows: ``prompt`` plus the ground truth the verifiers read (``answer``, ``tests``, ``format_pattern``, ...)
+and, with ``--verifier row``, the verifier's name in ``verifier``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import ptkernels as ptk
+
+from ..data.rows import Row, load_rows, validate_rows
+from ..data.tokenization import encode_all, encode_sft
+from ..engine.config import GRPOConfig, parse_config
+from ..engine.distributed import init_distributed, shutdown
+from ..engine.loop import TrainResult, train
+from ..modeling import TrainingModule, head_inputs, hidden_states, load_causal_lm, load_reference
+from ..rewards.verifiers import get_verifier
+from ..rollout.onpolicy import PTX, OnPolicySource, load_prompts, split_parts
+from ..rollout.sampling import RolloutEngine
+from ..rollout.scoring import completion_batch
+from ..rollout.shared_prompt import completion_hidden_states
+from .sft import SFT_FORMATS
+
+TOKEN_LEVEL = ("dapo", "bnpo")  # normalized by completion tokens; grpo and dr_grpo by sequences
+
+
+class RewardFunction:
+    """The reward of a completion and its named parts (for logging): one verifier spec for all rows, or, with
+    'row', the verifier each row names."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self._fixed = None if spec == "row" else get_verifier(spec)
+        self.parts = [] if spec == "row" else [p.split(":")[0].strip() for p in spec.split(",") if p.strip()]
+
+    def __call__(self, completion: str, row: Row) -> tuple[float, dict[str, float]]:
+        if self._fixed is None:
+            name = row.data.get("verifier")
+            if not isinstance(name, str):
+                raise ValueError(f"{row.source}: --verifier row needs a 'verifier' field naming the verifier")
+            r = get_verifier(name)(completion, row.data)
+            return r, {name: r}
+        parts = {n: get_verifier(n)(completion, row.data) for n in self.parts} if len(self.parts) > 1 else {}
+        r = self._fixed(completion, row.data)
+        return r, parts or {self.parts[0]: r}
+
+
+def group_mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+class GRPORollouts(OnPolicySource):
+    def __init__(self, *args, reward: RewardFunction, ref_model=None, engine=None):
+        super().__init__(*args, engine=engine)
+        self.reward, self.ref_model = reward, ref_model
+        self.steps_per_rollout = self.cfg.num_iterations
+
+    @torch.no_grad()
+    def make_rollout(self, index: int):
+        cfg = self.cfg
+        rows, prompts, out = self.sample(index, cfg.num_generations, 2 if cfg.dynamic_sampling else 1)
+        scored = [self.reward(text, row) for text, row in zip(out.texts, rows)]
+        sampled = scored, [len(c) for c in out.completion_ids], out.finished  # all of them, for the metrics
+        if cfg.dynamic_sampling:
+            rows, prompts, out, scored = self.informative_groups(rows, prompts, out, scored)
+        rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
+        advantages = ptk.group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
+        parts = -(-len(prompts) // cfg.batch_size)  # micro-batches per step: the same on every process
+        lengths = [len(c) for c in out.completion_ids]
+        keep = self.rows_with_gradient(advantages, parts)
+        batch = completion_batch([prompts[i] for i in keep], [out.completion_ids[i] for i in keep],
+                                 self.tokenizer.pad_token_id)
+        batch["advantages"] = advantages[keep]
+        batch["prompt_lengths"] = torch.tensor([len(prompts[i]) for i in keep])
+        if len(keep) < len(prompts):  # the step's item count still counts the rows left out
+            items = (lambda idx: sum(lengths[i] for i in idx)) if cfg.loss_type in TOKEN_LEVEL else len
+            batch["item_scale"] = torch.full((len(keep),), items(range(len(prompts))) / max(items(keep), 1),
+                                             dtype=torch.float64)
+        if cfg.num_iterations > 1:  # else the ratio is 1: the current log-probs, detached, stand in
+            batch["old_logps"] = self.logps(self.policy, batch)
+        if self.ref_model is not None:
+            batch["ref_logps"] = self.logps(self.ref_model, batch)
+        scored, lengths, finished = sampled
+        values = [r for r, _ in scored]
+        metrics = {"reward": group_mean(values), "accuracy": group_mean([float(r >= 1.0) for r in values]),
+                   "reward_std": torch.tensor(values).std().item() if len(values) > 1 else 0.0,
+                   "completion_length": group_mean(lengths), "eos_rate": group_mean([float(f) for f in finished])}
+        if cfg.dynamic_sampling:
+            metrics["informative_groups"] = self.informative
+        for name in sorted({n for _, parts in scored for n in parts}):
+            metrics[f"reward_{name}"] = group_mean([parts[name] for _, parts in scored if name in parts])
+        metrics["trained_rows"] = len(keep) / len(prompts)
+        return split_parts(batch, parts), metrics
+
+    def rows_with_gradient(self, advantages: torch.Tensor, parts: int) -> list[int]:
+        """The rows to train: with ``--beta`` 0 a row whose advantage is exactly 0 has a zero loss and gradient
+        (the clipped ratio times 0), so with ``--skip-zero-advantage`` it is left out; at least ``parts`` rows stay
+        so that every process runs its micro-batches."""
+        if not self.cfg.skip_zero_advantage or self.cfg.beta != 0:
+            return list(range(len(advantages)))
+        has_gradient = (advantages != 0).tolist()
+        nonzero = [i for i, g in enumerate(has_gradient) if g]
+        zero = [i for i, g in enumerate(has_gradient) if not g]
+        return sorted(nonzero + zero[:max(parts - len(nonzero), 0)])
+
+    def informative_groups(self, rows, prompts, out, scored):
+        """``prompts_per_step`` groups out of twice as many: those whose rewards differ first (in sampling order),
+        then the others, so every process keeps the same number of micro-batches."""
+        g = self.cfg.num_generations
+        groups = range(len(rows) // g)
+        spread = [len({r for r, _ in scored[k * g:(k + 1) * g]}) > 1 for k in groups]
+        keep = sorted(sorted(groups, key=lambda k: not spread[k])[:self.cfg.prompts_per_step])
+        self.informative = sum(spread[k] for k in keep) / len(keep)
+        take = lambda xs: [xs[k * g + j] for k in keep for j in range(g)]
+        out = type(out)(prompt_ids=take(out.prompt_ids), completion_ids=take(out.completion_ids),
+                        texts=take(out.texts), finished=take(out.finished))
+        return take(rows), take(prompts), out, take(scored)
+
+
+class GRPOLoss(TrainingModule):
+    def __init__(self, model, cfg: GRPOConfig):
+        super().__init__(model)
+        self.cfg = cfg
+
+    def count(self, batch: dict) -> float:
+        """The micro-batch's items (completion tokens, or rows), scaled up by the rows its rollout left out."""
+        return self.items(batch) * (float(batch["item_scale"][0]) if "item_scale" in batch else 1.0)
+
+    def items(self, batch: dict) -> float:
+        if self.cfg.loss_type in TOKEN_LEVEL:
+            return float(batch["completion_mask"].sum())
+        return batch["input_ids"].shape[0]
+
+    def completions(self, batch: dict):
+        """(hidden, targets, mask, old_logps, ref_logps): per completion token, the hidden state that predicts it.
+        With --share-prompt each distinct prompt runs once for its group (``shared_prompt``), else whole rows."""
+        if self.cfg.share_prompt and "prompt_lengths" in batch:
+            view = completion_hidden_states(self.model, batch)
+            return (view.hidden, view.targets, view.mask, view.gather(batch.get("old_logps")),
+                    view.gather(batch.get("ref_logps")))
+        hidden = hidden_states(self.model, batch)[:, :-1]
+        return (hidden, batch["input_ids"][:, 1:], batch["completion_mask"], batch.get("old_logps"),
+                batch.get("ref_logps"))
+
+    def forward(self, batch: dict, norm: float):
+        c = self.cfg
+        hidden, targets, mask, old_logps, ref_logps = self.completions(batch)
+        hidden, weight, head = head_inputs(self.model, hidden)
+        if head["softcap"] is not None:
+            raise ValueError("ptk grpo: models with a final-logit softcap are not supported by the fused GRPO loss")
+        out = ptk.fused_linear_grpo_loss(
+            hidden, weight, targets, mask, batch["advantages"], bias=head["bias"],
+            old_logps=old_logps, ref_logps=ref_logps, beta=c.beta,
+            epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
+            importance_sampling_level=c.importance_sampling_level, temperature=head["temperature"] * c.temperature,
+            max_completion_length=c.max_new_tokens, num_items_in_batch=norm if c.loss_type == "dapo" else None,
+            return_entropy=True, backend=c.backend)
+        items = self.items(batch)
+        # dapo is already divided by norm; the others are means over this micro-batch: back to sums over norm.
+        loss = out.loss if c.loss_type == "dapo" else out.loss * (items / norm)
+        # metrics: means over the trained items, as the loop divides by all of them (the scale stays a tensor: no
+        # host sync on the device batch)
+        weight = items * batch["item_scale"][0] if "item_scale" in batch else items
+        metrics = {"kl": out.kl * weight, "clip_ratio": out.clip_ratio * weight, "entropy": out.entropy * weight}
+        if PTX + "input_ids" in batch:
+            ptx_nll = self.ptx_loss({k[len(PTX):]: v for k, v in batch.items() if k.startswith(PTX)})
+            loss = loss + c.ptx_coef * ptx_nll
+            metrics["ptx_nll"] = ptx_nll.detach() * norm  # logged per item like the others: the step's mean
+        return loss, metrics
+
+    def ptx_loss(self, batch: dict) -> torch.Tensor:
+        """The mean next-token loss of the step's SFT rows (each process's mean; DDP averages them)."""
+        hidden, weight, head = head_inputs(self.model, hidden_states(self.model, batch))
+        return ptk.linear_cross_entropy(hidden, weight, batch["labels"], shift=True, backend=self.cfg.backend,
+                                        **head)
+
+
+def load_ptx_rows(cfg: GRPOConfig) -> tuple[list[Row], str | None]:
+    """The --ptx-data rows, read and checked before any model is loaded (none when --ptx-coef is 0)."""
+    if cfg.ptx_coef < 0:
+        raise ValueError(f"--ptx-coef must be >= 0, got {cfg.ptx_coef}")
+    if cfg.ptx_coef == 0:
+        return [], None
+    if not cfg.ptx_data:
+        raise ValueError("--ptx-coef > 0 needs --ptx-data (the SFT rows whose loss it weighs)")
+    if cfg.ptx_batch_size < 1:
+        raise ValueError(f"--ptx-batch-size must be >= 1, got {cfg.ptx_batch_size}")
+    rows = load_rows(cfg.ptx_data)
+    return rows, validate_rows(rows, SFT_FORMATS)
+
+
+def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
+    info = init_distributed()
+    try:
+        reward = RewardFunction(cfg.verifier)  # an unknown verifier fails before anything is loaded
+        ptx_rows, ptx_fmt = load_ptx_rows(cfg)
+        if cfg.distributed == "fsdp" and info.enabled:
+            raise ValueError("ptk grpo: --distributed fsdp is not supported (generation needs whole weights); "
+                             "use ddp")
+        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+                                          max_length=cfg.max_length)
+        rows, prompts = load_prompts(cfg, tokenizer, info)
+        ref = load_reference(cfg, info) if cfg.beta > 0 else None
+        source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref, engine=engine)
+        if ptx_rows:
+            examples = encode_all(ptx_rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length,
+                                                                  fmt=ptx_fmt), "--ptx-data examples", info)
+            source.add_ptx(examples, tokenizer.pad_token_id, cfg.ptx_batch_size)
+        return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo")
+    finally:
+        shutdown(info)
+
+
+def main(argv: list[str]) -> int:
+    run(parse_config(GRPOConfig, argv, prog="ptk grpo"))
+    return 0

@@ -1,0 +1,39 @@
+"""``ptk sft``: supervised fine-tuning with prompt masking.
+
+Rows in TRL's formats: ``text`` (every token trained), ``messages`` (the assistant turns trained) or
+``prompt``/``completion`` (the completion trained), conversational or plain. ``--packing`` packs several
+examples per row with position ids restarting per example (Transformers then masks attention per example for
+every attention implementation, see tokenization.collate). The loss is ptkernels' fused linear cross-entropy.
+"""
+
+from __future__ import annotations
+
+from ..data.rows import load_data
+from ..data.tokenization import collate, encode_all, encode_sft, pack
+from ..engine.config import SFTConfig, parse_config
+from ..engine.distributed import init_distributed, shutdown
+from ..engine.loop import Dataset, TrainResult, train
+from ..modeling import CausalLMLoss, load_causal_lm
+
+SFT_FORMATS = ("text", "messages", "prompt_completion")
+
+
+def run(cfg: SFTConfig) -> TrainResult:
+    info = init_distributed()
+    try:
+        rows, fmt = load_data(cfg, SFT_FORMATS, info)
+        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+                                          max_length=cfg.max_length)
+        examples = encode_all(rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length,
+                                                          truncation=cfg.truncation, fmt=fmt), "examples", info)
+        if cfg.packing:
+            examples = pack(examples, cfg.max_length)
+        data = Dataset(examples, lambda ex: collate(ex, tokenizer.pad_token_id), cfg.seed)
+        return train(cfg, CausalLMLoss(model, cfg.backend), data, tokenizer, info, stage="sft")
+    finally:
+        shutdown(info)
+
+
+def main(argv: list[str]) -> int:
+    run(parse_config(SFTConfig, argv, prog="ptk sft"))
+    return 0

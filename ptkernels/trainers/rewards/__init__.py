@@ -1,0 +1,1 @@
+"""Verifiable rewards: plain functions of a completion and its data row; code runs in a sandboxed subprocess."""

@@ -1,0 +1,463 @@
+"""Verifiable rewards for GRPO: ``fn(completion, row) -> float`` in [0, 1].
+
+Model output is data: nothing here evaluates the completion in this process. Numbers are parsed with ``Fraction``
+and a small hand-written arithmetic parser; code runs only in ``sandbox.run_python``'s child process. A verifier
+never raises because of what the completion contains; a row missing its ground-truth field raises ``ValueError``
+(that is a data bug and should be loud).
+
+Registry: ``VERIFIERS`` (name -> fn) and ``get_verifier("math")``, ``get_verifier("math,format")`` (equal weights)
+or ``get_verifier("math:0.8,format:0.2")``.
+"""
+
+from __future__ import annotations
+
+import json
+import math as _math
+import re
+import secrets
+import string
+import unicodedata
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+from ptkernels.trainers.rewards.sandbox import run_python
+
+__all__ = [
+    "VERIFIERS", "combine", "get_verifier", "math", "format", "exact", "fact", "code", "make_code_verifier",
+    "extract_math_answer", "parse_number", "extract_code",
+]
+
+Verifier = Callable[[str, dict], float]
+
+# Only the tail of a very long completion is searched for a final answer: it is where the answer is, and it bounds
+# the work done on hostile input.
+MAX_ANSWER_SEARCH_CHARS = 20_000
+MAX_EXPR_TOKENS = 64
+MAX_EXPR_DEPTH = 16
+MAX_DIGITS = 40  # per number literal; keeps Fraction arithmetic on at most 64 tokens cheap
+MAX_FORMAT_CHARS = 16_384
+# A decimal answer matches a non-terminating rational (1/3 vs 0.333333) within this relative tolerance.
+DECIMAL_RTOL = 1e-6
+
+
+def _text(completion) -> str:
+    return completion if isinstance(completion, str) else ""
+
+
+# ----------------------------------------------------------------------------------------------------------- math
+def _balanced_after(text: str, start: int) -> str | None:
+    """Contents of the brace group opening at text[start] == '{', or None when it never closes."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    found = None
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text):
+        if m.group(1):
+            inner = _balanced_after(text, m.start(1))
+        else:  # "\boxed 42"
+            tail = re.match(r"\s*([^\s$]+)", text[m.end() :])
+            inner = tail.group(1) if tail else None
+        if inner is not None:
+            found = inner
+    return found
+
+
+_NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|-?\.\d+")
+
+
+def extract_math_answer(completion: str) -> str | None:
+    """The model's final answer as text: last ``\\boxed{}``, else ``#### x``, else "answer is x" / "Answer: x",
+    else the last number. None when there is nothing that looks like an answer."""
+    text = _text(completion)[-MAX_ANSWER_SEARCH_CHARS:]
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    hashes = re.findall(r"####[ \t]*([^\n]*)", text)
+    if hashes and hashes[-1].strip():
+        return hashes[-1].strip()
+    said = re.findall(r"answer\s*(?:is|:)[ \t:]*([^\n]*)", text, flags=re.IGNORECASE)
+    if said and said[-1].strip():
+        return said[-1].strip()
+    numbers = _NUMBER_RE.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _latex_to_plain(s: str) -> str:
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = s.replace("{,}", ",").replace("\\%", "%")  # LaTeX thousands separator 1{,}234; escaped percent
+    for _ in range(MAX_EXPR_DEPTH):  # innermost first; bounded so nested junk cannot loop long
+        new = re.sub(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"((\1)/(\2))", s)
+        new = re.sub(r"\\frac\s*(\d)\s*(\d)", r"((\1)/(\2))", new)  # \frac34
+        if new == s:
+            break
+        s = new
+    s = re.sub(r"\\text\s*\{[^{}]*\}|\\mathrm\s*\{[^{}]*\}", "", s)  # units
+    s = re.sub(r"\\(?:left|right|displaystyle|!|,|;|\s)|\$|\\\$", "", s)
+    s = re.sub(r"\\(?:cdot|times)", "*", s).replace("\\div", "/").replace("×", "*").replace("÷", "/")
+    return s.replace("{", "(").replace("}", ")").replace("−", "-")
+
+
+_TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(.))")
+
+
+def _tokenize(s: str) -> list[str] | None:
+    tokens = []
+    for number, op in _TOKEN_RE.findall(s):
+        if number:
+            if len(number) > MAX_DIGITS:
+                return None
+            tokens.append(number)
+        elif op in "+-*/()":
+            tokens.append(op)
+        elif op.strip():
+            return None
+        if len(tokens) > MAX_EXPR_TOKENS:
+            return None
+    return tokens or None
+
+
+class _Parser:
+    """Recursive descent over + - * / ( ) and unary signs, exact in Fraction. Returns None on anything else."""
+
+    def __init__(self, tokens: list[str]):
+        self.tokens, self.pos, self.has_decimal = tokens, 0, False
+
+    def parse(self) -> Fraction | None:
+        try:
+            value = self._expr(0)
+        except (ValueError, ZeroDivisionError, IndexError):
+            return None
+        return value if self.pos == len(self.tokens) else None
+
+    def _peek(self) -> str | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def _expr(self, depth: int) -> Fraction:
+        value = self._term(depth)
+        while self._peek() in ("+", "-"):
+            op = self.tokens[self.pos]
+            self.pos += 1
+            rhs = self._term(depth)
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def _term(self, depth: int) -> Fraction:
+        value = self._unary(depth)
+        while self._peek() in ("*", "/"):
+            op = self.tokens[self.pos]
+            self.pos += 1
+            rhs = self._unary(depth)
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def _unary(self, depth: int) -> Fraction:
+        if depth > MAX_EXPR_DEPTH:
+            raise ValueError("too deep")
+        tok = self._peek()
+        if tok in ("+", "-"):
+            self.pos += 1
+            value = self._unary(depth + 1)
+            return -value if tok == "-" else value
+        if tok == "(":
+            self.pos += 1
+            value = self._expr(depth + 1)
+            if self._peek() != ")":
+                raise ValueError("unbalanced")
+            self.pos += 1
+            return value
+        if tok is None or tok in "+-*/)":
+            raise ValueError("expected a number")
+        self.pos += 1
+        self.has_decimal |= "." in tok
+        return Fraction(tok)
+
+
+def parse_number(s) -> tuple[Fraction, bool] | None:
+    """Exact value of a numeric answer (int, decimal, "1,234", "-3/4", ``\\frac{3}{4}``, "2*(3+4)") and whether it
+    was written with a decimal point. None when it is not a plain arithmetic expression."""
+    if isinstance(s, bool):
+        return None
+    if isinstance(s, int):
+        return Fraction(s), False
+    if isinstance(s, float):
+        return (Fraction(repr(s)), True) if _math.isfinite(s) else None  # repr: 0.1 is "0.1", not 0.1000000000000000055
+    if not isinstance(s, str) or len(s) > 1000:
+        return None
+    s = _latex_to_plain(s.strip())
+    if "=" in s:  # "x = 5" -> "5"
+        s = s.rsplit("=", 1)[1]
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)  # thousands separators
+    s = s.strip().rstrip(".").rstrip("%").strip()
+    tokens = _tokenize(s)
+    if tokens is None:
+        return None
+    parser = _Parser(tokens)
+    value = parser.parse()
+    return None if value is None else (value, parser.has_decimal)
+
+
+def _terminates(x: Fraction) -> bool:
+    d = x.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _numbers_equal(a: tuple[Fraction, bool], b: tuple[Fraction, bool]) -> bool:
+    (x, x_dec), (y, y_dec) = a, b
+    if x == y:
+        return True
+    # Tolerance only where exactness is impossible: a decimal standing for a rational with no finite decimal.
+    inexact = (x_dec and not _terminates(y)) or (y_dec and not _terminates(x))
+    return inexact and abs(x - y) <= DECIMAL_RTOL * max(1, abs(y))
+
+
+def _squash(s: str) -> str:
+    return re.sub(r"\s+|\\[,;! ]|\$", "", s).rstrip(".").casefold()
+
+
+def math(completion: str, row: dict) -> float:
+    """1.0 when the final answer equals ``row["answer"]`` as an exact rational (see ``parse_number``); answers that
+    are not numbers are compared as strings with whitespace, ``$`` and a trailing period removed."""
+    truth = _require(row, "answer")
+    predicted = extract_math_answer(completion)
+    if predicted is None:
+        return 0.0
+    got, want = parse_number(predicted), parse_number(truth)
+    if got is None:
+        # "42 apples": a number followed only by words. Not "2x+3", whose leading 2 is not the answer.
+        units = re.fullmatch(rf"\s*({_NUMBER_RE.pattern})\s+[A-Za-z][A-Za-z\s.,!]*", predicted)
+        got = parse_number(units.group(1)) if units else None
+    if got is not None and want is not None:
+        return float(_numbers_equal(got, want))
+    return float(_squash(predicted) == _squash(str(truth)) and bool(_squash(predicted)))
+
+
+# --------------------------------------------------------------------------------------------------------- format
+# Default format: the (stripped) completion's last line is a final-answer line: it contains \boxed{...}, or is
+# "#### x", or says "answer is x" / "Answer: x".
+DEFAULT_FORMAT_PATTERN = (
+    r"(?:.*\n)?[^\n]*(?:\\boxed\{[^\n]*\}[^\n]*|####[ \t]*\S[^\n]*|(?i:answer)(?:[ \t]+is|[ \t]*:)[ \t]*\S[^\n]*)"
+)
+
+
+def format(completion: str, row: dict) -> float:
+    """1.0 when ``re.fullmatch(pattern, completion.strip(), re.DOTALL)`` matches; pattern is ``row["format_pattern"]``
+    or ``DEFAULT_FORMAT_PATTERN``. fullmatch (not search) so a pattern describes the whole completion. The
+    completion is first truncated to ``MAX_FORMAT_CHARS`` to bound backtracking time on long inputs."""
+    pattern = row.get("format_pattern") or DEFAULT_FORMAT_PATTERN
+    text = _text(completion)[:MAX_FORMAT_CHARS].strip()
+    try:
+        return float(re.fullmatch(pattern, text, flags=re.DOTALL) is not None)
+    except re.error as e:
+        raise ValueError(f"row['format_pattern'] is not a valid regex: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------- exact
+def _normalize_exact(s: str, case_sensitive: bool = False) -> str:
+    s = " ".join(str(s).split())
+    return (s if case_sensitive else s.casefold()).rstrip(".").rstrip()
+
+
+_MARKED_ANSWER = re.compile(r"(?:####|\banswer\s*(?:is|:))[ \t:]*([^\n]*)\s*$", flags=re.IGNORECASE)
+
+
+def exact(completion: str, row: dict) -> float:
+    """1.0 when the answer equals ``row["answer"]`` (or one of a list) after strip, whitespace collapse,
+    case-fold and dropping a trailing period; ``row["case_sensitive"] = True`` keeps the case (a task whose
+    answer *is* a change of case). The answer is what follows a final-answer marker on the last line
+    ("Answer: x", "the answer is x", "#### x") when there is one, else the whole completion."""
+    truth = _require(row, "answer")
+    accepted = truth if isinstance(truth, (list, tuple)) else [truth]
+    case = bool(row.get("case_sensitive", False))
+    text = _text(completion)[-MAX_ANSWER_SEARCH_CHARS:].strip()
+    marked = _MARKED_ANSWER.search(text)
+    got = _normalize_exact(marked.group(1) if marked else text, case)
+    return float(bool(got) and any(got == _normalize_exact(a, case) for a in accepted))
+
+
+# ----------------------------------------------------------------------------------------------------------- fact
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation + "“”‘’«»–—…"})
+
+
+def _normalize_fact(s) -> str:
+    s = unicodedata.normalize("NFKC", str(s)).casefold().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def _fact_answer(completion: str) -> str:
+    text = _text(completion)[-MAX_ANSWER_SEARCH_CHARS:]
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
+    said = re.findall(r"answer\s*(?:is|:)[ \t:]*([^\n]*)", text, flags=re.IGNORECASE)
+    if said and said[-1].strip():
+        return said[-1]
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def fact(completion: str, row: dict) -> float:
+    """1.0 when the model's final answer equals one accepted value after normalization (NFKC, case-fold,
+    punctuation and the articles a/an/the removed, whitespace collapsed).
+
+    Accepted values: ``row["facts"][row["fact_key"]]`` (a value or a list of aliases), else ``row["answer"]`` (value
+    or list). The final answer is the last ``\\boxed{}``, else the text after the last "answer is"/"Answer:", else
+    the last non-empty line. Equality, not containment: containment would reward listing every candidate.
+    """
+    if "facts" in row and "fact_key" in row:
+        facts = row["facts"]
+        if not isinstance(facts, dict) or row["fact_key"] not in facts:
+            raise ValueError(f"fact verifier: fact_key {row['fact_key']!r} is not in row['facts']")
+        truth = facts[row["fact_key"]]
+    else:
+        truth = _require(row, "answer")
+    accepted = {_normalize_fact(a) for a in (truth if isinstance(truth, (list, tuple, set)) else [truth])}
+    accepted.discard("")
+    return float(_normalize_fact(_fact_answer(completion)) in accepted)
+
+
+# ----------------------------------------------------------------------------------------------------------- code
+def extract_code(completion: str) -> str:
+    """The last ```python (or ```py / ```python3) fenced block, else the last bare ``` block, else everything."""
+    text = _text(completion)
+    blocks = re.findall(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", text, flags=re.DOTALL | re.IGNORECASE)
+    for want_lang in (True, False):
+        chosen = [body for lang, body in blocks if bool(lang) == want_lang]
+        if chosen:
+            return chosen[-1]
+    return text
+
+
+def _test_harness(tests: Sequence[str], marker: str) -> str:
+    """Child-side code that runs each assert string on its own and prints one JSON line per test. It is appended to
+    the model's code and runs only inside the sandbox; the trainer reads the lines back as data."""
+    lines = [
+        "import sys as _ptk_sys",
+        f"for _ptk_i, _ptk_src in enumerate({list(tests)!r}):",
+        "    try:",
+        "        exec(compile(_ptk_src, '<test %d>' % _ptk_i, 'exec'), globals())",
+        "        _ptk_ok = 'true'",
+        "    except BaseException:",
+        "        _ptk_ok = 'false'",
+        f"    _ptk_sys.stdout.write('\\n' + {marker!r} + '{{\"i\": %d, \"ok\": %s}}\\n' % (_ptk_i, _ptk_ok))",
+        "    _ptk_sys.stdout.flush()",
+    ]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def _passed_tests(stdout: str, marker: str, n: int) -> set[int]:
+    passed = set()
+    for line in stdout.splitlines():
+        if not line.startswith(marker):
+            continue
+        try:
+            record = json.loads(line[len(marker) :])
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("ok") is True:
+            i = record.get("i")
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n:
+                passed.add(i)
+    return passed
+
+
+def make_code_verifier(*, timeout_s: float = 5.0, memory_mb: int = 256, **sandbox_kwargs) -> Verifier:
+    """A ``code`` verifier with its own sandbox limits (``run_python`` keyword arguments)."""
+
+    def code(completion: str, row: dict) -> float:
+        """Run the extracted code followed by ``row["tests"]`` in the sandbox.
+
+        ``tests`` a string: 1.0 when the process exits 0 within limits and reaches a completion marker printed after
+        the tests (so ``sys.exit(0)`` before the tests earns nothing), else 0.0. ``tests`` a list of assert
+        strings: the fraction that pass, each run in turn in one child that reports per test on stdout.
+        The markers carry a random nonce; code sharing the process could still forge them by introspection, which
+        the sandbox does not prevent (it protects the machine, not the reward).
+        """
+        tests = _require(row, "tests")
+        program = extract_code(completion)
+        marker = f"__ptk_result_{secrets.token_hex(16)}__"
+        if isinstance(tests, str):
+            source = f"{program}\n\n{tests}\n\nimport sys as _ptk_sys\n_ptk_sys.stdout.write('\\n{marker}\\n')\n"
+            result = run_python(source, timeout_s=timeout_s, memory_mb=memory_mb, **sandbox_kwargs)
+            return float(result.ok and marker in result.stdout.splitlines())
+        if not isinstance(tests, (list, tuple)) or not all(isinstance(t, str) for t in tests):
+            raise ValueError("code verifier: row['tests'] must be a str or a list of str")
+        if not tests:
+            raise ValueError("code verifier: row['tests'] is empty")
+        result = run_python(program + "\n" + _test_harness(tests, marker), timeout_s=timeout_s,
+                            memory_mb=memory_mb, **sandbox_kwargs)
+        return len(_passed_tests(result.stdout, marker, len(tests))) / len(tests)
+
+    return code
+
+
+code = make_code_verifier()
+
+
+# ------------------------------------------------------------------------------------------------------- registry
+def _require(row: dict, key: str):
+    if not isinstance(row, dict) or key not in row:
+        raise ValueError(f"the row has no {key!r} field needed by this verifier")
+    return row[key]
+
+
+VERIFIERS: dict[str, Verifier] = {"math": math, "format": format, "exact": exact, "fact": fact, "code": code}
+
+
+def combine(names: Sequence[str] | str, weights: Sequence[float] | None = None) -> Verifier:
+    """Weighted sum of verifiers. Default weights are 1/n each, so the result stays in [0, 1]; explicit weights
+    are used as given (non-negative; they sum to 1 to stay in [0, 1])."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names)
+    if not names:
+        raise ValueError("combine: names is empty")
+    fns = [_lookup(n) for n in names]
+    weights = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ValueError(f"combine: {len(weights)} weights for {len(names)} verifiers")
+    if any(not _math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"combine: weights must be finite and >= 0, got {weights}")
+
+    def combined(completion: str, row: dict) -> float:
+        return sum(w * fn(completion, row) for w, fn in zip(weights, fns) if w)
+
+    combined.__name__ = "+".join(names)
+    return combined
+
+
+def _lookup(name: str) -> Verifier:
+    if name not in VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}; valid names: {', '.join(sorted(VERIFIERS))}")
+    return VERIFIERS[name]
+
+
+def get_verifier(name: str) -> Verifier:
+    """``"math"``; ``"math,format"`` (equal weights); ``"math:0.8,format:0.2"`` (explicit weights)."""
+    if not isinstance(name, str):
+        raise ValueError(f"verifier name must be a str, got {name!r}; valid names: {', '.join(sorted(VERIFIERS))}")
+    parts = [p.strip() for p in name.split(",") if p.strip()]
+    if len(parts) == 1 and ":" not in parts[0]:
+        return _lookup(parts[0])
+    if any(":" in p for p in parts):
+        if not all(":" in p for p in parts):
+            raise ValueError(f"verifier spec {name!r}: give a weight for every verifier or for none")
+        pairs = [p.split(":", 1) for p in parts]
+        try:
+            weights = [float(w) for _, w in pairs]
+        except ValueError as e:
+            raise ValueError(f"verifier spec {name!r}: bad weight ({e})") from e
+        return combine([n.strip() for n, _ in pairs], weights)
+    return combine(parts)
