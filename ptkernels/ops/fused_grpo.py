@@ -2,8 +2,9 @@
 
 Why the gradient is ready after the forward pass: every input of the per-token loss derivative d loss / d logp_t
 is known before the loop (advantages, old and reference log-probs, the mask and so the loss type's normalizer)
-except logp itself, and logp_t needs only its own row of logits. GSPO's sequence-level ratio needs the log-probs
-of one whole sequence, so at importance_sampling_level="sequence" a chunk holds whole sequences. The loop:
+except logp itself, and logp_t needs only its own row of logits. GSPO's sequence-level ratio (and GMPO, VESPO's
+phi, the off-policy mask, sequence-level sampler correction) needs the log-probs of one whole sequence, so then a
+chunk holds whole sequences. The loop:
 
     z    = h_c @ W.T (+ b)                         GEMM 1, one chunk of logits [c, V]
     logp, lse (, E_p[s])  = logprob_fwd(z)         row kernels (ptkernels/ops/backends/torch.py), c values each

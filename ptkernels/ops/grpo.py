@@ -1,15 +1,17 @@
-"""GRPO: group-relative advantages and the clipped surrogate loss on per-token log-probs (TRL's semantics).
+"""GRPO family: group-relative advantages and the loss on per-token log-probs (TRL 1.16.0's semantics).
 
-``grpo_loss`` computes, per token, the clipped objective, the k3 KL to the reference, the clip indicators and
-the derivative d loss / d logp in one pass (the Triton kernel ``ptkernels/kernels/grpo.py`` or the same math in
-PyTorch ops), with the loss type's normalizer folded into a per-token weight that is known before the pass:
+``grpo_loss`` computes, per token, the loss type's policy term (clipped ratio, CISPO, SAPO, VESPO, GMPO), the
+k3 KL to the reference (optionally bias-corrected), the clip indicators and the derivative d loss / d logp in one
+pass (the Triton kernel ``ptkernels/kernels/grpo.py`` or the same math in PyTorch ops), with the loss type's
+normalizer folded into a per-token weight that is known before the pass:
 
-    grpo     1 / (B * max(L_b, 1))        bnpo  1 / max(sum L, 1)
-    dr_grpo  1 / (B * max_completion_length)    dapo  1 / num_items_in_batch   (default 1 / max(sum L, 1))
+    grpo, sapo, gmpo  1 / (B * max(L_b, 1))     bnpo  1 / max(sum L, 1)     luspo  1 / B
+    dr_grpo  1 / (B * max_completion_length)    dapo, cispo, vespo  1 / num_items_in_batch  (default 1 / max(sum L, 1))
 
-so the loss is a plain sum of per-row partial sums and the gradient is ready after the forward pass
-(backward only scales it by the incoming scalar gradient). The same row function is the loss half of
-``fused_linear_grpo_loss``.
+and the policy term's per-token weights (sampler IS ratio, off-policy mask, top-entropy mask, VESPO's phi;
+``grpo_weights.py``) computed before it, so the loss is a plain sum of per-row partial sums and the gradient is
+ready after the forward pass (backward only scales it by the incoming scalar gradient). The same row function
+is the loss half of ``fused_linear_grpo_loss``.
 """
 
 from __future__ import annotations

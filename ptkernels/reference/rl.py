@@ -1,4 +1,5 @@
-"""Eager definitions of the RL losses and utilities (TRL's semantics): the spec and the test oracle.
+"""Eager definitions of the RL losses and utilities (TRL 1.16.0's semantics; verl's for REINFORCE++ and ReMax): the
+spec and the test oracle.
 
 Written the way TRL writes them (``GRPOTrainer._compute_loss``, ``GRPOTrainer._generate_and_score_completions``,
 ``trl.trainer.utils.masked_mean / masked_var / masked_whiten`` and the GAE loop of ``PPOTrainer.train``), with
