@@ -108,3 +108,39 @@ def test_fused_grpo_option_errors():
         fused_linear_grpo_loss(hidden, weight, ids, mask, adv, sampler_logps=sampler[:, :2])
     with pytest.raises(ValueError, match="delta"):
         fused_linear_grpo_loss(hidden, weight, ids, mask, adv, loss_type="sapo", delta=2.0)
+
+
+def _gemm_count(fn) -> int:
+    """The matrix multiplications (aten mm / addmm / bmm and friends) that ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addmm_"):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "luspo", "vespo", "gmpo"])
+def test_new_loss_types_run_the_same_gemms_as_dapo(loss_type):
+    """The loss type only changes the per-token math between the GEMMs: forward + backward run exactly as many
+    matrix multiplications as dapo on the same rows (whole-sequence chunks hold the same tokens; here they also
+    come out as many chunks)."""
+    hidden, weight, ids, mask, adv, old, refp, _ = _problem()
+
+    def run(lt, **kw):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        return lambda: fused_linear_grpo_loss(h, w, ids, mask, adv, old_logps=old, ref_logps=refp, beta=0.05,
+                                              loss_type=lt, chunk_size=T, backend="torch", **kw).loss.backward()
+
+    dapo = _gemm_count(run("dapo"))
+    assert dapo > 0
+    assert _gemm_count(run(loss_type)) == dapo
+    assert _gemm_count(run("dapo", off_policy_mask_threshold=0.1, sampler_logps=old)) == dapo
