@@ -219,3 +219,44 @@ def test_grpo_fwd_bwd(benchmark, impl, grpo_problem, device, matmul_rate):
     benchmark.extra_info.update(info)
     SESSION_RESULTS[(OP, impl)] = info
     p.reset_grads()
+
+
+# ------------------------------------------------------------------------------- loss types (TRL 1.16 + GMPO)
+
+LOSS_TYPES = ("dapo", "cispo", "sapo", "luspo", "vespo", "gmpo")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_grpo_loss_types_fwd_bwd(benchmark, loss_type, grpo_problem, device):
+    """Every GRPO loss type through the fused op on the default backend: the same three GEMMs as dapo (the loss
+    type only changes the per-token math between them), so the time should match dapo's. ``time_x_dapo`` is
+    measured in this run. Checked against the eager path of the same loss type."""
+    p = grpo_problem
+    s = grpo_size()
+    kw = dict(old_logps=p.old_logps, ref_logps=p.ref_logps, beta=BETA, epsilon_low=EPS_LOW,
+              epsilon_high=5.0 if loss_type == "cispo" else EPS_HIGH, loss_type=loss_type)
+
+    def step():
+        out = fused_linear_grpo_loss(p.hidden, p.weight, p.ids, p.mask, p.advantages, **kw).loss
+        out.backward()
+        sync(p.device)
+        return out.detach()
+
+    benchmark.group = f"{OP} loss types fwd+bwd {size_name(s)}"
+    out = benchmark.pedantic(step, setup=p.reset_grads, rounds=bench_rounds(), iterations=1, warmup_rounds=1)
+    with torch.no_grad():
+        logps = torch.log_softmax(F.linear(p.hidden, p.weight).float(), dim=-1).gather(
+            -1, p.ids.unsqueeze(-1)).squeeze(-1)
+        opts = {k: v for k, v in kw.items() if k != "old_logps"}
+        truth = ref_rl.grpo_loss(logps, p.old_logps, p.advantages, p.mask, **opts).loss
+    tol = 2e-4 if s["dtype"] == "float32" else 2e-2
+    torch.testing.assert_close(out.float(), truth.float(), rtol=tol, atol=tol)
+    stats = getattr(benchmark, "stats", None)
+    median = float(stats.stats.median) if stats is not None else None
+    info = {"op": OP, "impl": "ptk-auto", "size": size_name(s), "loss_type": loss_type, "median_s": median}
+    base = SESSION_RESULTS.get((OP, "loss_type=dapo"))
+    if base and median and base.get("median_s"):
+        info["time_x_dapo"] = median / base["median_s"]
+    benchmark.extra_info.update(info)
+    SESSION_RESULTS[(OP, f"loss_type={loss_type}")] = info
+    p.reset_grads()

@@ -10,13 +10,15 @@ Public API (names are a contract; see README.md):
     sequence_logprobs, packed_sequence_logprobs   per-sequence sums / means of token log-probs
     dpo_loss (8 loss types), simpo_loss, orpo_loss, cpo_loss, kto_loss    preference losses (TRL semantics)
     fused_linear_preference_loss, fused_linear_kto_loss                  the same straight from hidden states
-    kl_penalty, group_advantages, grpo_loss       RL losses on per-token log-probs (TRL semantics)
+    kl_penalty, group_advantages, grpo_loss       RL losses on per-token log-probs (TRL 1.16 semantics)
+    rloo_advantages, reinforce_plus_plus_advantages, remax_advantages    more advantage estimators (TRL, verl)
     fused_linear_grpo_loss                        GRPO straight from hidden states
     gae, ppo_policy_loss, ppo_value_loss, masked_mean, masked_var, masked_whiten    PPO pieces
     backends                                      which backends are usable here
 """
 
 from . import nn, reference
+from .ops.advantages import reinforce_plus_plus_advantages, remax_advantages, rloo_advantages
 from .ops.core.dispatch import backends
 from .ops.cross_entropy import cross_entropy
 from .ops.fused_grpo import fused_linear_grpo_loss
@@ -77,6 +79,9 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "reference",
+    "reinforce_plus_plus_advantages",
+    "remax_advantages",
+    "rloo_advantages",
     "sequence_logprobs",
     "simpo_loss",
     "token_logprobs",

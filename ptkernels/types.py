@@ -20,9 +20,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------- RL (GRPO, PPO)
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# TRL 1.16's GRPO loss types, plus GMPO (TRL 1.16's experimental GMPOTrainer)
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo")
 IS_LEVELS = ("token", "sequence")
 REWARD_SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # TRL's multi_objective_aggregation
+# TRL 1.16's vllm_importance_sampling_mode: sampler/trainer mismatch correction (TIS: truncate, MIS: mask)
+SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,13 @@ class GRPOOutput:
     clip_ratio       TRL's ``clip_ratio/region_mean``: fraction of tokens (sequences for GSPO) clipped
     clip_ratio_low   TRL's ``clip_ratio/low_mean``:  coef_1 < 1 - epsilon_low  and A < 0
     clip_ratio_high  TRL's ``clip_ratio/high_mean``: coef_1 > 1 + epsilon_high and A > 0
-    entropy          mean per-token entropy over completion tokens (fused op only, when computed), else None
+    entropy          mean per-token entropy over completion tokens (when computed or given), else None
+    (with ``sampler_logps``, the sampler/trainer mismatch metrics, else None:)
+    sampler_abs_logp_diff  mean |old_logps - sampler_logps| over completion tokens (NaN sampler log-probs: 0)
+    is_masked_fraction     fraction of tokens (sequence modes: sequences) whose ratio left [clip_min, clip_max]
+                           (set to 0 by the mask modes, truncated by the truncate modes)
+    is_weight_mean         mean importance weight over tokens (sequences), after truncation / masking
+    is_weight_max          largest importance weight, after truncation / masking
     """
 
     loss: torch.Tensor
@@ -43,6 +53,10 @@ class GRPOOutput:
     clip_ratio_low: torch.Tensor
     clip_ratio_high: torch.Tensor
     entropy: torch.Tensor | None = None
+    sampler_abs_logp_diff: torch.Tensor | None = None
+    is_masked_fraction: torch.Tensor | None = None
+    is_weight_mean: torch.Tensor | None = None
+    is_weight_max: torch.Tensor | None = None
 
     @property
     def clip_ratio_region(self) -> torch.Tensor:
@@ -52,11 +66,16 @@ class GRPOOutput:
 
 @dataclass(frozen=True)
 class PPOPolicyOutput:
-    """``ppo_policy_loss``: ``loss`` (differentiable), ``clip_frac`` and ``approx_kl`` (detached metrics)."""
+    """``ppo_policy_loss``: ``loss`` (differentiable), ``clip_frac`` and ``approx_kl`` (detached metrics); with
+    ``sampler_logps`` also the mismatch metrics of ``GRPOOutput`` (same names and meaning), else None."""
 
     loss: torch.Tensor
     clip_frac: torch.Tensor
     approx_kl: torch.Tensor
+    sampler_abs_logp_diff: torch.Tensor | None = None
+    is_masked_fraction: torch.Tensor | None = None
+    is_weight_mean: torch.Tensor | None = None
+    is_weight_max: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,24 @@ def sequence_kernel_specs() -> list[KernelSpec]:
     return specs
 
 
+def _grpo_spec(t, block, kind, bias_kl, has_pw, has_ref, seq_level, write_grad) -> KernelSpec:
+    f = "*fp32"
+    args = {
+        "logp_ptr": f, "old_ptr": f, "ref_ptr": f, "mask_ptr": f, "adv_ptr": f,
+        "adv_stride_r": 1, "adv_stride_c": 0, "norm_ptr": f, "norm_stride_r": 1,
+        "norm_stride_c": 0, "pw_ptr": f, "pw_stride_r": t, "pw_stride_c": 1, "grad_ptr": f, "loss_ptr": f,
+        "kl_ptr": f, "low_ptr": f, "high_ptr": f, "region_ptr": f, "n_cols": t, "lo_hi": 0.8, "lo_lo": 1e-9,
+        "hi_hi": 1.2, "hi_lo": 1e-9, "delta_hi": 1.0, "delta_lo": 0.0, "beta_hi": 0.04, "beta_lo": 1e-10,
+        "cap_hi": 5.0, "cap_lo": 0.0, "tp_hi": 1.0, "tp_lo": 0.0, "tn_hi": 1.05, "tn_lo": 1e-9,
+    }
+    return KernelSpec(
+        kernel="ptkernels.kernels.grpo:grpo_rows_kernel", args=tuple(args.items()),
+        constexprs=(("HAS_REF", has_ref), ("HAS_DELTA", kind == 0), ("SEQ_LEVEL", seq_level),
+                    ("WRITE_GRAD", write_grad), ("KIND", kind), ("BIAS_KL", bias_kl), ("HAS_PW", has_pw),
+                    ("BLOCK", block), ("COMPUTE", "fp32")),
+        num_warps=4, dtype="fp32", vocab=(), tag=f"T{t}" + (f"-K{kind}" if kind else ""))
+
+
 def rl_kernel_specs(seq_lens=(1024,)) -> list[KernelSpec]:
     """The GRPO surrogate and the GAE scan as ops/backends/triton.py launches them for ops/grpo.py and
     ops/ppo.py: all inputs in the compute dtype (fp32; log-probs come out of the row kernels in fp32), one row
@@ -251,22 +269,17 @@ def rl_kernel_specs(seq_lens=(1024,)) -> list[KernelSpec]:
     f = "*fp32"
     for t in seq_lens:
         block = min(1024, triton.next_power_of_2(max(t, 16)))
-        for has_ref in (False, True):
-            for seq_level in (False, True):
-                for write_grad in (False, True):
-                    args = {
-                        "logp_ptr": f, "old_ptr": f, "ref_ptr": f, "mask_ptr": f, "adv_ptr": f,
-                        "adv_stride_r": 1, "adv_stride_c": 0, "norm_ptr": f, "norm_stride_r": 1,
-                        "norm_stride_c": 0, "grad_ptr": f, "loss_ptr": f, "kl_ptr": f, "low_ptr": f,
-                        "high_ptr": f, "region_ptr": f, "n_cols": t, "lo_hi": 0.8, "lo_lo": 1e-9,
-                        "hi_hi": 1.2, "hi_lo": 1e-9, "delta_hi": 1.0, "delta_lo": 0.0, "beta_hi": 0.04,
-                        "beta_lo": 1e-10,
-                    }
-                    specs.append(KernelSpec(
-                        kernel="ptkernels.kernels.grpo:grpo_rows_kernel", args=tuple(args.items()),
-                        constexprs=(("HAS_REF", has_ref), ("HAS_DELTA", True), ("SEQ_LEVEL", seq_level),
-                                    ("WRITE_GRAD", write_grad), ("BLOCK", block), ("COMPUTE", "fp32")),
-                        num_warps=4, dtype="fp32", vocab=(), tag=f"T{t}"))
+        # (KIND, BIAS_KL, HAS_PW): the clipped types plain and with every option (TRL 1.16's bias-corrected KL,
+        # per-token policy weights), then each other loss type's policy term with the options on
+        variants = [(0, False, False), (0, True, True), (1, True, True), (2, True, True), (3, True, True)]
+        for kind, bias_kl, has_pw in variants:
+            for has_ref in (False, True):
+                for seq_level in (False, True):
+                    for write_grad in (False, True):
+                        if (kind, bias_kl) != (0, False) and not (has_ref and write_grad):
+                            continue  # the variants' extra code is all under HAS_REF / WRITE_GRAD's worst case
+                        specs.append(_grpo_spec(t, block, kind, bias_kl, has_pw, has_ref, seq_level, write_grad))
+        specs.append(_grpo_spec(t, block, 4, False, True, True, True, True))  # GMPO: sequence rows only
         args = {"rewards_ptr": f, "values_ptr": f, "mask_ptr": f, "adv_ptr": f, "ret_ptr": f, "n_cols": t,
                 "gamma_hi": 1.0, "gamma_lo": 0.0, "gl_hi": 0.95, "gl_lo": 1e-9}
         specs.append(KernelSpec(kernel="ptkernels.kernels.gae:gae_kernel", args=tuple(args.items()),

@@ -2,8 +2,9 @@
 
 Why the gradient is ready after the forward pass: every input of the per-token loss derivative d loss / d logp_t
 is known before the loop (advantages, old and reference log-probs, the mask and so the loss type's normalizer)
-except logp itself, and logp_t needs only its own row of logits. GSPO's sequence-level ratio needs the log-probs
-of one whole sequence, so at importance_sampling_level="sequence" a chunk holds whole sequences. The loop:
+except logp itself, and logp_t needs only its own row of logits. GSPO's sequence-level ratio (and GMPO, VESPO's
+phi, the off-policy mask, sequence-level sampler correction) needs the log-probs of one whole sequence, so then a
+chunk holds whole sequences. The loop:
 
     z    = h_c @ W.T (+ b)                         GEMM 1, one chunk of logits [c, V]
     logp, lse (, E_p[s])  = logprob_fwd(z)         row kernels (ptkernels/ops/backends/torch.py), c values each
@@ -38,9 +39,13 @@ from .grpo import (
     check_grpo_options,
     check_mask,
     check_token_tensor,
+    check_weight_options,
     finish_metrics,
     row_normalizers,
+    top_entropy_mask,
 )
+from .grpo_weights import WeightOptions, finish_is_metrics, is_partials, policy_weights
+from .token_logprobs import linear_token_logprobs
 
 IGNORE = -100
 
@@ -78,7 +83,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets1d, mask1d, old1d, ref1d, adv, norm, t: int, p: GRPOParams,
                 o: RowOptions, chunk: int, rows_impl, grpo_rows, sync_free: bool, entropy_coef: float,
-                want_entropy: bool):
+                want_entropy: bool, sampler1d, emask1d, wo: WeightOptions):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         any_grad = need_dh or need_dw or need_db
@@ -94,8 +99,14 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         old1d = old1d.detach().to(cd) if old1d is not None else None
         ref1d = ref1d.detach().to(cd) if ref1d is not None else None
         bonus = entropy_coef != 0.0
+        sampler1d = sampler1d.detach().to(cd) if sampler1d is not None else None
+        weighted = wo.any or emask1d is not None
+        acc = is_partials(cd, dev) if wo.is_mode is not None else None
+        # the entropy bonus is a token mean over its tokens (TRL 1.16), whatever the loss type's normalizer
+        eff1d = mask1d if emask1d is None else mask1d * emask1d
+        ent_den = eff1d.sum().clamp(min=1.0)
 
-        if p.seq_level:
+        if p.seq_level or wo.sequence_wide:
             chunks = _sequence_chunks(mask1d.view(b, t) != 0, chunk, sync_free)
         else:
             plan = RowPlan(targets1d, IGNORE, chunk, sync_free)
@@ -109,7 +120,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             lp, lse, mean_s = rows_impl.logprob_fwd(z, tg, o, want_entropy)
             m = take(mask1d, rows)
             seq_of_row = _row_ids(rows, dev) // t
-            if p.seq_level:
+            if b0 is not None:
                 nb, span = b1 - b0, slice(b0 * t, b1 * t)
                 if isinstance(rows, slice):
                     lp2 = lp.view(nb, t)
@@ -119,16 +130,26 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
                     lp2 = torch.zeros(nb * t, dtype=lp.dtype, device=dev).index_copy_(0, loc, lp).view(nb, t)
                 old2 = old1d[span].view(nb, t) if old1d is not None else lp2
                 ref2 = ref1d[span].view(nb, t) if ref1d is not None else None
-                out = grpo_rows(lp2, old2, ref2, mask1d[span].view(nb, t), adv[b0:b1, None], norm[b0:b1, None],
-                                p, any_grad)
+                m2 = mask1d[span].view(nb, t)
+                pw = None
+                if weighted:
+                    pw = policy_weights(lp2, old2, adv[b0:b1, None], m2, wo,
+                                        sampler=sampler1d[span].view(nb, t) if sampler1d is not None else None,
+                                        emask=emask1d[span].view(nb, t) if emask1d is not None else None, acc=acc)
+                out = grpo_rows(lp2, old2, ref2, m2, adv[b0:b1, None], norm[b0:b1, None], p, any_grad, pw=pw)
                 g_logp = None
                 if any_grad:
                     g_logp = out.grad.reshape(-1) if loc is None else out.grad.reshape(-1).index_select(0, loc)
             else:
                 old_r = take(old1d, rows) if old1d is not None else lp
                 ref_r = take(ref1d, rows)[None] if ref1d is not None else None
+                pw = None
+                if weighted:  # token-local weights only here (sequence-wide ones take the branch above)
+                    pw = policy_weights(lp[None], old_r[None], adv[seq_of_row][None], m[None], wo,
+                                        sampler=take(sampler1d, rows)[None] if sampler1d is not None else None,
+                                        emask=take(emask1d, rows)[None] if emask1d is not None else None, acc=acc)
                 out = grpo_rows(lp[None], old_r[None], ref_r, m[None], adv[seq_of_row][None],
-                                norm[seq_of_row][None], p, any_grad)
+                                norm[seq_of_row][None], p, any_grad, pw=pw)
                 g_logp = out.grad[0] if any_grad else None
             sums[:5] += torch.stack([out.loss.sum(), out.kl.sum(), out.low.sum(), out.high.sum(),
                                      out.region.sum()])
@@ -137,7 +158,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
                 ent = lse - mean_s  # 0 at ignored rows
                 sums[5] += (m * ent).sum()
                 if bonus:
-                    w_ent = norm[seq_of_row] * m
+                    w_ent = take(eff1d, rows) / ent_den
                     sums[0] -= entropy_coef * (w_ent * ent).sum()
                     g_ent = -entropy_coef * w_ent
             if any_grad:
@@ -152,20 +173,22 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         ctx.grads = (gh, gw, gb) if any_grad else None
         ctx.dtypes = (hidden2d.dtype, weight.dtype)
         metrics = (kl, region, low, high, entropy)
+        if acc is not None:
+            metrics = metrics + finish_is_metrics(acc)
         ctx.mark_non_differentiable(*metrics)
         return (sums[0].clone(), *metrics)
 
     @staticmethod
     def backward(ctx, g_loss, *unused):
         if ctx.grads is None or g_loss is None:
-            return (None,) * 18
+            return (None,) * 21
         gh, gw, gb = ctx.grads
         ctx.grads = None
         h_dtype, w_dtype = ctx.dtypes
         gh = gh.mul_(g_loss.to(gh.dtype)).to(h_dtype) if gh is not None else None
         gw = gemm.weight_grad_result(gw.mul_(g_loss.to(gw.dtype)), w_dtype) if gw is not None else None
         gb = gb.mul_(g_loss.to(gb.dtype)).to(w_dtype) if gb is not None else None
-        return (gh, gw, gb) + (None,) * 15
+        return (gh, gw, gb) + (None,) * 18
 
 
 def fused_linear_grpo_loss(
@@ -189,36 +212,52 @@ def fused_linear_grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch=None,
     return_entropy: bool = False,
+    bias_corrected_kl: bool = True,
+    top_entropy_quantile: float = 1.0,
+    off_policy_mask_threshold: float | None = None,
+    sampler_logps: torch.Tensor | None = None,
+    vllm_importance_sampling_mode: str = "sequence_mask",
+    vllm_importance_sampling_clip_min: float | None = None,
+    vllm_importance_sampling_clip_max: float | None = 3.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
     chunk_size: int | None = None,
     sync_free: bool | None = None,
     backend: str = "auto",
 ) -> GRPOOutput:
-    """GRPO loss of a policy head on completions, from hidden states, without the ``[B*T, V]`` logits.
+    """GRPO-family loss of a policy head on completions, from hidden states, without the ``[B*T, V]`` logits.
 
     Alignment: ``hidden[b, t]`` is the final hidden state at the position that predicts ``completion_ids[b, t]``,
     i.e. for a causal LM run on ``prompt + completion`` (length P + T) it is ``last_hidden_state[:, P-1 : P+T-1]``
     (TRL's ``last_hidden_state[:, :-1][:, -logits_to_keep:]``). Per token,
-    ``logp[b, t] = log_softmax((hidden[b, t] @ weight.T + bias) / temperature)[completion_ids[b, t]]``
-    and the loss is ``grpo_loss(logp, old_logps, advantages, completion_mask, ...)`` (see ``ptkernels.grpo_loss``
-    for every formula and loss type) with an optional entropy bonus:
+    ``logp[b, t] = log_softmax((hidden[b, t] @ weight.T + bias) / temperature)[completion_ids[b, t]]``,
+    ``H[b, t]`` the entropy of the same tempered distribution, and the loss is
+    ``grpo_loss(logp, old_logps, advantages, completion_mask, entropies=H, ...)``: every loss type and option of
+    ``ptkernels.grpo_loss`` (TRL 1.16.0's ``GRPOTrainer._compute_loss``), including the entropy bonus
+    ``loss -= entropy_coef * sum(H m e) / max(sum(m e), 1)`` (TRL 1.16: a token mean for every loss type; e is
+    the top-entropy mask or 1). ``old_logps=None`` uses the detached current log-probs (TRL with
+    num_iterations=1: ratio 1). ``ref_logps`` is required when ``beta != 0``.
 
-        per_token_loss_t += -entropy_coef * H_t,   H_t = -sum_v p_v log p_v of the tempered logits,
-
-    aggregated with the same loss-type normalization as the policy term (verl's convention; TRL only logs the
-    entropy). ``old_logps=None`` uses the detached current log-probs (TRL with num_iterations=1: ratio 1, the
-    gradient of the plain policy gradient). ``ref_logps`` is required when ``beta != 0``.
+    Cost: three GEMMs (logits, d hidden, d weight) for every loss type and option, except
+    ``top_entropy_quantile < 1``, whose global entropy quantile needs the entropies before the loss: one more
+    forward GEMM (a no-grad pass of ``linear_token_logprobs``). Sequence-level ratios, GMPO, VESPO, the
+    off-policy mask and sequence-level sampler correction chunk whole sequences.
 
     Args:
         hidden ``[B, T, D]``, weight ``[V, D]``, bias ``[V]`` (optional): the policy's last hidden states and head.
         completion_ids ``[B, T]`` ints in [0, V) where the mask is set; completion_mask ``[B, T]`` bool/int/float.
-        advantages ``[B]``; old_logps, ref_logps ``[B, T]`` (constants: no gradient flows into them).
+        advantages ``[B]``; old_logps, ref_logps, sampler_logps ``[B, T]`` (constants: no gradient flows into them).
         return_entropy: compute the mean entropy (``output.entropy``) even without an entropy bonus.
         chunk_size: completion tokens per chunk (default: ``ops.core.chunking.default_chunk_size(V)``, at least T);
-            at the sequence level a chunk still holds at least one whole sequence.
+            a chunk of whole sequences still holds at least one sequence.
         sync_free, backend: as ``linear_cross_entropy``.
 
     Returns ``GRPOOutput`` (``loss`` differentiable w.r.t. hidden, weight and bias; metrics detached;
-    ``entropy`` set when computed). fp32 (fp64 for fp64 input) whatever the input dtype.
+    ``entropy`` set when computed; the mismatch metrics with ``sampler_logps``). fp32 (fp64 for fp64 input).
     """
     check_head(hidden, weight, bias)
     if hidden.dim() != 3:
@@ -235,15 +274,23 @@ def fused_linear_grpo_loss(
                           torch.full((), IGNORE, dtype=completion_ids.dtype, device=completion_ids.device))
     check_labels("completion_ids", targets, (b, t), weight.shape[0], IGNORE, hidden, "hidden")
     check_advantages(advantages, b, hidden, "hidden")
-    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    for name_, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampler_logps", sampler_logps)):
         if x is not None:
-            check_float(name, x)
-            check_token_tensor(name, x, (b, t), hidden, "hidden")
+            check_float(name_, x)
+            check_token_tensor(name_, x, (b, t), hidden, "hidden")
     check_options(temperature=temperature, chunk_size=chunk_size)
     p = check_grpo_options(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                            loss_type=loss_type, importance_sampling_level=importance_sampling_level,
                            max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-                           has_ref=ref_logps is not None)
+                           has_ref=ref_logps is not None, bias_corrected_kl=bias_corrected_kl,
+                           sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+    vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+    wo = check_weight_options(loss_type=loss_type, sampler_logps=sampler_logps,
+                              vllm_importance_sampling_mode=vllm_importance_sampling_mode,
+                              vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
+                              vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
+                              off_policy_mask_threshold=off_policy_mask_threshold,
+                              top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef, vespo=vespo)
     want_entropy = bool(return_entropy) or entropy_coef != 0.0
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
@@ -253,19 +300,39 @@ def fused_linear_grpo_loss(
             epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
             importance_sampling_level=importance_sampling_level, temperature=temperature,
             entropy_coef=entropy_coef, max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch, return_entropy=return_entropy)
+            num_items_in_batch=num_items_in_batch, return_entropy=return_entropy,
+            bias_corrected_kl=bias_corrected_kl, top_entropy_quantile=top_entropy_quantile,
+            off_policy_mask_threshold=off_policy_mask_threshold, sampler_logps=sampler_logps,
+            vllm_importance_sampling_mode=vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
+            vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
+            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg)
     cd = compute_dtype(hidden.dtype)
     mask1d = completion_mask.detach().to(cd).reshape(-1)
     norm = row_normalizers(mask1d.view(b, t), loss_type, max_completion_length, num_items_in_batch)
     o = RowOptions(ignore_index=IGNORE, temperature=float(temperature))
+    emask1d = None
+    if top_entropy_quantile < 1.0:  # the one option that needs every entropy first: a no-grad forward pass
+        with torch.no_grad():
+            _, ent = linear_token_logprobs(hidden.detach(), weight.detach(), targets, bias=bias, ignore_index=IGNORE,
+                                           temperature=temperature, return_entropy=True, chunk_size=chunk_size,
+                                           sync_free=sync_free, backend=name)
+        emask1d = top_entropy_mask(ent, mask1d.view(b, t), top_entropy_quantile).reshape(-1)
     # Default: the shared chunk size, but at least one whole sequence (the sequence level needs it; at the
     # token level, GEMMs on more rows per chunk ran faster on CPU in the GRPO benchmark).
     chunk = chunk_size or max(default_chunk_size(weight.shape[0], hidden.device, hidden.dtype), t)
-    loss, kl, region, low, high, entropy = FusedLinearGRPOFunction.apply(
+    outs = FusedLinearGRPOFunction.apply(
         hidden.reshape(b * t, -1), weight, bias, targets.reshape(-1), mask1d,
         old_logps.reshape(-1) if old_logps is not None else None,
         ref_logps.reshape(-1) if ref_logps is not None else None,
         advantages.detach().to(cd), norm, t, p, o, chunk, get_rows(name), backends.get(name, "grpo_rows"),
-        want_sync_free(sync_free, hidden.device), float(entropy_coef), want_entropy)
+        want_sync_free(sync_free, hidden.device), float(entropy_coef), want_entropy,
+        sampler_logps.reshape(-1) if sampler_logps is not None else None, emask1d, wo)
+    loss, kl, region, low, high, entropy = outs[:6]
+    extra = {}
+    if wo.is_mode is not None:
+        extra = dict(zip(("sampler_abs_logp_diff", "is_masked_fraction", "is_weight_mean", "is_weight_max"), outs[6:]))
     return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high,
-                      entropy=entropy if want_entropy else None)
+                      entropy=entropy if want_entropy else None, **extra)

@@ -1,27 +1,32 @@
-"""GRPO: group-relative advantages and the clipped surrogate loss on per-token log-probs (TRL's semantics).
+"""GRPO family: group-relative advantages and the loss on per-token log-probs (TRL 1.16.0's semantics).
 
-``grpo_loss`` computes, per token, the clipped objective, the k3 KL to the reference, the clip indicators and
-the derivative d loss / d logp in one pass (the Triton kernel ``ptkernels/kernels/grpo.py`` or the same math in
-PyTorch ops), with the loss type's normalizer folded into a per-token weight that is known before the pass:
+``grpo_loss`` computes, per token, the loss type's policy term (clipped ratio, CISPO, SAPO, VESPO, GMPO), the
+k3 KL to the reference (optionally bias-corrected), the clip indicators and the derivative d loss / d logp in one
+pass (the Triton kernel ``ptkernels/kernels/grpo.py`` or the same math in PyTorch ops), with the loss type's
+normalizer folded into a per-token weight that is known before the pass:
 
-    grpo     1 / (B * max(L_b, 1))        bnpo  1 / max(sum L, 1)
-    dr_grpo  1 / (B * max_completion_length)    dapo  1 / num_items_in_batch   (default 1 / max(sum L, 1))
+    grpo, sapo, gmpo  1 / (B * max(L_b, 1))     bnpo  1 / max(sum L, 1)     luspo  1 / B
+    dr_grpo  1 / (B * max_completion_length)    dapo, cispo, vespo  1 / num_items_in_batch  (default 1 / max(sum L, 1))
 
-so the loss is a plain sum of per-row partial sums and the gradient is ready after the forward pass
-(backward only scales it by the incoming scalar gradient). The same row function is the loss half of
-``fused_linear_grpo_loss``.
+and the policy term's per-token weights (sampler IS ratio, off-policy mask, top-entropy mask, VESPO's phi;
+``grpo_weights.py``) computed before it, so the loss is a plain sum of per-row partial sums and the gradient is
+ready after the forward pass (backward only scales it by the incoming scalar gradient). The same row function
+is the loss half of ``fused_linear_grpo_loss``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..reference import rl as ref_rl
-from ..types import IS_LEVELS, LOSS_TYPES, REWARD_SCALES, GRPOOutput, compute_dtype
+from ..types import AGGREGATIONS, IS_LEVELS, LOSS_TYPES, REWARD_SCALES, GRPOOutput, compute_dtype
 from . import backends
-from .backends.base import GRPOParams
+from .backends.base import GRPO_KINDS, GRPOParams
 from .core.checks import check_float, check_same
 from .core.dispatch import resolve_backend
+from .grpo_weights import WeightOptions, check_is_mode, finish_is_metrics, is_partials, policy_weights
 
 __all__ = ["GRPOOutput", "grpo_loss", "group_advantages"]
 
@@ -30,37 +35,77 @@ __all__ = ["GRPOOutput", "grpo_loss", "group_advantages"]
 
 
 def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     reward_weights=None, multi_objective_aggregation: str = "sum_then_normalize",
                      backend: str = "auto"):
-    """GRPO advantages of ``rewards [N]`` laid out as N / group_size consecutive groups (TRL's layout:
-    the completions of one prompt are adjacent).
+    """GRPO advantages of ``rewards [N]`` (or ``[N, R]``: R reward functions) laid out as N / group_size
+    consecutive groups (TRL's layout: the completions of one prompt are adjacent), TRL 1.16.0's
+    ``GRPOTrainer._generate_and_score_completions``:
 
         scale="group":  A_i = (r_i - mean_g) / (std_g + eps)     std_g Bessel-corrected, as torch.std
         scale="batch":  A_i = (r_i - mean_g) / (std + eps)       std over the whole batch (TRL's "batch")
-        scale="none":   A_i =  r_i - mean_g                       (Dr. GRPO)
+        scale="none":   A_i =  r_i - mean_g                       (Dr. GRPO: no std division, TRL's
+                                                                   scale_rewards=False / "none")
 
-    A group whose rewards are all equal gives exactly 0 (never NaN); the std of a single value counts as 0.
+    Unscorable rewards (NaN; TRL's reward function returning None) are left out of the statistics (nanmean,
+    Bessel nanstd, which is NaN below 2 values) and every NaN advantage becomes 0 (TRL's ``nan_to_num``): the
+    unscorable rows, a group with a single scorable member, an all-NaN group. A group whose rewards are all
+    equal gives exactly 0.
+
+    Several reward functions, ``rewards [N, R]`` with ``reward_weights [R]`` (default ones), TRL's
+    ``multi_objective_aggregation``:
+        "sum_then_normalize" (TRL's default): r = nansum_k(w_k r_k) (NaN when the whole row is NaN), then the above.
+        "normalize_then_sum": each function normalized in its group, (r_k - nanmean_g) / (nanstd_g + eps), then
+            r = nansum_k(w_k .) and A = (r - nanmean(r)) / (nanstd(r) + eps) over the batch; ``scale`` is not
+            used (as TRL).
+
     Returns fp32 (fp64 for fp64 input); not differentiable. ``group_size`` must divide N. ``backend``: "native"
-    (csrc/ kernels: C++ on CPU, CUDA for fp32 on GPU; else the PyTorch ops), "reference", or "torch" / "triton"
-    (PyTorch ops on the device: O(N) work with no Triton kernel of its own); "auto" picks the native kernels on CPU
-    when they are built.
+    (csrc/ kernels: C++ on CPU, CUDA for fp32 on GPU, for finite 1-D rewards; NaN takes the PyTorch ops, after
+    one host check), "reference", or "torch" / "triton" (PyTorch ops on the device: O(N) work with no Triton
+    kernel of its own); "auto" picks the native kernels on CPU when they are built. The multi-reward
+    aggregation itself is PyTorch ops on every backend.
     """
     check_float("rewards", rewards)
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be [N] or [N, R], got shape {tuple(rewards.shape)}")
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if rewards.numel() % group_size != 0:
-        raise ValueError(f"group_size={group_size} does not divide the number of rewards {rewards.numel()}")
+    if rewards.shape[0] % group_size != 0:
+        raise ValueError(f"group_size={group_size} does not divide the number of rewards {rewards.shape[0]}")
     if scale not in REWARD_SCALES:
         raise ValueError(f"scale must be one of {REWARD_SCALES}, got {scale!r}")
+    if multi_objective_aggregation not in AGGREGATIONS:
+        raise ValueError(f"multi_objective_aggregation must be one of {', '.join(AGGREGATIONS)}; "
+                         f"got {multi_objective_aggregation!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    n_funcs = rewards.shape[1] if rewards.dim() == 2 else 1
+    cd = compute_dtype(rewards.dtype)
+    if reward_weights is not None:
+        reward_weights = torch.as_tensor(reward_weights, dtype=cd, device=rewards.device)
+        if tuple(reward_weights.shape) != (n_funcs,):
+            raise ValueError(f"reward_weights has shape {tuple(reward_weights.shape)} but rewards implies "
+                             f"({n_funcs},): one weight per reward function")
     name = resolve_backend(backend, rewards.device)
     if name == "reference":
-        return ref_rl.group_advantages(rewards.detach().to(compute_dtype(rewards.dtype)), group_size=group_size,
-                                       scale=scale, eps=eps)
+        return ref_rl.group_advantages(rewards.detach().to(cd), group_size=group_size, scale=scale, eps=eps,
+                                       reward_weights=reward_weights,
+                                       multi_objective_aggregation=multi_objective_aggregation)
     with torch.no_grad():
-        r = rewards.detach().to(compute_dtype(rewards.dtype))
+        r = rewards.detach().to(cd)
+        if r.dim() == 1 and (reward_weights is not None or multi_objective_aggregation == "normalize_then_sum"):
+            r = r.unsqueeze(1)
+        if r.dim() == 2:
+            w = reward_weights if reward_weights is not None else torch.ones(n_funcs, dtype=cd, device=r.device)
+            unscorable = torch.isnan(r).all(dim=1)
+            nan = torch.full((), math.nan, dtype=cd, device=r.device)
+            if multi_objective_aggregation == "normalize_then_sum":
+                per = torch.stack([backends.get("torch", "group_advantages")(
+                    torch.where(torch.isnan(r[:, k]), nan, r[:, k]), group_size, "group", float(eps))
+                    for k in range(n_funcs)], dim=1)
+                per = torch.where(torch.isnan(r), nan, per)  # nansum leaves the unscorable terms out
+                total = torch.where(unscorable, nan, (per * w).nansum(dim=1))
+                return backends.get("torch", "group_advantages")(total, total.shape[0], "group", float(eps))
+            r = torch.where(unscorable, nan, (r * w).nansum(dim=1))
         return backends.get(name, "group_advantages")(r, group_size, scale, float(eps))
 
 
@@ -68,7 +113,8 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "gr
 
 
 def check_grpo_options(*, beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
-                       max_completion_length, num_items_in_batch, has_ref: bool) -> GRPOParams:
+                       max_completion_length, num_items_in_batch, has_ref: bool, bias_corrected_kl=True,
+                       sapo_temperature_pos=1.0, sapo_temperature_neg=1.05) -> GRPOParams:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
@@ -81,6 +127,8 @@ def check_grpo_options(*, beta, epsilon_low, epsilon_high, delta, loss_type, imp
         raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
     if delta is not None and not delta > 0:
         raise ValueError(f"delta must be None or > 0 (TRL recommends > 1 + epsilon_high), got {delta}")
+    if delta is not None and GRPO_KINDS[loss_type] != 0:
+        raise ValueError(f"delta (two-sided clipping) applies to the clipped loss types, not loss_type={loss_type!r}")
     if beta != 0.0 and not has_ref:
         raise ValueError("beta != 0 needs ref_logps (the reference model's per-token log-probs)")
     if max_completion_length is not None and (not isinstance(max_completion_length, int)
@@ -88,8 +136,42 @@ def check_grpo_options(*, beta, epsilon_low, epsilon_high, delta, loss_type, imp
         raise ValueError(f"max_completion_length must be None or a positive int, got {max_completion_length!r}")
     if isinstance(num_items_in_batch, (int, float)) and not num_items_in_batch > 0:
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    if not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
+        raise ValueError(f"sapo_temperature_pos/neg must be > 0, got {sapo_temperature_pos}, {sapo_temperature_neg}")
+    kind = GRPO_KINDS[loss_type]
     return GRPOParams(float(epsilon_low), float(epsilon_high), None if delta is None else float(delta),
-                      float(beta), importance_sampling_level == "sequence", has_ref)
+                      float(beta), importance_sampling_level == "sequence" or kind == 4, has_ref, kind=kind,
+                      bias_kl=bool(bias_corrected_kl) and kind != 4 and has_ref, cap=float(epsilon_high),
+                      tau_pos=float(sapo_temperature_pos), tau_neg=float(sapo_temperature_neg))
+
+
+def check_weight_options(*, loss_type, sampler_logps, vllm_importance_sampling_mode,
+                         vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max,
+                         off_policy_mask_threshold, top_entropy_quantile, entropy_coef, vespo) -> WeightOptions:
+    if not 0.0 < top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+    if not math.isfinite(entropy_coef):
+        raise ValueError(f"entropy_coef must be finite, got {entropy_coef}")
+    is_mode = None
+    if sampler_logps is not None:
+        check_is_mode(vllm_importance_sampling_mode)
+        lo, hi = vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max
+        if vllm_importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
+            raise ValueError("vllm_importance_sampling_mode='*_truncate' needs vllm_importance_sampling_clip_min or "
+                             "vllm_importance_sampling_clip_max")
+        if lo is not None and hi is not None and not lo < hi:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be < vllm_importance_sampling_clip_max "
+                             f"({hi})")
+        if loss_type == "gmpo":
+            raise ValueError("loss_type='gmpo' takes no sampler_logps (TRL's GMPOTrainer has no importance-sampling "
+                             "correction)")
+        is_mode = vllm_importance_sampling_mode
+    return WeightOptions(
+        is_mode=is_mode,
+        clip_min=None if vllm_importance_sampling_clip_min is None else float(vllm_importance_sampling_clip_min),
+        clip_max=None if vllm_importance_sampling_clip_max is None else float(vllm_importance_sampling_clip_max),
+        opsm_threshold=None if off_policy_mask_threshold is None else float(off_policy_mask_threshold),
+        vespo=tuple(float(x) for x in vespo) if loss_type == "vespo" else None, fold_is=loss_type != "vespo")
 
 
 def check_token_tensor(name: str, t: torch.Tensor, shape, like: torch.Tensor, like_name: str) -> None:
@@ -120,17 +202,19 @@ def row_normalizers(mask: torch.Tensor, loss_type: str, max_completion_length, n
     """``[B]`` per-sequence weights 1 / normalizer of the loss type (see the module docstring); no sync."""
     b, t = mask.shape
     cd = mask.dtype
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo", "gmpo"):
         return 1.0 / (b * mask.sum(-1).clamp(min=1.0))
+    if loss_type == "luspo":
+        return torch.full((b,), 1.0 / b, dtype=cd, device=mask.device)
     if loss_type == "dr_grpo":
         length = max_completion_length if max_completion_length is not None else t
         return torch.full((b,), 1.0 / (b * length), dtype=cd, device=mask.device)
-    if loss_type == "dapo" and num_items_in_batch is not None:
+    if loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             n = num_items_in_batch.detach().to(device=mask.device, dtype=cd).reshape(())
             return (1.0 / n).expand(b)
         return torch.full((b,), 1.0 / float(num_items_in_batch), dtype=cd, device=mask.device)
-    # bnpo, and dapo without num_items_in_batch: every completion token of the batch
+    # bnpo, and dapo / cispo / vespo without num_items_in_batch: every completion token of the batch
     return (1.0 / mask.sum().clamp(min=1.0)).expand(b)
 
 
@@ -147,13 +231,13 @@ def finish_metrics(kl_sum, low_sum, high_sum, region_sum, n_tokens, n_seqs, seq_
 
 class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logps, old, ref, adv, mask, norm, p: GRPOParams, rows_fn):
+    def forward(ctx, logps, old, ref, adv, mask, norm, pw, p: GRPOParams, rows_fn):
         cd = compute_dtype(logps.dtype)
         lp = logps.detach().to(cd)
         old = lp if old is None else old.detach().to(cd)
         ref = ref.detach().to(cd) if ref is not None else None
         want_grad = ctx.needs_input_grad[0]
-        out = rows_fn(lp, old, ref, mask, adv.unsqueeze(1), norm.unsqueeze(1), p, want_grad)
+        out = rows_fn(lp, old, ref, mask, adv.unsqueeze(1), norm.unsqueeze(1), p, want_grad, pw=pw)
         ctx.grad = out.grad
         ctx.dtype = logps.dtype
         kl, region, low, high = finish_metrics(out.kl.sum(), out.low.sum(), out.high.sum(), out.region.sum(),
@@ -167,8 +251,25 @@ class GRPOLossFunction(torch.autograd.Function):
         grad = ctx.grad
         ctx.grad = None
         if grad is None or g_loss is None:
-            return (None,) * 8
-        return (grad * g_loss).to(ctx.dtype), None, None, None, None, None, None, None
+            return (None,) * 9
+        return (grad * g_loss).to(ctx.dtype), None, None, None, None, None, None, None, None
+
+
+def top_entropy_mask(entropies: torch.Tensor, m: torch.Tensor, quantile: float) -> torch.Tensor:
+    """TRL's ``get_high_entropy_mask`` (one process): 1 where ``H m >= quantile(valid H, 1 - quantile)`` and m != 0.
+    ``torch.quantile`` of the valid entropies (linear interpolation); no token valid: all 0. No host sync."""
+    valid = m != 0
+    h = entropies.detach().to(m.dtype)
+    # the valid entropies sorted first, +inf after them: quantile by hand over the first n (n is a tensor)
+    n = valid.sum()
+    srt = torch.sort(torch.where(valid, h, torch.full_like(h, math.inf)).reshape(-1)).values
+    pos = (1.0 - quantile) * (n - 1).clamp(min=0).to(m.dtype)
+    i0 = pos.floor().long()
+    i1 = (i0 + 1).clamp(max=(n - 1).clamp(min=0))
+    frac = pos - i0.to(m.dtype)
+    lo_v, hi_v = srt[i0.clamp(min=0)], srt[i1.clamp(min=0)]
+    thr = lo_v + frac * (hi_v - lo_v)
+    return ((h * m >= thr) & valid & (n > 0)).to(m.dtype)
 
 
 def grpo_loss(
@@ -186,61 +287,142 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    bias_corrected_kl: bool = True,
+    entropies: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    top_entropy_quantile: float = 1.0,
+    off_policy_mask_threshold: float | None = None,
+    sampler_logps: torch.Tensor | None = None,
+    vllm_importance_sampling_mode: str = "sequence_mask",
+    vllm_importance_sampling_clip_min: float | None = None,
+    vllm_importance_sampling_clip_max: float | None = 3.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
     backend: str = "auto",
 ) -> GRPOOutput:
-    """GRPO loss on per-token log-probs ``[B, T]``, TRL's ``GRPOTrainer._compute_loss``.
+    """GRPO-family loss on per-token log-probs ``[B, T]``: TRL 1.16.0's ``GRPOTrainer._compute_loss`` (and its
+    experimental ``GMPOTrainer`` for ``loss_type="gmpo"``), with TRL 1.16's defaults.
 
     With m = mask, L_b = sum_t m[b, t], A = advantages [B], eps_high defaulting to eps_low::
 
         log_ratio = logps - old_logps                                  (old_logps None: logps.detach())
         w = log_ratio                                  importance_sampling_level="token"
         w_b = sum_t(log_ratio * m) / max(L_b, 1)       "sequence" (GSPO: one ratio per sequence)
-        coef_1 = exp(w);   coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high)
-        coef_1 = min(coef_1, delta)                    when delta is set (two-sided clipping, after coef_2)
-        l_t = -min(coef_1 * A, coef_2 * A) + beta * (exp(ref - logp) - (ref - logp) - 1)
-        grpo:    (1/B) sum_b sum_t l m / max(L_b, 1)
-        bnpo:    sum l m / max(sum m, 1)
-        dr_grpo: sum l m / (B * max_completion_length)          (default max_completion_length: T)
-        dapo:    sum l m / num_items_in_batch                   (default: max(sum m, 1))
+        coef_1 = exp(w);  kl_t = k3 = exp(ref - logp) - (ref - logp) - 1, times coef_1 when bias_corrected_kl
+        policy term P_t by loss type:
+          grpo, bnpo, dr_grpo, dapo, luspo:  -min(min(coef_1, delta) A, clamp(coef_1, 1 - eps_low, 1 + eps_high) A)
+          cispo:  -sg(min(coef_1, eps_high)) A logp       (eps_high is the raw cap, TRL's; it recommends 5.0)
+          sapo:   -sigmoid(tau (coef_1 - 1)) 4 A / tau,  tau = sapo_temperature_pos if A > 0 else _neg
+          vespo:  -phi_b A logp,  phi_b = sg(exp(lam + k lw - lam e^lw)), lw = clamp(sum_t clamp(log_ratio, -20, 20) m
+                  (+ sum_t clamp(log is_ratio, log 1e-8, 20)), log 1e-8, 20), (k, lam) = vespo_*_pos if A >= 0
+        l_t = P_t * keep_b * emask_t * is_ratio (not vespo) + beta * kl_t   (the KL is never masked or weighted)
+        grpo, sapo: (1/B) sum_b sum_t l m / max(L_b, 1);   bnpo: sum l m / max(sum m, 1)
+        dr_grpo: sum l m / (B * max_completion_length)  (default T);   luspo: (1/B) sum_b sum_t l m
+        dapo, cispo, vespo: sum l m / num_items_in_batch  (default: max(sum m, 1))
+        gmpo: (1/B) sum_b [-exp(sum_t c_t m e_t / max(sum_t m e_t, 1)) A_b + beta sum_t k3 m / max(L_b, 1)],
+              c_t = log_ratio clipped into [-eps_low, eps_high] on A's side (min if A > 0, max otherwise); TRL's
+              GMPOConfig default is epsilon 0.4 (pass it: ptkernels keeps 0.2 as every loss type's default)
+        loss -= entropy_coef * sum(H m e) / max(sum(m e), 1)     (e = emask or 1; every loss type, TRL 1.16)
 
-    ``num_items_in_batch`` (int or tensor) is the number of completion tokens in the whole accumulated batch
-    (all gradient-accumulation micro-batches; under data parallelism TRL divides it by the number of
-    processes: pass that quotient). As in TRL's per-micro-batch ``_compute_loss``, grpo/bnpo/dr_grpo are not
-    divided by the gradient-accumulation steps here (the trainer does it).
+    Options (all off by default; the numerics are then those of the plain loss):
+        bias_corrected_kl: TRL 1.16's ``use_bias_correction_kl`` (default True there and here, so the KL term's
+            gradient is coef_1 (logp - ref) rather than 1 - exp(ref - logp); same value on-policy).
+        entropies [B, T] (may carry grad) with entropy_coef (the bonus) and top_entropy_quantile q < 1:
+            emask_t = [H_t m_t >= torch.quantile(valid H, 1 - q)] (TRL's get_high_entropy_mask, one process).
+        off_policy_mask_threshold: keep_b = [A_b >= 0 or sum_t nan_to_num(s - logp.detach()) m / max(L_b, 1) <= thr],
+            s = sampler_logps if given else old_logps (TRL 1.16's OPSM).
+        sampler_logps [B, T]: the rollout engine's log-probs of the sampled tokens (vLLM's); turns on TRL 1.16's
+            vLLM importance-sampling correction, ``diff = nan_to_num((old - sampler) m, 0)``:
+              token_truncate (TIS)  is_ratio = clamp(exp(diff), clip_min, clip_max)          per token
+              token_mask     (MIS)  exp(diff), 0 outside [clip_min, clip_max]                per token
+              sequence_truncate     clamp(exp(sum_t diff), clip_min, clip_max)               per sequence
+              sequence_mask         exp(sum_t diff), 0 outside the bounds (TRL's default)   per sequence
+            with ``vllm_importance_sampling_mode`` / ``_clip_min`` (None: no bound) / ``_clip_max`` (3.0), TRL's
+            names and defaults. The output then carries the mismatch metrics (``GRPOOutput``).
 
-    Returns ``GRPOOutput``: ``loss`` (differentiable w.r.t. ``logps`` only; old/ref/advantages are constants),
-    ``kl`` (masked mean k3, 0 without ref_logps), ``clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high``
-    (TRL's region/low/high: masked token means, or means over sequences for GSPO). fp32 (fp64 for fp64 input).
-    ``mask`` may be bool, integer or float (token weights). Tokens with mask 0 contribute nothing, whatever
-    their log-probs. ``backend``: "auto", "reference", "torch", "triton" (see ``ptkernels.backends()``).
+    ``num_items_in_batch`` (int or tensor) is the number of completion tokens the step's loss is divided by:
+    TRL 1.16 uses ``num_items_in_batch / num_processes * gradient_accumulation_steps / steps_per_generation``
+    (num_items_in_batch counted over the whole generation batch); pass that quotient. As in TRL's
+    per-micro-batch ``_compute_loss``, the other types (and the entropy bonus) are not divided by the
+    gradient-accumulation steps here (the caller does).
+
+    Returns ``GRPOOutput``: ``loss`` (differentiable w.r.t. ``logps`` and ``entropies``; old/ref/sampler/advantages
+    are constants), ``kl`` (masked mean of kl_t as TRL logs it, 0 without ref_logps), ``clip_ratio`` / ``_low`` /
+    ``_high`` (TRL's region/low/high for the clipped types, cispo's ``cispo_clip_ratio`` as high, 0 for the
+    others: masked token means, or means over sequences for GSPO), ``entropy`` (when ``entropies`` is given).
+    fp32 (fp64 for fp64 input). ``mask`` may be bool, integer or float (token weights). ``backend``: "auto",
+    "reference", "torch", "triton", "native" (see ``ptkernels.backends()``).
     """
     check_float("logps", logps)
     if logps.dim() != 2:
         raise ValueError(f"logps must be 2-D [B, T], got shape {tuple(logps.shape)}")
     shape = tuple(logps.shape)
-    if old_logps is not None:
-        check_float("old_logps", old_logps)
-        check_token_tensor("old_logps", old_logps, shape, logps, "logps")
-    if ref_logps is not None:
-        check_float("ref_logps", ref_logps)
-        check_token_tensor("ref_logps", ref_logps, shape, logps, "logps")
+    for name_, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampler_logps", sampler_logps),
+                     ("entropies", entropies)):
+        if x is not None:
+            check_float(name_, x)
+            check_token_tensor(name_, x, shape, logps, "logps")
     check_mask("mask", mask, shape, logps, "logps")
     check_advantages(advantages, shape[0], logps, "logps")
     p = check_grpo_options(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                            loss_type=loss_type, importance_sampling_level=importance_sampling_level,
                            max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-                           has_ref=ref_logps is not None)
+                           has_ref=ref_logps is not None, bias_corrected_kl=bias_corrected_kl,
+                           sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+    vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+    wo = check_weight_options(loss_type=loss_type, sampler_logps=sampler_logps,
+                              vllm_importance_sampling_mode=vllm_importance_sampling_mode,
+                              vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
+                              vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
+                              off_policy_mask_threshold=off_policy_mask_threshold,
+                              top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef, vespo=vespo)
+    if (entropy_coef != 0.0 or top_entropy_quantile < 1.0) and entropies is None:
+        raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need entropies [B, T] (the per-token "
+                         "entropies of the policy; fused_linear_grpo_loss computes them itself)")
     name = resolve_backend(backend, logps.device)
     if name == "reference":
-        return ref_rl.grpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps, beta=beta,
-                                epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-                                loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                                max_completion_length=max_completion_length,
-                                num_items_in_batch=num_items_in_batch)
+        return ref_rl.grpo_loss(
+            logps, old_logps, advantages, mask, ref_logps=ref_logps, beta=beta, epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+            importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+            num_items_in_batch=num_items_in_batch, entropies=entropies, entropy_coef=entropy_coef,
+            bias_corrected_kl=bias_corrected_kl, top_entropy_quantile=top_entropy_quantile,
+            off_policy_mask_threshold=off_policy_mask_threshold, sampler_logps=sampler_logps,
+            vllm_importance_sampling_mode=vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
+            vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
+            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg)
     cd = compute_dtype(logps.dtype)
     m = mask.detach().to(cd)
     norm = row_normalizers(m, loss_type, max_completion_length, num_items_in_batch)
     adv = advantages.detach().to(cd)
-    loss, kl, region, low, high = GRPOLossFunction.apply(logps, old_logps, ref_logps, adv, m, norm, p,
+    emask = top_entropy_mask(entropies, m, top_entropy_quantile) if top_entropy_quantile < 1.0 else None
+    pw, acc = None, None
+    if wo.any or emask is not None:
+        lp = logps.detach().to(cd)
+        old = lp if old_logps is None else old_logps.detach().to(cd)
+        sampler = sampler_logps.detach().to(cd) if sampler_logps is not None else None
+        acc = is_partials(cd, logps.device) if wo.is_mode is not None else None
+        pw = policy_weights(lp, old, adv.unsqueeze(1), m, wo, sampler=sampler, emask=emask, acc=acc)
+    loss, kl, region, low, high = GRPOLossFunction.apply(logps, old_logps, ref_logps, adv, m, norm, pw, p,
                                                          backends.get(name, "grpo_rows"))
-    return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high)
+    entropy = None
+    if entropies is not None:
+        h = entropies.to(cd)
+        zero = torch.zeros((), dtype=cd, device=logps.device)
+        entropy = (torch.where(m != 0, h.detach() * m, zero).sum() / m.sum().clamp(min=1.0))
+        if entropy_coef != 0.0:
+            eff = m if emask is None else m * emask
+            loss = loss - entropy_coef * torch.where(eff != 0, h * eff, zero).sum() / eff.sum().clamp(min=1.0)
+    extra = {}
+    if acc is not None:
+        d, f, mean, mx = finish_is_metrics(acc)
+        extra = dict(sampler_abs_logp_diff=d, is_masked_fraction=f, is_weight_mean=mean, is_weight_max=mx)
+    return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high,
+                      entropy=entropy, **extra)

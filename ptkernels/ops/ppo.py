@@ -16,6 +16,8 @@ from ..types import PPOPolicyOutput, PPOValueOutput, compute_dtype
 from . import backends
 from .core.checks import check_float, check_same
 from .core.dispatch import resolve_backend
+from .grpo import check_weight_options
+from .grpo_weights import WeightOptions, finish_is_metrics, is_partials, policy_weights
 
 __all__ = ["PPOPolicyOutput", "PPOValueOutput", "gae", "masked_mean", "masked_var", "masked_whiten",
            "ppo_policy_loss", "ppo_value_loss"]
@@ -140,23 +142,42 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 
 
 def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    *, clip_range: float = 0.2) -> PPOPolicyOutput:
+                    *, clip_range: float = 0.2, sampler_logps: torch.Tensor | None = None,
+                    vllm_importance_sampling_mode: str = "token_truncate",
+                    vllm_importance_sampling_clip_min: float | None = None,
+                    vllm_importance_sampling_clip_max: float | None = 3.0,
+                    backend: str = "auto") -> PPOPolicyOutput:
     """TRL's PPO clipped policy loss on per-token log-probs ``[B, T]``::
 
         ratio = exp(logps - old_logps)
         pg_losses = -A * ratio;   pg_losses2 = -A * clamp(ratio, 1 - clip_range, 1 + clip_range)
-        loss      = masked_mean(max(pg_losses, pg_losses2), m)
+        loss      = masked_mean(max(pg_losses, pg_losses2) * is_ratio, m)        (is_ratio = 1 without sampler_logps)
         clip_frac = masked_mean(pg_losses2 > pg_losses, m)
         approx_kl = 0.5 * masked_mean((logps - old_logps)^2, m)
 
+    ``sampler_logps`` (the rollout engine's log-probs of the sampled tokens) turns on the sampler/trainer mismatch
+    correction with TRL 1.16's definitions (see ``ptkernels.grpo_loss``): ``diff = nan_to_num((old - sampler) m, 0)``,
+    ``token_truncate`` (TIS, the default here: per-token PPO) ``clamp(exp(diff), clip_min, clip_max)``,
+    ``token_mask`` (MIS) 0 outside the bounds, ``sequence_truncate`` / ``sequence_mask`` the same on
+    ``exp(sum_t diff)``; the output then carries the mismatch metrics. Off by default (the numerics are then
+    exactly the plain loss).
+
     ``advantages`` is ``[B, T]`` (per token, e.g. from ``gae``) or ``[B]`` (one per sequence). ``loss`` is
     differentiable w.r.t. ``logps``; metrics detached. approx_kl is a masked mean (TRL averages over padded
-    positions too, where the difference is 0).
+    positions too, where the difference is 0). ``backend``: "reference" (the float64 oracle's eager code) or any
+    other (the same PyTorch ops: O(B T) elementwise work with no kernel of its own).
     """
     _check_2d("logps", logps)
     _check_pair("old_logps", old_logps, "logps", logps)
     _check_pair("mask", mask, "logps", logps, is_float=False)
     check_float("advantages", advantages)
+    if sampler_logps is not None:
+        _check_pair("sampler_logps", sampler_logps, "logps", logps)
+        check_weight_options(loss_type="ppo", sampler_logps=sampler_logps,
+                             vllm_importance_sampling_mode=vllm_importance_sampling_mode,
+                             vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
+                             vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
+                             off_policy_mask_threshold=None, top_entropy_quantile=1.0, entropy_coef=0.0, vespo=None)
     if tuple(advantages.shape) == (logps.shape[0],):
         advantages = advantages.unsqueeze(1)
     elif tuple(advantages.shape) != tuple(logps.shape):
@@ -165,20 +186,37 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     check_same("advantages", advantages, "logps", logps, dtype=False)
     if not clip_range >= 0:
         raise ValueError(f"clip_range must be >= 0, got {clip_range}")
+    if resolve_backend(backend, logps.device) == "reference":
+        return ref_rl.ppo_policy_loss(logps, old_logps, advantages, mask, clip_range=clip_range,
+                                      sampler_logps=sampler_logps,
+                                      vllm_importance_sampling_mode=vllm_importance_sampling_mode,
+                                      vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
+                                      vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max)
     cd = _cd(logps)
     m = mask.to(cd)
     zero = torch.zeros((), dtype=cd, device=logps.device)
     valid = m != 0
-    diff = torch.where(valid, logps.to(cd) - old_logps.detach().to(cd), zero)
+    old = old_logps.detach().to(cd)
+    diff = torch.where(valid, logps.to(cd) - old, zero)
     a = advantages.detach().to(cd)
     ratio = torch.exp(diff)
     pg_losses = -a * ratio
     pg_losses2 = -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), m)
+    per_token = torch.max(pg_losses, pg_losses2)
+    extra = {}
+    if sampler_logps is not None:
+        wo = WeightOptions(is_mode=vllm_importance_sampling_mode, clip_min=vllm_importance_sampling_clip_min,
+                           clip_max=vllm_importance_sampling_clip_max)
+        acc = is_partials(cd, logps.device)
+        is_ratio = policy_weights(logps.detach().to(cd), old, a, m, wo, sampler=sampler_logps.detach().to(cd), acc=acc)
+        per_token = per_token * is_ratio
+        extra = dict(zip(("sampler_abs_logp_diff", "is_masked_fraction", "is_weight_mean", "is_weight_max"),
+                         finish_is_metrics(acc)))
+    loss = masked_mean(per_token, m)
     with torch.no_grad():
         clip_frac = masked_mean((pg_losses2 > pg_losses).to(cd), m)
         approx_kl = 0.5 * masked_mean(diff * diff, m)
-    return PPOPolicyOutput(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl)
+    return PPOPolicyOutput(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl, **extra)
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -144,7 +144,7 @@ def test_fused_grpo_errors():
     with pytest.raises(ValueError, match="hidden must be 3-D"):
         fused_linear_grpo_loss(hidden[0], weight, ids, mask, adv, backend="torch")
     with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo, dapo"):
-        fused_linear_grpo_loss(hidden, weight, ids, mask, adv, loss_type="sapo", backend="torch")
+        fused_linear_grpo_loss(hidden, weight, ids, mask, adv, loss_type="ppo", backend="torch")
     with pytest.raises(ValueError, match="needs ref_logps"):
         fused_linear_grpo_loss(hidden, weight, ids, mask, adv, beta=0.1, backend="torch")
     with pytest.raises(ValueError, match="ref_logps has shape"):

@@ -109,8 +109,12 @@ def test_group_advantages_errors():
         group_advantages(torch.randn(6), group_size=4)
     with pytest.raises(ValueError, match="scale"):
         group_advantages(torch.randn(6), group_size=3, scale="token")
-    with pytest.raises(ValueError, match="rewards must be 1-D"):
-        group_advantages(torch.randn(2, 3), group_size=3)
+    with pytest.raises(ValueError, match=r"rewards must be \[N\] or \[N, R\]"):  # [N, R]: several reward functions
+        group_advantages(torch.randn(2, 3, 1), group_size=3)
+    with pytest.raises(ValueError, match="reward_weights has shape"):
+        group_advantages(torch.randn(6, 2), group_size=3, reward_weights=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="multi_objective_aggregation"):
+        group_advantages(torch.randn(6, 2), group_size=3, multi_objective_aggregation="mean")
 
 
 # ------------------------------------------------------------------------------------------ grpo_loss

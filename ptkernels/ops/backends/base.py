@@ -33,7 +33,8 @@ see ``ptkernels.ops.backends.get``):
 
     JSD rows        jsd(zs, zt, labels, o: JSDRowOptions, *, want_grad, grad_scale=None, scratch=False)
                     -> (loss [c], grad [c, V] or None); TorchJSDRows is the spec
-    GRPO rows       grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad) -> GRPORows
+    GRPO rows       grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad, pw=None) -> GRPORows
+                    (pw: the policy term's per-token weight, broadcast like adv; formulas in kernels/grpo.py)
     advantages      group_advantages(r, group_size, scale, eps) -> [N]   (the torch one on "triton": O(N) work)
     GAE             gae(rewards, values, mask, gamma, lam) -> (advantages, returns)
     segment sums    sequence_fwd(x, mask, cu, seg, n_seq, seq_len, packed, average) -> (out [S], den [S])
@@ -68,6 +69,10 @@ class JSDRowOptions:
         return 0 if self.beta == 0.0 else 1 if self.beta == 1.0 else 2
 
 
+# The GRPO family's per-token policy terms (kernels/grpo.py documents each): loss type -> kernel KIND.
+GRPO_KINDS = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2, "vespo": 3, "gmpo": 4}
+
+
 @dataclass(frozen=True)
 class GRPOParams:
     epsilon_low: float
@@ -76,14 +81,20 @@ class GRPOParams:
     beta: float
     seq_level: bool
     has_ref: bool
+    kind: int = 0  # GRPO_KINDS
+    bias_kl: bool = False  # k3 * coef_1 (TRL's use_bias_correction_kl)
+    cap: float = 0.0  # cispo: the raw upper bound of the detached ratio (TRL's epsilon_high)
+    tau_pos: float = 1.0  # sapo temperatures
+    tau_neg: float = 1.05
 
     @property
     def lo(self) -> float:
-        return 1.0 - self.epsilon_low
+        """Lower clip bound: of the ratio (1 - eps_low), or of the log-ratio for GMPO (-eps_low)."""
+        return -self.epsilon_low if self.kind == 4 else 1.0 - self.epsilon_low
 
     @property
     def hi(self) -> float:
-        return 1.0 + self.epsilon_high
+        return self.epsilon_high if self.kind == 4 else 1.0 + self.epsilon_high
 
 
 @dataclass

@@ -138,7 +138,9 @@ ROWS = NATIVE_ROWS
 
 
 def group_advantages(r, group_size: int, scale: str, eps: float):
-    if not native.supports("vector", r.device, r.dtype):
+    # NaN (unscorable) rewards take the torch ops' nanmean / nanstd: the csrc kernels assume finite rewards.
+    # The check is the call's one host synchronization on CUDA.
+    if not native.supports("vector", r.device, r.dtype) or bool(torch.isnan(r).any()):
         return torch_backend.group_advantages(r, group_size, scale, eps)
     return native.group_advantages(r.contiguous(), group_size, native.SCALE_MODES[scale], float(eps))
 

@@ -190,77 +190,139 @@ JSD_ROWS = TorchJSDRows()
 # ------------------------------------------------------------------------------------------------ GRPO rows
 
 
-def grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool) -> GRPORows:
-    """The surrogate on ``[R, C]`` rows in PyTorch ops (any device). ``adv`` and ``norm`` broadcast to
-    ``[R, C]`` (``[R, 1]`` per row, ``[1, C]`` or ``[R, C]`` per token); everything in one compute dtype."""
-    m = mask
-    valid = m != 0
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    if p.seq_level:
-        len_ = m.sum(1, keepdim=True)
-        len1 = len_.clamp(min=1.0)
-        w = torch.where(valid, (logp - old) * m, zero).sum(1, keepdim=True) / len1
-        a = adv.expand(m.shape)[:, :1]
-    else:
-        w = torch.where(valid, logp - old, zero)
-        a = adv
+def _ratio_term(w, a, p: GRPOParams, zero):
+    """KIND 0 (clip) and 2 (sapo): (P, dP/dw, low, high) as functions of the log importance weight w."""
     r = torch.exp(w)
+    if p.kind == 2:
+        tau = torch.where(a > 0, torch.full_like(a, p.tau_pos), torch.full_like(a, p.tau_neg))
+        s = torch.sigmoid(tau * (r - 1.0))
+        never = torch.zeros(torch.broadcast_shapes(r.shape, a.shape), dtype=torch.bool, device=r.device)
+        return -4.0 * s * a / tau, -4.0 * a * s * (1.0 - s) * r, never, never
     c1 = r.clamp(max=p.delta) if p.delta is not None else r
     c2 = r.clamp(p.lo, p.hi)
     t1, t2 = c1 * a, c2 * a
-    loss_tok = -torch.minimum(t1, t2)
-    low = (c1 < p.lo) & (a < 0)
-    high = (c1 > p.hi) & (a > 0)
-    grad = None
-    if want_grad:
-        dc1 = torch.where(r <= p.delta, r, zero) if p.delta is not None else r
-        dc2 = torch.where((r >= p.lo) & (r <= p.hi), r, zero)
-        dl = -a * torch.where(t1 < t2, dc1, torch.where(t2 < t1, dc2, 0.5 * (dc1 + dc2)))
-        if p.seq_level:
-            dl = dl * (len_ / len1)
+    dc1 = torch.where(r <= p.delta, r, zero) if p.delta is not None else r
+    dc2 = torch.where((r >= p.lo) & (r <= p.hi), r, zero)
+    dl = -a * torch.where(t1 < t2, dc1, torch.where(t2 < t1, dc2, 0.5 * (dc1 + dc2)))
+    return -torch.minimum(t1, t2), dl, (c1 < p.lo) & (a < 0), (c1 > p.hi) & (a > 0)
+
+
+def grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool, pw=None) -> GRPORows:
+    """The per-token terms on ``[R, C]`` rows in PyTorch ops (any device); formulas in ptkernels/kernels/grpo.py.
+    ``adv``, ``norm`` and ``pw`` broadcast to ``[R, C]`` (``[R, 1]`` per row, ``[1, C]`` or ``[R, C]`` per
+    token); everything in one compute dtype."""
+    m = mask
+    valid = m != 0
+    dt = logp.dtype
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+    pw = torch.ones((), dtype=dt, device=logp.device) if pw is None else pw
+    pwm = torch.where(valid, pw * m, zero)
+    lr = torch.where(valid, logp - old, zero)
     nm = norm * m
+    low = high = None
+    if p.seq_level:
+        a = adv.expand(m.shape)[:, :1]
+        len_ = m.sum(1, keepdim=True)
+        len1 = len_.clamp(min=1.0)
+        if p.kind == 4:  # GMPO: geometric mean of the clipped ratios, one term per row
+            cl = lr.clamp(p.lo, p.hi)
+            clipped = torch.where(a > 0, torch.minimum(lr, cl), torch.maximum(lr, cl))
+            den = pwm.sum(1, keepdim=True).clamp(min=1.0)
+            r = torch.exp((clipped * pwm).sum(1, keepdim=True) / den)
+            row = -r * a
+            # once per row, an empty one too: norm is GRPO's per-token 1 / (B max(L, 1))
+            pol = torch.zeros_like(m)
+            pol[:, :1] = norm.expand(m.shape)[:, :1] * len1 * row
+            kept = torch.where(a > 0, lr <= p.hi, lr >= p.lo)
+            dl = torch.where(kept, (len1 * row / den) * pw, zero)
+        else:
+            w = (lr * m).sum(1, keepdim=True) / len1
+            r = torch.exp(w)
+            if p.kind in (1, 3):
+                coef = r.clamp(max=p.cap) if p.kind == 1 else torch.ones_like(r)
+                pol = torch.where(valid, nm * pw * (-coef * a * logp), zero)
+                dl = pw * (-coef * a)
+                if p.kind == 1:
+                    high = (r > p.cap) & (a > 0)
+            else:
+                l_seq, dl_seq, low, high = _ratio_term(w, a, p, zero)
+                spwm = pwm.sum(1, keepdim=True)
+                pol = torch.where(valid, nm * pw * l_seq, zero)
+                dl = (dl_seq * spwm / len1).expand(m.shape)
+    else:
+        a = adv
+        r = torch.exp(lr)
+        if p.kind in (1, 3):
+            coef = r.clamp(max=p.cap) if p.kind == 1 else torch.ones_like(r)
+            l_tok, dl = -coef * a * logp, -coef * a
+            if p.kind == 1:
+                high = (r > p.cap) & (a > 0)
+        else:
+            l_tok, dl, low, high = _ratio_term(lr, a, p, zero)
+        pol = torch.where(valid, nm * pw * l_tok, zero)
+        dl = dl * pw
     if p.has_ref:
         x = torch.where(valid, ref - logp, zero)
         ex = torch.exp(x)
         k3 = ex - x - 1.0
-        kl = (m * k3).sum(1)
-        loss_tok = loss_tok + p.beta * k3
-        if want_grad:
+        kr = k3 * r if p.bias_kl else k3
+        kl = (m * kr).sum(1)
+        pol = pol + torch.where(valid, nm * p.beta * kr, zero)
+        if p.bias_kl and p.seq_level:
+            dl = dl + p.beta * r * (1.0 - ex) + p.beta * r * (m * k3).sum(1, keepdim=True) / len1
+        elif p.bias_kl:
+            dl = dl + p.beta * r * (k3 + 1.0 - ex)
+        else:
             dl = dl + p.beta * (1.0 - ex)
     else:
-        kl = torch.zeros(m.shape[0], dtype=logp.dtype, device=logp.device)
-    loss = torch.where(valid, nm * loss_tok, zero).sum(1)
+        kl = torch.zeros(m.shape[0], dtype=dt, device=logp.device)
+    loss = pol.sum(1)
+    never = torch.zeros(m.shape[0], dtype=dt, device=logp.device)
     if p.seq_level:
-        low_r, high_r, region_r = (x.squeeze(1).to(logp.dtype) for x in (low, high, low | high))
+        low_r = low.squeeze(1).to(dt) if low is not None else never
+        high_r = high.squeeze(1).to(dt) if high is not None else never
+        region_r = low_r.logical_or(high_r).to(dt) if low is not None else high_r
     else:
-        low_r, high_r, region_r = ((x & valid).to(logp.dtype).mul(m).sum(1) for x in (low, high, low | high))
-    if want_grad:
-        grad = torch.where(valid, nm * dl, zero)
+        msum = lambda x: (x & valid).to(dt).mul(m).sum(1) if x is not None else never  # noqa: E731
+        low_r, high_r = msum(low), msum(high)
+        region_r = msum(low | high) if low is not None else high_r
+    grad = torch.where(valid, nm * dl, zero) if want_grad else None
     return GRPORows(loss, kl, low_r, high_r, region_r, grad)
 
 
 # ---------------------------------------------------------------------------------------- group advantages
 
 
+def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Bessel-corrected std of the non-NaN values (keepdim), NaN with fewer than 2 (TRL's ``nanstd``)."""
+    if dim is None:
+        x = x.reshape(-1)
+        dim = 0
+    valid = ~torch.isnan(x)
+    cnt = valid.sum(dim, keepdim=True).to(x.dtype)
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    dev = torch.where(valid, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+    var = (dev * dev).sum(dim, keepdim=True) / (cnt - 1).clamp(min=1.0)
+    return torch.where(cnt > 1, var.sqrt(), torch.full_like(var, math.nan))
+
+
 def group_advantages(r, group_size: int, scale: str, eps: float):
-    """GRPO advantages of ``r [N]`` (compute dtype) in groups of ``group_size``; formulas in ops/grpo.py."""
+    """GRPO advantages of ``r [N]`` (compute dtype, NaN = unscorable) in groups of ``group_size``; formulas in
+    ops/grpo.py. NaN rewards stay out of the statistics (nanmean / Bessel nanstd) and get advantage 0."""
     grouped = r.view(-1, group_size)
-    mean = grouped.mean(dim=1, keepdim=True)
+    valid = ~torch.isnan(grouped)
+    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
     # All-equal groups: r - mean can be a rounding error away from 0; make it exactly 0.
-    flat = (grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True))
-    adv = torch.where(flat, torch.zeros((), dtype=r.dtype, device=r.device), grouped - mean).reshape(-1)
-    if scale == "none":
-        return adv
-    if scale == "group":
-        if group_size > 1:
-            std = grouped.std(dim=1, keepdim=True).expand(-1, group_size).reshape(-1)
-        else:
-            std = torch.zeros_like(r)
-    else:
-        std = r.std().expand_as(r) if r.numel() > 1 else torch.zeros_like(r)
-    if eps == 0:
-        return torch.where(adv == 0, adv, adv / std)
-    return adv / (std + eps)
+    inf = torch.full((), math.inf, dtype=r.dtype, device=r.device)
+    flat = (torch.where(valid, grouped, -inf).amax(dim=1, keepdim=True)
+            == torch.where(valid, grouped, inf).amin(dim=1, keepdim=True))
+    adv = torch.where(flat, zero, grouped - mean).reshape(-1)
+    if scale != "none":
+        std = (nanstd(grouped, 1).expand(-1, group_size) if scale == "group" else nanstd(r).expand(r.shape[0], 1))
+        std = std.reshape(-1)
+        adv = torch.where(adv == 0, adv, adv / std) if eps == 0 else adv / (std + eps)
+    return torch.nan_to_num(adv, nan=0.0)
 
 
 # ------------------------------------------------------------------------------------------------------ GAE

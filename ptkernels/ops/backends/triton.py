@@ -192,7 +192,7 @@ JSD_ROWS = TritonJSDRows()
 # ------------------------------------------------------------------------------------------------ GRPO rows
 
 
-def grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool) -> GRPORows:
+def grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool, pw=None) -> GRPORows:
     """The same as torch.grpo_rows through ``ptkernels.kernels.grpo.grpo_rows_kernel``."""
     r_, c_ = mask.shape
     cd = logp.dtype
@@ -201,6 +201,7 @@ def grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool) -
     ref = ref.contiguous() if ref is not None else logp
     adv = adv.expand(r_, c_)
     norm = norm.expand(r_, c_)
+    pw_arg = pw.to(cd).expand(r_, c_) if pw is not None else adv
     outs = [torch.empty(r_, dtype=cd, device=dev) for _ in range(5)]
     grad = torch.empty(r_, c_, dtype=cd, device=dev) if want_grad else None
     if r_ == 0 or c_ == 0:
@@ -210,13 +211,14 @@ def grpo_rows(logp, old, ref, mask, adv, norm, p: GRPOParams, want_grad: bool) -
             grad.zero_()
         return GRPORows(*outs, grad)
     delta = p.delta if p.delta is not None else 1.0
-    scalars = [x for v in (p.lo, p.hi, delta, p.beta) for x in split_fp32(v)]
+    scalars = [x for v in (p.lo, p.hi, delta, p.beta, p.cap, p.tau_pos, p.tau_neg) for x in split_fp32(v)]
     block = min(1024, triton.next_power_of_2(max(c_, 16)))
     grpo_rows_kernel[(r_,)](
         logp, old, ref, mask, adv, adv.stride(0), adv.stride(1), norm, norm.stride(0), norm.stride(1),
-        grad if want_grad else logp, *outs, c_, *scalars,
+        pw_arg, pw_arg.stride(0), pw_arg.stride(1), grad if want_grad else logp, *outs, c_, *scalars,
         HAS_REF=p.has_ref, HAS_DELTA=p.delta is not None, SEQ_LEVEL=p.seq_level, WRITE_GRAD=want_grad,
-        BLOCK=block, COMPUTE=tl_compute(cd), num_warps=4,
+        KIND=p.kind, BIAS_KL=p.bias_kl and p.has_ref, HAS_PW=pw is not None, BLOCK=block, COMPUTE=tl_compute(cd),
+        num_warps=4,
     )
     return GRPORows(*outs, grad)
 

@@ -202,8 +202,8 @@ class GRPOConfig(OnPolicyConfig):
     num_generations: int = option(8, "completions sampled per prompt (the group)")
     num_iterations: int = option(1, "optimizer steps per rollout (old log-probs kept from sampling time)")
     beta: float = option(0.0, "KL coefficient to the reference (k3); 0 holds no reference model")
-    loss_type: str = option("dapo", "grpo, bnpo, dr_grpo or dapo (ptkernels.grpo_loss)",
-                            choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    loss_type: str = option("dapo", "ptkernels.grpo_loss loss type (TRL 1.16's, plus gmpo)",
+                            choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo"))
     epsilon_low: float = option(0.2, "lower clip of the importance ratio (the clips act only with num_iterations "
                                 "> 1: with one step per rollout the ratio is 1)")
     epsilon_high: float = option(0.2, "upper clip (DAPO's clip-higher: e.g. 0.28)")
@@ -223,6 +223,21 @@ class GRPOConfig(OnPolicyConfig):
                                        "advantage is exactly 0 (their loss and gradient are 0; the step's item "
                                        "count keeps them, so the loss is unchanged); entropy and clip metrics are "
                                        "then over the trained rows")
+    # TRL 1.16 GRPOConfig options (same names; ptkernels.grpo_loss / group_advantages document each)
+    advantage_estimator: str = option("grpo", "grpo (group_advantages), rloo (leave-one-out baseline, TRL's RLOO) "
+                                      "or reinforce_plus_plus (global whitening, verl; outcome reward, gamma 1)",
+                                      choices=("grpo", "rloo", "reinforce_plus_plus"))
+    entropy_coef: float = option(0.0, "entropy bonus: loss -= coef * token-mean entropy (TRL 1.16)")
+    top_entropy_quantile: float = option(1.0, "train only on the tokens of the top quantile of entropy (1: all)")
+    mask_truncated_completions: bool = option(False, "leave completions that hit --max-new-tokens out of the loss "
+                                              "(they still count in the reward statistics)")
+    off_policy_mask_threshold: float | None = option(None, "drop negative-advantage sequences whose mean "
+                                                     "KL(old || current) exceeds this (TRL's OPSM); unset: off")
+    reward_weights: str = option("", "comma-separated weights of the --verifier parts (e.g. '1,0.5'); with "
+                                 "several parts the advantages take the [N, parts] reward matrix")
+    multi_objective_aggregation: str = option("sum_then_normalize", "sum_then_normalize or normalize_then_sum "
+                                              "of several reward parts", choices=("sum_then_normalize",
+                                                                                  "normalize_then_sum"))
 
 
 @dataclass

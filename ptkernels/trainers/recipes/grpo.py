@@ -36,7 +36,43 @@ from ..rollout.scoring import completion_batch
 from ..rollout.shared_prompt import completion_hidden_states
 from .sft import SFT_FORMATS
 
-TOKEN_LEVEL = ("dapo", "bnpo")  # normalized by completion tokens; grpo and dr_grpo by sequences
+TOKEN_LEVEL = ("dapo", "bnpo", "cispo", "vespo")  # normalized by completion tokens; the others by sequences
+ITEMS_NORMALIZED = ("dapo", "cispo", "vespo")  # divided by num_items_in_batch inside the loss
+
+
+def reward_weights(cfg: GRPOConfig, parts: list[str]) -> torch.Tensor | None:
+    """--reward-weights as a tensor, one weight per --verifier part (None: not given)."""
+    if not cfg.reward_weights:
+        return None
+    try:
+        w = [float(x) for x in cfg.reward_weights.split(",")]
+    except ValueError:
+        raise ValueError(f"--reward-weights must be comma-separated numbers, got {cfg.reward_weights!r}") from None
+    if len(w) != len(parts):
+        raise ValueError(f"--reward-weights has {len(w)} weights but --verifier {cfg.verifier!r} has {len(parts)} "
+                         f"parts {parts}")
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def outcome_advantages(cfg: GRPOConfig, rewards: torch.Tensor, lengths: list[int], weights) -> torch.Tensor:
+    """One advantage per completion from its reward ([N], or [N, parts]) with --advantage-estimator."""
+    if cfg.advantage_estimator == "grpo":
+        return ptk.group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards,
+                                    reward_weights=weights, multi_objective_aggregation=cfg.multi_objective_aggregation)
+    if rewards.dim() == 2:  # the other estimators take the weighted sum (TRL's nansum)
+        w = weights if weights is not None else torch.ones(rewards.shape[1])
+        rewards = (rewards * w).nansum(dim=1)
+    if cfg.advantage_estimator == "rloo":
+        return ptk.rloo_advantages(rewards, group_size=cfg.num_generations)
+    # REINFORCE++ with an outcome reward on the last token and gamma 1: every token of a completion gets the same
+    # whitened return, so column 0 is the completion's advantage (an empty completion gets 0)
+    width = max(max(lengths), 1)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()
+    token_rewards = torch.zeros(len(lengths), width)
+    last = (torch.tensor(lengths) - 1).clamp(min=0)
+    token_rewards[torch.arange(len(lengths)), last] = rewards.float() * (torch.tensor(lengths) > 0)
+    adv, _ = ptk.reinforce_plus_plus_advantages(token_rewards, mask, gamma=1.0)
+    return adv[:, 0]
 
 
 class RewardFunction:
@@ -83,15 +119,25 @@ class GRPORollouts(OnPolicySource):
         sampled = scored, [len(c) for c in out.completion_ids], out.finished  # all of them, for the metrics
         if cfg.dynamic_sampling:
             rows, prompts, out, scored = self.informative_groups(rows, prompts, out, scored)
-        rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
-        advantages = ptk.group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
+        names = getattr(self.reward, "parts", [])
+        weights = reward_weights(cfg, names)
+        if weights is not None or (cfg.multi_objective_aggregation != "sum_then_normalize"
+                                   and len(names) > 1):
+            rewards = torch.tensor([[p.get(n, float("nan")) for n in names] for _, p in scored], dtype=torch.float32)
+        else:
+            rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
         parts = -(-len(prompts) // cfg.batch_size)  # micro-batches per step: the same on every process
         lengths = [len(c) for c in out.completion_ids]
+        advantages = outcome_advantages(cfg, rewards, lengths, weights)
+        if cfg.mask_truncated_completions:  # out of the loss and the item count; still in the reward statistics
+            lengths = [n if f else 0 for n, f in zip(lengths, out.finished)]
         keep = self.rows_with_gradient(advantages, parts)
         batch = completion_batch([prompts[i] for i in keep], [out.completion_ids[i] for i in keep],
                                  self.tokenizer.pad_token_id)
         batch["advantages"] = advantages[keep]
         batch["prompt_lengths"] = torch.tensor([len(prompts[i]) for i in keep])
+        if cfg.mask_truncated_completions:
+            batch["trained"] = torch.tensor([float(out.finished[i]) for i in keep])
         if len(keep) < len(prompts):  # the step's item count still counts the rows left out
             items = (lambda idx: sum(lengths[i] for i in idx)) if cfg.loss_type in TOKEN_LEVEL else len
             batch["item_scale"] = torch.full((len(keep),), items(range(len(prompts))) / max(items(keep), 1),
@@ -116,7 +162,7 @@ class GRPORollouts(OnPolicySource):
         """The rows to train: with ``--beta`` 0 a row whose advantage is exactly 0 has a zero loss and gradient
         (the clipped ratio times 0), so with ``--skip-zero-advantage`` it is left out; at least ``parts`` rows stay
         so that every process runs its micro-batches."""
-        if not self.cfg.skip_zero_advantage or self.cfg.beta != 0:
+        if not self.cfg.skip_zero_advantage or self.cfg.beta != 0 or self.cfg.entropy_coef != 0:
             return list(range(len(advantages)))
         has_gradient = (advantages != 0).tolist()
         nonzero = [i for i, g in enumerate(has_gradient) if g]
@@ -148,6 +194,8 @@ class GRPOLoss(TrainingModule):
 
     def items(self, batch: dict) -> float:
         if self.cfg.loss_type in TOKEN_LEVEL:
+            if "trained" in batch:
+                return float((batch["completion_mask"] * batch["trained"][:, None]).sum())
             return float(batch["completion_mask"].sum())
         return batch["input_ids"].shape[0]
 
@@ -165,6 +213,12 @@ class GRPOLoss(TrainingModule):
     def forward(self, batch: dict, norm: float):
         c = self.cfg
         hidden, targets, mask, old_logps, ref_logps = self.completions(batch)
+        if "trained" in batch:  # --mask-truncated-completions
+            mask = mask * batch["trained"].to(mask.device, mask.dtype)[:, None]
+        items = self.items(batch)
+        # the items-normalized types are sums over norm already, so their (token-mean) entropy bonus is weighted
+        # by the micro-batch's share of the step; the others are scaled as a whole below
+        share = items / norm if c.loss_type in ITEMS_NORMALIZED else 1.0
         hidden, weight, head = head_inputs(self.model, hidden)
         if head["softcap"] is not None:
             raise ValueError("ptk grpo: models with a final-logit softcap are not supported by the fused GRPO loss")
@@ -173,11 +227,13 @@ class GRPOLoss(TrainingModule):
             old_logps=old_logps, ref_logps=ref_logps, beta=c.beta,
             epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
             importance_sampling_level=c.importance_sampling_level, temperature=head["temperature"] * c.temperature,
-            max_completion_length=c.max_new_tokens, num_items_in_batch=norm if c.loss_type == "dapo" else None,
-            return_entropy=True, backend=c.backend)
-        items = self.items(batch)
-        # dapo is already divided by norm; the others are means over this micro-batch: back to sums over norm.
-        loss = out.loss if c.loss_type == "dapo" else out.loss * (items / norm)
+            max_completion_length=c.max_new_tokens,
+            num_items_in_batch=norm if c.loss_type in ITEMS_NORMALIZED else None, return_entropy=True,
+            entropy_coef=c.entropy_coef * share, top_entropy_quantile=c.top_entropy_quantile,
+            off_policy_mask_threshold=c.off_policy_mask_threshold, backend=c.backend)
+        # dapo/cispo/vespo are already divided by norm; the others are means over this micro-batch: back to sums
+        # over norm.
+        loss = out.loss if c.loss_type in ITEMS_NORMALIZED else out.loss * (items / norm)
         # metrics: means over the trained items, as the loop divides by all of them (the scale stays a tensor: no
         # host sync on the device batch)
         weight = items * batch["item_scale"][0] if "item_scale" in batch else items

@@ -1,0 +1,75 @@
+"""ptk grpo's TRL 1.16 options (loss types, --entropy-coef, --advantage-estimator, --mask-truncated-completions,
+--reward-weights / --multi-objective-aggregation): one rollout and one accumulated optimizer step on a tiny
+float64 Llama, as the training loop runs them."""
+
+import pytest
+import torch
+
+from ptkernels.trainers.engine.config import GRPOConfig
+from ptkernels.trainers.recipes.grpo import outcome_advantages, reward_weights
+
+from ..conftest import tiny_model
+from .test_grpo_skip import GROUPS, SIZE, rollout, step
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    model, tok = tiny_model()
+    return model.double(), tok
+
+
+def _rollout(model, tok, **options):
+    cfg, batches, metrics = rollout(model, tok, options.pop("loss_type", "dapo"), skip=False)
+    for k, v in options.items():
+        setattr(cfg, k, v)
+    return cfg, batches
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo", "luspo", "vespo", "gmpo"])
+def test_entropy_bonus_is_the_steps_token_mean(model_tok, loss_type):
+    """Over the micro-batches of a step the bonus adds -coef x the entropy the step logs (TRL 1.16: a token mean,
+    whatever the loss type's normalizer); every new loss type trains (finite loss, non-zero gradients)."""
+    model, tok = model_tok
+    cfg, batches = _rollout(model, tok, loss_type=loss_type)
+    loss0, grads0, _, means = step(model, cfg, batches)
+    assert torch.isfinite(loss0) and max(g.abs().max() for g in grads0.values()) > 0
+    cfg.entropy_coef = 0.05
+    loss1, _, _, _ = step(model, cfg, batches)
+    torch.testing.assert_close(loss1 - loss0, -0.05 * means["entropy"], atol=1e-10, rtol=1e-8)
+
+
+def test_mask_truncated_completions_leaves_them_out(model_tok):
+    model, tok = model_tok
+    cfg, batches = _rollout(model, tok)
+    for b in batches:  # pretend the first row of every micro-batch was truncated
+        b["trained"] = torch.ones(b["input_ids"].shape[0], dtype=torch.float64)
+        b["trained"][0] = 0.0
+    cfg.mask_truncated_completions = True
+    loss_a, _, norm_a, _ = step(model, cfg, batches)
+    kept = [{k: v[1:] for k, v in b.items() if k != "trained"} for b in batches]
+    loss_b, _, norm_b, _ = step(model, cfg, kept)
+    assert norm_a == pytest.approx(norm_b)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-9, rtol=1e-9)
+
+
+def test_advantage_estimators_and_reward_weights():
+    cfg = GRPOConfig(num_generations=4)
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 0.0, 1.0])
+    lengths = [3, 5, 1, 2, 4, 4, 0, 6]
+    g = r.view(2, 4)
+    want = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    torch.testing.assert_close(outcome_advantages(cfg, r, lengths, None), want, atol=1e-6, rtol=0)
+    cfg.advantage_estimator = "rloo"
+    want = (g - (g.sum(1, keepdim=True) - g) / 3).reshape(-1)  # the mean of the 3 siblings
+    torch.testing.assert_close(outcome_advantages(cfg, r, lengths, None), want, atol=1e-6, rtol=0)
+    cfg.advantage_estimator = "reinforce_plus_plus"
+    adv = outcome_advantages(cfg, r, lengths, None)
+    assert adv[6] == 0 and adv[4] == adv[5] > adv[0] > adv[1]  # empty completion: 0; token-weighted whitening
+    cfg.reward_weights = "1,0.5"
+    torch.testing.assert_close(reward_weights(cfg, ["math", "format"]), torch.tensor([1.0, 0.5]))
+    with pytest.raises(ValueError, match="--reward-weights has 2 weights"):
+        reward_weights(cfg, ["math"])
+    cfg.reward_weights = "1,x"
+    with pytest.raises(ValueError, match="comma-separated numbers"):
+        reward_weights(cfg, ["a", "b"])
+    assert GROUPS * SIZE == 20
