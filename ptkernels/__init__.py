@@ -22,7 +22,8 @@ from .ops.advantages import reinforce_plus_plus_advantages, remax_advantages, rl
 from .ops.core.dispatch import backends
 from .ops.cross_entropy import cross_entropy
 from .ops.fused_grpo import fused_linear_grpo_loss
-from .ops.fused_preference import fused_linear_kto_loss, fused_linear_preference_loss
+from .ops.fused_kto import fused_linear_kto_loss
+from .ops.fused_preference import fused_linear_preference_loss
 from .ops.grpo import group_advantages, grpo_loss
 from .ops.kl import kl_penalty
 from .ops.linear_cross_entropy import linear_cross_entropy

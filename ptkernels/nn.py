@@ -13,7 +13,8 @@ import torch
 
 from .ops.core.checks import check_options
 from .ops.fused_grpo import fused_linear_grpo_loss
-from .ops.fused_preference import fused_linear_kto_loss, fused_linear_preference_loss
+from .ops.fused_kto import fused_linear_kto_loss
+from .ops.fused_preference import fused_linear_preference_loss
 from .ops.grpo import grpo_loss
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.linear_jsd import linear_jsd

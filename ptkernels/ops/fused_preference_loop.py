@@ -175,52 +175,58 @@ def _wpo_weights(extra, cnt):
     return None if sums is None else torch.exp(sums / cnt.clamp(min=1).to(sums.dtype))
 
 
-def run(cfg: FusedConfig, policy: Head, ref_head: Head | None, ref_given, labels2d, desirable, z0, rows_impl,
-        need: tuple[bool, bool, bool], seq_lengths=None) -> LoopResult:
-    """The chunk loop: per-group results, the loss and the gradients of (hidden, weight, bias) per ``need``.
+class _ChunkLoop:
+    """The state of one ``run``: the group layout, the per-group output buffers, the NLL sum and the head's
+    gradient buffers. ``run`` calls its steps in order: setup (here), the coupled forward-only pass when the loss
+    couples groups, the per-chunk body, the finish."""
 
-    ``seq_lengths`` [S]: the completion lengths ipo / sigmoid_norm divide by (default: the scored-token counts)."""
-    o = cfg.o
-    need_grad = any(need)
-    layout = GroupLayout(labels2d, o.ignore_index, cfg.paired, cfg.chunk, cfg.sync_free, cfg.grow_to)
-    labels1d = labels2d.reshape(-1)
-    cd = compute_dtype(policy.hidden2d.dtype)
-    dev = policy.hidden2d.device
-    n = layout.n_groups
-    inv_n = 1.0 / max(n, 1)
-    tw = None
-    if cfg.paired and cfg.ld_alpha is not None:
-        tw = ld_token_weights(labels2d, o.ignore_index, cfg.ld_alpha).to(cd)
-    ref = ReferenceLogps(cfg, layout, ref_head, ref_given, labels1d, rows_impl, tw)
-    lens_all = layout.counts if seq_lengths is None else seq_lengths
-    grads = _head_grad_buffers(policy, need)
+    def __init__(self, cfg: FusedConfig, policy: Head, ref_head: Head | None, ref_given, labels2d, desirable, z0,
+                 rows_impl, need: tuple[bool, bool, bool], seq_lengths):
+        self.cfg, self.policy, self.desirable, self.z0, self.rows_impl = cfg, policy, desirable, z0, rows_impl
+        o = cfg.o
+        self.need_grad = any(need)
+        self.layout = layout = GroupLayout(labels2d, o.ignore_index, cfg.paired, cfg.chunk, cfg.sync_free,
+                                           cfg.grow_to)
+        self.labels1d = labels2d.reshape(-1)
+        self.cd = cd = compute_dtype(policy.hidden2d.dtype)
+        self.dev = dev = policy.hidden2d.device
+        self.n = n = layout.n_groups
+        self.inv_n = 1.0 / max(n, 1)
+        self.tw = None
+        if cfg.paired and cfg.ld_alpha is not None:
+            self.tw = ld_token_weights(labels2d, o.ignore_index, cfg.ld_alpha).to(cd)
+        self.ref = ReferenceLogps(cfg, layout, ref_head, ref_given, self.labels1d, rows_impl, self.tw)
+        self.lens_all = layout.counts if seq_lengths is None else seq_lengths
+        self.grads = _head_grad_buffers(policy, need)
+        self.losses = self.zeros()
+        self.logps = tuple(self.zeros() for _ in range(2 if cfg.paired else 1))
+        self.rewards = tuple(self.zeros() for _ in self.logps)
+        self.log_odds, self.ratio = (self.zeros(), self.zeros()) if cfg.kind == "orpo" else (None, None)
+        self.n_chosen = layout.counts[:n].sum().clamp(min=1).to(cd) if cfg.paired else None
+        self.sft_w = sft_w = cfg.sft_weight
+        # the NLL of the chosen tokens (the nll_weight term and, outside the coupled path, the sft loss type): its
+        # gradient on each chosen token is the constant -(weight) / n_chosen, known up front
+        self.nll_w_loop = cfg.nll_weight + (0.0 if cfg.coupled else sft_w) if cfg.paired else 0.0
+        self.with_nll = cfg.paired and (cfg.nll_weight != 0 or sft_w != 0)
+        self.nll_sum = torch.zeros((), dtype=cd, device=dev)
+        self.want_extra = {"wpo": cfg.use_weighting}
+        self.d_all = self.d_raw_all = None
 
-    def zeros(m=n):
-        return torch.zeros(m, dtype=cd, device=dev)
+    def zeros(self, m=None):
+        return torch.zeros(self.n if m is None else m, dtype=self.cd, device=self.dev)
 
-    losses = zeros()
-    logps = tuple(zeros() for _ in range(2 if cfg.paired else 1))
-    rewards = tuple(zeros() for _ in logps)
-    log_odds, ratio = (zeros(), zeros()) if cfg.kind == "orpo" else (None, None)
-    n_chosen = layout.counts[:n].sum().clamp(min=1).to(cd) if cfg.paired else None
-    sft_w = cfg.sft_weight
-    # the NLL of the chosen tokens (the nll_weight term and, outside the coupled path, the sft loss type): its
-    # gradient on each chosen token is the constant -(weight) / n_chosen, known up front
-    nll_w_loop = cfg.nll_weight + (0.0 if cfg.coupled else sft_w) if cfg.paired else 0.0
-    with_nll = cfg.paired and (cfg.nll_weight != 0 or sft_w != 0)
-    nll_sum = torch.zeros((), dtype=cd, device=dev)
-    want_extra = {"wpo": cfg.use_weighting}
-
-    d_all = d_raw_all = None
-    if cfg.coupled:  # forward-only pass over every sequence, then the whole batch's loss and its gradients
-        s_all, raw_all, wpo_all, ref_all = zeros(2 * n), zeros(2 * n), zeros(2 * n), zeros(2 * n)
+    def score_whole_batch(self) -> None:
+        """The coupled path: a forward-only pass over every sequence, then the whole batch's loss and its
+        gradients per sequence (``d_all``, ``d_raw_all``), read back per chunk by ``chunk``."""
+        cfg, layout, o, n = self.cfg, self.layout, self.cfg.o, self.n
+        s_all, raw_all, wpo_all, ref_all = self.zeros(2 * n), self.zeros(2 * n), self.zeros(2 * n), self.zeros(2 * n)
         has_ref = True
         for g0, g1 in layout.chunks():
-            rref = ref(g0, g1)
-            extra = dict(want_extra)
+            rref = self.ref(g0, g1)
+            extra = dict(self.want_extra)
             with torch.no_grad():
-                seq, _ = sequence_sums(policy, layout, g0, g1, labels1d, rows_impl, o, keep=False,
-                                       token_weights1d=tw, extra=extra)
+                seq, _ = sequence_sums(self.policy, layout, g0, g1, self.labels1d, self.rows_impl, o, keep=False,
+                                       token_weights1d=self.tw, extra=extra)
             cnt = layout.chunk_counts(g0, g1)
             scatter(layout, s_all, averaged(cfg, layout, seq, g0, g1) if False else seq, g0, g1)
             scatter(layout, raw_all, extra["raw"], g0, g1)
@@ -232,54 +238,74 @@ def run(cfg: FusedConfig, policy: Head, ref_head: Head | None, ref_given, labels
             else:
                 scatter(layout, ref_all, rref, g0, g1)
         if has_ref:
-            ref.cache = ref_all
-        l_all, lp_all, rw_all, extras, d_all, d_raw_all = group_math(
-            cfg, s_all, raw_all if sft_w else None, layout.counts, lens_all, ref_all if has_ref else None, n,
-            inv_n, need_grad, z0, None, wpo_all if cfg.use_weighting else None, n_chosen)
-        losses.copy_(l_all)
+            self.ref.cache = ref_all
+        l_all, lp_all, rw_all, extras, self.d_all, self.d_raw_all = group_math(
+            cfg, s_all, raw_all if self.sft_w else None, layout.counts, self.lens_all, ref_all if has_ref else None,
+            n, self.inv_n, self.need_grad, self.z0, None, wpo_all if cfg.use_weighting else None, self.n_chosen)
+        self.losses.copy_(l_all)
         for i in range(2):
-            logps[i].copy_(lp_all[i])
-            rewards[i].copy_(rw_all[i])
-        if with_nll:
-            nll_sum = -raw_all[:n].sum()
+            self.logps[i].copy_(lp_all[i])
+            self.rewards[i].copy_(rw_all[i])
+        if self.with_nll:
+            self.nll_sum = -raw_all[:n].sum()
 
-    for g0, g1 in layout.chunks():
+    def chunk(self, g0: int, g1: int) -> None:
+        """One chunk of groups: GEMM 1 and the sequence sums, the groups' losses and d loss / d sequence-logp (or,
+        on the coupled path, those of the whole batch), then the per-token gradient and GEMMs 2 and 3."""
+        cfg, layout, o, need_grad = self.cfg, self.layout, self.cfg.o, self.need_grad
         k = g1 - g0
-        if cfg.coupled and not need_grad:
-            break
-        rref = None if cfg.coupled else ref(g0, g1)
-        extra = dict(want_extra)
-        seq, kept = sequence_sums(policy, layout, g0, g1, labels1d, rows_impl, o, keep=need_grad,
-                                  token_weights1d=tw, extra=extra)
+        rref = None if cfg.coupled else self.ref(g0, g1)
+        extra = dict(self.want_extra)
+        seq, kept = sequence_sums(self.policy, layout, g0, g1, self.labels1d, self.rows_impl, o, keep=need_grad,
+                                  token_weights1d=self.tw, extra=extra)
         cnt = layout.chunk_counts(g0, g1)
         if cfg.coupled:
-            d = gather(layout, d_all, g0, g1)
-            d_raw = None if d_raw_all is None else gather(layout, d_raw_all, g0, g1)
+            d = gather(layout, self.d_all, g0, g1)
+            d_raw = None if self.d_raw_all is None else gather(layout, self.d_raw_all, g0, g1)
         else:
-            lens = gather(layout, lens_all, g0, g1) if cfg.paired else None
+            lens = gather(layout, self.lens_all, g0, g1) if cfg.paired else None
             l_c, lp_c, rw_c, extras, d, d_raw = group_math(
-                cfg, seq, None, cnt, lens, rref, k, inv_n, need_grad, z0,
-                None if desirable is None else desirable[g0:g1], _wpo_weights(extra, cnt), n_chosen)
-            losses[g0:g1] = l_c
-            for i in range(len(logps)):
-                logps[i][g0:g1] = lp_c[i]
-                rewards[i][g0:g1] = rw_c[i]
-            if log_odds is not None:
-                log_odds[g0:g1] = extras["log_odds"]
-                ratio[g0:g1] = extras["ratio"]
-            if with_nll:
-                nll_sum -= extra["raw"][:k].sum()
+                cfg, seq, None, cnt, lens, rref, k, self.inv_n, need_grad, self.z0,
+                None if self.desirable is None else self.desirable[g0:g1], _wpo_weights(extra, cnt), self.n_chosen)
+            self.losses[g0:g1] = l_c
+            for i in range(len(self.logps)):
+                self.logps[i][g0:g1] = lp_c[i]
+                self.rewards[i][g0:g1] = rw_c[i]
+            if self.log_odds is not None:
+                self.log_odds[g0:g1] = extras["log_odds"]
+                self.ratio[g0:g1] = extras["ratio"]
+            if self.with_nll:
+                self.nll_sum -= extra["raw"][:k].sum()
         if need_grad:
-            if nll_w_loop:
+            if self.nll_w_loop:
                 d_raw = torch.zeros_like(d) if d_raw is None else d_raw.clone()
-                d_raw[:k] -= nll_w_loop / n_chosen
-            backward_blocks(policy, kept, d, rows_impl, o, grads, token_weights1d=tw, g_raw=d_raw)
+                d_raw[:k] -= self.nll_w_loop / self.n_chosen
+            backward_blocks(self.policy, kept, d, self.rows_impl, o, self.grads, token_weights1d=self.tw,
+                            g_raw=d_raw)
         del kept
 
-    nll = nll_sum / n_chosen if with_nll else None
-    if nll is not None and sft_w and not cfg.coupled:
-        losses += sft_w * nll  # sft: the same NLL for every pair (TRL expands it to the batch)
-    loss = losses.sum() * inv_n
-    if nll is not None and cfg.nll_weight:
-        loss = loss + cfg.nll_weight * nll
-    return LoopResult(loss, losses, logps, rewards, log_odds, ratio, nll, grads)
+    def finish(self) -> LoopResult:
+        """The chosen completions' NLL, the sft term on every pair, and the batch mean with the NLL term."""
+        cfg, losses = self.cfg, self.losses
+        nll = self.nll_sum / self.n_chosen if self.with_nll else None
+        if nll is not None and self.sft_w and not cfg.coupled:
+            losses += self.sft_w * nll  # sft: the same NLL for every pair (TRL expands it to the batch)
+        loss = losses.sum() * self.inv_n
+        if nll is not None and cfg.nll_weight:
+            loss = loss + cfg.nll_weight * nll
+        return LoopResult(loss, losses, self.logps, self.rewards, self.log_odds, self.ratio, nll, self.grads)
+
+
+def run(cfg: FusedConfig, policy: Head, ref_head: Head | None, ref_given, labels2d, desirable, z0, rows_impl,
+        need: tuple[bool, bool, bool], seq_lengths=None) -> LoopResult:
+    """The chunk loop: per-group results, the loss and the gradients of (hidden, weight, bias) per ``need``.
+
+    ``seq_lengths`` [S]: the completion lengths ipo / sigmoid_norm divide by (default: the scored-token counts)."""
+    loop = _ChunkLoop(cfg, policy, ref_head, ref_given, labels2d, desirable, z0, rows_impl, need, seq_lengths)
+    if cfg.coupled:  # forward-only pass over every sequence, then the whole batch's loss and its gradients
+        loop.score_whole_batch()
+    for g0, g1 in loop.layout.chunks():
+        if cfg.coupled and not loop.need_grad:
+            break
+        loop.chunk(g0, g1)
+    return loop.finish()

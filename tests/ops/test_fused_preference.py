@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ptkernels import reference
-from ptkernels.ops.fused_preference import FUSED_LOSS_TYPES, fused_linear_kto_loss, fused_linear_preference_loss
+from ptkernels.ops.fused_kto import fused_linear_kto_loss
+from ptkernels.ops.fused_preference import FUSED_LOSS_TYPES, fused_linear_preference_loss
 from ptkernels.reference import preference as ref_pref
 from ptkernels.reference.sequence import sequence_logprobs
 from tests.helpers import DEVICE, FUSED_BACKENDS, assert_close_to_truth, rand
