@@ -67,9 +67,7 @@ def main(argv=None) -> int:
     print(f"ptkernels {ptk.__version__} | torch {torch.__version__} | device {a.device} | "
           f"usable backends: {', '.join(ptk.backends(a.device))}")
     if a.device == "cpu":
-        from ptkernels.ops.core import gemm
-
-        lib, why = gemm.cpu_gemm_choice()
+        lib, why = ptk.cpu_gemm()
         print(f"fp32 CPU GEMMs of the fused ops: {lib} ({why}; PTK_CPU_GEMM=auto|blas|onednn overrides)")
     print(f"linear cross-entropy fwd+bwd, N={a.tokens} (25% masked), D={a.hidden}, V={a.vocab}, fp32; "
           f"each case in a fresh process\n")
