@@ -51,7 +51,7 @@ def verbose_lines() -> list[str]:
 def main() -> None:
     import torch
 
-    from ptkernels.ops import gemm
+    from ptkernels.ops.core import gemm
 
     print(f"CPU: {cpu_model()} | {os.cpu_count()} logical CPUs | ISA: {isa_flags()}")
     print(f"torch {torch.__version__} | ATen CPU capability: {torch.backends.cpu.get_cpu_capability()} | "
@@ -60,8 +60,8 @@ def main() -> None:
             or "BLAS_INFO" in ln]
     print("BLAS / oneDNN in the wheel:", " | ".join(ln.split(",")[0] if "Build settings" in ln else ln for ln in blas))
     print(f"oneDNN enabled: {torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled} | "
-          f"fp32 GEMMs of the fused ops on CPU: {gemm.cpu_gemm_library()} "
-          f"(PTK_CPU_GEMM={os.environ.get('PTK_CPU_GEMM', 'auto')})")
+          f"fp32 GEMMs of the fused ops on CPU: {gemm.cpu_gemm_choice()[0]} ({gemm.cpu_gemm_choice()[1]}; "
+          f"PTK_CPU_GEMM={os.environ.get('PTK_CPU_GEMM', 'auto')})")
     try:
         from ptkernels import _C
         print("ptkernels._C:", _C.build_info())

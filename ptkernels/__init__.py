@@ -15,11 +15,13 @@ Public API (names are a contract; see README.md):
     fused_linear_grpo_loss                        GRPO straight from hidden states
     gae, ppo_policy_loss, ppo_value_loss, masked_mean, masked_var, masked_whiten    PPO pieces
     backends                                      which backends are usable here
+    cpu_gemm                                      which library runs the fused ops' fp32 CPU GEMMs here, and why
 """
 
 from . import nn, reference
 from .ops.advantages import reinforce_plus_plus_advantages, remax_advantages, rloo_advantages
 from .ops.core.dispatch import backends
+from .ops.core.gemm import cpu_gemm_choice as cpu_gemm
 from .ops.cross_entropy import cross_entropy
 from .ops.fused_grpo import fused_linear_grpo_loss
 from .ops.fused_kto import fused_linear_kto_loss
@@ -56,6 +58,7 @@ __all__ = [
     "PPOPolicyOutput",
     "PPOValueOutput",
     "backends",
+    "cpu_gemm",
     "cpo_loss",
     "cross_entropy",
     "dpo_loss",

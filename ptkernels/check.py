@@ -66,6 +66,9 @@ def main(argv=None) -> int:
         usable = [b for b in usable if b != "triton"]  # the interpreter is for tests only
     print(f"ptkernels {ptk.__version__} | torch {torch.__version__} | device {a.device} | "
           f"usable backends: {', '.join(ptk.backends(a.device))}")
+    if a.device == "cpu":
+        lib, why = ptk.cpu_gemm()
+        print(f"fp32 CPU GEMMs of the fused ops: {lib} ({why}; PTK_CPU_GEMM=auto|blas|onednn overrides)")
     print(f"linear cross-entropy fwd+bwd, N={a.tokens} (25% masked), D={a.hidden}, V={a.vocab}, fp32; "
           f"each case in a fresh process\n")
     print(f"{'implementation':<16}{'loss':>12}{'time (s)':>12}{'peak mem (MiB)':>18}")

@@ -8,6 +8,12 @@ The loop (one chunk of valid rows at a time):
 For reduction "mean"/"sum" the gradients are computed in the forward pass (three GEMMs in all; backward only
 scales them by the incoming scalar gradient). For reduction "none" the incoming gradient is per token, so
 backward recomputes the logits chunk by chunk (four GEMMs). With no gradient needed, only GEMM 1 runs.
+
+Small shapes (``chunking.one_chunk``: every row fits one chunk and the GEMMs are below ``ONE_CHUNK_MAX_MACS``)
+take a straight-line path instead of the loop: the three GEMMs over all rows, masked ones included (the row
+kernel gives them loss 0 and a zero gradient, and the mean's 1/n_valid scales the gradient inside the row
+kernel), ``dh = dz @ W`` and ``dW = dz.T @ h`` written once, no ``nonzero``, gather, scatter or zeroed buffers.
+The same formulas in the same order per row; only GEMM 3 sums over a different set of zero rows.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .core.chunking import (
     ChunkLogits,
     RowPlan,
     default_chunk_size,
+    one_chunk,
     put,
     take,
     want_sync_free,
@@ -85,6 +92,29 @@ def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o
     return loss, gh, gw, gb
 
 
+def _ce_one_chunk(hidden2d, weight, bias, labels1d, rows_impl, o: RowOptions, grad_scale, need_dh: bool,
+                  need_dw: bool, need_db: bool):
+    """The small-shape fast path (module docstring): ``grad_scale`` None (no gradient), 1.0, a 0-dim or a
+    per-row tensor."""
+    cd = compute_dtype(hidden2d.dtype)
+    n = hidden2d.shape[0]
+    z = gemm.logits(hidden2d, weight, bias)
+    if grad_scale is None:
+        loss, _, _ = rows_impl.ce(z, labels1d, o, want_grad=False)
+        return loss, None, None, None
+    if not torch.is_tensor(grad_scale):
+        grad_scale = None if grad_scale == 1.0 else torch.full((n,), grad_scale, dtype=cd, device=z.device)
+    elif grad_scale.dim() == 0:
+        grad_scale = grad_scale.expand(n)
+    loss, _, g = rows_impl.ce(z, labels1d, o, want_grad=True, grad_scale=grad_scale, scratch=True)
+    if g.dtype != weight.dtype:  # the torch rows return fp32 work buffers; the GEMMs run in the input dtype
+        g = g.to(weight.dtype)
+    gh = gemm.input_grad(g, weight) if need_dh else None
+    gw = gemm.weight_grad(g, hidden2d, cd) if need_dw else None
+    gb = g.sum(dim=0, dtype=cd) if need_db else None
+    return loss, gh, gw, gb
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Precompute-or-recompute (ops/core/head_loss.py) over ``_ce_chunk_loop``."""
 
@@ -106,10 +136,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         o, chunk, rows_impl, sync_free, need = args
 
         def make_plan(tensors):
-            return RowPlan(tensors[3], o.ignore_index, chunk, sync_free)
+            hidden2d, weight, labels1d = tensors[0], tensors[1], tensors[3]
+            small = one_chunk(hidden2d.shape[0], chunk, weight.shape[0], hidden2d.shape[1])
+            # The fast path's plan: all rows in one slice, n_valid a tensor (no synchronization)
+            return RowPlan(labels1d, o.ignore_index, chunk, sync_free or small, single=small)
 
         def run(tensors, plan, row_scale):
             hidden2d, weight, bias, labels1d = tensors
+            if plan.single:
+                scale = None if row_scale is None else row_scale(slice(None), hidden2d.shape[0])
+                return _ce_one_chunk(hidden2d, weight, bias, labels1d, rows_impl, o, scale, *need)
             return _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o, row_scale, *need)
 
         return run, make_plan

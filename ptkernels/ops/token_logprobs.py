@@ -3,6 +3,11 @@
 ``linear_token_logprobs`` works from hidden states and the head without the [N, V] logits: forward keeps
 only per-token log p, lse and E_p[s] (O(N)); backward recomputes each chunk of logits (4 GEMMs in all).
 Ignored targets give log p = 0 and entropy = 0, and receive no gradient.
+
+Small shapes (``chunking.one_chunk``: every row fits one chunk, GEMMs below ``ONE_CHUNK_MAX_MACS``) run straight
+through over all rows (masked ones get 0 from the row kernels): no ``nonzero``, gather or scatter, and forward
+keeps that one chunk of logits when a gradient is wanted, so backward runs GEMMs 2 and 3 only (3 GEMMs in all,
+as eager; the chunk is at most the chunked path's own, ``default_chunk_size``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .core.chunking import (
     ChunkLogits,
     RowPlan,
     default_chunk_size,
+    one_chunk,
     put,
     take,
     want_sync_free,
@@ -30,6 +36,18 @@ def _zeros_like_rows(g, n, cd, device):
     return g if g is not None else torch.zeros(n, dtype=cd, device=device)
 
 
+def _head_grads_one_chunk(g, hidden2d, weight, need_dh, need_dw, need_db):
+    """GEMMs 2 and 3 (and the bias sum) of the fast path, each written once: (dh, dW, db) in the parameters'
+    dtypes."""
+    cd = compute_dtype(hidden2d.dtype)
+    if g.dtype != weight.dtype:
+        g = g.to(weight.dtype)
+    gh = gemm.input_grad(g, weight) if need_dh else None
+    gw = gemm.weight_grad_result(gemm.weight_grad(g, hidden2d, cd), weight.dtype) if need_dw else None
+    gb = g.sum(dim=0, dtype=cd).to(weight.dtype) if need_db else None
+    return gh, gw, gb
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets1d, o: RowOptions, chunk: int, rows_impl, sync_free: bool,
@@ -37,6 +55,19 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         cd = compute_dtype(hidden2d.dtype)
         n = hidden2d.shape[0]
+        ctx.args = (o, chunk, rows_impl, sync_free)
+        if one_chunk(n, chunk, weight.shape[0], hidden2d.shape[1]):  # the fast path (module docstring)
+            z = gemm.logits(hidden2d, weight, bias)
+            logp, lse, mean_s = rows_impl.logprob_fwd(z, targets1d, o, want_entropy)
+            entropy = None
+            if want_entropy:  # the rows give lse for ignored rows too (sync-free rows): 0 there
+                entropy = torch.where(targets1d != o.ignore_index, lse - mean_s,
+                                      torch.zeros((), dtype=cd, device=lse.device))
+            ctx.one_chunk = any(ctx.needs_input_grad[:3])
+            if ctx.one_chunk:
+                ctx.save_for_backward(hidden2d, weight, bias, targets1d, lse, mean_s, z)
+            return (logp, entropy) if want_entropy else logp
+        ctx.one_chunk = False
         plan = RowPlan(targets1d, o.ignore_index, chunk, sync_free)
         logp = torch.zeros(n, dtype=cd, device=hidden2d.device)
         lse = torch.zeros(n, dtype=cd, device=hidden2d.device)
@@ -53,12 +84,11 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         if want_entropy:
             entropy = torch.where(plan.valid, entropy, torch.zeros((), dtype=cd, device=entropy.device))
         ctx.save_for_backward(hidden2d, weight, bias, targets1d, lse, mean_s)
-        ctx.args = (o, chunk, rows_impl, sync_free)
         return (logp, entropy) if want_entropy else logp
 
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):
-        hidden2d, weight, bias, targets1d, lse, mean_s = ctx.saved_tensors
+        hidden2d, weight, bias, targets1d, lse, mean_s, *kept = ctx.saved_tensors
         o, chunk, rows_impl, sync_free = ctx.args
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
@@ -67,6 +97,13 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         cd = compute_dtype(hidden2d.dtype)
         n = hidden2d.shape[0]
         g_logp = _zeros_like_rows(g_logp, n, cd, hidden2d.device)
+        if ctx.one_chunk:  # the fast path: the kept logits; a fresh gradient buffer keeps them for a 2nd backward
+            z = kept[0]
+            g = torch.empty_like(z)
+            rows_impl.logprob_bwd(z, targets1d, lse, mean_s if g_ent is not None else None, g_logp, g_ent, o,
+                                  grad_out=g)
+            gh, gw, gb = _head_grads_one_chunk(g, hidden2d, weight, need_dh, need_dw, need_db)
+            return gh, gw, gb, None, None, None, None, None, None
         plan = RowPlan(targets1d, o.ignore_index, chunk, sync_free)
         gh = torch.zeros_like(hidden2d) if need_dh else None
         gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw else None

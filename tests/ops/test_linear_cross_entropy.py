@@ -253,3 +253,72 @@ def test_no_grad_needed_runs_forward_only():
     loss = ptk.linear_cross_entropy(hidden, weight, labels, backend="torch")
     assert not loss.requires_grad
     assert_close_to_truth(loss, reference.linear_cross_entropy(hidden, weight, labels), 1e-12, "loss")
+
+
+# ------------------------------------------------------------------------ the small-shape fast path
+
+
+def _rows_through_gemm1(monkeypatch):
+    seen = []
+    real = gemm.logits
+
+    def counting(h, w, b, out=None):
+        seen.append(h.shape[0])
+        return real(h, w, b, out=out)
+
+    monkeypatch.setattr(gemm, "logits", counting)
+    return seen
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("mask", ["some", "all"])
+def test_fast_path_agrees_with_the_chunk_loop(monkeypatch, backend, reduction, option, mask):
+    """The one-chunk path (taken by default at this size: every row through one GEMM 1) and the chunk loop
+    (chunk_size=5) against the float64 truth and each other, with a bias, every option, masks, all ignored."""
+    seen = _rows_through_gemm1(monkeypatch)
+    hidden, weight, bias = rand(N, D), rand(V, D), rand(V)
+    labels = labels_with_mask((N,), V) if mask == "some" else torch.full((N,), -100, device=DEVICE)
+    kw = dict(reduction=reduction, **OPTIONS[option])
+    fast, fast_g = _run(ptk.linear_cross_entropy, hidden, weight, labels, bias, 3, backend=backend, **kw)
+    assert seen and seen[0] == N, "the fast path runs GEMM 1 once over every row"
+    seen.clear()
+    loop, loop_g = _run(ptk.linear_cross_entropy, hidden, weight, labels, bias, 3, backend=backend,
+                        chunk_size=5, **kw)
+    assert max(seen, default=0) <= 5
+    truth, truth_g = _run(reference.linear_cross_entropy, hidden, weight, labels, bias, 3, **kw)
+    for what, a, b, t in zip(("loss", "dh", "dW", "db"), (fast, *fast_g), (loop, *loop_g), (truth, *truth_g)):
+        assert_close_to_truth(a, t, 1e-10, f"fast {what}")
+        assert_close_to_truth(a, b, 1e-10, f"fast vs loop {what}")
+        if mask == "all":
+            assert not a.detach().abs().max() > 0, f"all ignored: {what} must be 0"
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fast_path_float32_within_1e5_of_float64_truth(backend):
+    hidden, weight = rand(N, D), rand(V, D)
+    labels = labels_with_mask((N,), V)
+    h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    loss = ptk.linear_cross_entropy(h32, w32, labels, backend=backend)
+    g = torch.autograd.grad(loss * 3.0, (h32, w32))  # an incoming gradient that is not 1
+    truth = reference.linear_cross_entropy(hidden, weight, labels)
+    tg = torch.autograd.grad(truth * 3.0, (hidden, weight))
+    assert_close_to_truth(loss, truth, 1e-5, "loss")
+    for a, t in zip(g, tg):
+        assert_close_to_truth(a, t, 1e-5, "grad")
+
+
+def test_fast_path_only_below_its_size(monkeypatch):
+    from ptkernels.ops.core import chunking
+
+    assert chunking.one_chunk(N, 4096, V, D)
+    assert not chunking.one_chunk(N, N - 1, V, D)  # rows beyond one chunk: the loop
+    assert not chunking.one_chunk(0, 4096, V, D)
+    assert not chunking.one_chunk(4096, 4096, 32000, 512)  # big GEMMs: skipping masked rows pays
+    seen = _rows_through_gemm1(monkeypatch)
+    monkeypatch.setattr(chunking, "ONE_CHUNK_MAX_MACS", 0)
+    hidden, weight = rand(N, D), rand(V, D)
+    labels = labels_with_mask((N,), V, ignore_every=3)
+    ptk.linear_cross_entropy(hidden, weight, labels, backend="torch")
+    assert sum(seen) == int((labels != -100).sum())  # the loop: masked rows skipped

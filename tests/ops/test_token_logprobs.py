@@ -104,3 +104,54 @@ def test_all_ignored_gives_zeros():
     assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(ent, torch.zeros_like(ent))
     gh, = torch.autograd.grad(logp.sum() + ent.sum(), (hidden,))
     assert torch.equal(gh, torch.zeros_like(gh))
+
+
+# ------------------------------------------------------------------------ the small-shape fast path
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("option", [{}, dict(temperature=0.7), dict(softcap=3.0, temperature=1.3)])
+@pytest.mark.parametrize("mask", ["some", "all"])
+def test_fast_path_agrees_with_the_chunk_loop(monkeypatch, backend, entropy, option, mask):
+    """Default (the one-chunk path: GEMM 1 once over every row, its logits kept for backward) vs the chunk
+    loop (chunk_size=5) vs float64, with a bias, gradients of log-probs and entropy, masks, all ignored."""
+    from ptkernels.ops.core import gemm
+
+    seen = []
+    real = gemm.logits
+    monkeypatch.setattr(gemm, "logits", lambda h, w, b, out=None: seen.append(h.shape[0]) or real(h, w, b, out=out))
+    hidden, weight, bias = rand(N, D), rand(V, D), rand(V)
+    targets = labels_with_mask((N,), V) if mask == "some" else torch.full((N,), -100, device=DEVICE)
+    g = torch.Generator().manual_seed(1)
+    w_lp = torch.randn(N, generator=g, dtype=torch.float64).to(DEVICE)
+    w_h = torch.randn(N, generator=g, dtype=torch.float64).to(DEVICE)
+
+    def run(fn, **kw):
+        out = fn(hidden, weight, targets, bias=bias, return_entropy=entropy, **option, **kw)
+        lp, h = out if entropy else (out, None)
+        obj = (lp * w_lp).sum() + ((h * w_h).sum() if entropy else 0.0)
+        return (lp, h), torch.autograd.grad(obj, (hidden, weight, bias))
+
+    fast, fast_g = run(ptk.linear_token_logprobs, backend=backend)
+    assert seen == [N], "fast path: one GEMM 1 over every row, none in backward"
+    loop, loop_g = run(ptk.linear_token_logprobs, backend=backend, chunk_size=5)
+    truth, truth_g = run(reference.linear_token_logprobs)
+    for what, a, b, t in zip(("logp", "entropy", "dh", "dW", "db"), (*fast, *fast_g), (*loop, *loop_g),
+                             (*truth, *truth_g)):
+        if t is None:
+            continue
+        assert_close_to_truth(a, t, 1e-10, f"fast {what}")
+        assert_close_to_truth(a, b, 1e-10, f"fast vs loop {what}")
+        if mask == "all":
+            assert not a.detach().abs().max() > 0, f"all ignored: {what} must be 0"
+
+
+def test_fast_path_second_backward_reuses_the_kept_logits_intact():
+    hidden, weight = rand(N, D), rand(V, D)
+    targets = labels_with_mask((N,), V)
+    lp = ptk.linear_token_logprobs(hidden, weight, targets, backend="torch")
+    first = torch.autograd.grad(lp.sum(), (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(lp.sum(), (hidden, weight))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -43,6 +43,26 @@ def default_chunk_size(num_classes: int, device: torch.device, dtype: torch.dtyp
     return min(rows, 8192 if device.type == "cuda" else 4096)
 
 
+# The small-shape fast path (``one_chunk``): below this many multiply-adds per GEMM (rows x V x D) a call runs
+# as one straight-line chunk over every row. Why: there the fixed per-call cost decides, not the GEMMs. At
+# N=64, D=128, V=872 (the quick preset's head, fp32, 2-core AMD EPYC) the chunked path's Python (row plan, the
+# loop, gathering the valid rows and scattering their gradients into zeroed buffers, an fp32 accumulator for
+# GEMM 3) was ~40% of a call and left it 1.0-1.08x eager. The price of the straight path is that masked rows
+# go through the GEMMs (the row kernels give them loss 0 and a zero gradient, as in sync-free mode): at 25%
+# masked that is 1.33x the GEMM work, which the fixed cost outweighs only while the GEMMs are small.
+# 2^26 (N=512 at D=128, V=872; N=16 at D=512, V=8192) covers the range where the straight path was measured to
+# help (N=64-512 at D=128, V=872, 2-core AMD EPYC under heavy load: benchmarks/RESULTS.md, "small-shape fast
+# path"); the crossover above it was lost in that machine's noise and is still to be measured on a quiet one.
+ONE_CHUNK_MAX_MACS = 1 << 26
+
+
+def one_chunk(n_rows: int, chunk: int, num_classes: int, dim: int) -> bool:
+    """Whether a call of ``n_rows`` rows takes the small-shape fast path: every row in one chunk (no
+    ``nonzero``, no gather/scatter, no accumulators), the logits no larger than one chunk of the chunked path,
+    and GEMMs small enough that skipping the masked rows would not pay (``ONE_CHUNK_MAX_MACS``)."""
+    return 0 < n_rows <= chunk and n_rows * num_classes * dim <= ONE_CHUNK_MAX_MACS
+
+
 def want_sync_free(sync_free: bool | None, device: torch.device) -> bool:
     """Resolve ``sync_free=None``: on when tracing with torch.compile or capturing a CUDA graph."""
     if sync_free is not None:
@@ -55,7 +75,9 @@ def want_sync_free(sync_free: bool | None, device: torch.device) -> bool:
 class RowPlan:
     """Which rows of a flat ``[N, ...]`` problem are processed, in chunks of ``chunk`` rows."""
 
-    def __init__(self, labels1d: torch.Tensor, ignore_index: int, chunk: int, sync_free: bool):
+    def __init__(self, labels1d: torch.Tensor, ignore_index: int, chunk: int, sync_free: bool,
+                 single: bool = False):
+        self.single = single  # the small-shape fast path (``one_chunk``): all rows at once, sync-free
         self.n_rows = labels1d.shape[0]
         self.chunk = chunk
         self.valid = labels1d != ignore_index

@@ -6,15 +6,26 @@
 
 CUDA, and every dtype but fp32 on CPU: ``torch.mm`` / ``addmm`` (cuBLAS; on CPU, bf16 already goes to oneDNN).
 
-CPU fp32: oneDNN, through ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor lowers CPU linears to), for GEMMs
-of at least ``ONEDNN_MIN_FLOPS`` multiply-adds; ``torch.mm`` below that, where building oneDNN's primitive for a
-new shape costs more than oneDNN saves. Why: ``torch.mm`` in fp32 calls the BLAS of the wheel (MKL on x86), and MKL
-picks its code path by CPU vendor: on AMD it runs its generic AVX2 kernels, while oneDNN dispatches on the
-instruction set (AVX-512 on Zen 4/5). On the 2-core AMD EPYC that CI and benchmarks/RESULTS.md use, oneDNN runs the
-DESIGN.md CPU size's GEMMs 1.7-2.3x faster. Both compute in IEEE fp32 with fp32 accumulation (oneDNN follows
-``torch.backends.mkldnn.matmul.fp32_precision`` like the rest of PyTorch); the choice depends only on the shape,
-never on a timing, so a run is reproducible. ``PTK_CPU_GEMM=blas`` (or ``torch.backends.mkldnn.flags
-(enabled=False)``) keeps every GEMM on ``torch.mm``.
+CPU fp32: the library is chosen per machine (``cpu_gemm_choice``), by rules on the CPU's vendor and instruction
+set, reproducible for a given machine (the choice never depends on a timing):
+
+    GenuineIntel  -> "blas": ``torch.mm``, i.e. the wheel's BLAS (MKL on x86), when that BLAS is MKL. MKL runs
+                     its own best kernels on Intel CPUs (AVX-512 where present). Measured on an Intel Xeon
+                     (AVX-512) at N=2048, D=512, V=128256, fp32, one run: the fused CE on torch.mm 0.74x eager and
+                     1.18x the GEMM floor, on oneDNN 0.99x and 1.39x. That figure is from the issue's Intel host;
+                     the development machines (and this rule's tests) are AMD, where the Intel branch is tested
+                     with a mocked CPU only.
+    anything else -> "onednn": ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor lowers CPU linears to),
+                     for GEMMs of at least ``ONEDNN_MIN_FLOPS`` multiply-adds (``torch.mm`` below that, where
+                     building oneDNN's primitive for a new shape costs more than oneDNN saves). Why: MKL picks its
+                     code path by CPU vendor and runs its generic AVX2 kernels on AMD, while oneDNN dispatches on
+                     the instruction set (AVX-512 on Zen 4/5). On the 2-core AMD EPYC that CI and
+                     benchmarks/RESULTS.md use, oneDNN runs the DESIGN.md CPU size's GEMMs 1.7-2.3x faster.
+
+``PTK_CPU_GEMM=auto|blas|onednn`` overrides the rule (read at import); ``torch.backends.mkldnn.flags
+(enabled=False)`` also keeps every GEMM on ``torch.mm``. Both libraries compute in IEEE fp32 with fp32
+accumulation (oneDNN follows ``torch.backends.mkldnn.matmul.fp32_precision`` like the rest of PyTorch), so the
+tests' float64 bounds hold on either (they run on both: tests/ops/core/test_gemm.py, and .ci/run's blas pass).
 
 oneDNN is only handed operands that are contiguous or the transpose of a contiguous matrix: other strides
 (a column slice, say) send it down a reference path thousands of times slower. GEMM 3 on this route
@@ -34,6 +45,8 @@ import os
 
 import torch
 
+from .cpu_info import CPUInfo, cpu_info
+
 # m * n * k. oneDNN builds (JITs) a primitive for every new shape, ~0.3 ms; small GEMMs of ever-changing shapes
 # (GRPO's trained rows x completion length at the quick preset) ran ~10-20% slower on it at 2^24. From 2^27 it
 # wins even on a new shape (128 x 872 x ~2000: 1.5 ms against 2.9 ms on torch.mm).
@@ -41,9 +54,43 @@ ONEDNN_MIN_FLOPS = 1 << 27
 ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD = 256  # GEMM 3's inner dimension; shorter ones lose to addmm_ (0.7x at 128)
 CPU_FRESH_BUFFER_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: larger blocks are mmapped
 
+CPU_GEMM_CHOICES = ("auto", "blas", "onednn")
 _CPU_GEMM = os.environ.get("PTK_CPU_GEMM", "auto").strip().lower()
-if _CPU_GEMM not in ("auto", "blas"):
-    raise ValueError(f"PTK_CPU_GEMM must be 'auto' or 'blas', got {_CPU_GEMM!r}")
+if _CPU_GEMM not in CPU_GEMM_CHOICES:
+    raise ValueError(f"PTK_CPU_GEMM must be one of {', '.join(CPU_GEMM_CHOICES)}, got {_CPU_GEMM!r}")
+
+
+def rule_for_cpu(cpu: CPUInfo, blas_is_mkl: bool) -> tuple[str, str]:
+    """The rule of the module docstring: ("blas" | "onednn", why) for this CPU and wheel."""
+    if cpu.vendor == "GenuineIntel" and blas_is_mkl:
+        isa = "AVX-512" if cpu.avx512 else "no AVX-512"
+        return "blas", f"GenuineIntel ({isa}): MKL runs its own kernels for this CPU"
+    if cpu.vendor == "GenuineIntel":
+        return "onednn", "GenuineIntel, but the wheel's BLAS is not MKL"
+    return "onednn", f"{cpu.vendor or 'unknown vendor'}: MKL would take its generic path, oneDNN dispatches on the ISA"
+
+
+def choose_cpu_gemm(setting: str, cpu: CPUInfo, blas_is_mkl: bool, onednn_ok: bool) -> tuple[str, str]:
+    """("blas" | "onednn", why) for a ``PTK_CPU_GEMM`` setting on this machine."""
+    if setting == "blas":
+        return "blas", "PTK_CPU_GEMM=blas"
+    if not onednn_ok:
+        return "blas", "this PyTorch build has no oneDNN linear"
+    if setting == "onednn":
+        return "onednn", "PTK_CPU_GEMM=onednn"
+    return rule_for_cpu(cpu, blas_is_mkl)
+
+
+_CHOICE: dict[str, tuple[str, str]] = {}  # memoized in a plain dict so torch.compile traces through it
+
+
+def cpu_gemm_choice() -> tuple[str, str]:
+    """The fp32 CPU GEMM library of this process and why: ("blas" | "onednn", reason). Memoized; tests
+    monkeypatch ``_CPU_GEMM`` and clear ``_CHOICE``."""
+    if _CPU_GEMM not in _CHOICE:
+        _CHOICE[_CPU_GEMM] = choose_cpu_gemm(_CPU_GEMM, cpu_info(), torch.backends.mkl.is_available(),
+                                             _onednn_available())
+    return _CHOICE[_CPU_GEMM]
 
 _ONEDNN: dict[str, bool] = {}  # memoized in a plain dict so torch.compile traces through it
 
@@ -58,9 +105,9 @@ def _onednn_available() -> bool:
 def onednn_route(device: torch.device, dtype: torch.dtype) -> bool:
     """True when fp32 GEMMs on ``device`` of at least ``ONEDNN_MIN_FLOPS`` go to oneDNN."""
     # Under CPU autocast the GEMMs stay on torch.mm, which autocast casts like every other CPU matmul.
-    return (device.type == "cpu" and dtype == torch.float32 and _CPU_GEMM == "auto"
-            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cpu") and _onednn_available())
+    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.enabled
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and cpu_gemm_choice()[0] == "onednn")
 
 
 def cpu_gemm_library(dtype: torch.dtype = torch.float32) -> str:
@@ -142,6 +189,19 @@ def accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor,
             acc.addmm_(dz.t(), h, alpha=alpha)
         return
     _accumulate_mixed(acc, dz, h, alpha)
+
+
+def weight_grad(dz: torch.Tensor, h: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """GEMM 3 when one chunk covers every row (the small-shape fast path): ``dz.T @ h`` in ``acc_dtype``,
+    written once instead of added into a zeroed accumulator; the same numbers as ``accumulate_weight_grad``
+    into zeros (fp32 accumulation inside the GEMM, one rounding to ``acc_dtype``)."""
+    if dz.dtype == acc_dtype:
+        if _use_onednn(dz, h, dz.shape[1], h.shape[1], h.shape[0]) and h.shape[0] >= ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD:
+            return _linear(h.t().contiguous(), dz.t()).t()  # [D, V] product, seen as [V, D]
+        return torch.mm(dz.t(), h)
+    acc = torch.zeros(dz.shape[1], h.shape[1], dtype=acc_dtype, device=dz.device)
+    _accumulate_mixed(acc, dz, h, 1.0)
+    return acc
 
 
 def _accumulate_transposed_onednn(acc_t: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, alpha: float) -> None:

@@ -14,6 +14,7 @@ import torch
 import ptkernels as ptk
 from ptkernels import reference
 from ptkernels.ops.core import gemm
+from ptkernels.ops.core.cpu_info import CPUInfo, parse_cpuinfo
 from tests.helpers import assert_close_to_truth
 from tests.helpers import labels_with_mask as _labels
 
@@ -27,9 +28,9 @@ FP32 = 2e-6  # relative to the largest magnitude: a few fp32 roundings of sums o
 
 @pytest.fixture(autouse=True)
 def _route_on(monkeypatch):
-    """This file tests the oneDNN route itself: on even when the run sets PTK_CPU_GEMM=blas (.ci/run's second
-    pass), which only sets ``gemm._CPU_GEMM`` at import."""
-    monkeypatch.setattr(gemm, "_CPU_GEMM", "auto")
+    """This file tests the oneDNN route itself: on whatever this machine's rule picks (blas on Intel) and even
+    when the run sets PTK_CPU_GEMM=blas (.ci/run's second pass), which only sets ``gemm._CPU_GEMM`` at import."""
+    monkeypatch.setattr(gemm, "_CPU_GEMM", "onednn")
 
 
 @pytest.fixture
@@ -208,6 +209,75 @@ def test_env_blas_keeps_torch_mm_and_a_bad_value_names_the_variable():
     env = dict(os.environ, PTK_CPU_GEMM="blas")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "blas"
+    env["PTK_CPU_GEMM"] = "onednn"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "onednn"
     env["PTK_CPU_GEMM"] = "mkl"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "PTK_CPU_GEMM" in bad.stderr
+
+
+# ------------------------------------------------------------------------- the library chosen per machine
+
+INTEL = CPUInfo("GenuineIntel", "Intel(R) Xeon(R) Platinum 8488C", frozenset({"avx2", "fma", "avx512f"}))
+INTEL_AVX2 = CPUInfo("GenuineIntel", "Intel(R) Core(TM) i7-10700", frozenset({"avx2", "fma"}))
+AMD = CPUInfo("AuthenticAMD", "AMD EPYC 9R14", frozenset({"avx2", "fma", "avx512f"}))
+AMD_AVX2 = CPUInfo("AuthenticAMD", "AMD EPYC", frozenset({"avx2", "fma"}))
+UNKNOWN = CPUInfo("", "", frozenset())
+
+
+@pytest.mark.parametrize("cpu, mkl, want", [
+    (INTEL, True, "blas"), (INTEL_AVX2, True, "blas"), (INTEL, False, "onednn"),
+    (AMD, True, "onednn"), (AMD_AVX2, True, "onednn"), (UNKNOWN, True, "onednn")])
+def test_rule_by_vendor(cpu, mkl, want):
+    lib, why = gemm.choose_cpu_gemm("auto", cpu, blas_is_mkl=mkl, onednn_ok=True)
+    assert lib == want and why
+
+
+@pytest.mark.parametrize("cpu", [INTEL, AMD, UNKNOWN])
+def test_override_beats_the_rule_and_no_onednn_means_blas(cpu):
+    assert gemm.choose_cpu_gemm("blas", cpu, True, True)[0] == "blas"
+    assert gemm.choose_cpu_gemm("onednn", cpu, True, True)[0] == "onednn"
+    for setting in ("auto", "onednn"):
+        assert gemm.choose_cpu_gemm(setting, cpu, True, onednn_ok=False)[0] == "blas"
+
+
+def test_route_follows_the_mocked_cpu(monkeypatch):
+    """cpu_gemm_choice -> onednn_route -> which function GEMM 1 calls, with the CPU read mocked."""
+    monkeypatch.setattr(gemm, "_CPU_GEMM", "auto")
+    monkeypatch.setattr(gemm, "_CHOICE", {})
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    for cpu, want in ((INTEL, "blas"), (AMD, "onednn")):
+        monkeypatch.setattr(gemm, "cpu_info", lambda cpu=cpu: cpu)
+        gemm._CHOICE.clear()
+        assert gemm.cpu_gemm_library() == want
+        assert gemm.onednn_route(torch.device("cpu"), torch.float32) == (want == "onednn")
+
+
+def test_parse_cpuinfo_reads_the_first_processor():
+    text = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU\n"
+            "flags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nvendor_id\t: Other\n")
+    info = parse_cpuinfo(text)
+    assert info == CPUInfo("GenuineIntel", "Intel(R) Xeon(R) CPU", frozenset({"fpu", "avx2", "avx512f"}))
+    assert info.avx512
+
+
+@pytest.mark.parametrize("setting", ["blas", "onednn"])
+def test_both_libraries_within_the_float64_rule_at_a_chunked_size(monkeypatch, setting):
+    """Each library, forced on a size where the oneDNN thresholds are met (and the chunked path runs), against
+    float64: fp32 within a few roundings of V-term sums."""
+    monkeypatch.setattr(gemm, "_CPU_GEMM", setting)
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_FLOPS", 0)
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD", 1)
+    h64, w64 = rand(N, D), rand(V, D)
+    y = labels_with_mask((N,), V)
+    h, w = (x.requires_grad_() for x in _f32(h64, w64))
+    for chunk in (None, 8):  # the one-chunk fast path and the chunk loop
+        loss = ptk.linear_cross_entropy(h, w, y, chunk_size=chunk, backend="native" if "native" in
+                                        ptk.backends("cpu") else "torch")
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        truth = reference.linear_cross_entropy(h64, w64, y)
+        th, tw = torch.autograd.grad(truth, (h64, w64))
+        assert_close_to_truth(loss, truth, FP32, f"{setting} loss")
+        assert_close_to_truth(gh, th, FP32, f"{setting} dh")
+        assert_close_to_truth(gw, tw, FP32, f"{setting} dW")

@@ -1,0 +1,46 @@
+"""What the CPU GEMM rules key on: the CPU's vendor, model and instruction-set flags (Linux /proc/cpuinfo;
+``platform`` elsewhere). Read once per process."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CPUInfo:
+    vendor: str  # "GenuineIntel", "AuthenticAMD", ... or "" when unknown
+    model: str
+    flags: frozenset
+
+    @property
+    def avx512(self) -> bool:
+        return "avx512f" in self.flags
+
+
+def parse_cpuinfo(text: str) -> CPUInfo:
+    """The first processor's vendor_id, model name and flags from the text of /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return CPUInfo(vendor=fields.get("vendor_id", ""), model=fields.get("model name", ""),
+                   flags=frozenset(fields.get("flags", "").split()))
+
+
+_CACHE: dict[str, CPUInfo] = {}
+
+
+def cpu_info() -> CPUInfo:
+    if "cpu" not in _CACHE:
+        try:
+            with open("/proc/cpuinfo") as f:
+                info = parse_cpuinfo(f.read())
+        except OSError:
+            info = CPUInfo(vendor="", model=platform.processor(), flags=frozenset())
+        _CACHE["cpu"] = info
+    return _CACHE["cpu"]
