@@ -23,6 +23,7 @@ COMMANDS = {
     "ppo": ("ptkernels.trainers.recipes.ppo", "RLHF with PPO: reward model, critic, KL penalty, GAE"),
     "safety": ("ptkernels.trainers.recipes.safety", "constitutional AI: critique-and-revise SFT, then AI-judged DPO"),
     "eval": ("ptkernels.trainers.recipes.evaluate", "held-out evaluation of a model on the task world"),
+    "merge": ("ptkernels.trainers.lora:main_merge", "merge a LoRA adapter (ptk STAGE --lora) into its base model"),
 }
 
 
