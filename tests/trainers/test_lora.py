@@ -210,3 +210,22 @@ def test_every_stage_has_the_lora_options():
         names = {f for f in cls.__dataclass_fields__}
         assert {"lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
                 "load_in_4bit", "load_in_8bit", "merge_adapter"} <= names, cls.__name__
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(data_dir, tmp_path, mode):
+    """torchrun with 2 gloo processes takes the same LoRA steps as 1 process with the same global batch (DDP and
+    FSDP2 with the frozen base: the optimizer holds the adapter's state only)."""
+    from .engine.test_distributed import torchrun
+
+    common = ["--data", data_dir["sft"], "--max-steps", "2", "--lr", "1e-2", "--grad-accum", "2", *COMMON]
+    one = run("sft", data_dir["sft"], tmp_path / "one", "--max-steps", "2", "--lr", "1e-2", "--grad-accum", "2")
+    torchrun(["sft", *common, "--output-dir", str(tmp_path / "two"), "--batch-size", "2", "--distributed", mode])
+    a = load_file(os.path.join(one, "adapter_model.safetensors"))
+    b = load_file(os.path.join(tmp_path / "two", "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # reduction-order noise only (see engine/test_distributed.py)
+        torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4, msg=k)
+    state = torch.load(os.path.join(tmp_path / "two", "checkpoints", "step-000002", "trainer_state.pt"),
+                       weights_only=False)
+    assert len(state["optimizer"]["state"]) == len(a)  # Adam moments for the adapter's tensors only
