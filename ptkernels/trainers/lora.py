@@ -26,20 +26,13 @@ adapter's outputs (PEFT format, merged model).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 
 import torch
-import yaml
 
-ADAPTER_CONFIG = "adapter_config.json"
-MERGED = "merged"
-
-
-def is_adapted(model) -> bool:
-    """A PEFT model (``get_peft_model`` / ``PeftModel.from_pretrained``)."""
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+from . import adapters
+from .adapters import adapter_disabled, is_adapted  # noqa: F401  (re-exported: lora.is_adapted, ...)
+from .modeling import is_preset, load_causal_lm, load_merged_adapter, load_sequence_classifier, save_pretrained
 
 
 def target_modules(spec: str):
@@ -78,8 +71,6 @@ def check_quantization(cfg) -> dict:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
         raise RuntimeError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from e
-    from .modeling import is_preset
-
     if is_preset(cfg.model):
         raise ValueError(f"{flag} needs a model folder (--model), not the built-in preset {cfg.model!r}")
     from transformers import BitsAndBytesConfig
@@ -117,16 +108,12 @@ def add_adapter(model, cfg, *, task: str = "CAUSAL_LM"):
 
 def base_name(model: str) -> str:
     """The base a saved adapter records: a folder's absolute path, or the preset's name."""
-    from .modeling import is_preset
-
     return model if is_preset(model) else os.path.abspath(model)
 
 
 def load_policy(cfg, *, task: str = "CAUSAL_LM", name: str | None = None, seed: int | None = None):
     """(model, tokenizer) of the model a stage trains: ``load_causal_lm`` (``task`` 'SEQ_CLS':
     ``load_sequence_classifier``) of ``name`` (default ``--model``), with a LoRA adapter when ``--lora``."""
-    from .modeling import load_causal_lm, load_sequence_classifier
-
     name = cfg.model if name is None else name
     load = load_sequence_classifier if task == "SEQ_CLS" else load_causal_lm
     quant = check_quantization(cfg) if cfg.lora else {}
@@ -144,108 +131,39 @@ def _with_model(cfg, name: str):
     return dataclasses.replace(cfg, model=name)
 
 
-@contextlib.contextmanager
-def adapter_disabled(model):
-    """The base model inside the block (every adapter bypassed); a no-op for a model without adapters."""
-    if not is_adapted(model):
-        yield model
-        return
-    with model.disable_adapter():
-        yield model
-
-
 # ------------------------------------------------------------------------------------------------ saving / merging
-
-
-def save_adapter(model, path: str, state_dict: dict | None = None) -> None:
-    """The adapter (and ``modules_to_save`` copies) in PEFT's format; ``state_dict``: the model's full or
-    trainable-only state (a gathered FSDP state), from which PEFT keeps the adapter's entries."""
-    # save_embedding_layers=False: "auto" would look the base's config up online (nothing is downloaded here);
-    # a trained head is saved anyway, as a modules_to_save entry
-    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False)
-
-
-def load_adapter_weights(model, path: str) -> None:
-    """A checkpoint's adapter weights into ``model`` (a PEFT model, before any wrapping)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    file = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{path}: no adapter_model.safetensors (was this checkpoint written with --lora?)")
-    result = set_peft_model_state_dict(model, load_file(file))
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"{path}: adapter weights do not match the model (unexpected {sorted(unexpected)[:5]})")
-
-
-def is_adapter_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(path, "config.json"))
-
-
-def _base_of(path: str) -> tuple[str, int, str, bool]:
-    """(base model, seed, task type, trust_remote_code) of the adapter saved in ``path``."""
-    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
-        config = json.load(f)
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
-    seed, trust = 0, False
-    run = os.path.join(path, "run_config.yaml")
-    if os.path.isfile(run):
-        with open(run, encoding="utf-8") as f:
-            saved = yaml.safe_load(f) or {}
-        seed, trust = int(saved.get("seed", 0)), bool(saved.get("trust_remote_code", False))
-    return base, seed, config.get("task_type") or "CAUSAL_LM", trust
-
-
-def load_merged(path: str, *, task: str | None = None, max_length: int = 1024):
-    """(model, tokenizer): the adapter in ``path`` merged into its base (``merge_and_unload``): a plain model."""
-    from peft import PeftModel
-
-    from .modeling import load_causal_lm, load_sequence_classifier, load_tokenizer
-
-    base, seed, saved_task, trust = _base_of(path)
-    task = task or saved_task
-    load = load_sequence_classifier if task == "SEQ_CLS" else load_causal_lm
-    model, _ = load(base, seed=seed, trust_remote_code=trust, max_length=max_length)
-    model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    if _head_trained(path) and getattr(model.config, "tie_word_embeddings", False):
-        # the trained head copy is no longer the (frozen) embedding: keep them apart in the saved model
-        model.config.tie_word_embeddings = False
-    return model, load_tokenizer(path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base,
-                                 trust_remote_code=trust)
-
-
-def _head_trained(path: str) -> bool:
-    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
-        saved = json.load(f).get("modules_to_save") or []
-    return "lm_head" in saved
 
 
 def merge_adapter_folder(path: str, out: str | None = None) -> str:
     """Writes the merged full model of the adapter in ``path`` to ``out`` (default ``path/merged``): Hugging Face
     format, loadable with ``AutoModelForCausalLM`` (or ``AutoModelForSequenceClassification``) ``.from_pretrained``."""
-    from .modeling import save_pretrained
-
-    if not is_adapter_folder(path):
-        raise FileNotFoundError(f"{path!r} holds no LoRA adapter ({ADAPTER_CONFIG})")
-    out = out or os.path.join(path, MERGED)
-    model, tokenizer = load_merged(path)
+    if not adapters.is_adapter_folder(path):
+        raise FileNotFoundError(f"{path!r} holds no LoRA adapter ({adapters.ADAPTER_CONFIG})")
+    out = out or os.path.join(path, adapters.MERGED)
+    model, tokenizer = load_merged_adapter(path)
     if model.config.tie_word_embeddings is False and hasattr(model, "lm_head"):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     save_pretrained(model, tokenizer, out)
     return out
 
 
-def main_merge(argv: list[str]) -> int:
-    """``ptk merge ADAPTER_DIR [--output-dir DIR]``."""
+def build_merge_parser():
     import argparse
 
     parser = argparse.ArgumentParser(prog="ptk merge", description="merge a LoRA adapter written by ptk STAGE "
-                                     "--lora into its base model and save the full model")
-    parser.add_argument("adapter", help="the adapter folder (a stage's output_dir)")
+                                     "--lora into its base model and save the full model",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("adapter", nargs="?", default=None, help="the adapter folder (a stage's output_dir)")
     parser.add_argument("--output-dir", default=None, help="where the merged model goes (default: ADAPTER/merged)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main_merge(argv: list[str]) -> int:
+    """``ptk merge ADAPTER_DIR [--output-dir DIR] [--config merge.yaml]``."""
+    from .engine.config import parse_args_with_config
+
+    args = parse_args_with_config(build_merge_parser(), argv)
+    if not args.adapter:
+        raise ValueError("ptk merge: name the adapter folder (ptk merge ADAPTER_DIR, or 'adapter:' in --config)")
     print(f"ptk merge: {merge_adapter_folder(args.adapter, args.output_dir)}")
     return 0

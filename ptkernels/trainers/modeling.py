@@ -24,7 +24,7 @@ from torch import nn
 import ptkernels as ptk
 
 from ..integrations.hf import causal_lm_hidden_states, output_head
-from . import lora
+from . import adapters
 from .data.tiny_tokenizer import load_tiny_tokenizer
 from .data.tokenization import token_count
 
@@ -85,12 +85,12 @@ def preset_config(name: str, tokenizer, *, max_length: int = 1024):
 def load_causal_lm(name: str, *, seed: int = 0, trust_remote_code: bool = False, max_length: int = 1024,
                    **load_kwargs):
     """(model, tokenizer): a preset initialized from ``seed``, or a local folder's weights, in fp32. A folder
-    holding a LoRA adapter (``ptk STAGE --lora``) gives its merged model (``lora.load_merged``). ``load_kwargs`` go
+    holding a LoRA adapter (``ptk STAGE --lora``) gives its merged model (``load_merged_adapter``). ``load_kwargs`` go
     to ``from_pretrained`` (QLoRA's quantization config)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     quiet_transformers()
-    if not is_preset(name) and lora.is_adapter_folder(name):
+    if not is_preset(name) and adapters.is_adapter_folder(name):
         return _load_adapter_folder(name, "CAUSAL_LM", max_length)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     if is_preset(name):
@@ -112,7 +112,7 @@ def load_sequence_classifier(name: str, *, seed: int = 0, trust_remote_code: boo
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
     quiet_transformers()
-    if not is_preset(name) and lora.is_adapter_folder(name):
+    if not is_preset(name) and adapters.is_adapter_folder(name):
         return _load_adapter_folder(name, "SEQ_CLS", max_length)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     with torch.random.fork_rng(devices=[]):
@@ -131,13 +131,26 @@ def load_sequence_classifier(name: str, *, seed: int = 0, trust_remote_code: boo
 def _load_adapter_folder(name: str, task: str, max_length: int):
     """A stage's LoRA output as a plain model: its ``merged/`` folder when --merge-adapter wrote one, else the
     adapter merged into its base now."""
-    merged = os.path.join(name, lora.MERGED)
+    load = load_sequence_classifier if task == "SEQ_CLS" else load_causal_lm
+    merged = os.path.join(name, adapters.MERGED)
     if os.path.isfile(os.path.join(merged, "config.json")):
-        load = load_sequence_classifier if task == "SEQ_CLS" else load_causal_lm
         return load(merged, max_length=max_length)
-    model, tokenizer = lora.load_merged(name, task=task, max_length=max_length)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    return load_merged_adapter(name, task=task, max_length=max_length)
+
+
+def load_merged_adapter(path: str, *, task: str | None = None, max_length: int = 1024):
+    """(model, tokenizer): the adapter in ``path`` merged into its base (``merge_and_unload``): a plain model."""
+    from peft import PeftModel
+
+    base, seed, saved_task, trust = adapters.adapter_base(path)
+    load = load_sequence_classifier if (task or saved_task) == "SEQ_CLS" else load_causal_lm
+    model, _ = load(base, seed=seed, trust_remote_code=trust, max_length=max_length)
+    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if adapters.head_trained(path) and getattr(model.config, "tie_word_embeddings", False):
+        # the trained head copy is no longer the (frozen) embedding: keep them apart in the saved model
+        model.config.tie_word_embeddings = False
+    tokenizer = load_tokenizer(path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base,
+                               trust_remote_code=trust)
     _sync_special_tokens(model, tokenizer)
     return model, tokenizer
 
@@ -155,8 +168,8 @@ def _sync_special_tokens(model, tokenizer) -> None:
 def save_pretrained(model, tokenizer, path: str, state_dict: dict | None = None) -> None:
     """Hugging Face format: config.json, model.safetensors, generation_config.json and the tokenizer files; for a
     model with a LoRA adapter, the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors)."""
-    if lora.is_adapted(model):
-        lora.save_adapter(model, path, state_dict)
+    if adapters.is_adapted(model):
+        adapters.save_adapter(model, path, state_dict)
         tokenizer.save_pretrained(path)
         return
     if state_dict is not None:
@@ -195,7 +208,7 @@ def head_inputs(model, hidden: torch.Tensor):
 def cache_argument(model) -> str:
     """The name of the KV cache argument of ``model``'s forward (and field of its output): ``cache`` since
     transformers 5 renamed it, ``past_key_values`` before."""
-    if lora.is_adapted(model):  # PEFT's forward passes **kwargs on: the signature of the model it adapts
+    if adapters.is_adapted(model):  # PEFT's forward passes **kwargs on: the signature of the model it adapts
         model = model.get_base_model()
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -265,13 +278,13 @@ def load_reference(cfg, info: DistInfo, policy=None):
 
 def shares_base(cfg, policy) -> bool:
     """The reference is the policy's own base (adapter disabled): LoRA without a separate ``--ref-model``."""
-    return bool(getattr(cfg, "lora", False)) and not cfg.ref_model and lora.is_adapted(policy)
+    return bool(getattr(cfg, "lora", False)) and not cfg.ref_model and adapters.is_adapted(policy)
 
 
 def reference_scope(model):
     """The context the reference ``model`` is read in: its adapter disabled when it is the LoRA policy itself (the
     base under the adapter: exactly the initial policy's numbers); nothing for a separate model."""
-    return lora.adapter_disabled(model)
+    return adapters.adapter_disabled(model)
 
 
 class ReferenceModel:

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .. import lora
+from .. import adapters
 from ..modeling import save_pretrained
 
 STATE_FILE = "trainer_state.pt"
@@ -125,8 +125,8 @@ def load_model_weights(model, path: str) -> None:
     loads its adapter (the checkpoint holds nothing else)."""
     from safetensors.torch import load_file
 
-    if lora.is_adapted(model):
-        lora.load_adapter_weights(model, path)
+    if adapters.is_adapted(model):
+        adapters.load_adapter_weights(model, path)
         return
 
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))

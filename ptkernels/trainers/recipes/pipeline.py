@@ -46,7 +46,8 @@ from ..engine.config import (
 # The presets are YAML files a user can copy and edit (configs/pipeline/NAME.yaml): the model size, the world's
 # sizes and each stage's options (on top of the shared ones).
 PRESETS = {name: load_yaml(shipped_config(f"pipeline/{name}.yaml")) for name in ("quick", "full")}
-RUN_OPTIONS = ("output_dir", "seed", "resume", "backend", "progress", "lora")  # keys of a --config file that are not preset
+# keys of a --config file that are not preset
+RUN_OPTIONS = ("output_dir", "seed", "resume", "backend", "progress", "lora")
 EVAL_STAGES = ("base", "sft", "dpo", "ppo", "grpo", "safety")
 
 
