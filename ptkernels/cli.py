@@ -24,6 +24,7 @@ COMMANDS = {
     "safety": ("ptkernels.trainers.recipes.safety", "constitutional AI: critique-and-revise SFT, then AI-judged DPO"),
     "eval": ("ptkernels.trainers.recipes.evaluate", "held-out evaluation of a model on the task world"),
     "check-sandbox": ("ptkernels.trainers.rewards.sandbox:main", "which isolation the code reward's sandbox has here"),
+    "merge": ("ptkernels.trainers.lora:main_merge", "merge a LoRA adapter (ptk STAGE --lora) into its base model"),
 }
 
 

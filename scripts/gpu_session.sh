@@ -90,8 +90,14 @@ trainer_parallel=("${parallel[@]/--timeout=120/--timeout=60}")
 stage trainers 240 python3 -m pytest tests/trainers -v -p no:cacheprovider -rfE "${trainer_parallel[@]}" \
   -k "not two_processes and not dataset"
 
+# 6. LoRA vs full fine-tuning: peak memory and step time of ptk dpo (live reference) and ptk grpo (beta 0.1) on a
+#    random ~0.7B Llama (benchmarks/test_bench_lora.py, PTK_LORA_BENCH=gpu): the reference copy gone shows as memory.
+#    Opt-in (PTK_GPU_STAGES="build bench_lora"): its two files would pass the 8 the device tool brings back.
+stage bench_lora 200 env PTK_LORA_BENCH=gpu python3 -m pytest benchmarks/test_bench_lora.py --benchmark-only -q \
+  -p no:cacheprovider --benchmark-json="$OUT/bench_lora.json" --benchmark-columns=median,rounds
+
 # The reply shows the end of the output: the tests' verdict and the benchmarks' summary tables last.
-for name in trainers tests bench_rl bench_lce; do
+for name in trainers tests bench_rl bench_lce bench_lora; do
   echo "################ $name"
   [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|crashed|FAILED|^ERROR|^\| |^=+ ptkernels" \
     "$OUT/$name.log" | grep -v "^|---" | tail -n 45

@@ -103,6 +103,7 @@ def _head_module(model) -> nn.Linear:
             f"{type(model).__name__} has no output head (get_output_embeddings() is None): pass the "
             f"*ForCausalLM model (e.g. from AutoModelForCausalLM), not its base model"
         )
+    module = _active_head(module)
     # A subclass that overrides forward (quantized layers, adapters) does not compute hidden @ weight.T + bias.
     if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
         raise TypeError(
@@ -110,6 +111,21 @@ def _head_module(model) -> nn.Linear:
             f"ptkernels can only fuse a linear head"
         )
     return module
+
+
+def _active_head(module: nn.Module) -> nn.Module:
+    """The module that computes a PEFT-wrapped head's output: with ``modules_to_save=["lm_head"]`` PEFT wraps the
+    head in a ``ModulesToSaveWrapper`` holding the frozen original and a trained copy per adapter; the copy of the
+    active adapter runs, or the original while the adapters are disabled (``disable_adapter()``)."""
+    copies = getattr(module, "modules_to_save", None)
+    if not isinstance(copies, nn.ModuleDict) or not hasattr(module, "original_module"):
+        return module
+    active = getattr(module, "active_adapters", None) or []
+    if module.disable_adapters or not active:
+        return module.original_module
+    if len(active) != 1 or active[0] not in copies:
+        raise TypeError(f"a PEFT-wrapped output head with adapters {list(active)} active: ptkernels fuses one head")
+    return copies[active[0]]
 
 
 def output_head(model) -> OutputHead:

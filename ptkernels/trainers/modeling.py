@@ -24,6 +24,7 @@ from torch import nn
 import ptkernels as ptk
 
 from ..integrations.hf import causal_lm_hidden_states, output_head
+from . import adapters
 from .data.tiny_tokenizer import load_tiny_tokenizer
 from .data.tokenization import token_count
 
@@ -81,11 +82,16 @@ def preset_config(name: str, tokenizer, *, max_length: int = 1024):
                        rope_theta=10000.0, **PRESETS[name])
 
 
-def load_causal_lm(name: str, *, seed: int = 0, trust_remote_code: bool = False, max_length: int = 1024):
-    """(model, tokenizer): a preset initialized from ``seed``, or a local folder's weights, in fp32."""
+def load_causal_lm(name: str, *, seed: int = 0, trust_remote_code: bool = False, max_length: int = 1024,
+                   **load_kwargs):
+    """(model, tokenizer): a preset initialized from ``seed``, or a local folder's weights, in fp32. A folder
+    holding a LoRA adapter (``ptk STAGE --lora``) gives its merged model (``load_merged_adapter``). ``load_kwargs`` go
+    to ``from_pretrained`` (QLoRA's quantization config)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     quiet_transformers()
+    if not is_preset(name) and adapters.is_adapter_folder(name):
+        return _load_adapter_folder(name, "CAUSAL_LM", max_length)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     if is_preset(name):
         with torch.random.fork_rng(devices=[]):
@@ -93,18 +99,21 @@ def load_causal_lm(name: str, *, seed: int = 0, trust_remote_code: bool = False,
             model = LlamaForCausalLM(preset_config(name, tokenizer, max_length=max_length))
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **load_kwargs)
     _sync_special_tokens(model, tokenizer)
     return model, tokenizer
 
 
 def load_sequence_classifier(name: str, *, seed: int = 0, trust_remote_code: bool = False,
-                             max_length: int = 1024):
+                             max_length: int = 1024, **load_kwargs):
     """(model, tokenizer): a one-output ``AutoModelForSequenceClassification`` (a reward model / critic). From a
-    causal LM folder the score head is new (initialized from ``seed``); from a reward model folder it is loaded."""
+    causal LM folder the score head is new (initialized from ``seed``); from a reward model folder it is loaded.
+    A LoRA adapter folder gives its merged model."""
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
     quiet_transformers()
+    if not is_preset(name) and adapters.is_adapter_folder(name):
+        return _load_adapter_folder(name, "SEQ_CLS", max_length)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -114,7 +123,34 @@ def load_sequence_classifier(name: str, *, seed: int = 0, trust_remote_code: boo
             model = LlamaForSequenceClassification(config)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code)
+                name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, **load_kwargs)
+    _sync_special_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def _load_adapter_folder(name: str, task: str, max_length: int):
+    """A stage's LoRA output as a plain model: its ``merged/`` folder when --merge-adapter wrote one, else the
+    adapter merged into its base now."""
+    load = load_sequence_classifier if task == "SEQ_CLS" else load_causal_lm
+    merged = os.path.join(name, adapters.MERGED)
+    if os.path.isfile(os.path.join(merged, "config.json")):
+        return load(merged, max_length=max_length)
+    return load_merged_adapter(name, task=task, max_length=max_length)
+
+
+def load_merged_adapter(path: str, *, task: str | None = None, max_length: int = 1024):
+    """(model, tokenizer): the adapter in ``path`` merged into its base (``merge_and_unload``): a plain model."""
+    from peft import PeftModel
+
+    base, seed, saved_task, trust = adapters.adapter_base(path)
+    load = load_sequence_classifier if (task or saved_task) == "SEQ_CLS" else load_causal_lm
+    model, _ = load(base, seed=seed, trust_remote_code=trust, max_length=max_length)
+    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if adapters.head_trained(path) and getattr(model.config, "tie_word_embeddings", False):
+        # the trained head copy is no longer the (frozen) embedding: keep them apart in the saved model
+        model.config.tie_word_embeddings = False
+    tokenizer = load_tokenizer(path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base,
+                               trust_remote_code=trust)
     _sync_special_tokens(model, tokenizer)
     return model, tokenizer
 
@@ -130,7 +166,12 @@ def _sync_special_tokens(model, tokenizer) -> None:
 
 
 def save_pretrained(model, tokenizer, path: str, state_dict: dict | None = None) -> None:
-    """Hugging Face format: config.json, model.safetensors, generation_config.json and the tokenizer files."""
+    """Hugging Face format: config.json, model.safetensors, generation_config.json and the tokenizer files; for a
+    model with a LoRA adapter, the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors)."""
+    if adapters.is_adapted(model):
+        adapters.save_adapter(model, path, state_dict)
+        tokenizer.save_pretrained(path)
+        return
     if state_dict is not None:
         # a copy (save_pretrained edits the dict it is given), without the tied copies of shared weights (a
         # gathered FSDP state holds them as separate tensors, which save_pretrained would write twice)
@@ -167,6 +208,8 @@ def head_inputs(model, hidden: torch.Tensor):
 def cache_argument(model) -> str:
     """The name of the KV cache argument of ``model``'s forward (and field of its output): ``cache`` since
     transformers 5 renamed it, ``past_key_values`` before."""
+    if adapters.is_adapted(model):  # PEFT's forward passes **kwargs on: the signature of the model it adapts
+        model = model.get_base_model()
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -222,12 +265,26 @@ class CausalLMLoss(TrainingModule):
 # ------------------------------------------------------------------------------------------- reference model
 
 
-def load_reference(cfg, info: DistInfo):
+def load_reference(cfg, info: DistInfo, policy=None):
     """The frozen reference model: ``--ref-model``, or the initial policy (``--model``, the same seed for a
-    preset), loaded before any ``--resume`` replaces the policy's weights; in eval mode on this process's device."""
+    preset), loaded before any ``--resume`` replaces the policy's weights; in eval mode on this process's device.
+    With ``--lora`` and no ``--ref-model``: ``policy`` itself (its base, read inside ``reference_scope``)."""
+    if policy is not None and shares_base(cfg, policy):
+        return policy
     name = cfg.ref_model or cfg.model
     ref, _ = load_causal_lm(name, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_length)
     return ref.requires_grad_(False).to(info.device).eval()
+
+
+def shares_base(cfg, policy) -> bool:
+    """The reference is the policy's own base (adapter disabled): LoRA without a separate ``--ref-model``."""
+    return bool(getattr(cfg, "lora", False)) and not cfg.ref_model and adapters.is_adapted(policy)
+
+
+def reference_scope(model):
+    """The context the reference ``model`` is read in: its adapter disabled when it is the LoRA policy itself (the
+    base under the adapter: exactly the initial policy's numbers); nothing for a separate model."""
+    return adapters.adapter_disabled(model)
 
 
 class ReferenceModel:
@@ -237,16 +294,17 @@ class ReferenceModel:
     it is neither trained, nor wrapped by DDP, nor saved."""
 
     def __init__(self, model):
-        self.model = model
+        self.model = model  # a separate frozen model, or the LoRA policy read with its adapter disabled
 
     @classmethod
-    def load(cls, cfg, info: DistInfo) -> ReferenceModel:
-        return cls(load_reference(cfg, info))
+    def load(cls, cfg, info: DistInfo, policy=None) -> ReferenceModel:
+        return cls(load_reference(cfg, info, policy))
 
     @torch.no_grad()
     def head_inputs(self, batch: dict):
         """(hidden, weight, head options) of ``batch`` under the reference model, as ``head_inputs`` gives them."""
-        return head_inputs(self.model, hidden_states(self.model, batch))
+        with reference_scope(self.model):
+            return head_inputs(self.model, hidden_states(self.model, batch))
 
     def fused_inputs(self, batch: dict, prefix: str = "ref_") -> dict:
         """The reference's hidden states, weight and bias as the fused losses' ``ref_hidden`` / ``ref_weight`` /
@@ -257,4 +315,5 @@ class ReferenceModel:
     @torch.no_grad()
     def summed_logps(self, batch: dict, backend: str = "auto") -> torch.Tensor:
         """``[B]``: each row's summed log-probs of its label tokens under the reference model."""
-        return token_logps(self.model, batch, backend).sum(-1)
+        with reference_scope(self.model):
+            return token_logps(self.model, batch, backend).sum(-1)

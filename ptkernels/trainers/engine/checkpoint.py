@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .. import adapters
 from ..modeling import save_pretrained
 
 STATE_FILE = "trainer_state.pt"
@@ -76,10 +77,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def gather_state(module, optimizer) -> tuple[dict, dict]:
+def gather_state(module, optimizer, trainable_only: bool = False) -> tuple[dict, dict]:
     """Full (unsharded, CPU) state dicts of the training module and its optimizer; a collective under FSDP2:
-    every rank calls it."""
-    return get_model_state_dict(module, options=_FULL), get_optimizer_state_dict(module, optimizer, options=_FULL)
+    every rank calls it. ``trainable_only`` (LoRA: the frozen base is not saved) leaves the frozen weights out."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=_FULL)
 
 
 def substate(state: dict, attr: str) -> dict:
@@ -119,8 +121,13 @@ def load_trainer_state(path: str) -> dict:
 
 
 def load_model_weights(model, path: str) -> None:
-    """The checkpoint's weights into ``model`` (before any wrapping); tied weights are re-tied."""
+    """The checkpoint's weights into ``model`` (before any wrapping); tied weights are re-tied. A LoRA model
+    loads its adapter (the checkpoint holds nothing else)."""
     from safetensors.torch import load_file
+
+    if adapters.is_adapted(model):
+        adapters.load_adapter_weights(model, path)
+        return
 
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:

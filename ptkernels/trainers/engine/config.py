@@ -71,6 +71,23 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     tensorboard: bool = option(False, "also log to TensorBoard (output_dir/tensorboard) when it is installed")
     progress: bool = option(True, "show a tqdm progress bar")
+    # LoRA / QLoRA through PEFT (trainers/lora.py)
+    lora: bool = option(False, "train a LoRA adapter (PEFT) instead of all weights; the reference of dpo/kto/ppo/"
+                        "grpo is then the same model with its adapter disabled (no second copy)")
+    lora_r: int = option(16, "LoRA rank (with --lora)")
+    lora_alpha: float = option(32.0, "LoRA alpha: the update is scaled by alpha / r (with --lora)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA branch's input (with --lora)")
+    lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                      "comma-separated module names to adapt (default: the attention and MLP "
+                                      "projections), or 'all-linear' (every linear layer but the output head)")
+    lora_modules_to_save: str = option("", "comma-separated modules trained in full beside the adapter, e.g. "
+                                       "'lm_head' (the fused losses then read its trained copy) or 'score'; "
+                                       "default: none for causal LMs (head frozen), 'score' for reward / critic")
+    load_in_4bit: bool = option(False, "QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only: on CPU it "
+                                "is an error, not a silent fp32 run); needs --lora and a model folder")
+    load_in_8bit: bool = option(False, "the frozen base in 8-bit (bitsandbytes, CUDA only); needs --lora")
+    merge_adapter: bool = option(False, "with --lora, also write the merged full model to output_dir/merged "
+                                 "(loads with AutoModelForCausalLM.from_pretrained); same as ptk merge")
 
 
 @dataclass
@@ -409,6 +426,26 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.data:
         raise ValueError("--data is required: a JSONL file or a saved datasets folder")
+    validate_lora(cfg)
+
+
+def validate_lora(cfg: TrainConfig) -> None:
+    """The LoRA block's options (see trainers/lora.py)."""
+    if cfg.lora_r < 1:
+        raise ValueError(f"--lora-r must be >= 1, got {cfg.lora_r}")
+    if cfg.lora_alpha <= 0:
+        raise ValueError(f"--lora-alpha must be > 0, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not cfg.lora_target_modules.strip():
+        raise ValueError("--lora-target-modules must name at least one module (or 'all-linear')")
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ValueError("--load-in-4bit and --load-in-8bit exclude each other")
+    if not cfg.lora:
+        for name in ("load_in_4bit", "load_in_8bit", "merge_adapter"):
+            if getattr(cfg, name):
+                raise ValueError(f"{_flag(name)} needs --lora (a quantized or merged base only makes sense with "
+                                 f"an adapter)")
 
 
 def to_dict(cfg) -> dict:

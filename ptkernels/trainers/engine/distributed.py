@@ -71,6 +71,8 @@ def wrap(module: nn.Module, model: nn.Module, info: DistInfo, mode: str) -> nn.M
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):  # LoRA: the adapted model inside PEFT's
+        model = model.get_base_model()
     base = getattr(model, "base_model", model)
     layers = getattr(base, "layers", None)
     return list(layers) if layers is not None else []

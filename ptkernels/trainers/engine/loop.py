@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import adapters
+from ..lora import merge_adapter_folder
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_dict
 from .distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, wrap
@@ -281,7 +283,9 @@ class Trainer:
 
     def save(self, step: int, final: bool = False) -> None:
         """A checkpoint of ``step`` (and with ``final`` the output folder's model); a collective: every process."""
-        module_state, optim_state = ckpt.gather_state(self.module, self.optimizer)
+        # LoRA (every saved model adapted): the checkpoint holds the adapter, so the frozen base is not gathered
+        adapter_only = all(adapters.is_adapted(getattr(self.module, attr)) for attr in self.saved.values())
+        module_state, optim_state = ckpt.gather_state(self.module, self.optimizer, trainable_only=adapter_only)
         if self.info.is_main:
             trainer_state = {"step": step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                              "rng": ckpt.rng_state(), "data": self.data.state_dict(),
@@ -292,6 +296,10 @@ class Trainer:
                                  self.cfg.save_total_limit)
             if final:
                 ckpt.save_final(self.cfg.output_dir, models, self.tokenizer, self.config)
+                if getattr(self.cfg, "merge_adapter", False):
+                    for folder, (model, _) in models.items():
+                        if adapters.is_adapted(model):
+                            merge_adapter_folder(os.path.join(self.cfg.output_dir, folder))
         barrier(self.info)
 
 

@@ -23,7 +23,8 @@ from ..data.tokenization import collate_pairs, encode_all, encode_preference, pa
 from ..engine.config import DPOConfig, ORPOConfig, PreferenceConfig, SimPOConfig, parse_config
 from ..engine.distributed import DistInfo, init_distributed, shutdown
 from ..engine.loop import Dataset, TrainResult, autocast, train
-from ..modeling import ReferenceModel, TrainingModule, head_inputs, hidden_states, load_causal_lm
+from ..lora import load_policy
+from ..modeling import ReferenceModel, TrainingModule, head_inputs, hidden_states
 
 REFERENCE_FREE = ("orpo", "simpo")
 
@@ -105,13 +106,12 @@ def run(cfg: PreferenceConfig, stage: str = "dpo") -> TrainResult:
     info = init_distributed()
     try:
         rows, _ = load_data(cfg, ("preference",), info)
-        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                                          max_length=cfg.max_length)
+        model, tokenizer = load_policy(cfg)
         examples = encode_all(rows, lambda r: encode_preference(r, tokenizer, max_length=cfg.max_length,
                                                                 truncation=cfg.truncation), "pairs", info)
         ref = None
         if cfg.loss_type not in REFERENCE_FREE:
-            ref = ReferenceModel.load(cfg, info)
+            ref = ReferenceModel.load(cfg, info, policy=model)  # with --lora: the policy, adapter off
             if cfg.ref_mode == "precompute":
                 logps = reference_logps(ref, examples, cfg, tokenizer.pad_token_id, info)
                 examples = [(pair, pair_logps) for pair, pair_logps in zip(examples, logps)]

@@ -27,7 +27,8 @@ from ..data.tokenization import encode_all, encode_sft
 from ..engine.config import GRPOConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import TrainResult, train
-from ..modeling import TrainingModule, head_inputs, hidden_states, load_causal_lm, load_reference
+from ..lora import load_policy
+from ..modeling import TrainingModule, head_inputs, hidden_states, load_reference, reference_scope
 from ..rewards.sandbox import require_sandbox
 from ..rewards.verifiers import get_verifier
 from ..rollout.onpolicy import PTX, OnPolicySource, load_prompts, split_parts
@@ -145,7 +146,8 @@ class GRPORollouts(OnPolicySource):
         if cfg.num_iterations > 1:  # else the ratio is 1: the current log-probs, detached, stand in
             batch["old_logps"] = self.logps(self.policy, batch)
         if self.ref_model is not None:
-            batch["ref_logps"] = self.logps(self.ref_model, batch)
+            with reference_scope(self.ref_model):  # with --lora the policy itself, its adapter disabled
+                batch["ref_logps"] = self.logps(self.ref_model, batch)
         scored, lengths, finished = sampled
         values = [r for r, _ in scored]
         metrics = {"reward": group_mean(values), "accuracy": group_mean([float(r >= 1.0) for r in values]),
@@ -274,10 +276,9 @@ def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk grpo: --distributed fsdp is not supported (generation needs whole weights); "
                              "use ddp")
-        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                                          max_length=cfg.max_length)
+        model, tokenizer = load_policy(cfg)
         rows, prompts = load_prompts(cfg, tokenizer, info)
-        ref = load_reference(cfg, info) if cfg.beta > 0 else None
+        ref = load_reference(cfg, info, policy=model) if cfg.beta > 0 else None  # --lora: the policy
         source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref, engine=engine)
         if ptx_rows:
             examples = encode_all(ptx_rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length,

@@ -21,7 +21,8 @@ from ..data.tokenization import IGNORE_INDEX, Encoded, collate, encode_all, enco
 from ..engine.config import KTOConfig, parse_config
 from ..engine.distributed import DistInfo, init_distributed, shutdown
 from ..engine.loop import Dataset, TrainResult, autocast, train
-from ..modeling import ReferenceModel, TrainingModule, head_inputs, hidden_states, load_causal_lm
+from ..lora import load_policy
+from ..modeling import ReferenceModel, TrainingModule, head_inputs, hidden_states
 
 
 def _split(e: Encoded) -> int:
@@ -101,14 +102,13 @@ def run(cfg: KTOConfig) -> TrainResult:
     info = init_distributed()
     try:
         rows, _ = load_data(cfg, ("unpaired_preference",), info)
-        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                                          max_length=cfg.max_length)
+        model, tokenizer = load_policy(cfg)
         encoded = encode_all(rows, lambda r: encode_unpaired(r, tokenizer, max_length=cfg.max_length,
                                                              truncation=cfg.truncation), "examples", info)
         n = len(encoded)
         examples = [{"example": e, "desirable": d, "kl": kl_partner(e, encoded[(i + 1) % n][0], cfg.max_length)}
                     for i, (e, d) in enumerate(encoded)]
-        ref = ReferenceModel.load(cfg, info)
+        ref = ReferenceModel.load(cfg, info, policy=model)  # with --lora: the policy, adapter off
         if cfg.ref_mode == "precompute":
             reference_logps(ref, examples, cfg, tokenizer.pad_token_id, info)
             ref = None  # not held during training

@@ -46,7 +46,8 @@ from ..engine.config import (
 # The presets are YAML files a user can copy and edit (configs/pipeline/NAME.yaml): the model size, the world's
 # sizes and each stage's options (on top of the shared ones).
 PRESETS = {name: load_yaml(shipped_config(f"pipeline/{name}.yaml")) for name in ("quick", "full")}
-RUN_OPTIONS = ("output_dir", "seed", "resume", "backend", "progress")  # keys of a --config file that are not preset
+# keys of a --config file that are not preset
+RUN_OPTIONS = ("output_dir", "seed", "resume", "backend", "progress", "lora")
 EVAL_STAGES = ("base", "sft", "dpo", "ppo", "grpo", "safety")
 
 
@@ -59,6 +60,7 @@ class PipelineOptions:
     backend: str = "auto"
     progress: bool = True
     overrides: dict = field(default_factory=dict)  # merged into the preset: {"model": "tiny", "sft": {...}, ...}
+    lora: bool = False  # every post-training stage trains a LoRA adapter (pretraining, which makes the base, does not)
 
 
 def _shared(opts: PipelineOptions) -> dict:
@@ -79,10 +81,14 @@ class Pipeline:
         return os.path.join(self.out, *parts)
 
     def options(self, stage: str) -> dict:
-        return {**_shared(self.opts), **self.preset[stage]}
+        # --lora: an adapter per post-training stage, merged (output_dir/merged) so the next stage and the evaluation
+        # load a plain model; the stage's own options (e.g. lora_r) still win
+        lora = {"lora": True, "merge_adapter": True} if self.opts.lora and stage != "pretrain" else {}
+        return {**_shared(self.opts), **lora, **self.preset[stage]}
 
     def done(self, stage_dir: str) -> bool:
-        return os.path.exists(os.path.join(stage_dir, "model.safetensors"))
+        return any(os.path.exists(os.path.join(stage_dir, f)) for f in ("model.safetensors",
+                                                                        "adapter_model.safetensors"))
 
     def stage(self, name: str, run, cfg, folder: str | None = None) -> None:
         """Runs one training stage (skipped when resuming and its model exists), timing it."""
@@ -195,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="keep the stages whose model already exists")
     parser.add_argument("--backend", default="auto", help="ptkernels backend for the fused losses")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    parser.add_argument("--lora", action="store_true", help="every post-training stage trains a LoRA adapter (PEFT; "
+                        "the stages' default --lora-* options, merged into output_dir/STAGE/merged for the next "
+                        "stage); pretraining, which makes the base model, trains all weights")
     return parser
 
 
@@ -215,7 +224,7 @@ def options_from_args(argv: list[str]) -> PipelineOptions:
         parser.set_defaults(**run)
     args = parser.parse_args(argv)
     return PipelineOptions(preset=args.preset, output_dir=args.output_dir, seed=args.seed, resume=args.resume,
-                           backend=args.backend, progress=args.progress, overrides=overrides)
+                           backend=args.backend, progress=args.progress, overrides=overrides, lora=args.lora)
 
 
 def main(argv: list[str]) -> int:

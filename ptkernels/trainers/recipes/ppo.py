@@ -25,13 +25,14 @@ from ..data.tokenization import end_of_turn_suffix
 from ..engine.config import PPOConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import TrainResult, train
+from ..lora import is_adapted, load_policy
 from ..modeling import (
     TrainingModule,
     head_inputs,
     hidden_states,
-    load_causal_lm,
     load_reference,
     load_sequence_classifier,
+    reference_scope,
 )
 from ..rollout.onpolicy import OnPolicySource, load_prompts, split_rows
 from ..rollout.scoring import completion_batch
@@ -39,6 +40,7 @@ from ..rollout.scoring import completion_batch
 
 def token_values(critic, batch: dict) -> torch.Tensor:
     """The critic's value at every position that predicts a next token: ``[B, T-1]``, aligned with the log-probs."""
+    critic = critic.get_base_model() if is_adapted(critic) else critic  # LoRA: the adapted model inside PEFT
     body = critic.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return critic.score(body.last_hidden_state).squeeze(-1).float()[:, :-1]
 
@@ -77,7 +79,9 @@ class PPORollouts(OnPolicySource):
         rows, prompts, out = self.sample(index, 1)
         batch = completion_batch(prompts, out.completion_ids, self.tokenizer.pad_token_id)
         mask = batch["completion_mask"]
-        old_logps, ref_logps = self.logps(self.policy, batch), self.logps(self.ref_model, batch)
+        old_logps = self.logps(self.policy, batch)
+        with reference_scope(self.ref_model):  # with --lora the policy itself, its adapter disabled
+            ref_logps = self.logps(self.ref_model, batch)
         on_device = {k: v.to(device) for k, v in batch.items()}
         was_training = self.critic.training
         self.critic.eval()
@@ -86,7 +90,8 @@ class PPORollouts(OnPolicySource):
         scored = completion_batch(prompts, scored_completions(rows, out.completion_ids, out.finished,
                                                               self.turn_suffix), self.tokenizer.pad_token_id)
         scored = {k: v.to(device) for k, v in scored.items()}
-        scores = torch.cat([sequence_scores(self.reward_model, b) for b in split_rows(scored, cfg.batch_size)])
+        with reference_scope(self.reward_model):  # with --lora the critic itself, its adapter disabled
+            scores = torch.cat([sequence_scores(self.reward_model, b) for b in split_rows(scored, cfg.batch_size)])
         scores = scores.cpu() - cfg.missing_eos_penalty * (~torch.tensor(out.finished)).float()
 
         kl = ptk.kl_penalty(old_logps, ref_logps, estimator=cfg.kl_estimator) * mask
@@ -159,17 +164,19 @@ def run(cfg: PPOConfig, engine=None) -> TrainResult:
             raise ValueError("ptk ppo: --reward-model is required (a folder written by ptk reward)")
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk ppo: --distributed fsdp is not supported (generation needs whole weights); use ddp")
-        policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                                           max_length=cfg.max_length)
+        policy, tokenizer = load_policy(cfg)
         rows, prompts = load_prompts(cfg, tokenizer, info, fmt=("prompt_only", "prompt_completion"))
-        critic, rm_tokenizer = load_sequence_classifier(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+        critic, rm_tokenizer = load_policy(cfg, task="SEQ_CLS", name=cfg.reward_model, seed=0)
         if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError("ptk ppo: the reward model's tokenizer differs from the policy's; the reward model "
                              "must score the policy's tokens (train it with ptk reward from the same model)")
-        reward_model, _ = load_sequence_classifier(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
-        reward_model = reward_model.requires_grad_(False).to(info.device).eval()
+        if cfg.lora:  # the critic starts as the reward model: its base, adapter disabled, is the reward model
+            reward_model = critic
+        else:
+            reward_model, _ = load_sequence_classifier(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+            reward_model = reward_model.requires_grad_(False).to(info.device).eval()
         source = PPORollouts(rows, prompts, policy, tokenizer, cfg, info, critic=critic, reward_model=reward_model,
-                             ref_model=load_reference(cfg, info), engine=engine)
+                             ref_model=load_reference(cfg, info, policy), engine=engine)
         return train(cfg, PPOLoss(policy, critic, cfg), source, tokenizer, info, stage="ppo")
     finally:
         shutdown(info)

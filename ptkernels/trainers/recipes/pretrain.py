@@ -11,15 +11,15 @@ from ..data.tokenization import collate, encode_pretrain_stream
 from ..engine.config import PretrainConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import Dataset, TrainResult, train
-from ..modeling import CausalLMLoss, load_causal_lm
+from ..lora import load_policy
+from ..modeling import CausalLMLoss
 
 
 def run(cfg: PretrainConfig) -> TrainResult:
     info = init_distributed()
     try:
         rows, _ = load_data(cfg, ("text",), info)
-        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                                          max_length=cfg.max_length)
+        model, tokenizer = load_policy(cfg)
         blocks = encode_pretrain_stream(rows, tokenizer, block_size=cfg.max_length)
         data = Dataset(blocks, lambda ex: collate(ex, tokenizer.pad_token_id), cfg.seed)
         return train(cfg, CausalLMLoss(model, cfg.backend), data, tokenizer, info, stage="pretrain")

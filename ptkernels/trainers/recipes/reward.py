@@ -18,7 +18,8 @@ from ..data.tokenization import collate_pairs, encode_all, encode_preference, pa
 from ..engine.config import RewardConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import Dataset, TrainResult, train
-from ..modeling import TrainingModule, load_sequence_classifier
+from ..lora import load_policy
+from ..modeling import TrainingModule
 
 
 class RewardLoss(TrainingModule):
@@ -55,8 +56,7 @@ def run(cfg: RewardConfig) -> TrainResult:
     info = init_distributed()
     try:
         rows, _ = load_data(cfg, ("preference",), info)
-        model, tokenizer = load_sequence_classifier(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                                                    max_length=cfg.max_length)
+        model, tokenizer = load_policy(cfg, task="SEQ_CLS")  # --lora: the new score head trains in full
 
         def encode(row):
             pair = encode_preference(row, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation)

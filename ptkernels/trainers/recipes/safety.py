@@ -140,13 +140,17 @@ def _judge(cfg: SafetyConfig, model, tokenizer):
     return ModelJudge(judge_model, judge_tokenizer, cfg)
 
 
+LORA_OPTIONS = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
+                "load_in_4bit", "load_in_8bit", "merge_adapter")
+
+
 def _stage_config(cls, cfg: SafetyConfig, **overrides):
     """A stage config inheriting the shared options of the safety run."""
     shared = {k: getattr(cfg, k) for k in ("batch_size", "grad_accum", "weight_decay", "adam_betas", "warmup_steps",
                                            "min_lr_ratio", "max_grad_norm", "max_length", "truncation", "seed",
                                            "precision", "log_steps", "backend", "trust_remote_code",
                                            "progress", "tensorboard", "overwrite", "save_steps", "save_total_limit",
-                                           "gradient_checkpointing")}
+                                           "gradient_checkpointing", *LORA_OPTIONS)}
     return cls(**shared, **overrides)
 
 

@@ -13,7 +13,8 @@ from ..data.tokenization import collate, encode_all, encode_sft, pack
 from ..engine.config import SFTConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import Dataset, TrainResult, train
-from ..modeling import CausalLMLoss, load_causal_lm
+from ..lora import load_policy
+from ..modeling import CausalLMLoss
 
 SFT_FORMATS = ("text", "messages", "prompt_completion")
 
@@ -22,8 +23,7 @@ def run(cfg: SFTConfig) -> TrainResult:
     info = init_distributed()
     try:
         rows, fmt = load_data(cfg, SFT_FORMATS, info)
-        model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                                          max_length=cfg.max_length)
+        model, tokenizer = load_policy(cfg)
         examples = encode_all(rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length,
                                                           truncation=cfg.truncation, fmt=fmt), "examples", info)
         if cfg.packing:

@@ -54,10 +54,15 @@ class RolloutEngine(Protocol):
 
 
 def unwrap_model(model):
-    """The model itself when handed its DDP wrapper (generate is a method of the Hugging Face model)."""
+    """The model itself when handed its DDP wrapper (generate is a method of the Hugging Face model); for a PEFT
+    model, the Hugging Face model it adapts (its LoRA layers in place: it samples from the adapted model, or from
+    the base inside ``disable_adapter()``)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
 
 
 def model_device(model) -> torch.device:

@@ -1,0 +1,78 @@
+"""What the rest of the trainers need to know about a PEFT (LoRA) model without building one: is it adapted, its
+base read with the adapter disabled, saving and loading its adapter, and what an adapter folder says about its base.
+``lora.py`` builds the adapters (and imports ``modeling``); this module imports neither, so ``modeling`` and
+``engine`` can use it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import yaml
+
+ADAPTER_CONFIG = "adapter_config.json"
+MERGED = "merged"  # where --merge-adapter / ptk merge put the merged model, inside the adapter folder
+
+
+def is_adapted(model) -> bool:
+    """A PEFT model (``get_peft_model`` / ``PeftModel.from_pretrained``)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """The base model inside the block (every adapter bypassed); a no-op for a model without adapters."""
+    if not is_adapted(model):
+        yield model
+        return
+    with model.disable_adapter():
+        yield model
+
+
+def save_adapter(model, path: str, state_dict: dict | None = None) -> None:
+    """The adapter (and ``modules_to_save`` copies) in PEFT's format; ``state_dict``: the model's full or
+    trainable-only state (a gathered FSDP state), from which PEFT keeps the adapter's entries."""
+    # save_embedding_layers=False: "auto" would look the base's config up online (nothing is downloaded here);
+    # a trained head is saved anyway, as a modules_to_save entry
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False)
+
+
+def load_adapter_weights(model, path: str) -> None:
+    """A checkpoint's adapter weights into ``model`` (a PEFT model, before any wrapping)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: no adapter_model.safetensors (was this checkpoint written with --lora?)")
+    result = set_peft_model_state_dict(model, load_file(file))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{path}: adapter weights do not match the model (unexpected {sorted(unexpected)[:5]})")
+
+
+def is_adapter_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(path, "config.json"))
+
+
+def adapter_base(path: str) -> tuple[str, int, str, bool]:
+    """(base model, seed, task type, trust_remote_code) of the adapter saved in ``path``."""
+    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
+        config = json.load(f)
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    seed, trust = 0, False
+    run = os.path.join(path, "run_config.yaml")
+    if os.path.isfile(run):
+        with open(run, encoding="utf-8") as f:
+            saved = yaml.safe_load(f) or {}
+        seed, trust = int(saved.get("seed", 0)), bool(saved.get("trust_remote_code", False))
+    return base, seed, config.get("task_type") or "CAUSAL_LM", trust
+
+
+def head_trained(path: str) -> bool:
+    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
+        saved = json.load(f).get("modules_to_save") or []
+    return "lm_head" in saved
