@@ -278,22 +278,45 @@ def _coerce(value, kind, key: str, where: str):
     return float(value) if kind is float else tuple(value) if kind is tuple else value
 
 
+def _first_line(doc: str | None) -> str:
+    return doc.strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+def _declaring_class(cls, name: str):
+    """The most general class of ``cls``'s hierarchy that declares option ``name`` (its help group)."""
+    for base in reversed(cls.__mro__):
+        if name in getattr(base, "__annotations__", {}) and dataclasses.is_dataclass(base):
+            return base
+    return cls
+
+
 def build_parser(cls, prog: str) -> argparse.ArgumentParser:
-    doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None
-    parser = argparse.ArgumentParser(prog=prog, description=doc,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """``--help`` lists the options in groups (the options every stage shares, then the stage family's and the
+    stage's own), each with its help and default."""
+    parser = argparse.ArgumentParser(prog=prog, description=_first_line(cls.__doc__) or None,
+                                     usage=f"{prog} [--config FILE.yaml] [--option value ...]",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="Options also come from --config FILE.yaml (keys as the option names; a "
+                                            "run's run_config.yaml works); the command line overrides the file.")
     parser.add_argument("--config", default=None, help="a YAML file of options (the command line overrides it)")
+    groups = {}
     for f in dataclasses.fields(cls):
+        owner = _declaring_class(cls, f.name)
+        if owner not in groups:
+            title = "options of every stage" if owner.__name__ == "TrainConfig" else \
+                f"{owner.__name__.removesuffix('Config')} options"
+            groups[owner] = parser.add_argument_group(title, _first_line(owner.__doc__) or None)
+        group = groups[owner]
         kind, meta = _field_type(cls, f), f.metadata
         kw = {"help": meta.get("help", ""), "default": f.default, "dest": f.name}
         if kind is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif kind is tuple:
-            parser.add_argument(_flag(f.name), nargs=len(f.default), type=float, metavar="X", **kw)
+            group.add_argument(_flag(f.name), nargs=len(f.default), type=float, metavar="X", **kw)
         elif f.name == "resume":  # --resume alone means the latest checkpoint
-            parser.add_argument(_flag(f.name), nargs="?", const="latest", **kw)
+            group.add_argument(_flag(f.name), nargs="?", const="latest", **kw)
         else:
-            parser.add_argument(_flag(f.name), type=kind, choices=meta.get("choices"), **kw)
+            group.add_argument(_flag(f.name), type=kind, choices=meta.get("choices"), **kw)
     return parser
 
 
