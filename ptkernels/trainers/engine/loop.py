@@ -423,8 +423,8 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
                 if stopped:  # a stop signal on any process
                     trainer.save(step)
                     signum = stop.signum or signal.SIGINT
-                    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-                    raise Interrupted(f"ptk {stage}: interrupted ({name}); checkpoint saved at step {step} in "
+                    name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+                    raise Interrupted(f"ptk {stage}: interrupted{name}; checkpoint saved at step {step} in "
                                       f"{ckpt.checkpoint_dir(cfg.output_dir)} (continue with --resume)", signum)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
                     trainer.save(step)
