@@ -28,16 +28,31 @@ COMMANDS = {
 }
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, OSError)
+
+
 def main(argv=None) -> int:
+    """``ptk COMMAND [options]``. From the console (``argv`` None) a user error is one line
+    (``ptk: error: --lr must be finite and > 0 (got inf)``) and the traceback shows only with ``--debug``; called
+    with an ``argv`` list (from Python) errors are raised as they are."""
+    console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if argv and argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"ptk (ptkernels) {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ptk COMMAND [options]   (ptk COMMAND --help for its options)\n\ncommands:")
+        print("usage: ptk COMMAND [options]   (ptk COMMAND --help for its options; --debug shows tracebacks)\n\n"
+              "commands:")
         for name, (_, doc) in COMMANDS.items():
             print(f"  {name:<12}{doc}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"ptk: unknown command {name!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"ptk: error: unknown command {name!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     import importlib
 
@@ -51,8 +66,11 @@ def main(argv=None) -> int:
 
         if isinstance(exc, Interrupted):
             print(exc, file=sys.stderr)
-            return 130
-        raise
+            return 128 + exc.signum
+        if not console or debug or not isinstance(exc, USER_ERRORS):
+            raise
+        print(f"ptk: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -63,22 +63,87 @@ def load_rows(path: str, *, split: str = "train") -> list[Row]:
     return rows
 
 
+MAX_REPORTED = 10  # malformed rows listed in one error (the count says how many more)
+
+
 def _load_jsonl(path: str) -> list[Row]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    """Every line decoded and parsed; every malformed one (not UTF-8, invalid JSON, nesting too deep, a number too
+    long to read, a lone surrogate) collected as ``file:line: what`` and reported together."""
+    rows, errors = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             source = f"{path}:{lineno}"
             try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                hint = " (expected JSON Lines: one JSON object per line)" if line.lstrip().startswith("[") else ""
-                raise DataError(f"{source}: invalid JSON: {e.msg} at column {e.colno}{hint}") from None
-            if not isinstance(data, dict):
-                raise DataError(f"{source}: expected a JSON object, got {type(data).__name__}")
-            rows.append(Row(data, source))
+                data = _parse_line(raw, source)
+            except DataError as e:
+                errors.append(str(e))
+                continue
+            if data is not None:
+                rows.append(Row(data, source))
+    if errors:
+        raise DataError(_many(errors))
     return rows
+
+
+def _many(errors: list[str]) -> str:
+    if len(errors) == 1:
+        return errors[0]
+    more = len(errors) - 1
+    listed = ", ".join(e.split(": ", 1)[0] for e in errors[1:MAX_REPORTED])
+    tail = "" if more < MAX_REPORTED else f" and {len(errors) - MAX_REPORTED} more"
+    return f"{errors[0]} (and {more} more malformed row{'s' if more > 1 else ''}: {listed}{tail})"
+
+
+def _parse_line(raw: bytes, source: str) -> dict | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        f"re-encode the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as e:
+        hint = " (expected JSON Lines: one JSON object per line)" if line.lstrip().startswith("[") else ""
+        raise DataError(f"{source}: invalid JSON: {e.msg} at column {e.colno}{hint}") from None
+    except RecursionError:
+        raise DataError(f"{source}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer over Python's 4300-digit conversion limit
+        raise DataError(f"{source}: unreadable JSON value: {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    _check_values(data, source)
+    return data
+
+
+MAX_DEPTH = 64  # nesting levels a row may have (messages need 3)
+
+
+def _check_values(data: dict, source: str) -> None:
+    """Walks the row without recursion: every string must be valid Unicode (no lone surrogates, which JSON's
+    ``\\ud800`` escapes allow but no tokenizer takes) and the nesting at most ``MAX_DEPTH`` deep."""
+    stack = [(data, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > MAX_DEPTH:
+            raise DataError(f"{source}: nested more than {MAX_DEPTH} levels deep (at {path or 'the row'})")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_string(k, source, f"{path}.{k}" if path else repr(k))
+                stack.append((v, depth + 1, f"{path}.{k}" if path else k))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, f"{path}[{i}]") for i, v in enumerate(value))
+        elif isinstance(value, str):
+            _check_string(value, source, path)
+
+
+def _check_string(text: str, source: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{source}: field {path!r} holds a lone surrogate ({text[e.start]!r} at character "
+                        f"{e.start}), which is not valid Unicode text") from None
 
 
 def _load_dataset_dir(path: str, split: str) -> list[Row]:
@@ -140,18 +205,23 @@ def validate_rows(rows: list[Row], allowed: tuple[str, ...]) -> str:
     first bad row's source and field."""
     if not rows:
         raise DataError("no rows to train on")
-    first_fmt, first_source = None, None
+    first_fmt, first_source, errors = None, None, []
     for row in rows:
-        fmt = detect_format(row)
-        if fmt not in allowed:
-            raise DataError(f"{row.source}: the row is in {fmt!r} format (fields {sorted(row.data)}) but this stage "
-                            f"needs {' or '.join(repr(a) for a in allowed)}")
-        if first_fmt is None:
-            first_fmt, first_source = fmt, row.source
-        elif fmt != first_fmt:
-            raise DataError(f"{row.source}: the row is in {fmt!r} format (fields {sorted(row.data)}) but "
-                            f"{first_source} is in {first_fmt!r}: all rows must have the same format")
-        _check_row(row, fmt)
+        try:
+            fmt = detect_format(row)
+            if fmt not in allowed:
+                raise DataError(f"{row.source}: the row is in {fmt!r} format (fields {sorted(row.data)}) but this "
+                                f"stage needs {' or '.join(repr(a) for a in allowed)}")
+            if first_fmt is None:
+                first_fmt, first_source = fmt, row.source
+            elif fmt != first_fmt:
+                raise DataError(f"{row.source}: the row is in {fmt!r} format (fields {sorted(row.data)}) but "
+                                f"{first_source} is in {first_fmt!r}: all rows must have the same format")
+            _check_row(row, fmt)
+        except DataError as e:  # every bad row is reported, not only the first
+            errors.append(str(e))
+    if errors:
+        raise DataError(_many(errors))
     return first_fmt
 
 

@@ -5,14 +5,24 @@ A checkpoint is a Hugging Face model folder (``save_pretrained``, safetensors, t
 ``output_dir/checkpoints/step-NNNNNN``. It is written into a temporary folder beside it and renamed into place,
 so a crash leaves either the old set of checkpoints or the new one. The final model goes to ``output_dir``
 itself: written into ``output_dir/.final-tmp`` first, then each file renamed over the old one.
+
+One run identity: a fresh run writes ``output_dir/run.json`` with a new run id, and every checkpoint it writes
+carries that id (in ``trainer_state.pt`` and in ``checkpoint.json``, the manifest written last, which lists every
+file's size). Pruning and ``--resume`` only ever see the current run's complete checkpoints. ``--overwrite`` moves
+the earlier run's ``checkpoints/`` and ``metrics.jsonl`` aside into ``.overwritten-RUNID/`` and deletes them only
+once the new run has written its first complete checkpoint (or finished): a new run stopped before that leaves the
+old one's checkpoints and metrics where they can be recovered.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import re
 import shutil
+import uuid
 
 import numpy as np
 import torch
@@ -28,6 +38,9 @@ from .. import adapters
 from ..modeling import save_pretrained
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "checkpoint.json"
+RUN_FILE = "run.json"
+ASIDE_PREFIX = ".overwritten-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -36,28 +49,164 @@ def checkpoint_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Finished checkpoints, oldest first (temporary folders are not listed)."""
+def current_run_id(output_dir: str) -> str | None:
+    """The id of the run ``output_dir`` belongs to (None for a folder without ``run.json``: no run, or a run
+    written before run ids existed)."""
+    try:
+        with open(os.path.join(output_dir, RUN_FILE), encoding="utf-8") as f:
+            return json.load(f)["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_run_file(output_dir: str, run_id: str, stage: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    _atomic_write(os.path.join(output_dir, RUN_FILE), json.dumps({"run_id": run_id, "stage": stage}) + "\n")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _manifest(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_run_id(path: str) -> str | None:
+    m = _manifest(path)
+    return m.get("run_id") if isinstance(m, dict) else None
+
+
+def step_of(path: str) -> int:
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else -1
+
+
+def list_checkpoints(output_dir: str, run_id: str | None = "current") -> list[str]:
+    """The current run's finished checkpoints, oldest first (temporary folders are not listed). ``run_id``:
+    'current' (the id in ``run.json``; a folder without one lists every checkpoint), an id, or None (all)."""
     root = checkpoint_dir(output_dir)
     if not os.path.isdir(root):
         return []
+    if run_id == "current":
+        run_id = current_run_id(output_dir)
     found = [(int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_DIR.match(n))
              and os.path.exists(os.path.join(root, n, STATE_FILE))]
-    return [os.path.join(root, n) for _, n in sorted(found)]
+    paths = [os.path.join(root, n) for _, n in sorted(found)]
+    if run_id is None:
+        return paths
+    return [p for p in paths if checkpoint_run_id(p) in (run_id, None)]
 
 
-def resolve_resume(output_dir: str, resume: str) -> str | None:
-    """The checkpoint folder ``--resume`` names ('latest' or a path), or None when not resuming."""
+def verify_checkpoint(path: str) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from (a file missing, cut short or unreadable), or None."""
+    m = _manifest(path)
+    if m is not None:
+        for rel, size in m.get("files", {}).items():
+            full = os.path.join(path, rel)
+            if not os.path.isfile(full):
+                return f"{rel} is missing"
+            if os.path.getsize(full) != size:
+                return f"{rel} has {os.path.getsize(full)} bytes, the checkpoint wrote {size}"
+    try:
+        from safetensors import safe_open
+
+        load_trainer_state(path)
+        for root, _, files in os.walk(path):
+            for name in files:
+                if name.endswith(".safetensors"):
+                    with safe_open(os.path.join(root, name), framework="pt") as f:
+                        for key in f.keys():
+                            f.get_slice(key)
+    except Exception as e:  # noqa: BLE001 - any failure to read means the checkpoint is damaged
+        return f"unreadable ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
+def resolve_resume(output_dir: str, resume: str, report=print) -> str | None:
+    """The checkpoint folder ``--resume`` names ('latest': the current run's newest complete one; or a path), or
+    None when not resuming. A damaged latest checkpoint is reported and the previous complete one used."""
     if not resume:
         return None
+    if resume != "latest":
+        if not os.path.exists(os.path.join(resume, STATE_FILE)):
+            raise FileNotFoundError(f"--resume: {resume!r} is not a checkpoint folder (no {STATE_FILE})")
+        problem = verify_checkpoint(resume)
+        if problem:
+            raise ValueError(f"--resume: checkpoint {resume} is damaged: {problem}")
+        return resume
+    found = list_checkpoints(output_dir)
+    if not found:
+        raise FileNotFoundError(no_checkpoint_message(output_dir))
+    for path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        report(f"ptk: warning: checkpoint {path} is damaged ({problem}); trying the previous one")
+    raise ValueError(f"--resume: every checkpoint in {checkpoint_dir(output_dir)} is damaged; start over with "
+                     f"--overwrite")
+
+
+def no_checkpoint_message(output_dir: str) -> str:
+    if holds_earlier_run(output_dir):
+        return (f"--resume: {output_dir} holds a run that stopped before its first checkpoint: there is nothing to "
+                f"resume; start over with --overwrite")
+    return f"--resume: no checkpoint in {checkpoint_dir(output_dir)}: nothing to resume (run without --resume)"
+
+
+def earlier_run_message(output_dir: str) -> str:
+    """What to do about an earlier run in ``output_dir``: advice that fits what it holds."""
+    done = os.path.exists(os.path.join(output_dir, "model.safetensors"))
+    if list_checkpoints(output_dir):
+        last = step_of(list_checkpoints(output_dir)[-1])
+        what = "a finished run" if done else f"an unfinished run (last checkpoint: step {last})"
+        more = " (e.g. with a larger --max-steps)" if done else ""
+        return (f"--output-dir {output_dir!r} holds {what}: pass --resume to continue it{more} or --overwrite to "
+                f"start over (its model stays until the new one is saved)")
+    what = "a finished run" if done else "a run that stopped before its first checkpoint (nothing to resume)"
+    return (f"--output-dir {output_dir!r} holds {what}: pass --overwrite to start over, or choose another "
+            f"--output-dir")
+
+
+def preflight(output_dir: str, resume: str, overwrite: bool) -> None:
+    """The output-folder checks, before anything heavy: raise with the right advice when the run cannot start."""
     if resume == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {checkpoint_dir(output_dir)}")
-        return found[-1]
-    if not os.path.exists(os.path.join(resume, STATE_FILE)):
-        raise FileNotFoundError(f"--resume: {resume!r} is not a checkpoint folder (no {STATE_FILE})")
-    return resume
+        if not list_checkpoints(output_dir):
+            raise FileNotFoundError(no_checkpoint_message(output_dir))
+    elif resume:
+        if not os.path.exists(os.path.join(resume, STATE_FILE)):
+            raise FileNotFoundError(f"--resume: {resume!r} is not a checkpoint folder (no {STATE_FILE})")
+    elif holds_earlier_run(output_dir) and not overwrite:
+        raise FileExistsError(earlier_run_message(output_dir))
+
+
+def start_new_run(output_dir: str, stage: str) -> str:
+    """A fresh run in ``output_dir`` (main process only): a new run id written first (so whatever of an earlier
+    run is still here is no longer the current run's), then the earlier run's checkpoints and metrics moved
+    aside until ``discard_overwritten`` (after the new run's first complete checkpoint)."""
+    run_id = new_run_id()
+    earlier = holds_earlier_run(output_dir)
+    write_run_file(output_dir, run_id, stage)
+    if earlier:
+        aside = os.path.join(output_dir, ASIDE_PREFIX + run_id)
+        os.makedirs(aside, exist_ok=True)
+        for name in ("checkpoints", "metrics.jsonl", "tensorboard"):
+            if os.path.exists(os.path.join(output_dir, name)):
+                os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
+    return run_id
+
+
+def discard_overwritten(output_dir: str) -> None:
+    """Deletes the runs ``--overwrite`` moved aside: the new run has a complete checkpoint or model now."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(ASIDE_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def rng_state() -> dict:
@@ -96,23 +245,76 @@ def _save_models(models: dict, tokenizer, path: str) -> None:
         save_pretrained(model, tokenizer, os.path.join(path, folder) if folder else path, state_dict=state)
 
 
+class DiskFullError(OSError):
+    """No space left while writing a checkpoint or the final model; what was there before is intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_SPACE_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when torch.save's C++ writer reports it as a RuntimeError ('file write failed')."""
+    if isinstance(exc, OSError) and exc.errno in _SPACE_ERRNOS:
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("No space left" in text or "write failed" in text)
+
+
 def save_checkpoint(output_dir: str, step: int, models: dict, tokenizer, trainer_state: dict, config: dict,
                     keep: int) -> str:
-    """Writes checkpoint ``step`` atomically (main process only) and prunes the oldest beyond ``keep``."""
+    """Writes checkpoint ``step`` atomically (main process only) and prunes the current run's oldest beyond
+    ``keep``. The manifest (``checkpoint.json``: run id, step, every file's size) is written last: a folder
+    without a matching one is not a complete checkpoint. A full disk raises ``DiskFullError`` and leaves the
+    earlier checkpoints as they were."""
     root = checkpoint_dir(output_dir)
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_models(models, tokenizer, tmp)
-    torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
-    _write_yaml(os.path.join(tmp, "run_config.yaml"), config)
+    previous = list_checkpoints(output_dir)
+    try:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _save_models(models, tokenizer, tmp)
+        torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
+        _write_yaml(os.path.join(tmp, "run_config.yaml"), config)
+        files = {os.path.relpath(os.path.join(r, n), tmp): os.path.getsize(os.path.join(r, n))
+                 for r, _, names in os.walk(tmp) for n in names}
+        _atomic_write(os.path.join(tmp, MANIFEST), json.dumps(
+            {"run_id": trainer_state.get("run_id"), "step": step, "files": files}, indent=1) + "\n")
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_disk_full(e):
+            raise
+        kept = [p for p in previous if p != final]
+        intact = f"the previous checkpoint step {step_of(kept[-1])} is intact" if kept else "no earlier checkpoint"
+        raise DiskFullError(errno.ENOSPC, f"no space left on device while saving checkpoint step {step} to "
+                                          f"{final}; {intact}") from None
     if os.path.exists(final):  # the same step written again (a resumed run): replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: str) -> None:
+    """The checkpoint's files on disk before the rename makes it visible (a power cut keeps them whole)."""
+    for root, _, names in os.walk(path):
+        for n in names:
+            with open(os.path.join(root, n), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def load_trainer_state(path: str) -> dict:
@@ -152,8 +354,15 @@ def save_final(output_dir: str, models: dict, tokenizer, config: dict) -> None:
     written."""
     tmp = os.path.join(output_dir, ".final-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _save_models(models, tokenizer, tmp)
-    _write_yaml(os.path.join(tmp, "run_config.yaml"), config)
+    try:
+        _save_models(models, tokenizer, tmp)
+        _write_yaml(os.path.join(tmp, "run_config.yaml"), config)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_disk_full(e):
+            raise
+        raise DiskFullError(errno.ENOSPC, f"no space left on device while saving the final model to {output_dir}; "
+                                          f"the last checkpoint is intact (continue with --resume)") from None
     for root, _, files in os.walk(tmp):
         target = os.path.join(output_dir, os.path.relpath(root, tmp))
         os.makedirs(target, exist_ok=True)
@@ -168,4 +377,5 @@ def _write_yaml(path: str, data: dict) -> None:
 
 
 def holds_earlier_run(output_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(output_dir, n)) for n in ("metrics.jsonl", "checkpoints", "config.json"))
+    return any(os.path.exists(os.path.join(output_dir, n))
+               for n in ("metrics.jsonl", "checkpoints", "config.json", RUN_FILE))

@@ -64,6 +64,8 @@ class TrainConfig:
     log_steps: int = option(1, "log metrics every N steps")
     resume: str = option("", "continue from a checkpoint: 'latest' (in output_dir/checkpoints) or a folder")
     overwrite: bool = option(False, "start over in an output_dir that holds an earlier run")
+    allow_config_change: bool = option(False, "with --resume: continue even though the number of processes, the "
+                                       "global batch, the seed or the data changed since the checkpoint")
     distributed: str = option("ddp", "under torchrun: 'ddp' or 'fsdp' (FSDP2 fully_shard)", choices=("ddp", "fsdp"))
     backend: str = option("auto", "ptkernels backend for the fused losses",
                           choices=("auto", "torch", "triton", "native", "reference"))
@@ -281,6 +283,8 @@ class PPOConfig(OnPolicyConfig):
 class SafetyConfig(TrainConfig):
     """Constitutional AI: SL-CAI (critique and revise, then SFT) and RLAIF (AI-judged pairs, then DPO)."""
 
+    owns_output_dir: typing.ClassVar[bool] = False  # its two stages check their own folders
+
     output_dir: str = option("runs/safety", OUTPUT_HELP)
     constitution: str = option("", "a YAML list of principles")
     judge: str = option("self", "who critiques, revises and picks the better answer: 'self' (the model), a local "
@@ -325,22 +329,45 @@ def _coerce(value, kind, key: str, where: str):
     return float(value) if kind is float else tuple(value) if kind is tuple else value
 
 
+def _first_line(doc: str | None) -> str:
+    return doc.strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+def _declaring_class(cls, name: str):
+    """The most general class of ``cls``'s hierarchy that declares option ``name`` (its help group)."""
+    for base in reversed(cls.__mro__):
+        if name in getattr(base, "__annotations__", {}) and dataclasses.is_dataclass(base):
+            return base
+    return cls
+
+
 def build_parser(cls, prog: str) -> argparse.ArgumentParser:
-    doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None
-    parser = argparse.ArgumentParser(prog=prog, description=doc,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """``--help`` lists the options in groups (the options every stage shares, then the stage family's and the
+    stage's own), each with its help and default."""
+    parser = argparse.ArgumentParser(prog=prog, description=_first_line(cls.__doc__) or None,
+                                     usage=f"{prog} [--config FILE.yaml] [--option value ...]",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="Options also come from --config FILE.yaml (keys as the option names; a "
+                                            "run's run_config.yaml works); the command line overrides the file.")
     parser.add_argument("--config", default=None, help="a YAML file of options (the command line overrides it)")
+    groups = {}
     for f in dataclasses.fields(cls):
+        owner = _declaring_class(cls, f.name)
+        if owner not in groups:
+            title = "options of every stage" if owner.__name__ == "TrainConfig" else \
+                f"{owner.__name__.removesuffix('Config')} options"
+            groups[owner] = parser.add_argument_group(title, _first_line(owner.__doc__) or None)
+        group = groups[owner]
         kind, meta = _field_type(cls, f), f.metadata
         kw = {"help": meta.get("help", ""), "default": f.default, "dest": f.name}
         if kind is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif kind is tuple:
-            parser.add_argument(_flag(f.name), nargs=len(f.default), type=float, metavar="X", **kw)
+            group.add_argument(_flag(f.name), nargs=len(f.default), type=float, metavar="X", **kw)
         elif f.name == "resume":  # --resume alone means the latest checkpoint
-            parser.add_argument(_flag(f.name), nargs="?", const="latest", **kw)
+            group.add_argument(_flag(f.name), nargs="?", const="latest", **kw)
         else:
-            parser.add_argument(_flag(f.name), type=kind, choices=meta.get("choices"), **kw)
+            group.add_argument(_flag(f.name), type=kind, choices=meta.get("choices"), **kw)
     return parser
 
 
@@ -381,17 +408,35 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> 
     return parser.parse_args(argv)
 
 
-def parse_config(cls, argv: list[str], prog: str = "ptk"):
-    """The config of ``cls`` from defaults, an optional ``--config FILE.yaml`` and command-line overrides."""
+INVOCATION_OPTIONS = ("resume", "overwrite", "allow_config_change")  # how to start, not what the run is
+
+
+def _stage_of(prog: str) -> str:
+    return prog.split()[-1]
+
+
+def parse_config(cls, argv: list[str], prog: str = "ptk", check_output_dir: bool | None = None):
+    """The config of ``cls`` from defaults, an optional ``--config FILE.yaml`` and command-line overrides, every
+    value checked (``validate.validate_config``) before the caller loads anything. For a command (``prog`` 'ptk
+    STAGE', or ``check_output_dir``) the output folder is checked too (``checkpoint.preflight``: an earlier run
+    without --resume / --overwrite, --resume with nothing to resume). A ``run_config.yaml`` a run wrote is a valid
+    ``--config`` file."""
+    from . import checkpoint, validate
+
     parser = build_parser(cls, prog)
     args = parser.parse_args(argv)
     # Which options the command line set explicitly: parse again with every default suppressed.
     given = vars(build_parser_suppressed(cls, prog).parse_args(argv))
     values = {f.name: f.default for f in dataclasses.fields(cls)}
+    sources = {}
     if args.config:
         names = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in load_yaml(args.config).items():
             name = str(key).replace("-", "_")
+            if name == "stage":  # written into run_config.yaml: must be this command's stage
+                if value not in (_stage_of(prog), prog):
+                    raise ValueError(f"{args.config}: this config is for 'ptk {value}', not {prog!r}")
+                continue
             if name not in names:
                 raise ValueError(f"{args.config}: unknown option {key!r} for {prog} (see {prog} --help)")
             kind = _field_type(cls, names[name])
@@ -400,12 +445,25 @@ def parse_config(cls, argv: list[str], prog: str = "ptk"):
             if choices and value not in choices:
                 raise ValueError(f"{args.config}: option {key!r} must be one of {list(choices)}, got {value!r}")
             values[name] = value
+            sources[name] = (args.config, key)
     for name, value in given.items():
         if name != "config":
             values[name] = tuple(value) if isinstance(value, list) else value
+            sources.pop(name, None)
     cfg = cls(**values)
-    validate(cfg)
+    validate.validate_config(cfg, sources)
+    validate_required(cfg)
+    if check_output_dir is None:
+        check_output_dir = prog != "ptk"
+    if check_output_dir and getattr(cls, "owns_output_dir", True):
+        checkpoint.preflight(cfg.output_dir, cfg.resume, cfg.overwrite)
     return cfg
+
+
+def run_config_dict(cfg, stage: str) -> dict:
+    """What ``run_config.yaml`` holds: the stage and every option that defines the run (not how it was started:
+    no --resume / --overwrite), so that ``ptk STAGE --config run_config.yaml`` runs it again."""
+    return {"stage": stage, **{k: v for k, v in to_dict(cfg).items() if k not in INVOCATION_OPTIONS}}
 
 
 def build_parser_suppressed(cls, prog: str) -> argparse.ArgumentParser:
@@ -415,15 +473,8 @@ def build_parser_suppressed(cls, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Values that argparse's types cannot check, each error naming its option."""
-    positive = ("max_steps", "batch_size", "grad_accum", "max_length")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("lr", "weight_decay", "max_grad_norm", "warmup_steps", "save_steps", "min_lr_ratio"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+def validate_required(cfg: TrainConfig) -> None:
+    """The options a run cannot start without (the ranges are checked in ``validate.validate_config``)."""
     if not cfg.data:
         raise ValueError("--data is required: a JSONL file or a saved datasets folder")
     validate_lora(cfg)

@@ -30,7 +30,8 @@ import torch
 from .. import adapters
 from ..lora import merge_adapter_folder
 from . import checkpoint as ckpt
-from .config import TrainConfig, to_dict
+from . import resume as resume_mod
+from .config import TrainConfig, run_config_dict
 from .distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, wrap
 
 if TYPE_CHECKING:
@@ -97,32 +98,45 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
 class _StopFlag:
-    """Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C stops at once."""
+    """Ctrl-C, SIGTERM (what SLURM, Kubernetes and preemptible clouds send) and SIGUSR1 (SLURM's warning signal)
+    finish the current step, save a checkpoint and exit; a second signal stops at once. Under torchrun every
+    process gets the signal (torchrun passes SIGTERM on to its workers) and the flag rides on the step's one
+    all-reduce, so all processes stop after the same step."""
 
     def __init__(self):
         self.raised = False
-        self._old = None
+        self.signum = None
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old = None
+        for sig in STOP_SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                break
         return self
 
     def _handle(self, signum, frame):
         if self.raised:
             raise KeyboardInterrupt
-        self.raised = True
+        self.raised, self.signum = True, signum
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class Interrupted(Exception):
-    """Training stopped by Ctrl-C after saving a checkpoint (the CLI exits with 130)."""
+    """Training stopped by a signal (Ctrl-C, SIGTERM, SIGUSR1) after saving a checkpoint; the CLI exits with
+    128 + the signal number (130 for Ctrl-C)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @dataclass
@@ -144,14 +158,20 @@ def _tokens_in(batch: dict) -> int:
 
 
 class _MetricsLog:
-    def __init__(self, cfg: TrainConfig, info: DistInfo, append: bool):
+    """``metrics.jsonl``: one row per logged step. A resumed run first cuts the file back to the resumed step, so
+    no step appears twice; a fresh run starts it empty (an overwritten run's file was moved aside)."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, resumed_step: int | None):
         self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.enabled = info.is_main
         self.tb = None
         if self.enabled:
             os.makedirs(cfg.output_dir, exist_ok=True)
-            if not append and os.path.exists(self.path):
-                os.remove(self.path)
+            if resumed_step is None:
+                if os.path.exists(self.path):
+                    os.remove(self.path)
+            else:
+                truncate_metrics(self.path, resumed_step)
             if cfg.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -175,6 +195,25 @@ class _MetricsLog:
             self.tb.close()
 
 
+def truncate_metrics(path: str, step: int) -> None:
+    """Keeps the rows of steps <= ``step`` (and drops a torn last line from a crash mid-write)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast on GPU (and when asked for), fp32 otherwise; weights and optimizer state stay fp32."""
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -190,17 +229,24 @@ class Trainer:
         self.cfg, self.module, self.data, self.tokenizer, self.info = cfg, module, data, tokenizer, info
         self.stage = stage
         self.saved = module.saved_models()
-        self.config = {"stage": stage, **to_dict(cfg)}
+        self.config = run_config_dict(cfg, stage)
 
     def start(self) -> int:
-        """Loads a checkpoint's weights when resuming, wraps the module (DDP / FSDP2), builds AdamW and the
-        schedule and restores their state and the RNGs (or seeds them); returns the step to start from."""
+        """Loads a checkpoint's weights when resuming (the current run's latest complete one: a damaged one is
+        reported and the one before used), refuses a resume whose run setup changed, wraps the module (DDP /
+        FSDP2), builds AdamW and the schedule and restores their state and the RNGs (or seeds them and starts a
+        new run id); returns the step to start from."""
         cfg, module, info = self.cfg, self.module, self.info
-        resume_dir = ckpt.resolve_resume(cfg.output_dir, cfg.resume)
-        if resume_dir is None and ckpt.holds_earlier_run(cfg.output_dir) and not cfg.overwrite:
-            raise FileExistsError(f"--output-dir {cfg.output_dir!r} holds an earlier run: pass --resume to continue "
-                                  f"it or --overwrite to start over (its model stays until the new one is saved)")
+        say = print if info.is_main else (lambda *a, **k: None)
+        ckpt.preflight(cfg.output_dir, cfg.resume, cfg.overwrite)
+        resume_dir = ckpt.resolve_resume(cfg.output_dir, cfg.resume, report=say)
+        self.identity = resume_mod.identity(cfg, info.world_size)
+        barrier(info)  # every process has looked at the output folder before the main one changes it
+        state = None
         if resume_dir is not None:
+            state = ckpt.load_trainer_state(resume_dir)
+            resume_mod.check_identity(state.get("identity"), self.identity, resume_dir,
+                                      getattr(cfg, "allow_config_change", False), report=say)
             for folder, attr in self.saved.items():
                 ckpt.load_model_weights(getattr(module, attr), os.path.join(resume_dir, folder))
         if cfg.gradient_checkpointing:
@@ -213,14 +259,31 @@ class Trainer:
                                            weight_decay=cfg.weight_decay, foreach=info.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.resumed = resume_dir is not None
+        self.changes: list[dict] = []
         if resume_dir is None:
+            if info.is_main:
+                self.run_id = ckpt.start_new_run(cfg.output_dir, self.stage)
+            barrier(info)
+            self.run_id = ckpt.current_run_id(cfg.output_dir)
+            self.needs_discard = True
             torch.manual_seed(cfg.seed)
             return 0
-        state = ckpt.load_trainer_state(resume_dir)
+        self.run_id = state.get("run_id") or ckpt.new_run_id()
+        self.needs_discard = False
+        barrier(info)  # every process has read run.json before the main one may rewrite it
+        if info.is_main and ckpt.current_run_id(cfg.output_dir) != self.run_id:
+            ckpt.write_run_file(cfg.output_dir, self.run_id, self.stage)  # resumed from a folder elsewhere
         ckpt.load_optimizer_state(module, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.data.load_state_dict(state.get("data", {}))
+        self.changes = list(state.get("changes", []))
+        changed = resume_mod.changed_hyperparameters(state.get("config"), cfg)
+        if changed:
+            resume_mod.apply_hyperparameters(self.optimizer, self.scheduler, cfg, lr_lambda(cfg))
+            self.changes.append({"step": state["step"], **{k: [v[0], v[1]] for k, v in changed.items()}})
+        shown = "".join(f"; {resume_mod.flag(k)} {v[0]!r} -> {v[1]!r} (applied)" for k, v in changed.items())
+        say(f"ptk {self.stage}: resuming from step {state['step']} ({resume_dir}){shown}")
         return state["step"]
 
     def step(self, step: int, stop: _StopFlag) -> tuple[dict, int, bool]:
@@ -282,42 +345,70 @@ class Trainer:
         return names, source_names, all_reduce_sum(packed, self.info).cpu()
 
     def save(self, step: int, final: bool = False) -> None:
-        """A checkpoint of ``step`` (and with ``final`` the output folder's model); a collective: every process."""
+        """A checkpoint of ``step`` (and with ``final`` the output folder's model); a collective: every process.
+        The main process writes; whether it succeeded is shared with all, so a full disk stops every process with
+        the same error instead of leaving the others waiting."""
         # LoRA (every saved model adapted): the checkpoint holds the adapter, so the frozen base is not gathered
         adapter_only = all(adapters.is_adapted(getattr(self.module, attr)) for attr in self.saved.values())
         module_state, optim_state = ckpt.gather_state(self.module, self.optimizer, trainable_only=adapter_only)
+        error = None
         if self.info.is_main:
             trainer_state = {"step": step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                              "rng": ckpt.rng_state(), "data": self.data.state_dict(),
-                             "world_size": self.info.world_size}
+                             "world_size": self.info.world_size, "run_id": self.run_id, "identity": self.identity,
+                             "config": self.config, "changes": self.changes}
             models = {folder: (getattr(self.module, attr), ckpt.substate(module_state, attr))
                       for folder, attr in self.saved.items()}
-            ckpt.save_checkpoint(self.cfg.output_dir, step, models, self.tokenizer, trainer_state, self.config,
-                                 self.cfg.save_total_limit)
-            if final:
-                ckpt.save_final(self.cfg.output_dir, models, self.tokenizer, self.config)
-                if getattr(self.cfg, "merge_adapter", False):
-                    for folder, (model, _) in models.items():
-                        if adapters.is_adapted(model):
-                            merge_adapter_folder(os.path.join(self.cfg.output_dir, folder))
-        barrier(self.info)
-
+            try:
+                ckpt.save_checkpoint(self.cfg.output_dir, step, models, self.tokenizer, trainer_state,
+                                     self.config, self.cfg.save_total_limit)
+                if self.needs_discard:  # the new run has a complete checkpoint: the overwritten one may go
+                    ckpt.discard_overwritten(self.cfg.output_dir)
+                    self.needs_discard = False
+                if final:
+                    ckpt.save_final(self.cfg.output_dir, models, self.tokenizer, self.config)
+                    if getattr(self.cfg, "merge_adapter", False):
+                        for folder, (model, _) in models.items():
+                            if adapters.is_adapted(model):
+                                merge_adapter_folder(os.path.join(self.cfg.output_dir, folder))
+            except ckpt.DiskFullError as e:
+                error = e
+        failed = float(all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64), self.info)[0])
+        if error is not None:
+            raise error
+        if failed:
+            raise ckpt.DiskFullError(28, f"the main process could not save step {step} (no space left on device)")
 
 def _progress_bar(cfg: TrainConfig, info: DistInfo, start: int, stage: str):
+    """tqdm on the main process; in a log file (stderr not a terminal) one plain line every 30 s at most, not a
+    carriage-return animation."""
     if not (cfg.progress and info.is_main):
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_steps, initial=start, desc=f"ptk {stage}", dynamic_ncols=True)
+    tty = sys.stderr.isatty()
+    return tqdm(total=cfg.max_steps, initial=start, desc=f"ptk {stage}", dynamic_ncols=tty, ascii=not tty,
+                mininterval=0.1 if tty else 30.0, ncols=None if tty else 100)
+
+
+def _summary(stage: str, cfg: TrainConfig, start: int, step: int, history: list[dict], seconds: float) -> str:
+    last = history[-1] if history else {}
+    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "reward", "accuracy") if isinstance(last.get(k), float))
+    return (f"ptk {stage}: done: steps {start}..{step} in {seconds:.1f} s" + (f"; final {shown}" if shown else "")
+            + f"\n  model:       {cfg.output_dir}\n  checkpoints: {ckpt.checkpoint_dir(cfg.output_dir)}"
+            f"\n  metrics:     {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
 
 
 def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, info: DistInfo, *,
           stage: str, on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Runs ``cfg.max_steps`` optimizer steps of ``module`` on ``data`` and writes the outputs (see the module
     docstring). ``module.model`` holds its initial weights; with ``--resume`` the checkpoint's replace them."""
+    t_start = time.perf_counter()
     trainer = Trainer(cfg, module, data, tokenizer, info, stage)
-    step = trainer.start()
-    log = _MetricsLog(cfg, info, append=trainer.resumed)
+    step = start = trainer.start()
+    log = _MetricsLog(cfg, info, resumed_step=step if trainer.resumed else None)
     bar = _progress_bar(cfg, info, step, stage)
     history: list[dict] = []
     t_last, tokens_since = time.perf_counter(), 0
@@ -336,11 +427,13 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
                 history.append(row)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if stopped:  # Ctrl-C on any process
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+                if stopped:  # a stop signal on any process
                     trainer.save(step)
-                    raise Interrupted(f"ptk {stage}: interrupted; checkpoint saved at step {step} in "
-                                      f"{ckpt.checkpoint_dir(cfg.output_dir)} (continue with --resume)")
+                    signum = stop.signum or signal.SIGINT
+                    name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+                    raise Interrupted(f"ptk {stage}: interrupted{name}; checkpoint saved at step {step} in "
+                                      f"{ckpt.checkpoint_dir(cfg.output_dir)} (continue with --resume)", signum)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
                     trainer.save(step)
     finally:
@@ -348,4 +441,6 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
             bar.close()
         log.close()
     trainer.save(step, final=True)
+    if info.is_main:
+        print(_summary(stage, cfg, start, step, history, time.perf_counter() - t_start))
     return TrainResult(steps=step, metrics=history, output_dir=cfg.output_dir)

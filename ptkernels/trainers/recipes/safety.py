@@ -151,7 +151,9 @@ def _stage_config(cls, cfg: SafetyConfig, **overrides):
                                            "precision", "log_steps", "backend", "trust_remote_code",
                                            "progress", "tensorboard", "overwrite", "save_steps", "save_total_limit",
                                            "gradient_checkpointing", *LORA_OPTIONS)}
-    return cls(**shared, **overrides)
+    # allow_config_change: a resumed stage's generated data set may differ from the first run's (stage two samples
+    # from the SL-CAI model, which a resume trains further), so the data-hash check of --resume is waived here
+    return cls(**shared, allow_config_change=True, **overrides)
 
 
 def _resume_option(cfg: SafetyConfig, output_dir: str) -> str:
