@@ -31,8 +31,11 @@ class Range:
     lo_open: bool = False
     hi_open: bool = False
     integer: bool = False
+    optional: bool = False  # None allowed (the option is off)
 
     def ok(self, v) -> bool:
+        if v is None:
+            return self.optional
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return False
         if self.integer and not isinstance(v, int):
@@ -50,7 +53,8 @@ class Range:
             text = f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
         else:
             text = lo or hi or "any value"
-        return text if self.integer else "finite and " + text
+        text = text if self.integer else "finite and " + text
+        return text + (" (or unset)" if self.optional else "")
 
 
 def _num(x) -> str:
@@ -80,6 +84,13 @@ RULES: dict[str, Range] = {
     "ptx_coef": NONNEG, "ptx_batch_size": INT_POS,
     "kl_coef": NONNEG, "missing_eos_penalty": NONNEG, "gamma": UNIT, "lam": UNIT, "ppo_epochs": INT_POS,
     "num_minibatches": INT_POS, "clip_range": POS, "clip_range_value": POS, "vf_coef": NONNEG,
+    # DPO family options of TRL 1.16 (ld_alpha: LD-DPO's weight of the verbose tail, in [0, 1])
+    "alpha": Range(), "discopop_tau": POS, "f_alpha_divergence_coef": Range(), "ld_alpha": Range(0, 1, optional=True),
+    # GRPO options of TRL 1.16
+    "entropy_coef": Range(), "top_entropy_quantile": Range(0, 1, lo_open=True),
+    "off_policy_mask_threshold": Range(0, optional=True),
+    # LoRA
+    "lora_r": INT_POS, "lora_alpha": POS, "lora_dropout": UNIT_OPEN_HI,
     # safety
     "dpo_steps": INT_POS, "dpo_lr": POS, "eval_fraction": UNIT_OPEN_HI,
 }
