@@ -3,6 +3,7 @@
     ptk check        a quick tour: fused vs eager linear cross-entropy on this machine
     ptk pretrain / sft / reward / dpo / orpo / simpo / kto / grpo / ppo / safety / pipeline / eval
                      the trainers (ptkernels/trainers/recipes/)
+    ptk vllm-serve   a vLLM rollout server for --rollout-engine vllm --vllm-server HOST:PORT
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS = {
     "ppo": ("ptkernels.trainers.recipes.ppo", "RLHF with PPO: reward model, critic, KL penalty, GAE"),
     "safety": ("ptkernels.trainers.recipes.safety", "constitutional AI: critique-and-revise SFT, then AI-judged DPO"),
     "eval": ("ptkernels.trainers.recipes.evaluate", "held-out evaluation of a model on the task world"),
+    "vllm-serve": ("ptkernels.trainers.rollout.vllm_server", "serve rollouts from a vLLM engine (--vllm-server)"),
 }
 
 

@@ -15,6 +15,8 @@ and, with ``--verifier row``, the verifier's name in ``verifier``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import ptkernels as ptk
@@ -26,7 +28,15 @@ from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import TrainResult, train
 from ..modeling import TrainingModule, head_inputs, hidden_states, load_causal_lm, load_reference
 from ..rewards.verifiers import get_verifier
-from ..rollout.onpolicy import PTX, OnPolicySource, load_prompts, split_parts
+from ..rollout.mismatch import correction_kwargs, mismatch_metrics, sampler_logps_rows
+from ..rollout.onpolicy import (
+    PTX,
+    OnPolicySource,
+    build_rollout_engine,
+    check_rollout_options,
+    load_prompts,
+    split_parts,
+)
 from ..rollout.sampling import RolloutEngine
 from ..rollout.scoring import completion_batch
 from ..rollout.shared_prompt import completion_hidden_states
@@ -89,6 +99,12 @@ class GRPORollouts(OnPolicySource):
                                              dtype=torch.float64)
         if cfg.num_iterations > 1:  # else the ratio is 1: the current log-probs, detached, stand in
             batch["old_logps"] = self.logps(self.policy, batch)
+        sampler = sampler_logps_rows(out, keep, batch["completion_mask"].shape[1])
+        if sampler is not None:  # a vLLM rollout: the sampler's own log-probs, for the correction and the metrics
+            batch["sampler_logps"] = sampler
+            trainer = batch["old_logps"] if "old_logps" in batch else self.logps(self.policy, batch)
+            mismatch = mismatch_metrics(trainer, sampler, batch["completion_mask"],
+                                        cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max)
         if self.ref_model is not None:
             batch["ref_logps"] = self.logps(self.ref_model, batch)
         scored, lengths, finished = sampled
@@ -101,6 +117,8 @@ class GRPORollouts(OnPolicySource):
         for name in sorted({n for _, parts in scored for n in parts}):
             metrics[f"reward_{name}"] = group_mean([parts[name] for _, parts in scored if name in parts])
         metrics["trained_rows"] = len(keep) / len(prompts)
+        if sampler is not None:
+            metrics.update(mismatch)
         return split_parts(batch, parts), metrics
 
     def rows_with_gradient(self, advantages: torch.Tensor, parts: int) -> list[int]:
@@ -123,8 +141,7 @@ class GRPORollouts(OnPolicySource):
         keep = sorted(sorted(groups, key=lambda k: not spread[k])[:self.cfg.prompts_per_step])
         self.informative = sum(spread[k] for k in keep) / len(keep)
         take = lambda xs: [xs[k * g + j] for k in keep for j in range(g)]
-        out = type(out)(prompt_ids=take(out.prompt_ids), completion_ids=take(out.completion_ids),
-                        texts=take(out.texts), finished=take(out.finished))
+        out = dataclasses.replace(out, **{f.name: take(getattr(out, f.name)) for f in dataclasses.fields(out)})
         return take(rows), take(prompts), out, take(scored)
 
 
@@ -143,19 +160,20 @@ class GRPOLoss(TrainingModule):
         return batch["input_ids"].shape[0]
 
     def completions(self, batch: dict):
-        """(hidden, targets, mask, old_logps, ref_logps): per completion token, the hidden state that predicts it.
-        With --share-prompt each distinct prompt runs once for its group (``shared_prompt``), else whole rows."""
+        """(hidden, targets, mask, old_logps, ref_logps, sampler_logps): per completion token, the hidden state
+        that predicts it. With --share-prompt each distinct prompt runs once for its group (``shared_prompt``),
+        else whole rows."""
         if self.cfg.share_prompt and "prompt_lengths" in batch:
             view = completion_hidden_states(self.model, batch)
             return (view.hidden, view.targets, view.mask, view.gather(batch.get("old_logps")),
-                    view.gather(batch.get("ref_logps")))
+                    view.gather(batch.get("ref_logps")), view.gather(batch.get("sampler_logps")))
         hidden = hidden_states(self.model, batch)[:, :-1]
         return (hidden, batch["input_ids"][:, 1:], batch["completion_mask"], batch.get("old_logps"),
-                batch.get("ref_logps"))
+                batch.get("ref_logps"), batch.get("sampler_logps"))
 
     def forward(self, batch: dict, norm: float):
         c = self.cfg
-        hidden, targets, mask, old_logps, ref_logps = self.completions(batch)
+        hidden, targets, mask, old_logps, ref_logps, sampler_logps = self.completions(batch)
         hidden, weight, head = head_inputs(self.model, hidden)
         if head["softcap"] is not None:
             raise ValueError("ptk grpo: models with a final-logit softcap are not supported by the fused GRPO loss")
@@ -165,7 +183,7 @@ class GRPOLoss(TrainingModule):
             epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
             importance_sampling_level=c.importance_sampling_level, temperature=head["temperature"] * c.temperature,
             max_completion_length=c.max_new_tokens, num_items_in_batch=norm if c.loss_type == "dapo" else None,
-            return_entropy=True, backend=c.backend)
+            return_entropy=True, backend=c.backend, **correction_kwargs(c, sampler_logps))
         items = self.items(batch)
         # dapo is already divided by norm; the others are means over this micro-batch: back to sums over norm.
         loss = out.loss if c.loss_type == "dapo" else out.loss * (items / norm)
@@ -204,6 +222,7 @@ def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
     info = init_distributed()
     try:
         reward = RewardFunction(cfg.verifier)  # an unknown verifier fails before anything is loaded
+        check_rollout_options(cfg)
         ptx_rows, ptx_fmt = load_ptx_rows(cfg)
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk grpo: --distributed fsdp is not supported (generation needs whole weights); "
@@ -211,6 +230,7 @@ def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
         model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                                           max_length=cfg.max_length)
         rows, prompts = load_prompts(cfg, tokenizer, info)
+        engine = engine or build_rollout_engine(cfg, model, tokenizer, info)  # vLLM: built before training
         ref = load_reference(cfg, info) if cfg.beta > 0 else None
         source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref, engine=engine)
         if ptx_rows:

@@ -46,7 +46,8 @@ from ..engine.config import (
 # The presets are YAML files a user can copy and edit (configs/pipeline/NAME.yaml): the model size, the world's
 # sizes and each stage's options (on top of the shared ones).
 PRESETS = {name: load_yaml(shipped_config(f"pipeline/{name}.yaml")) for name in ("quick", "full")}
-RUN_OPTIONS = ("output_dir", "seed", "resume", "backend", "progress")  # keys of a --config file that are not preset
+# keys of a --config file that are not preset
+RUN_OPTIONS = ("output_dir", "seed", "resume", "backend", "progress", "rollout_engine")
 EVAL_STAGES = ("base", "sft", "dpo", "ppo", "grpo", "safety")
 
 
@@ -58,6 +59,7 @@ class PipelineOptions:
     resume: bool = False
     backend: str = "auto"
     progress: bool = True
+    rollout_engine: str = "kv_cache"  # what samples in ppo, grpo, safety and the evaluation ("vllm": vLLM)
     overrides: dict = field(default_factory=dict)  # merged into the preset: {"model": "tiny", "sft": {...}, ...}
 
 
@@ -79,7 +81,8 @@ class Pipeline:
         return os.path.join(self.out, *parts)
 
     def options(self, stage: str) -> dict:
-        return {**_shared(self.opts), **self.preset[stage]}
+        sampling = {"rollout_engine": self.opts.rollout_engine} if stage in ("ppo", "grpo", "safety") else {}
+        return {**_shared(self.opts), **sampling, **self.preset[stage]}
 
     def done(self, stage_dir: str) -> bool:
         return os.path.exists(os.path.join(stage_dir, "model.safetensors"))
@@ -131,6 +134,7 @@ class Pipeline:
     def evaluate(self) -> dict:
         """Every stage's model on the held-out sets, against the SFT model (rule judge and reward model)."""
         from ..modeling import load_causal_lm, load_sequence_classifier
+        from ..rollout.engines import make_engine
         from ..rollout.sampling import SamplingConfig
         from ..taskworld import eval_sets
         from .evaluate import evaluate
@@ -143,8 +147,11 @@ class Pipeline:
         for stage in EVAL_STAGES:
             model, tok = load_causal_lm(self.path(stage))
             print(f"ptk pipeline: eval {stage}")
+            engine = make_engine(self.opts.rollout_engine, model, tok, model_dir=self.path(stage),
+                                 max_model_len=256 + sampling.max_new_tokens, seed=self.opts.seed)
             evals[stage] = evaluate(model, tok, sets, sft_model=sft_model, reward_model=rm, reward_tokenizer=rm_tok,
-                                    sampling=sampling, backend=self.opts.backend)
+                                    sampling=sampling, backend=self.opts.backend, engine=engine)
+            del engine  # a vLLM engine's memory back before the next stage's
         with open(self.path("evals.json"), "w", encoding="utf-8") as f:
             json.dump(evals, f, indent=2)
         return evals
@@ -195,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="keep the stages whose model already exists")
     parser.add_argument("--backend", default="auto", help="ptkernels backend for the fused losses")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    parser.add_argument("--rollout-engine", default="kv_cache", choices=("kv_cache", "hf", "vllm"),
+                        help="what samples in ppo, grpo, safety and the evaluation (vllm: docs/vllm.md)")
     return parser
 
 
@@ -215,7 +224,8 @@ def options_from_args(argv: list[str]) -> PipelineOptions:
         parser.set_defaults(**run)
     args = parser.parse_args(argv)
     return PipelineOptions(preset=args.preset, output_dir=args.output_dir, seed=args.seed, resume=args.resume,
-                           backend=args.backend, progress=args.progress, overrides=overrides)
+                           backend=args.backend, progress=args.progress, rollout_engine=args.rollout_engine,
+                           overrides=overrides)
 
 
 def main(argv: list[str]) -> int:
