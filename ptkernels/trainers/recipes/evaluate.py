@@ -184,7 +184,11 @@ def evaluate(model, tokenizer, sets: dict[str, list[dict]], *, sft_model=None, r
     compares token by token); the reward model has its own tokenizer (``reward_tokenizer``, default ``tokenizer``).
     ``engine``: what samples ``model``'s completions (e.g. a vLLM engine holding its weights; default the built-in
     KV-cache engine on ``model``); the SFT model's always come from the built-in one."""
-    engine = engine or make_engine("kv_cache", model, tokenizer)
+    def sample(prompts, sampling, seed=None):
+        if engine is not None:
+            return engine.generate(prompts, sampling, seed=seed)
+        return generate(model, tokenizer, prompts, sampling, seed=seed)
+
     sampling = sampling or SamplingConfig(do_sample=False, max_new_tokens=48)
     reward_tokenizer = reward_tokenizer or tokenizer
     names = list(sets)
@@ -196,7 +200,7 @@ def evaluate(model, tokenizer, sets: dict[str, list[dict]], *, sft_model=None, r
     tasks = [i for name in TASK_SETS for i in by_set(name)]
 
     with _eval_mode(model, sft_model, reward_model):
-        out = engine.generate(prompts, sampling)
+        out = sample(prompts, sampling)
         # judged text decoded here, the same way as for the answer's token span in _calibration
         texts = [_decode(tokenizer, ids) for ids in out.completion_ids]
 
@@ -226,8 +230,7 @@ def evaluate(model, tokenizer, sets: dict[str, list[dict]], *, sft_model=None, r
 
         m["kl_to_sft"] = None
         if sft_model is not None and rows:
-            sampled = engine.generate(prompts, replace(sampling, do_sample=True, temperature=1.0, top_p=1.0),
-                                      seed=KL_SEED)
+            sampled = sample(prompts, replace(sampling, do_sample=True, temperature=1.0, top_p=1.0), seed=KL_SEED)
             lp = _completion_logps(model, prompts, sampled.completion_ids, pad, sampling.batch_size, backend)
             lp_sft = _completion_logps(sft_model, prompts, sampled.completion_ids, pad, sampling.batch_size, backend)
             m["kl_to_sft"] = _rate(float((a - b).sum()) for a, b in zip(lp, lp_sft))
