@@ -13,12 +13,9 @@ Times are never asserted; the guard is that greedy decoding gives the same token
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,25 +24,13 @@ pytest.importorskip("transformers")
 
 from conftest import bench_rounds
 
-import ptkernels.trainers
 from ptkernels.trainers.modeling import load_causal_lm, save_pretrained
-from ptkernels.trainers.rollout import SamplingConfig, generate
+from ptkernels.trainers.rollout import vllm_engine
+from ptkernels.trainers.rollout.engines import generate
+from ptkernels.trainers.rollout.sampling import SamplingConfig
 
 PROMPTS, NEW_TOKENS = 64, 64
 PRESET = os.environ.get("PTK_BENCH_PRESET", "tiny")
-
-
-def _engine_module():
-    try:
-        return importlib.import_module("ptkernels.trainers.rollout.vllm_engine")
-    except ModuleNotFoundError:  # until ptkernels/trainers/rollout/ is a package (see the test of the engine)
-        name = "ptkernels.trainers.rollout.vllm_engine"
-        spec = importlib.util.spec_from_file_location(
-            name, Path(ptkernels.trainers.__file__).parent / "rollout" / "vllm_engine.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
 
 
 def load_policy():
@@ -84,7 +69,7 @@ def _sampler(name: str, policy):
     if name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             pytest.skip("vllm is not importable here (scripts/setup_vllm_venv.sh builds its environment)")
-        engine = _engine_module().VLLMEngine(folder, tok, max_model_len=256, dtype="float32", seed=0)
+        engine = vllm_engine.VLLMEngine(folder, tok, max_model_len=256, dtype="float32", seed=0)
         run = engine.generate
     else:
         def run(prompts, sampling, seed=None):

@@ -3,6 +3,7 @@
     ptk check        a quick tour: fused vs eager linear cross-entropy on this machine
     ptk pretrain / sft / reward / dpo / orpo / simpo / kto / grpo / ppo / safety / pipeline / eval
                      the trainers (ptkernels/trainers/recipes/)
+    ptk vllm-serve   a vLLM rollout server for --rollout-engine vllm --vllm-server HOST:PORT
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ COMMANDS = {
     "eval": ("ptkernels.trainers.recipes.evaluate", "held-out evaluation of a model on the task world"),
     "check-sandbox": ("ptkernels.trainers.rewards.sandbox:main", "which isolation the code reward's sandbox has here"),
     "merge": ("ptkernels.trainers.lora:main_merge", "merge a LoRA adapter (ptk STAGE --lora) into its base model"),
+    "vllm-serve": ("ptkernels.trainers.rollout.vllm_server", "serve rollouts from a vLLM engine (--vllm-server)"),
 }
 
 

@@ -6,7 +6,7 @@
 #
 #   device run:  bash scripts/gpu_session.sh     (carry .whl holding a liger-kernel wheel to benchmark Liger too)
 #
-# PTK_GPU_STAGES says which stages run (default "build bench_lce tests bench_rl trainers"); PTK_CHUNK_SWEEP=0 leaves
+# PTK_GPU_STAGES says which stages run (default "build bench_lce tests bench_rl trainers bench_vllm"); PTK_CHUNK_SWEEP=0 leaves
 # the chunk-size sweep out of bench_lce. The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
 # to what is left, so a hang in one still returns the others' logs. Stages run one after another, never two at a
 # time on the GPU, so the timings are undisturbed.
@@ -19,7 +19,7 @@ START=$(date +%s)
 DEADLINE=$((START + ${PTK_GPU_BUDGET_S:-560}))
 SUMMARY="$OUT/session.log"
 
-STAGES=" ${PTK_GPU_STAGES:-build bench_lce tests bench_rl trainers} "
+STAGES=" ${PTK_GPU_STAGES:-build bench_lce tests bench_rl trainers bench_vllm} "
 SWEEP=(--chunk-sweep)
 [[ "${PTK_CHUNK_SWEEP:-1}" == 0 ]] && SWEEP=()
 
@@ -96,8 +96,19 @@ stage trainers 240 python3 -m pytest tests/trainers -v -p no:cacheprovider -rfE 
 stage bench_lora 200 env PTK_LORA_BENCH=gpu python3 -m pytest benchmarks/test_bench_lora.py --benchmark-only -q \
   -p no:cacheprovider --benchmark-json="$OUT/bench_lora.json" --benchmark-columns=median,rounds
 
+# 6. Rollout tokens/s of the vLLM engine beside kv_cache and hf (small preset, 64 prompts x 64 new tokens), where the
+#    image has vllm (no network there: it cannot be installed on the spot); skipped with a line in session.log, and
+#    no file, otherwise (the device tool brings back 8 files; with vllm present this log is a ninth: then run
+#    PTK_GPU_STAGES=bench_vllm on its own).
+if python3 -c "import vllm" >/dev/null 2>&1; then
+  stage bench_vllm 150 env PTK_BENCH_PRESET=small PTK_BENCH_ROUNDS=5 python3 -m pytest \
+    benchmarks/test_bench_vllm_rollout.py --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,min,rounds
+elif [[ "$STAGES" == *" bench_vllm "* ]]; then
+  echo "== bench_vllm: skipped, vllm is not importable here" | tee -a "$SUMMARY"
+fi
+
 # The reply shows the end of the output: the tests' verdict and the benchmarks' summary tables last.
-for name in trainers tests bench_rl bench_lce bench_lora; do
+for name in bench_vllm trainers tests bench_rl bench_lce bench_lora; do
   echo "################ $name"
   [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|crashed|FAILED|^ERROR|^\| |^=+ ptkernels" \
     "$OUT/$name.log" | grep -v "^|---" | tail -n 45

@@ -204,8 +204,24 @@ class OnPolicyConfig(TrainConfig):
     batch_size: int = option(16, "sequences per forward/backward micro-batch")
     generation_batch_size: int = option(64, "sequences sampled per batch (a GRPO group counts num_generations)")
     rollout_engine: str = option("kv_cache", "sampler: 'kv_cache' (the model's forward and a KV cache, each distinct "
-                                 "prompt prefilled once) or 'hf' (Hugging Face generate); same distribution",
-                                 choices=("kv_cache", "hf"))
+                                 "prompt prefilled once) or 'hf' (Hugging Face generate); same distribution; 'vllm' "
+                                 "(vLLM in this process or --vllm-server, weights synced after each rollout's "
+                                 "steps; docs/vllm.md)", choices=("kv_cache", "hf", "vllm"))
+    # --rollout-engine vllm (docs/vllm.md): where the engine runs, its memory, the sampler/trainer mismatch correction
+    vllm_server: str = option("", "with --rollout-engine vllm: HOST:PORT of a running `ptk vllm-serve` (under "
+                              "torchrun one per process, comma-separated); empty: the engine runs in this process")
+    vllm_gpu_memory_utilization: float = option(0.3, "CUDA: fraction of the device the in-process vLLM engine takes "
+                                                "for its weights and KV cache (the trainer needs the rest)")
+    vllm_importance_sampling_correction: bool = option(True, "with --rollout-engine vllm: correct the loss for the "
+                                                       "sampler/trainer log-prob mismatch with vLLM's own "
+                                                       "log-probs (TRL's TIS/MIS); no effect on built-in engines")
+    vllm_importance_sampling_mode: str = option("sequence_mask", "token_truncate (TIS), token_mask (MIS), "
+                                                "sequence_truncate or sequence_mask (TRL's names)",
+                                                choices=("token_truncate", "token_mask", "sequence_truncate",
+                                                         "sequence_mask"))
+    vllm_importance_sampling_clip_min: float = option(0.0, "lower bound of the sampler IS ratio (0: none)")
+    vllm_importance_sampling_clip_max: float = option(3.0, "upper bound of the sampler IS ratio (truncate: the cap "
+                                                      "C of min(ratio, C); mask: ratios above are dropped)")
 
 
 @dataclass
@@ -277,6 +293,10 @@ class PPOConfig(OnPolicyConfig):
     clip_range_value: float = option(0.2, "value clip")
     vf_coef: float = option(0.1, "value loss coefficient")
     whiten_rewards: bool = option(False, "whiten the per-token rewards before GAE")
+    vllm_importance_sampling_mode: str = option("token_truncate", "token_truncate (TIS), token_mask (MIS), "
+                                                "sequence_truncate or sequence_mask (TRL's names)",
+                                                choices=("token_truncate", "token_mask", "sequence_truncate",
+                                                         "sequence_mask"))
 
 
 @dataclass
@@ -297,6 +317,9 @@ class SafetyConfig(TrainConfig):
     max_new_tokens: int = option(48, "tokens per generated answer, critique or revision")
     max_prompt_length: int = option(256, "prompt tokens kept (from the right)")
     eval_fraction: float = option(0.2, "red-team prompts held out for the refusal report")
+    rollout_engine: str = option("kv_cache", "what samples the model's answers (not the judge's): 'kv_cache' or "
+                                 "'hf' (built-in), or 'vllm' (each stage's model folder loaded by vLLM)",
+                                 choices=("kv_cache", "hf", "vllm"))
 
 
 # ----------------------------------------------------------------------------------------------- parsing

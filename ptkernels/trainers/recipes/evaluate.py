@@ -39,8 +39,8 @@ import torch
 
 from ..data.tokenization import collate, encode_prompt, encode_sft
 from ..engine.config import parse_args_with_config
-from ..rollout.engines import generate
-from ..rollout.sampling import SamplingConfig
+from ..rollout.engines import ENGINES, generate, make_engine
+from ..rollout.sampling import RolloutEngine, SamplingConfig
 from ..rollout.scoring import completion_batch, sequence_token_logps
 from ..taskworld import (
     ANSWER_PATTERN,
@@ -178,10 +178,17 @@ def _is_correct(row: dict, text: str) -> bool:
 
 def evaluate(model, tokenizer, sets: dict[str, list[dict]], *, sft_model=None, reward_model=None,
              reward_tokenizer=None, sampling: SamplingConfig | None = None, max_prompt_length: int = 256,
-             backend: str = "auto") -> dict:
+             backend: str = "auto", engine: RolloutEngine | None = None) -> dict:
     """The metrics of the module docstring for ``model`` on ``sets`` (``taskworld.eval_sets``: arithmetic, string,
     harmful, benign). ``sampling`` defaults to greedy, 48 new tokens. ``sft_model`` shares ``tokenizer`` (the KL
-    compares token by token); the reward model has its own tokenizer (``reward_tokenizer``, default ``tokenizer``)."""
+    compares token by token); the reward model has its own tokenizer (``reward_tokenizer``, default ``tokenizer``).
+    ``engine``: what samples ``model``'s completions (e.g. a vLLM engine holding its weights; default the built-in
+    KV-cache engine on ``model``); the SFT model's always come from the built-in one."""
+    def sample(prompts, sampling, seed=None):
+        if engine is not None:
+            return engine.generate(prompts, sampling, seed=seed)
+        return generate(model, tokenizer, prompts, sampling, seed=seed)
+
     sampling = sampling or SamplingConfig(do_sample=False, max_new_tokens=48)
     reward_tokenizer = reward_tokenizer or tokenizer
     names = list(sets)
@@ -193,7 +200,7 @@ def evaluate(model, tokenizer, sets: dict[str, list[dict]], *, sft_model=None, r
     tasks = [i for name in TASK_SETS for i in by_set(name)]
 
     with _eval_mode(model, sft_model, reward_model):
-        out = generate(model, tokenizer, prompts, sampling)
+        out = sample(prompts, sampling)
         # judged text decoded here, the same way as for the answer's token span in _calibration
         texts = [_decode(tokenizer, ids) for ids in out.completion_ids]
 
@@ -223,8 +230,7 @@ def evaluate(model, tokenizer, sets: dict[str, list[dict]], *, sft_model=None, r
 
         m["kl_to_sft"] = None
         if sft_model is not None and rows:
-            sampled = generate(model, tokenizer, prompts,
-                               replace(sampling, do_sample=True, temperature=1.0, top_p=1.0), seed=KL_SEED)
+            sampled = sample(prompts, replace(sampling, do_sample=True, temperature=1.0, top_p=1.0), seed=KL_SEED)
             lp = _completion_logps(model, prompts, sampled.completion_ids, pad, sampling.batch_size, backend)
             lp_sft = _completion_logps(sft_model, prompts, sampled.completion_ids, pad, sampling.batch_size, backend)
             m["kl_to_sft"] = _rate(float((a - b).sum()) for a, b in zip(lp, lp_sft))
@@ -271,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generation / scoring batch")
     p.add_argument("--backend", default="auto", help="ptkernels backend of the token log-probs")
     p.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    p.add_argument("--rollout-engine", default="kv_cache", choices=ENGINES, help="what samples the model's "
+                   "completions: the built-in kv_cache or hf engines, or vllm (the model's folder loaded by vLLM)")
     p.add_argument("--trust-remote-code", action="store_true", help="run a model folder's own code (off: safer)")
     p.add_argument("--output", default=None, help="write the metrics to this JSON file")
     return p
@@ -301,9 +309,12 @@ def main(argv: list[str]) -> int:
     model.to(device)
     sets = eval_sets(args.seed, n_task=args.n_task, n_safety=args.n_safety)
     sampling = SamplingConfig(do_sample=False, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    engine = make_engine(args.rollout_engine, model, tokenizer,
+                         model_dir=args.model if os.path.isdir(args.model) else None,
+                         max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)
     metrics = evaluate(model, tokenizer, sets, sft_model=sft_model, reward_model=reward_model,
                        reward_tokenizer=reward_tokenizer, sampling=sampling,
-                       max_prompt_length=args.max_prompt_length, backend=args.backend)
+                       max_prompt_length=args.max_prompt_length, backend=args.backend, engine=engine)
     print(format_table(metrics))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

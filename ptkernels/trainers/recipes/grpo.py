@@ -15,6 +15,7 @@ and, with ``--verifier row``, the verifier's name in ``verifier``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,7 +32,15 @@ from ..lora import load_policy
 from ..modeling import TrainingModule, head_inputs, hidden_states, load_reference, reference_scope
 from ..rewards.sandbox import require_sandbox
 from ..rewards.verifiers import get_verifier
-from ..rollout.onpolicy import PTX, OnPolicySource, load_prompts, split_parts
+from ..rollout.mismatch import correction_kwargs, mismatch_metrics, sampler_logps_rows
+from ..rollout.onpolicy import (
+    PTX,
+    OnPolicySource,
+    build_rollout_engine,
+    check_rollout_options,
+    load_prompts,
+    split_parts,
+)
 from ..rollout.sampling import RolloutEngine
 from ..rollout.scoring import completion_batch
 from ..rollout.shared_prompt import completion_hidden_states
@@ -145,6 +154,12 @@ class GRPORollouts(OnPolicySource):
                                              dtype=torch.float64)
         if cfg.num_iterations > 1:  # else the ratio is 1: the current log-probs, detached, stand in
             batch["old_logps"] = self.logps(self.policy, batch)
+        sampler = sampler_logps_rows(out, keep, batch["completion_mask"].shape[1])
+        if sampler is not None:  # a vLLM rollout: the sampler's own log-probs, for the correction and the metrics
+            batch["sampler_logps"] = sampler
+            trainer = batch["old_logps"] if "old_logps" in batch else self.logps(self.policy, batch)
+            mismatch = mismatch_metrics(trainer, sampler, batch["completion_mask"],
+                                        cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max)
         if self.ref_model is not None:
             with reference_scope(self.ref_model):  # with --lora the policy itself, its adapter disabled
                 batch["ref_logps"] = self.logps(self.ref_model, batch)
@@ -158,6 +173,8 @@ class GRPORollouts(OnPolicySource):
         for name in sorted({n for _, parts in scored for n in parts}):
             metrics[f"reward_{name}"] = group_mean([parts[name] for _, parts in scored if name in parts])
         metrics["trained_rows"] = len(keep) / len(prompts)
+        if sampler is not None:
+            metrics.update(mismatch)
         return split_parts(batch, parts), metrics
 
     def rows_with_gradient(self, advantages: torch.Tensor, parts: int) -> list[int]:
@@ -180,8 +197,7 @@ class GRPORollouts(OnPolicySource):
         keep = sorted(sorted(groups, key=lambda k: not spread[k])[:self.cfg.prompts_per_step])
         self.informative = sum(spread[k] for k in keep) / len(keep)
         take = lambda xs: [xs[k * g + j] for k in keep for j in range(g)]
-        out = type(out)(prompt_ids=take(out.prompt_ids), completion_ids=take(out.completion_ids),
-                        texts=take(out.texts), finished=take(out.finished))
+        out = dataclasses.replace(out, **{f.name: take(getattr(out, f.name)) for f in dataclasses.fields(out)})
         return take(rows), take(prompts), out, take(scored)
 
 
@@ -202,19 +218,20 @@ class GRPOLoss(TrainingModule):
         return batch["input_ids"].shape[0]
 
     def completions(self, batch: dict):
-        """(hidden, targets, mask, old_logps, ref_logps): per completion token, the hidden state that predicts it.
-        With --share-prompt each distinct prompt runs once for its group (``shared_prompt``), else whole rows."""
+        """(hidden, targets, mask, old_logps, ref_logps, sampler_logps): per completion token, the hidden state
+        that predicts it. With --share-prompt each distinct prompt runs once for its group (``shared_prompt``),
+        else whole rows."""
         if self.cfg.share_prompt and "prompt_lengths" in batch:
             view = completion_hidden_states(self.model, batch)
             return (view.hidden, view.targets, view.mask, view.gather(batch.get("old_logps")),
-                    view.gather(batch.get("ref_logps")))
+                    view.gather(batch.get("ref_logps")), view.gather(batch.get("sampler_logps")))
         hidden = hidden_states(self.model, batch)[:, :-1]
         return (hidden, batch["input_ids"][:, 1:], batch["completion_mask"], batch.get("old_logps"),
-                batch.get("ref_logps"))
+                batch.get("ref_logps"), batch.get("sampler_logps"))
 
     def forward(self, batch: dict, norm: float):
         c = self.cfg
-        hidden, targets, mask, old_logps, ref_logps = self.completions(batch)
+        hidden, targets, mask, old_logps, ref_logps, sampler_logps = self.completions(batch)
         if "trained" in batch:  # --mask-truncated-completions
             mask = mask * batch["trained"].to(mask.device, mask.dtype)[:, None]
         items = self.items(batch)
@@ -232,7 +249,8 @@ class GRPOLoss(TrainingModule):
             max_completion_length=c.max_new_tokens,
             num_items_in_batch=norm if c.loss_type in ITEMS_NORMALIZED else None, return_entropy=True,
             entropy_coef=c.entropy_coef * share, top_entropy_quantile=c.top_entropy_quantile,
-            off_policy_mask_threshold=c.off_policy_mask_threshold, backend=c.backend)
+            off_policy_mask_threshold=c.off_policy_mask_threshold, backend=c.backend,
+            **correction_kwargs(c, sampler_logps))
         # dapo/cispo/vespo are already divided by norm; the others are means over this micro-batch: back to sums
         # over norm.
         loss = out.loss if c.loss_type in ITEMS_NORMALIZED else out.loss * (items / norm)
@@ -272,12 +290,14 @@ def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
     try:
         # an unknown verifier, or a code reward without a sandbox, fails before anything is loaded
         reward = RewardFunction(cfg.verifier, cfg.unsafe_code_sandbox)
+        check_rollout_options(cfg)
         ptx_rows, ptx_fmt = load_ptx_rows(cfg)
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk grpo: --distributed fsdp is not supported (generation needs whole weights); "
                              "use ddp")
         model, tokenizer = load_policy(cfg)
         rows, prompts = load_prompts(cfg, tokenizer, info)
+        engine = engine or build_rollout_engine(cfg, model, tokenizer, info)  # vLLM: built before training
         ref = load_reference(cfg, info, policy=model) if cfg.beta > 0 else None  # --lora: the policy
         source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref, engine=engine)
         if ptx_rows:

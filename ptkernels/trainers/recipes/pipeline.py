@@ -47,7 +47,7 @@ from ..engine.config import (
 # sizes and each stage's options (on top of the shared ones).
 PRESETS = {name: load_yaml(shipped_config(f"pipeline/{name}.yaml")) for name in ("quick", "full")}
 # keys of a --config file that are not preset
-RUN_OPTIONS = ("output_dir", "seed", "resume", "backend", "progress", "lora")
+RUN_OPTIONS = ("output_dir", "seed", "resume", "backend", "progress", "lora", "rollout_engine")
 EVAL_STAGES = ("base", "sft", "dpo", "ppo", "grpo", "safety")
 
 
@@ -59,6 +59,7 @@ class PipelineOptions:
     resume: bool = False
     backend: str = "auto"
     progress: bool = True
+    rollout_engine: str = "kv_cache"  # what samples in ppo, grpo, safety and the evaluation ("vllm": vLLM)
     overrides: dict = field(default_factory=dict)  # merged into the preset: {"model": "tiny", "sft": {...}, ...}
     lora: bool = False  # every post-training stage trains a LoRA adapter (pretraining, which makes the base, does not)
 
@@ -84,7 +85,8 @@ class Pipeline:
         # --lora: an adapter per post-training stage, merged (output_dir/merged) so the next stage and the evaluation
         # load a plain model; the stage's own options (e.g. lora_r) still win
         lora = {"lora": True, "merge_adapter": True} if self.opts.lora and stage != "pretrain" else {}
-        return {**_shared(self.opts), **lora, **self.preset[stage]}
+        sampling = {"rollout_engine": self.opts.rollout_engine} if stage in ("ppo", "grpo", "safety") else {}
+        return {**_shared(self.opts), **lora, **sampling, **self.preset[stage]}
 
     def done(self, stage_dir: str) -> bool:
         return any(os.path.exists(os.path.join(stage_dir, f)) for f in ("model.safetensors",
@@ -137,6 +139,7 @@ class Pipeline:
     def evaluate(self) -> dict:
         """Every stage's model on the held-out sets, against the SFT model (rule judge and reward model)."""
         from ..modeling import load_causal_lm, load_sequence_classifier
+        from ..rollout.engines import make_engine
         from ..rollout.sampling import SamplingConfig
         from ..taskworld import eval_sets
         from .evaluate import evaluate
@@ -149,8 +152,11 @@ class Pipeline:
         for stage in EVAL_STAGES:
             model, tok = load_causal_lm(self.path(stage))
             print(f"ptk pipeline: eval {stage}")
+            engine = make_engine(self.opts.rollout_engine, model, tok, model_dir=self.path(stage),
+                                 max_model_len=256 + sampling.max_new_tokens, seed=self.opts.seed)
             evals[stage] = evaluate(model, tok, sets, sft_model=sft_model, reward_model=rm, reward_tokenizer=rm_tok,
-                                    sampling=sampling, backend=self.opts.backend)
+                                    sampling=sampling, backend=self.opts.backend, engine=engine)
+            del engine  # a vLLM engine's memory back before the next stage's
         with open(self.path("evals.json"), "w", encoding="utf-8") as f:
             json.dump(evals, f, indent=2)
         return evals
@@ -204,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora", action="store_true", help="every post-training stage trains a LoRA adapter (PEFT; "
                         "the stages' default --lora-* options, merged into output_dir/STAGE/merged for the next "
                         "stage); pretraining, which makes the base model, trains all weights")
+    parser.add_argument("--rollout-engine", default="kv_cache", choices=("kv_cache", "hf", "vllm"),
+                        help="what samples in ppo, grpo, safety and the evaluation (vllm: docs/vllm.md)")
     return parser
 
 
@@ -224,7 +232,8 @@ def options_from_args(argv: list[str]) -> PipelineOptions:
         parser.set_defaults(**run)
     args = parser.parse_args(argv)
     return PipelineOptions(preset=args.preset, output_dir=args.output_dir, seed=args.seed, resume=args.resume,
-                           backend=args.backend, progress=args.progress, overrides=overrides, lora=args.lora)
+                           backend=args.backend, progress=args.progress, overrides=overrides, lora=args.lora,
+                           rollout_engine=args.rollout_engine)
 
 
 def main(argv: list[str]) -> int:

@@ -34,7 +34,8 @@ from ..modeling import (
     load_sequence_classifier,
     reference_scope,
 )
-from ..rollout.onpolicy import OnPolicySource, load_prompts, split_rows
+from ..rollout.mismatch import correction_kwargs, mismatch_metrics, sampler_logps_rows
+from ..rollout.onpolicy import OnPolicySource, build_rollout_engine, check_rollout_options, load_prompts, split_rows
 from ..rollout.scoring import completion_batch
 
 
@@ -104,10 +105,16 @@ class PPORollouts(OnPolicySource):
         advantages, returns = ptk.gae(rewards, old_values * mask, mask, gamma=cfg.gamma, lam=cfg.lam)
         advantages = ptk.masked_whiten(advantages, mask) * mask
         batch.update(old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
+        sampler = sampler_logps_rows(out, list(range(len(prompts))), mask.shape[1])
+        if sampler is not None:  # a vLLM rollout: the sampler's own log-probs, for the correction and the metrics
+            batch["sampler_logps"] = sampler
         self.rollout = batch
         metrics = {"score": scores.mean().item(), "reward": rewards.sum(1).mean().item(),
                    "kl_sum": kl.sum(1).mean().item(), "completion_length": mask.sum(1).mean().item(),
                    "eos_rate": sum(out.finished) / len(out.finished)}
+        if sampler is not None:
+            metrics.update(mismatch_metrics(old_logps, sampler, mask, cfg.vllm_importance_sampling_clip_min,
+                                            cfg.vllm_importance_sampling_clip_max))
         return self.minibatches(batch, index), metrics
 
     def minibatches(self, batch: dict, index: int) -> list[list[dict]]:
@@ -145,7 +152,8 @@ class PPOLoss(TrainingModule):
         head["temperature"] *= c.temperature
         logps, entropy = ptk.linear_token_logprobs(hidden[:, :-1], weight, batch["labels"][:, 1:], return_entropy=True,
                                                    backend=c.backend, **head)
-        policy = ptk.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_range=c.clip_range)
+        policy = ptk.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_range=c.clip_range,
+                                     **correction_kwargs(c, batch.get("sampler_logps")))
         values = token_values(self.critic, batch)
         value = ptk.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
                                    clip_range_value=c.clip_range_value)
@@ -164,7 +172,9 @@ def run(cfg: PPOConfig, engine=None) -> TrainResult:
             raise ValueError("ptk ppo: --reward-model is required (a folder written by ptk reward)")
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk ppo: --distributed fsdp is not supported (generation needs whole weights); use ddp")
+        check_rollout_options(cfg)
         policy, tokenizer = load_policy(cfg)
+        engine = engine or build_rollout_engine(cfg, policy, tokenizer, info)  # vLLM: built before training
         rows, prompts = load_prompts(cfg, tokenizer, info, fmt=("prompt_only", "prompt_completion"))
         critic, rm_tokenizer = load_policy(cfg, task="SEQ_CLS", name=cfg.reward_model, seed=0)
         if rm_tokenizer.get_vocab() != tokenizer.get_vocab():

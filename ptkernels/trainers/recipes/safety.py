@@ -36,8 +36,8 @@ from ..engine.checkpoint import list_checkpoints
 from ..engine.config import DPOConfig, SafetyConfig, SFTConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..modeling import load_causal_lm
-from ..rollout.engines import generate
-from ..rollout.sampling import SamplingConfig
+from ..rollout.engines import generate, make_engine
+from ..rollout.sampling import RolloutEngine, SamplingConfig
 from ..rollout.scoring import completion_batch, sequence_token_logps
 from ..taskworld.generate import write_jsonl
 from ..taskworld.judge import REFUSAL, is_refusal, rule_judge, rule_preference
@@ -118,11 +118,18 @@ class ModelJudge:
         return 0 if logps[0] >= logps[1] else 1
 
 
-def refusal_report(model, tokenizer, rows: list[Row], cfg: SafetyConfig) -> dict:
+def sampler(cfg: SafetyConfig, model, tokenizer, folder: str) -> RolloutEngine:
+    """What samples ``model``'s answers (``--rollout-engine``): a built-in engine on ``model``, or a vLLM engine
+    loading ``folder`` (the model's Hugging Face folder; a preset is saved to a temporary one)."""
+    return make_engine(cfg.rollout_engine, model, tokenizer, model_dir=folder if os.path.isdir(folder) else None,
+                       max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, seed=cfg.seed)
+
+
+def refusal_report(model, tokenizer, rows: list[Row], cfg: SafetyConfig, engine: RolloutEngine | None = None) -> dict:
     """Greedy answers to the held-out prompts: refusal rate on harmful ones, over-refusal on benign ones."""
     prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in rows]
-    texts = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
-                                                               do_sample=False)).texts
+    engine = engine or make_engine("kv_cache", model, tokenizer)
+    texts = engine.generate(prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False)).texts
     out = {}
     for category, key in (("harmful", "refusal_rate_harmful"), ("benign", "over_refusal_benign")):
         hits = [is_refusal(t) for r, t in zip(rows, texts) if r.data.get("category") == category]
@@ -180,13 +187,14 @@ def run(cfg: SafetyConfig) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
 
     model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
-    report = {"before": refusal_report(model, tokenizer, held_out, cfg)} if held_out else {}
+    engine = sampler(cfg, model, tokenizer, cfg.model)
+    report = {"before": refusal_report(model, tokenizer, held_out, cfg, engine)} if held_out else {}
     judge = _judge(cfg, model, tokenizer)
     prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in train_rows]
 
     # Stage one (SL-CAI): answer, critique against a sampled principle, revise; SFT on the revisions.
-    answers = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
-                                                                 do_sample=False)).texts
+    answers = engine.generate(prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False)).texts
+    del engine  # a vLLM engine's memory back before training
     sl_rows = []
     for row, answer in zip(train_rows, answers):
         principle = rng.choice(principles)
@@ -205,8 +213,10 @@ def run(cfg: SafetyConfig) -> dict:
     if cfg.judge == "self":
         judge = ModelJudge(model, tokenizer, cfg)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=1.0)
-    first = generate(model, tokenizer, prompts, sampling, seed=cfg.seed).texts
-    second = generate(model, tokenizer, prompts, sampling, seed=cfg.seed + 1).texts
+    engine = sampler(cfg, model, tokenizer, sl_dir)
+    first = engine.generate(prompts, sampling, seed=cfg.seed).texts
+    second = engine.generate(prompts, sampling, seed=cfg.seed + 1).texts
+    del engine
     pairs = []
     for row, a, b in zip(train_rows, first, second):
         if a.strip() == b.strip() or not a.strip() or not b.strip():
@@ -226,7 +236,8 @@ def run(cfg: SafetyConfig) -> dict:
 
     if held_out:
         model, tokenizer = load_causal_lm(cfg.output_dir, trust_remote_code=cfg.trust_remote_code)
-        report["after"] = refusal_report(model, tokenizer, held_out, cfg)
+        report["after"] = refusal_report(model, tokenizer, held_out, cfg, sampler(cfg, model, tokenizer,
+                                                                                   cfg.output_dir))
     report.update(sl_cai_examples=len(sl_rows), rlaif_pairs=len(pairs),
                   revised=sum(r["completion"] != _completion(r["prompt"], r["initial"]) for r in sl_rows))
     with open(os.path.join(cfg.output_dir, "safety_report.json"), "w", encoding="utf-8") as f:

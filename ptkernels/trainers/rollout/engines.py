@@ -19,6 +19,9 @@ as long as it returns the same ``Rollout`` (``sampling.py``); the scoring is ``s
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import torch
 
 from .kv_cache import KVCacheEngine
@@ -90,17 +93,43 @@ class HFGenerateEngine:
                        finished=finished)
 
 
-ENGINES = ("kv_cache", "hf")
+ENGINES = ("kv_cache", "hf", "vllm")
 
 
-def make_engine(name: str, model, tokenizer) -> RolloutEngine:
-    """The built-in sampler called ``name``: 'kv_cache' (``kv_cache.KVCacheEngine``: the model's forward
-    and a KV cache, each distinct prompt prefilled once; the default) or 'hf' (``HFGenerateEngine``:
-    ``model.generate``). Both sample from the same distribution."""
+def make_engine(name: str, model, tokenizer, *, model_dir: str | None = None, max_model_len: int = 1024,
+                server: str = "", seed: int = 0, gpu_memory_utilization: float = 0.3) -> RolloutEngine:
+    """The sampler called ``name``: 'kv_cache' (``kv_cache.KVCacheEngine``: the model's forward and a KV cache,
+    each distinct prompt prefilled once; the default) or 'hf' (``HFGenerateEngine``: ``model.generate``), both
+    on ``model`` itself, from the same distribution; or 'vllm': a ``vllm_engine.VLLMEngine`` built from
+    ``model_dir`` (``model``'s Hugging Face folder; None: ``model`` is saved to a temporary folder the engine
+    loads when built; ``max_model_len`` prompt + completion tokens), or, with ``server`` ("HOST:PORT"), a client
+    of a running ``ptk vllm-serve``. A vLLM engine keeps its own copy of the weights: the caller pushes the
+    policy's into it (``engine.sync_weights(model)``) after updating them."""
     if name == "hf":
         return HFGenerateEngine(model, tokenizer)
     if name == "kv_cache":
         return KVCacheEngine(model, tokenizer)
+    if name == "vllm":
+        if server:
+            from .vllm_server import VLLMServerClient
+
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"--vllm-server must be HOST:PORT, got {server!r}")
+            return VLLMServerClient(host, int(port))
+        from .vllm_engine import VLLMEngine
+
+        options = dict(max_model_len=max_model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+        if model_dir:
+            return VLLMEngine(model_dir, tokenizer, **options)
+        from ..modeling import save_pretrained
+
+        folder = tempfile.mkdtemp(prefix="ptk-vllm-policy-")
+        try:  # the engine reads the weights and the tokenizer when it is built
+            save_pretrained(unwrap_model(model), tokenizer, folder)
+            return VLLMEngine(folder, tokenizer, **options)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     raise ValueError(f"rollout engine must be one of {ENGINES}, got {name!r}")
 
 

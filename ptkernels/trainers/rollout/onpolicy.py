@@ -4,10 +4,15 @@
 ``steps_per_rollout`` optimizer steps it samples this process's prompts (a seeded order, like the offline stages'
 data), has a ``RolloutEngine`` complete them, and hands the stage's ``make_rollout`` the result to score and cut
 into micro-batches. The current rollout is part of the checkpoint, so a resumed run continues exactly.
+
+An engine with its own copy of the weights (``--rollout-engine vllm``: ``sync_weights``) gets the policy's current
+weights pushed into it before every rollout but the first of a fresh run (it was built from the initial policy),
+i.e. after every ``steps_per_rollout`` optimizer steps, on every process; a resumed run syncs before its first.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
 from types import SimpleNamespace
 
@@ -61,11 +66,16 @@ class OnPolicySource:
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_p=cfg.top_p, do_sample=True, batch_size=cfg.generation_batch_size)
         self.index, self.batches, self._metrics = -1, [], {}
+        self.engine_is_current = True  # an engine with its own weights was built from the initial policy
         self.ptx: Dataset | None = None  # SFT examples whose loss joins the policy's (PPO-ptx), see add_ptx
 
     def micro_batches(self, step: int, cfg, info: DistInfo) -> list[dict]:
         index = step // self.steps_per_rollout
         if index != self.index:
+            sync = getattr(self.engine, "sync_weights", None)
+            if sync is not None and not self.engine_is_current:
+                sync(self.policy)  # the weights of the steps since the last rollout (or of the resumed checkpoint)
+            self.engine_is_current = False
             self.batches, self._metrics = self.make_rollout(index)
             self.index = index
         batches = self.select(step % self.steps_per_rollout)
@@ -101,6 +111,7 @@ class OnPolicySource:
         return {"index": self.index, "batches": self.batches, "metrics": self._metrics}
 
     def load_state_dict(self, state: dict) -> None:
+        self.engine_is_current = False  # resumed: the policy holds the checkpoint's weights
         if state:
             self.index, self.batches, self._metrics = state["index"], state["batches"], state["metrics"]
 
@@ -112,3 +123,37 @@ def load_prompts(cfg: OnPolicyConfig, tokenizer, info: DistInfo, fmt=("prompt_on
     rows, _ = load_data(cfg, fmt, info)
     prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in rows]
     return rows, prompts
+
+
+def check_rollout_options(cfg: OnPolicyConfig) -> None:
+    """What ``--rollout-engine vllm`` needs, checked before any model is loaded; each error names its option."""
+    if cfg.rollout_engine != "vllm":
+        if cfg.vllm_server:
+            raise ValueError("--vllm-server is used with --rollout-engine vllm only")
+        return
+    if cfg.max_prompt_length + cfg.max_new_tokens > cfg.max_length:
+        raise ValueError(f"--max-length {cfg.max_length} is the vLLM engine's max_model_len and must hold a prompt "
+                         f"(--max-prompt-length {cfg.max_prompt_length}) plus a completion (--max-new-tokens "
+                         f"{cfg.max_new_tokens}): raise --max-length or lower the others")
+    if not cfg.vllm_server:
+        from .vllm_engine import require_vllm
+
+        require_vllm()  # the server mode needs no vLLM on the trainer's side
+
+
+def build_rollout_engine(cfg: OnPolicyConfig, policy, tokenizer, info: DistInfo) -> RolloutEngine | None:
+    """The rollout engine a stage's data source samples with: None for the built-in engines (the source makes
+    them on the policy), else the vLLM engine, built once before training. In this process it loads the policy's
+    folder (``--model``; a preset is saved to a temporary folder first); with ``--vllm-server`` it is a client of
+    this process's server (one per process)."""
+    if cfg.rollout_engine != "vllm":
+        return None
+    if cfg.vllm_server:
+        servers = [s.strip() for s in cfg.vllm_server.split(",") if s.strip()]
+        if len(servers) != info.world_size:
+            raise ValueError(f"--vllm-server: {len(servers)} server(s) for {info.world_size} process(es); give one "
+                             f"HOST:PORT per process, comma-separated")
+        return make_engine("vllm", policy, tokenizer, server=servers[info.rank])
+    return make_engine("vllm", policy, tokenizer, model_dir=cfg.model if os.path.isdir(cfg.model) else None,
+                       max_model_len=cfg.max_length, seed=cfg.seed,
+                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)

@@ -59,8 +59,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# The one import from the trainer's rollout module (it moves with the trainers' restructure: point it there).
-from ptkernels.trainers.rollout import Rollout, SamplingConfig
+from .sampling import Rollout, SamplingConfig
 
 __all__ = ["INSTALL_HINT", "VLLMEngine", "VLLMRollout", "iter_full_weights", "require_vllm", "sampler_logps_tensor",
            "sync_weights"]

@@ -1,6 +1,6 @@
 """Server mode: the vLLM engine in a process of its own (other devices or nodes), the trainer talking to it.
 
-    python -m ptkernels.trainers.rollout.vllm_server --model out/sft --port 8765     # (ptk vllm-serve)
+    ptk vllm-serve --model out/sft --port 8765        # python -m ptkernels.trainers.rollout.vllm_server
     engine = VLLMServerClient("127.0.0.1", 8765)      # a RolloutEngine in the trainer
     rollout = engine.generate(prompt_ids, SamplingConfig(...), seed=step)
     engine.sync_weights(policy)                       # after an optimizer step
@@ -25,21 +25,9 @@ import json
 import os
 import socket
 import struct
-import sys
 from dataclasses import asdict, fields
 
-if __package__:
-    from .vllm_engine import SamplingConfig, VLLMEngine, VLLMRollout, iter_full_weights
-else:  # run as a file (python .../vllm_server.py) before the package exists: the sibling loaded by path
-    import importlib.util
-
-    _name = "ptkernels.trainers.rollout.vllm_engine"
-    _spec = importlib.util.spec_from_file_location(_name, os.path.join(os.path.dirname(__file__), "vllm_engine.py"))
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[_name] = _module
-    _spec.loader.exec_module(_module)
-    SamplingConfig, VLLMEngine, VLLMRollout = _module.SamplingConfig, _module.VLLMEngine, _module.VLLMRollout
-    iter_full_weights = _module.iter_full_weights
+from .vllm_engine import SamplingConfig, VLLMEngine, VLLMRollout, iter_full_weights
 
 __all__ = ["VLLMServerClient", "main", "serve"]
 

@@ -168,6 +168,6 @@ def test_any_engine_with_generate_is_a_rollout_engine(model_tok):
     assert isinstance(HFGenerateEngine(*model_tok), RolloutEngine)
     assert isinstance(make_engine("kv_cache", *model_tok), RolloutEngine)
     with pytest.raises(ValueError, match="rollout engine must be one of"):
-        make_engine("vllm", *model_tok)
+        make_engine("sglang", *model_tok)  # vllm is an engine now (rollout/vllm_engine.py)
     with pytest.raises(TypeError, match="not a RolloutEngine"):
         rollout_with(object(), [[1]])

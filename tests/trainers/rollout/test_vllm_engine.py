@@ -19,9 +19,12 @@ import pytest
 import torch
 
 from ptkernels.trainers.modeling import load_causal_lm, save_pretrained
-from ptkernels.trainers.rollout import HFGenerateEngine, SamplingConfig, completion_batch, sequence_token_logps
+from ptkernels.trainers.rollout import vllm_engine
+from ptkernels.trainers.rollout.engines import HFGenerateEngine
+from ptkernels.trainers.rollout.sampling import SamplingConfig
+from ptkernels.trainers.rollout.scoring import completion_batch, sequence_token_logps
 
-from .vllm_helpers import import_rollout_module, tiny_llama
+from .vllm_helpers import tiny_llama
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not importable in this interpreter (CPU: "
@@ -31,9 +34,6 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not importable in
 MAX_MODEL_LEN = 128
 # Prompts of different lengths, two of them sharing a prefix (the prefix cache must not mix them up).
 PROMPT_TEXTS = ["What is 12+30?", "Answer: 4", "The model", "What is 12+31? Think step by step.", "a"]
-
-
-vllm_engine = import_rollout_module("vllm_engine")
 
 
 @pytest.fixture(scope="module")

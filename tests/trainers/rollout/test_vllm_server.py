@@ -17,9 +17,11 @@ import torch
 
 import ptkernels.trainers
 from ptkernels.trainers.modeling import save_pretrained
-from ptkernels.trainers.rollout import HFGenerateEngine, SamplingConfig
+from ptkernels.trainers.rollout import vllm_server
+from ptkernels.trainers.rollout.engines import HFGenerateEngine
+from ptkernels.trainers.rollout.sampling import SamplingConfig
 
-from .vllm_helpers import ROLLOUT_DIR, import_rollout_module, tiny_llama
+from .vllm_helpers import tiny_llama
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not importable in this interpreter (scripts/setup_vllm_venv.sh "
@@ -31,8 +33,6 @@ REPO_ROOT = Path(ptkernels.trainers.__file__).parents[2]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(client, policy, tokenizer): a vllm_server process on a free loopback port serving the tiny policy."""
-    import_rollout_module("vllm_engine")
-    client_module = import_rollout_module("vllm_server")
     model, tokenizer = tiny_llama()
     folder = tmp_path_factory.mktemp("served_policy")
     save_pretrained(model, tokenizer, str(folder))
@@ -40,7 +40,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = open(folder / "server.log", "w")
-    process = subprocess.Popen([sys.executable, str(ROLLOUT_DIR / "vllm_server.py"), "--model", str(folder),
+    process = subprocess.Popen([sys.executable, "-m", "ptkernels.trainers.rollout.vllm_server", "--model", str(folder),
                                 "--port", "0", "--port-file", str(port_file), "--max-length", "128"],
                                env=env, stdout=log, stderr=subprocess.STDOUT)
     start = time.perf_counter()
@@ -50,7 +50,7 @@ def server(tmp_path_factory):
             raise RuntimeError(f"vllm_server did not start: {(folder / 'server.log').read_text()[-3000:]}")
         time.sleep(0.5)
     print(f"\nvllm_server ready in {time.perf_counter() - start:.1f} s")
-    client = client_module.VLLMServerClient("127.0.0.1", int(port_file.read_text()))
+    client = vllm_server.VLLMServerClient("127.0.0.1", int(port_file.read_text()))
     yield client, model.eval(), tokenizer
     try:
         client.stop_server()

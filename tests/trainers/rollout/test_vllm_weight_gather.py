@@ -13,10 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ptkernels.trainers.modeling import load_causal_lm
-
-from .vllm_helpers import import_rollout_module
-
-vllm_engine = import_rollout_module("vllm_engine")
+from ptkernels.trainers.rollout import vllm_engine
 
 
 class _Received:
