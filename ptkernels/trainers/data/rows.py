@@ -22,11 +22,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ..engine.config import TrainConfig
-    from ..engine.distributed import DistInfo
 
 FORMATS = ("text", "messages", "prompt_completion", "preference", "unpaired_preference", "prompt_only")
 
@@ -275,7 +270,9 @@ def _check_answer(value, where: str) -> None:
         raise DataError(f"{where} has no assistant message with content (nothing to train on)")
 
 
-def load_data(cfg: TrainConfig, allowed: tuple[str, ...], info: DistInfo) -> tuple[list[Row], str]:
+# cfg is an engine.config.TrainConfig and info an engine.distributed.DistInfo: not imported, as the engine sits
+# above the data layer (engine.config reads rows through its callers)
+def load_data(cfg, allowed: tuple[str, ...], info) -> tuple[list[Row], str]:
     """Every row of ``--data`` read and checked before anything else happens (a bad line fails the run before
     a model is loaded or an output written)."""
     rows = load_rows(cfg.data)

@@ -89,6 +89,9 @@ RULES: dict[str, Range] = {
     # GRPO options of TRL 1.16
     "entropy_coef": Range(), "top_entropy_quantile": Range(0, 1, lo_open=True),
     "off_policy_mask_threshold": Range(0, optional=True),
+    # vLLM engine (docs/vllm.md) and TRL 1.16's importance-sampling correction of its sampler log-probs
+    "vllm_gpu_memory_utilization": Range(0, 1, lo_open=True), "vllm_importance_sampling_clip_min": NONNEG,
+    "vllm_importance_sampling_clip_max": POS,
     # LoRA
     "lora_r": INT_POS, "lora_alpha": POS, "lora_dropout": UNIT_OPEN_HI,
     # safety
