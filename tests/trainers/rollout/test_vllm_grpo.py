@@ -13,12 +13,15 @@ import sys
 import time
 
 import pytest
+import torch
 
+import ptkernels as ptk
 from ptkernels.trainers.engine.config import GRPOConfig, parse_config
 from ptkernels.trainers.engine.distributed import DistInfo
 from ptkernels.trainers.modeling import load_causal_lm, save_pretrained
 from ptkernels.trainers.recipes import grpo
 from ptkernels.trainers.rollout.engines import HFGenerateEngine
+from ptkernels.trainers.rollout.mismatch import correction_kwargs
 from ptkernels.trainers.rollout.onpolicy import build_rollout_engine, check_rollout_options
 from ptkernels.trainers.rollout.sampling import SamplingConfig
 
@@ -48,10 +51,21 @@ def _args(tmp_path, model: str, *extra: str) -> list[str]:
             "--batch-size", "8", "--lr", "1e-2", "--precision", "fp32", "--no-progress", "--seed", "1", *extra]
 
 
-def test_correction_is_refused_until_the_losses_take_sampler_logps(tmp_path):
+def test_correction_reaches_the_loss_and_is_neutral_on_matching_logps(tmp_path):
+    """On by default with vLLM: the options become the loss op's keyword arguments; a sampler that agrees with the
+    trainer (ratio 1 everywhere) leaves GRPO's loss unchanged, one that disagrees changes it."""
     cfg = parse_config(GRPOConfig, _args(tmp_path, "tiny"))
-    with pytest.raises(NotImplementedError, match="--no-vllm-importance-sampling-correction"):
+    if HAVE_VLLM:  # the start-up check passes with the correction on (it needs vllm importable)
         check_rollout_options(cfg)
+    torch.manual_seed(0)
+    logps, mask = -torch.rand(4, 6, dtype=torch.float64), torch.ones(4, 6, dtype=torch.float64)
+    adv = torch.randn(4, dtype=torch.float64)
+    plain = ptk.grpo_loss(logps, logps.detach(), adv, mask).loss
+    kwargs = correction_kwargs(cfg, logps.detach().clone())
+    assert kwargs["vllm_importance_sampling_mode"] == cfg.vllm_importance_sampling_mode
+    assert torch.equal(ptk.grpo_loss(logps, logps.detach(), adv, mask, **kwargs).loss, plain)
+    off = correction_kwargs(cfg, logps.detach() - 5.0)  # every sequence's ratio far outside the clip range
+    assert not torch.equal(ptk.grpo_loss(logps, logps.detach(), adv, mask, **off).loss, plain)
 
 
 def test_max_length_must_hold_prompt_and_completion(tmp_path):
