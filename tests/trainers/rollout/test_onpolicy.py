@@ -97,7 +97,7 @@ def test_grpo_ptx_trains_on_the_sft_rows_where_the_rewards_are_flat(sft_model, d
 
 
 @pytest.mark.parametrize("args, match", [(["--ptx-coef", "0.5"], "--ptx-coef > 0 needs --ptx-data"),
-                                         (["--ptx-coef", "-1"], "--ptx-coef must be >= 0")])
+                                         (["--ptx-coef", "-1"], "--ptx-coef must be finite and >= 0")])
 def test_grpo_ptx_options_are_checked(rl_data, tmp_path, args, match):
     with pytest.raises(ValueError, match=match):
         ptk(["grpo", "--data", rl_data, "--output-dir", str(tmp_path / "x"), *args])
