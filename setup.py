@@ -70,7 +70,7 @@ def _pybind11_include() -> str:
 
 
 def _find_nvcc() -> str | None:
-    """nvcc from $CUDA_HOME/bin, /usr/local/cuda/bin, then PATH (the order of tests/ops/backends/test_cuda_compile.py)."""
+    """nvcc from $CUDA_HOME/bin, /usr/local/cuda/bin, then PATH (as tests/ops/backends/test_cuda_compile.py looks)."""
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
             return os.path.join(home, "bin", "nvcc")

@@ -29,6 +29,7 @@ from .core.checks import check_head, check_labels, check_options
 from .core.chunking import (
     ChunkLogits,
     RowPlan,
+    apply_head_grads,
     default_chunk_size,
     one_chunk,
     put,
@@ -37,34 +38,6 @@ from .core.chunking import (
 )
 from .core.dispatch import resolve_backend
 from .core.head_loss import head_loss_backward, head_loss_forward
-
-
-def apply_head_grads(g, h, weight, rows, scale, gh, gw, gb):
-    """GEMMs 2 and 3 for one chunk: gh[rows] = scale * g @ W; gw += (scale * g).T @ h; gb += (scale * g).sum(0).
-
-    ``scale`` (a Python float, or a per-row tensor [c]) is applied on the D side (alpha, or a scaled copy of the
-    [c, D] rows) so the [c, V] gradient is never touched again.
-    """
-    per_row = torch.is_tensor(scale)
-    if g.dtype != weight.dtype:  # the torch rows return fp32 work buffers; the GEMMs run in the input dtype
-        g = g.to(weight.dtype)
-    if gh is not None:
-        dh = gemm.input_grad(g, weight)
-        if per_row:
-            dh.mul_(scale.unsqueeze(1).to(dh.dtype))
-        elif scale != 1.0:
-            dh.mul_(scale)
-        put(gh, rows, dh)
-    if gw is not None:
-        if per_row:
-            gemm.accumulate_weight_grad(gw, g, h * scale.unsqueeze(1).to(h.dtype))
-        else:
-            gemm.accumulate_weight_grad(gw, g, h, alpha=scale)
-    if gb is not None:
-        if per_row:
-            gb.add_(torch.mv(g.t(), scale.to(g.dtype)).to(gb.dtype))
-        else:
-            gb.add_(g.sum(dim=0, dtype=gb.dtype), alpha=scale)
 
 
 def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o: RowOptions, row_scale,

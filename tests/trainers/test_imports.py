@@ -7,6 +7,8 @@ import os
 
 import ptkernels
 
+from ..test_architecture import find_cycles
+
 PACKAGE = "ptkernels.trainers"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ptkernels.__file__)))
 TRAINERS = os.path.join(ROOT, *PACKAGE.split("."))
@@ -65,35 +67,8 @@ def graph() -> tuple[dict[str, set[str]], list[str]]:
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components with more than one module (Tarjan)."""
-    index, low, stack, on_stack, out, counter = {}, {}, [], set(), [], [0]
-
-    def visit(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on_stack.add(v)
-        for w in edges.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                out.append(sorted(component))
-
-    for v in sorted(edges):
-        if v not in index:
-            visit(v)
-    return out
+    """The import circles among ``edges`` (the package-wide finder of tests/test_architecture.py)."""
+    return find_cycles(edges, edges)
 
 
 def test_the_graph_reader_sees_the_trainers():
