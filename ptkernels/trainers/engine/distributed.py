@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,15 @@ def init_distributed() -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leaves the process group. On a normal exit every process first meets at a barrier: gloo aborts the process
+    ("terminate called without an active exception") when one rank tears its group down while a peer's last
+    collective (FSDP2's final reduce-scatter, the checkpoint's gathers) is still in flight. On an error there is
+    no barrier, since the failed peers would never arrive."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    if sys.exc_info()[0] is None:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def wrap(module: nn.Module, model: nn.Module, info: DistInfo, mode: str) -> nn.Module:
