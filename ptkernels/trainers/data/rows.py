@@ -53,8 +53,8 @@ class Row:
 
 
 def load_rows(path: str, *, split: str = "train") -> list[Row]:
-    """Rows of a JSON Lines file, or of a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a
-    ``DatasetDict`` of which ``split`` is taken)."""
+    """Rows of a JSON Lines file, a JSON array file, or a folder written by ``datasets``' ``save_to_disk`` (a
+    ``Dataset``, or a ``DatasetDict`` of which ``split`` is taken)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
     rows = _load_dataset_dir(path, split) if os.path.isdir(path) else _load_jsonl(path)
@@ -64,6 +64,11 @@ def load_rows(path: str, *, split: str = "train") -> list[Row]:
 
 
 def _load_jsonl(path: str) -> list[Row]:
+    """JSON Lines, or a file holding one JSON array of objects (``.json`` as many data sets ship it)."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):
+        return _load_json_array(path)
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -78,6 +83,29 @@ def _load_jsonl(path: str) -> list[Row]:
             if not isinstance(data, dict):
                 raise DataError(f"{source}: expected a JSON object, got {type(data).__name__}")
             rows.append(Row(data, source))
+    return rows
+
+
+def _load_json_array(path: str) -> list[Row]:
+    """A JSON array of objects; each row's source is ``file.json:LINE`` (the line its object starts on)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    decoder = json.JSONDecoder()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+    rows, pos = [], text.index("[") + 1
+    for i, item in enumerate(data):
+        # find where item i starts, for a file:line source (the objects are re-decoded in order)
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        _, end = decoder.raw_decode(text, pos)
+        source = f"{path}:{text.count(chr(10), 0, pos) + 1}"
+        pos = end
+        if not isinstance(item, dict):
+            raise DataError(f"{source}: expected a JSON object (element {i} of the array), got {type(item).__name__}")
+        rows.append(Row(item, source))
     return rows
 
 

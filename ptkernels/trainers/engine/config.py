@@ -41,7 +41,8 @@ OUTPUT_HELP = "where the model, metrics.jsonl and checkpoints/ go"
 class TrainConfig:
     """Options every stage shares."""
 
-    model: str = option("tiny", "a local Hugging Face model folder, or 'tiny' (built-in random Llama + tokenizer)")
+    model: str = option("", "required: a local Hugging Face model folder, a Hub id (e.g. Qwen/Qwen2.5-0.5B, downloaded "
+                        "by transformers when online) or a built-in random preset: tiny, small, base")
     data: str = option("", "training data: a JSONL file or a folder saved with datasets' save_to_disk")
     output_dir: str = option("runs/out", OUTPUT_HELP)
     max_steps: int = option(100, "optimizer steps to run")
@@ -167,6 +168,12 @@ class OnPolicyConfig(TrainConfig):
     ref_model: str = option("", "reference model for the KL term (default: the initial policy)")
     batch_size: int = option(16, "sequences per forward/backward micro-batch")
     generation_batch_size: int = option(64, "sequences sampled per batch (a GRPO group counts num_generations)")
+    # -- user rewards (issue 25): TRL-style reward functions and reward models, weighted
+    reward_funcs: str = option("", "comma-separated reward functions: built-in verifiers (math, format, exact, fact, "
+                               "code, row), module:function or file.py:function (TRL's signature: completions, "
+                               "**row_fields -> list[float | None]) and reward model folders; GRPO: replaces "
+                               "--verifier; PPO: replaces --reward-model's score")
+    reward_weights: str = option("", "comma-separated weights of --reward-funcs (default 1 each)")
     rollout_engine: str = option("kv_cache", "sampler: 'kv_cache' (the model's forward and a KV cache, each distinct "
                                  "prompt prefilled once) or 'hf' (Hugging Face generate); same distribution",
                                  choices=("kv_cache", "hf"))
@@ -178,8 +185,11 @@ class GRPOConfig(OnPolicyConfig):
 
     output_dir: str = option("runs/grpo", OUTPUT_HELP)
     lr: float = option(1e-5, "peak learning rate (AdamW)")
-    verifier: str = option("row", "reward: 'row' (each row's 'verifier' field), a name (math, format, exact, fact, "
-                           "code), 'math,format' (equal weights) or 'math:0.8,format:0.2'")
+    verifier: str = option("auto", "reward: 'auto' (what the data supports: 'row' when rows name their verifier, "
+                           "'code' with 'tests', 'math' for numeric gold answers, else 'fact'), 'row' (each row's "
+                           "'verifier' field), a name (math, format, exact, fact, code), 'math,format' (equal "
+                           "weights) or 'math:0.8,format:0.2'; gold answers are read from 'answer', 'solution' or "
+                           "'ground_truth'")
     num_generations: int = option(8, "completions sampled per prompt (the group)")
     num_iterations: int = option(1, "optimizer steps per rollout (old log-probs kept from sampling time)")
     beta: float = option(0.0, "KL coefficient to the reference (k3); 0 holds no reference model")
@@ -375,6 +385,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.data:
         raise ValueError("--data is required: a JSONL file or a saved datasets folder")
+    if not cfg.model:
+        raise ValueError("--model is required: a local model folder, a Hugging Face Hub id, or a built-in random "
+                         "preset (tiny, small, base)")
 
 
 def to_dict(cfg) -> dict:

@@ -9,8 +9,12 @@ ptkernels, never from generate's scores. The loss is ``ptkernels.fused_linear_gr
 hidden states: no ``[tokens, vocab]`` logits. With ``--beta`` 0, rows whose advantage is exactly 0 (a group of
 equal rewards) are not run at all (``--skip-zero-advantage``): their loss and gradient are 0.
 
-Data rows: ``prompt`` plus the ground truth the verifiers read (``answer``, ``tests``, ``format_pattern``, ...)
-and, with ``--verifier row``, the verifier's name in ``verifier``.
+Data rows: ``prompt`` plus the ground truth the verifiers read (the gold answer in ``answer``, ``solution`` or
+``ground_truth``, as GSM8K's ``#### n`` or MATH's ``\\boxed{}`` or plain; ``tests``, ``format_pattern``, ...) and,
+with ``--verifier row``, the verifier's name in ``verifier``. ``--verifier auto`` (the default) picks what the data
+supports; ``--reward-funcs`` takes TRL-style reward functions and reward models (``rewards.reward_funcs``). Every
+row is checked for the fields its rewards read before any model loads. A completion that no reward function can
+score (all return None) gets advantage 0.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ import torch
 
 import ptkernels as ptk
 
-from ..data.rows import Row, load_rows, validate_rows
-from ..data.tokenization import encode_all, encode_sft
+from ..data.rows import Row, load_data, load_rows, validate_rows
+from ..data.tokenization import encode_all, encode_prompt, encode_sft
 from ..engine.config import GRPOConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import TrainResult, train
 from ..modeling import TrainingModule, head_inputs, hidden_states, load_causal_lm, load_reference
-from ..rewards.verifiers import get_verifier
-from ..rollout.onpolicy import PTX, OnPolicySource, load_prompts, split_parts
+from ..rewards.reward_funcs import RewardFuncs, auto_verifier, check_rows
+from ..rollout.onpolicy import PTX, OnPolicySource, split_parts
 from ..rollout.sampling import RolloutEngine
 from ..rollout.scoring import completion_batch
 from ..rollout.shared_prompt import completion_hidden_states
@@ -35,25 +39,32 @@ from .sft import SFT_FORMATS
 TOKEN_LEVEL = ("dapo", "bnpo")  # normalized by completion tokens; grpo and dr_grpo by sequences
 
 
-class RewardFunction:
-    """The reward of a completion and its named parts (for logging): one verifier spec for all rows, or, with
-    'row', the verifier each row names."""
+def make_rewards(cfg: GRPOConfig, rows: list[Row]) -> RewardFuncs:
+    """The rollout's reward: ``--reward-funcs`` when given, else ``--verifier`` (``auto``: what the data supports).
+    Every row is checked for the fields the rewards read here, before any model loads."""
+    if cfg.reward_funcs:
+        rewards = RewardFuncs(cfg.reward_funcs, cfg.reward_weights, trust_remote_code=cfg.trust_remote_code)
+    else:
+        if cfg.reward_weights:
+            raise ValueError("--reward-weights needs --reward-funcs (--verifier takes weights as math:0.8,format:0.2)")
+        spec = auto_verifier(rows) if cfg.verifier == "auto" else cfg.verifier
+        rewards = RewardFuncs.from_verifier(spec)
+    check_rows(rows, rewards)
+    return rewards
 
-    def __init__(self, spec: str):
-        self.spec = spec
-        self._fixed = None if spec == "row" else get_verifier(spec)
-        self.parts = [] if spec == "row" else [p.split(":")[0].strip() for p in spec.split(",") if p.strip()]
 
-    def __call__(self, completion: str, row: Row) -> tuple[float, dict[str, float]]:
-        if self._fixed is None:
-            name = row.data.get("verifier")
-            if not isinstance(name, str):
-                raise ValueError(f"{row.source}: --verifier row needs a 'verifier' field naming the verifier")
-            r = get_verifier(name)(completion, row.data)
-            return r, {name: r}
-        parts = {n: get_verifier(n)(completion, row.data) for n in self.parts} if len(self.parts) > 1 else {}
-        r = self._fixed(completion, row.data)
-        return r, parts or {self.parts[0]: r}
+def masked_group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """``ptk.group_advantages`` where a NaN reward marks an unscorable completion (every reward function returned
+    None): it stands in as its group's mean reward (so it moves neither the group's mean nor its sum of squared
+    deviations; the std's n-1 still counts it) and its advantage is 0. A group with no scorable completion gets 0."""
+    bad = torch.isnan(rewards)
+    if not bad.any():
+        return ptk.group_advantages(rewards, group_size=group_size, scale=scale)
+    groups = rewards.view(-1, group_size)
+    ok = ~bad.view(-1, group_size)
+    means = torch.where(ok, groups, 0).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
+    filled = torch.where(ok, groups, means).reshape(-1)
+    return ptk.group_advantages(filled, group_size=group_size, scale=scale).masked_fill(bad, 0.0)
 
 
 def group_mean(values: list[float]) -> float:
@@ -61,7 +72,7 @@ def group_mean(values: list[float]) -> float:
 
 
 class GRPORollouts(OnPolicySource):
-    def __init__(self, *args, reward: RewardFunction, ref_model=None, engine=None):
+    def __init__(self, *args, reward: RewardFuncs, ref_model=None, engine=None):
         super().__init__(*args, engine=engine)
         self.reward, self.ref_model = reward, ref_model
         self.steps_per_rollout = self.cfg.num_iterations
@@ -70,12 +81,15 @@ class GRPORollouts(OnPolicySource):
     def make_rollout(self, index: int):
         cfg = self.cfg
         rows, prompts, out = self.sample(index, cfg.num_generations, 2 if cfg.dynamic_sampling else 1)
-        scored = [self.reward(text, row) for text, row in zip(out.texts, rows)]
+        if hasattr(self.reward, "score"):  # RewardFuncs: TRL-style functions called once on the whole rollout
+            scored = self.reward.score(rows, out.texts, out.completion_ids)
+        else:  # a plain (text, row) -> (reward, parts) function
+            scored = [self.reward(text, row) for text, row in zip(out.texts, rows)]
         sampled = scored, [len(c) for c in out.completion_ids], out.finished  # all of them, for the metrics
         if cfg.dynamic_sampling:
             rows, prompts, out, scored = self.informative_groups(rows, prompts, out, scored)
-        rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
-        advantages = ptk.group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
+        rewards = torch.tensor([float("nan") if r is None else r for r, _ in scored], dtype=torch.float32)
+        advantages = masked_group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
         parts = -(-len(prompts) // cfg.batch_size)  # micro-batches per step: the same on every process
         lengths = [len(c) for c in out.completion_ids]
         keep = self.rows_with_gradient(advantages, parts)
@@ -92,8 +106,9 @@ class GRPORollouts(OnPolicySource):
         if self.ref_model is not None:
             batch["ref_logps"] = self.logps(self.ref_model, batch)
         scored, lengths, finished = sampled
-        values = [r for r, _ in scored]
-        metrics = {"reward": group_mean(values), "accuracy": group_mean([float(r >= 1.0) for r in values]),
+        values = [r for r, _ in scored if r is not None]
+        metrics = {"unscorable": 1 - len(values) / max(len(scored), 1),
+                   "reward": group_mean(values), "accuracy": group_mean([float(r >= 1.0) for r in values]),
                    "reward_std": torch.tensor(values).std().item() if len(values) > 1 else 0.0,
                    "completion_length": group_mean(lengths), "eos_rate": group_mean([float(f) for f in finished])}
         if cfg.dynamic_sampling:
@@ -203,14 +218,16 @@ def load_ptx_rows(cfg: GRPOConfig) -> tuple[list[Row], str | None]:
 def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
     info = init_distributed()
     try:
-        reward = RewardFunction(cfg.verifier)  # an unknown verifier fails before anything is loaded
+        rows, _ = load_data(cfg, ("prompt_only",), info)
+        reward = make_rewards(cfg, rows)  # an unknown verifier or a row missing its fields fails before any model
         ptx_rows, ptx_fmt = load_ptx_rows(cfg)
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk grpo: --distributed fsdp is not supported (generation needs whole weights); "
                              "use ddp")
         model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                                           max_length=cfg.max_length)
-        rows, prompts = load_prompts(cfg, tokenizer, info)
+        reward.load_models(info.device)
+        prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in rows]
         ref = load_reference(cfg, info) if cfg.beta > 0 else None
         source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref, engine=engine)
         if ptx_rows:

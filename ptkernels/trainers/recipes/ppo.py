@@ -4,7 +4,8 @@ Models: the policy (``--model``, trained), a frozen reference (``--ref-model``, 
 reward model from ``ptk reward`` (``--reward-model``, frozen) and a critic initialized from it (trained; saved in
 ``output_dir/value_model``). Each rollout, per process:
     1. sample one completion for each of ``--prompts-per-step`` prompts from the policy;
-    2. score = the reward model at the last token of prompt + completion rendered as ``ptk reward`` trained it (a
+    2. score = the weighted ``--reward-funcs`` (TRL's signature; a completion none can score is left out of the
+       loss), or else the reward model at the last token of prompt + completion rendered as ``ptk reward`` trained it (a
        conversational completion that ended with eos gets the chat template's end-of-turn suffix), minus
        ``--missing-eos-penalty`` when the completion has no eos;
     3. per-token reward = -kl_coef * KL_t (k1 = logp - ref, or k3) plus the score at the last completion token;
@@ -21,7 +22,8 @@ import torch
 
 import ptkernels as ptk
 
-from ..data.tokenization import end_of_turn_suffix
+from ..data.rows import load_data
+from ..data.tokenization import encode_prompt, end_of_turn_suffix
 from ..engine.config import PPOConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import TrainResult, train
@@ -33,7 +35,8 @@ from ..modeling import (
     load_reference,
     load_sequence_classifier,
 )
-from ..rollout.onpolicy import OnPolicySource, load_prompts, split_rows
+from ..rewards.reward_funcs import RewardFuncs, check_rows
+from ..rollout.onpolicy import OnPolicySource, split_rows
 from ..rollout.scoring import completion_batch
 
 
@@ -65,9 +68,10 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 class PPORollouts(OnPolicySource):
-    def __init__(self, *args, critic, reward_model, ref_model, engine=None):
+    def __init__(self, *args, critic, reward_model, ref_model, engine=None, reward_funcs=None):
         super().__init__(*args, engine=engine)
         self.critic, self.reward_model, self.ref_model = critic, reward_model, ref_model
+        self.reward_funcs = reward_funcs  # --reward-funcs: their weighted sum is the score instead of the model's
         self.steps_per_rollout = self.cfg.ppo_epochs * self.cfg.num_minibatches
         self.turn_suffix = end_of_turn_suffix(self.tokenizer)
 
@@ -83,11 +87,19 @@ class PPORollouts(OnPolicySource):
         self.critic.eval()
         old_values = torch.cat([token_values(self.critic, b) for b in split_rows(on_device, cfg.batch_size)]).cpu()
         self.critic.train(was_training)
-        scored = completion_batch(prompts, scored_completions(rows, out.completion_ids, out.finished,
-                                                              self.turn_suffix), self.tokenizer.pad_token_id)
-        scored = {k: v.to(device) for k, v in scored.items()}
-        scores = torch.cat([sequence_scores(self.reward_model, b) for b in split_rows(scored, cfg.batch_size)])
-        scores = scores.cpu() - cfg.missing_eos_penalty * (~torch.tensor(out.finished)).float()
+        if self.reward_funcs is not None:
+            # TRL-style functions; a completion none of them can score (all None) is left out of the loss
+            scored = self.reward_funcs.score(rows, out.texts, out.completion_ids)
+            scorable = torch.tensor([r is not None for r, _ in scored])
+            scores = torch.tensor([0.0 if r is None else r for r, _ in scored], dtype=torch.float32)
+            mask = batch["completion_mask"] = batch["completion_mask"] * scorable[:, None].to(mask.dtype)
+        else:
+            scored = completion_batch(prompts, scored_completions(rows, out.completion_ids, out.finished,
+                                                                  self.turn_suffix), self.tokenizer.pad_token_id)
+            scored = {k: v.to(device) for k, v in scored.items()}
+            scores = torch.cat([sequence_scores(self.reward_model, b) for b in split_rows(scored, cfg.batch_size)])
+            scores = scores.cpu()
+        scores = scores - cfg.missing_eos_penalty * (~torch.tensor(out.finished)).float()
 
         kl = ptk.kl_penalty(old_logps, ref_logps, estimator=cfg.kl_estimator) * mask
         rewards = -cfg.kl_coef * kl
@@ -155,21 +167,32 @@ class PPOLoss(TrainingModule):
 def run(cfg: PPOConfig, engine=None) -> TrainResult:
     info = init_distributed()
     try:
-        if not cfg.reward_model:
-            raise ValueError("ptk ppo: --reward-model is required (a folder written by ptk reward)")
+        if not cfg.reward_model and not cfg.reward_funcs:
+            raise ValueError("ptk ppo: --reward-model (a folder written by ptk reward) or --reward-funcs is required")
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk ppo: --distributed fsdp is not supported (generation needs whole weights); use ddp")
+        rows, _ = load_data(cfg, ("prompt_only", "prompt_completion"), info)
+        reward_funcs = None
+        if cfg.reward_funcs:  # checked against every row before any model loads
+            reward_funcs = RewardFuncs(cfg.reward_funcs, cfg.reward_weights, trust_remote_code=cfg.trust_remote_code)
+            check_rows(rows, reward_funcs)
         policy, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                                            max_length=cfg.max_length)
-        rows, prompts = load_prompts(cfg, tokenizer, info, fmt=("prompt_only", "prompt_completion"))
-        critic, rm_tokenizer = load_sequence_classifier(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+        prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in rows]
+        # the critic starts from the reward model, or (scores from --reward-funcs alone) from the policy's weights
+        critic, rm_tokenizer = load_sequence_classifier(cfg.reward_model or cfg.model, seed=cfg.seed,
+                                                        trust_remote_code=cfg.trust_remote_code)
         if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError("ptk ppo: the reward model's tokenizer differs from the policy's; the reward model "
                              "must score the policy's tokens (train it with ptk reward from the same model)")
-        reward_model, _ = load_sequence_classifier(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
-        reward_model = reward_model.requires_grad_(False).to(info.device).eval()
+        reward_model = None
+        if reward_funcs is None:
+            reward_model, _ = load_sequence_classifier(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+            reward_model = reward_model.requires_grad_(False).to(info.device).eval()
+        else:
+            reward_funcs.load_models(info.device)
         source = PPORollouts(rows, prompts, policy, tokenizer, cfg, info, critic=critic, reward_model=reward_model,
-                             ref_model=load_reference(cfg, info), engine=engine)
+                             ref_model=load_reference(cfg, info), engine=engine, reward_funcs=reward_funcs)
         return train(cfg, PPOLoss(policy, critic, cfg), source, tokenizer, info, stage="ppo")
     finally:
         shutdown(info)

@@ -20,6 +20,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
+from ptkernels.trainers.rewards.gold import final_gold_answer, gold_value
 from ptkernels.trainers.rewards.sandbox import run_python
 
 __all__ = [
@@ -227,12 +228,20 @@ def _squash(s: str) -> str:
 
 
 def math(completion: str, row: dict) -> float:
-    """1.0 when the final answer equals ``row["answer"]`` as an exact rational (see ``parse_number``); answers that
-    are not numbers are compared as strings with whitespace, ``$`` and a trailing period removed."""
-    truth = _require(row, "answer")
+    """1.0 when the final answer equals the gold answer as an exact rational (see ``parse_number``); answers that
+    are not numbers are compared as strings with whitespace, ``$`` and a trailing period removed. The gold is
+    ``row["answer"]``, ``row["solution"]`` or ``row["ground_truth"]`` reduced to its final answer (GSM8K's
+    ``#### n``, the last ``\\boxed{}``; see ``gold.final_gold_answer``), or a list of accepted answers."""
+    truth = final_gold_answer(gold_value(row))
     predicted = extract_math_answer(completion)
     if predicted is None:
         return 0.0
+    if isinstance(truth, (list, tuple)):
+        return float(any(_math_equal(predicted, t) for t in truth))
+    return _math_equal(predicted, truth)
+
+
+def _math_equal(predicted: str, truth) -> float:
     got, want = parse_number(predicted), parse_number(truth)
     if got is None:
         # "42 apples": a number followed only by words. Not "2x+3", whose leading 2 is not the answer.
@@ -273,11 +282,11 @@ _MARKED_ANSWER = re.compile(r"(?:####|\banswer\s*(?:is|:))[ \t:]*([^\n]*)\s*$", 
 
 
 def exact(completion: str, row: dict) -> float:
-    """1.0 when the answer equals ``row["answer"]`` (or one of a list) after strip, whitespace collapse,
-    case-fold and dropping a trailing period; ``row["case_sensitive"] = True`` keeps the case (a task whose
-    answer *is* a change of case). The answer is what follows a final-answer marker on the last line
-    ("Answer: x", "the answer is x", "#### x") when there is one, else the whole completion."""
-    truth = _require(row, "answer")
+    """1.0 when the answer equals the gold (``answer``/``solution``/``ground_truth``, or one of a list) after
+    strip, whitespace collapse, case-fold and dropping a trailing period; ``row["case_sensitive"] = True`` keeps
+    the case (a task whose answer *is* a change of case). The answer is what follows a final-answer marker on the
+    last line ("Answer: x", "the answer is x", "#### x") when there is one, else the whole completion."""
+    truth = final_gold_answer(gold_value(row))
     accepted = truth if isinstance(truth, (list, tuple)) else [truth]
     case = bool(row.get("case_sensitive", False))
     text = _text(completion)[-MAX_ANSWER_SEARCH_CHARS:].strip()
@@ -313,8 +322,9 @@ def fact(completion: str, row: dict) -> float:
     punctuation and the articles a/an/the removed, whitespace collapsed).
 
     Accepted values: ``row["facts"][row["fact_key"]]`` (a value or a list of aliases), else ``row["answer"]`` (value
-    or list). The final answer is the last ``\\boxed{}``, else the text after the last "answer is"/"Answer:", else
-    the last non-empty line. Equality, not containment: containment would reward listing every candidate.
+    or list; or ``solution`` / ``ground_truth``). The final answer is the last ``\\boxed{}``, else the text after
+    the last "answer is"/"Answer:", else the last non-empty line. Equality, not containment: containment would
+    reward listing every candidate.
     """
     if "facts" in row and "fact_key" in row:
         facts = row["facts"]
@@ -322,7 +332,7 @@ def fact(completion: str, row: dict) -> float:
             raise ValueError(f"fact verifier: fact_key {row['fact_key']!r} is not in row['facts']")
         truth = facts[row["fact_key"]]
     else:
-        truth = _require(row, "answer")
+        truth = final_gold_answer(gold_value(row))
     accepted = {_normalize_fact(a) for a in (truth if isinstance(truth, (list, tuple, set)) else [truth])}
     accepted.discard("")
     return float(_normalize_fact(_fact_answer(completion)) in accepted)
