@@ -168,7 +168,7 @@ def run(cfg: PPOConfig, engine=None) -> TrainResult:
     info = init_distributed()
     try:
         if not cfg.reward_model and not cfg.reward_funcs:
-            raise ValueError("ptk ppo: --reward-model (a folder written by ptk reward) or --reward-funcs is required")
+            raise ValueError("ptk ppo: --reward-model is required (a folder written by ptk reward), or --reward-funcs")
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk ppo: --distributed fsdp is not supported (generation needs whole weights); use ddp")
         rows, _ = load_data(cfg, ("prompt_only", "prompt_completion"), info)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["GOLD_FIELDS", "gold_field", "has_gold", "gold_value", "final_gold_answer"]
+__all__ = ["GOLD_FIELDS", "gold_field", "has_gold", "gold_value", "final_gold_answer", "last_boxed"]
 
 GOLD_FIELDS = ("answer", "solution", "ground_truth")
 
@@ -35,6 +35,34 @@ def gold_value(row: dict):
     return row[key]
 
 
+def _balanced_after(text: str, start: int) -> str | None:
+    """Contents of the brace group opening at text[start] == '{', or None when it never closes."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last ``\\boxed{...}`` (or ``\\fbox``; balanced braces; ``\\boxed 42``), or None. The
+    verifiers read completions with it too: one parser for both sides."""
+    found = None
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text):
+        if m.group(1):
+            inner = _balanced_after(text, m.start(1))
+        else:  # "\boxed 42"
+            tail = re.match(r"\s*([^\s$]+)", text[m.end() :])
+            inner = tail.group(1) if tail else None
+        if inner is not None:
+            found = inner
+    return found
+
+
 def final_gold_answer(gold):
     """The final answer of a gold value: after the last ``####`` (GSM8K), else the last ``\\boxed{}`` (MATH), else
     the value itself. Lists (several accepted answers) are reduced element by element; numbers stay numbers."""
@@ -45,9 +73,7 @@ def final_gold_answer(gold):
     hashes = re.findall(r"####[ \t]*([^\n]*)", gold)
     if hashes and hashes[-1].strip():
         return hashes[-1].strip()
-    from .verifiers import _last_boxed  # the completion's own \boxed{} reader: one parser for both sides
-
-    boxed = _last_boxed(gold)
+    boxed = last_boxed(gold)
     if boxed is not None and boxed.strip():
         return boxed.strip()
     return gold

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 from ptkernels.trainers.rewards.gold import final_gold_answer, gold_value
+from ptkernels.trainers.rewards.gold import last_boxed as _last_boxed
 from ptkernels.trainers.rewards.sandbox import run_python
 
 __all__ = [
@@ -46,32 +47,6 @@ def _text(completion) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- math
-def _balanced_after(text: str, start: int) -> str | None:
-    """Contents of the brace group opening at text[start] == '{', or None when it never closes."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-    return None
-
-
-def _last_boxed(text: str) -> str | None:
-    found = None
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text):
-        if m.group(1):
-            inner = _balanced_after(text, m.start(1))
-        else:  # "\boxed 42"
-            tail = re.match(r"\s*([^\s$]+)", text[m.end() :])
-            inner = tail.group(1) if tail else None
-        if inner is not None:
-            found = inner
-    return found
-
-
 _NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|-?\.\d+")
 
 
