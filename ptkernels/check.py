@@ -52,6 +52,21 @@ def _run_case(n, d, v, impl, device):
     return float(loss), float(dt), int(peak)
 
 
+def backend_summary(device: str) -> str:
+    """Which backend ``backend="auto"`` uses on ``device`` and, for each fast backend that cannot run, why (a
+    native build that failed during ``pip install`` is otherwise invisible: pip hides the compiler's warning)."""
+    from ptkernels.ops.core.dispatch import resolve_backend, unusable_reason
+
+    lines = [f"backend='auto' on {device} uses: {resolve_backend('auto', torch.device(device))}"]
+    for name in ("native", "triton"):
+        why = unusable_reason(name, device)
+        if why:
+            hint = (" To build it: pip install pybind11 ninja && python setup.py build_ext --inplace (errors shown), "
+                    "or PTK_REQUIRE_NATIVE=1 pip install -v -e ." if name == "native" else "")
+            lines.append(f"  {name} is not used: {why}.{hint}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ptk check", description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=2048)
@@ -66,6 +81,7 @@ def main(argv=None) -> int:
         usable = [b for b in usable if b != "triton"]  # the interpreter is for tests only
     print(f"ptkernels {ptk.__version__} | torch {torch.__version__} | device {a.device} | "
           f"usable backends: {', '.join(ptk.backends(a.device))}")
+    print(backend_summary(a.device))
     print(f"linear cross-entropy fwd+bwd, N={a.tokens} (25% masked), D={a.hidden}, V={a.vocab}, fp32; "
           f"each case in a fresh process\n")
     print(f"{'implementation':<16}{'loss':>12}{'time (s)':>12}{'peak mem (MiB)':>18}")

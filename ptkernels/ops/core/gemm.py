@@ -11,7 +11,7 @@ of at least ``ONEDNN_MIN_FLOPS`` multiply-adds; ``torch.mm`` below that, where b
 new shape costs more than oneDNN saves. Why: ``torch.mm`` in fp32 calls the BLAS of the wheel (MKL on x86), and MKL
 picks its code path by CPU vendor: on AMD it runs its generic AVX2 kernels, while oneDNN dispatches on the
 instruction set (AVX-512 on Zen 4/5). On the 2-core AMD EPYC that CI and benchmarks/RESULTS.md use, oneDNN runs the
-DESIGN.md CPU size's GEMMs 1.7-2.3x faster. Both compute in IEEE fp32 with fp32 accumulation (oneDNN follows
+benchmark CPU size's GEMMs 1.7-2.3x faster. Both compute in IEEE fp32 with fp32 accumulation (oneDNN follows
 ``torch.backends.mkldnn.matmul.fp32_precision`` like the rest of PyTorch); the choice depends only on the shape,
 never on a timing, so a run is reproducible. ``PTK_CPU_GEMM=blas`` (or ``torch.backends.mkldnn.flags
 (enabled=False)``) keeps every GEMM on ``torch.mm``.
@@ -25,7 +25,7 @@ oneDNN writes every product into a fresh tensor. glibc serves an allocation abov
 (32 MiB) with fresh pages each time: mapped, zero-filled on first touch, unmapped when freed. Every fresh
 product here is therefore kept within ``CPU_FRESH_BUFFER_BYTES``: the chunk loop's default chunk of logits
 (``chunking.default_chunk_size``) and GEMM 3's product, formed in blocks of the hidden dimension. At the
-DESIGN.md CPU size that took GEMM 3 from 0.34 s to 0.25 s, GEMM 1 from 0.32 s to 0.22 s.
+benchmark CPU size that took GEMM 3 from 0.34 s to 0.25 s, GEMM 1 from 0.32 s to 0.22 s.
 """
 
 from __future__ import annotations
