@@ -198,3 +198,28 @@ def test_json_array_rows_name_their_line(tmp_path):
         load_rows(str(f))
     f.write_text('[\n  {"prompt": "a", "answer": 1},\n  {"prompt": "b",\n   "answer": 2}\n]\n')
     assert [r.source.rsplit(":", 1)[1] for r in load_rows(str(f))] == ["2", "3"]
+
+
+def test_eval_on_user_data(user_module, tmp_path):
+    """ptk eval --data: any prompt / gold data, a user reward function beside a verifier, pass@k, KL to a ref."""
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(3))
+    out = tmp_path / "m.json"
+    assert ptk_cli(["eval", "--model", "tiny", "--data", data, "--reward-funcs", "math,my_rewards:length_reward",
+                    "--num-samples", "2", "--max-new-tokens", "5", "--ref-model", "tiny", "--output", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["n_prompts"] == 3 and m["n_completions"] == 6
+    for key in ("reward", "reward_math", "reward_length_reward", "accuracy", "pass@1", "pass@2", "mean_length",
+                "format_rate", "unscorable"):
+        assert key in m, key
+    assert 0 < m["mean_length"] <= 5 and m["pass@1"] <= m["pass@2"]
+    assert abs(m["kl_to_ref"]) < 1e-5  # the same seed: the reference is the model itself
+    with pytest.raises(DataError, match=r"gsm8k\.jsonl:1: the reward 'exact' needs a gold answer"):
+        bad = write_jsonl(tmp_path / "gsm8k.jsonl", [{"prompt": "p"}])
+        ptk_cli(["eval", "--model", str(tmp_path / "no-model"), "--data", bad, "--verifier", "exact"])
+
+
+def test_pass_at_k():
+    from ptkernels.trainers.recipes.eval_data import _pass_at
+
+    assert _pass_at(0, 4, 1) == 0 and _pass_at(4, 4, 2) == 1
+    assert _pass_at(1, 4, 1) == pytest.approx(0.25) and _pass_at(1, 4, 2) == pytest.approx(0.5)
