@@ -174,6 +174,9 @@ class OnPolicyConfig(TrainConfig):
                                "**row_fields -> list[float | None]) and reward model folders; GRPO: replaces "
                                "--verifier; PPO: replaces --reward-model's score")
     reward_weights: str = option("", "comma-separated weights of --reward-funcs (default 1 each)")
+    eval_data: str = option("", "held-out prompts (with gold answers) evaluated during training with the run's "
+                            "rewards (greedy): eval_reward, eval_accuracy, ... in metrics.jsonl")
+    eval_steps: int = option(0, "evaluate --eval-data every N steps and at the end (0: only at the end)")
     rollout_engine: str = option("kv_cache", "sampler: 'kv_cache' (the model's forward and a KV cache, each distinct "
                                  "prompt prefilled once) or 'hf' (Hugging Face generate); same distribution",
                                  choices=("kv_cache", "hf"))

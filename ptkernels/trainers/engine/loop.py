@@ -304,9 +304,12 @@ def _progress_bar(cfg: TrainConfig, info: DistInfo, start: int, stage: str):
 
 
 def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, info: DistInfo, *,
-          stage: str, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+          stage: str, on_log: Callable[[dict], None] | None = None,
+          evaluate: Callable[[], dict] | None = None, eval_steps: int = 0) -> TrainResult:
     """Runs ``cfg.max_steps`` optimizer steps of ``module`` on ``data`` and writes the outputs (see the module
-    docstring). ``module.model`` holds its initial weights; with ``--resume`` the checkpoint's replace them."""
+    docstring). ``module.model`` holds its initial weights; with ``--resume`` the checkpoint's replace them.
+    ``evaluate`` (every ``eval_steps`` steps and at the last one, on the main process): its metrics join that
+    step's row of metrics.jsonl as ``eval_<name>``."""
     trainer = Trainer(cfg, module, data, tokenizer, info, stage)
     step = trainer.start()
     log = _MetricsLog(cfg, info, append=trainer.resumed)
@@ -318,6 +321,8 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
             while step < cfg.max_steps:
                 row, tokens, stopped = trainer.step(step, stop)
                 step, tokens_since = step + 1, tokens_since + tokens
+                if evaluate is not None and eval_steps and (step % eval_steps == 0 or step == cfg.max_steps):
+                    row.update({f"eval_{k}": v for k, v in evaluate().items()})
                 if step % cfg.log_steps == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
                     row["tokens_per_s"] = tokens_since * info.world_size / max(now - t_last, 1e-9)

@@ -30,7 +30,7 @@ from ..rewards.verifiers import format as format_verifier
 from ..rollout.engines import generate
 from ..rollout.sampling import SamplingConfig
 
-__all__ = ["evaluate_data", "load_eval_data", "make_eval_rewards"]
+__all__ = ["evaluate_data", "load_eval_data", "make_eval_rewards", "training_evaluator"]
 
 
 def make_eval_rewards(rows, verifier: str = "auto", reward_funcs: str = "", reward_weights: str = "",
@@ -96,3 +96,23 @@ def evaluate_data(model, tokenizer, rows, rewards: RewardFuncs, *, num_samples: 
             ref = _completion_logps(ref_model, expanded, out.completion_ids, pad, batch_size, backend)
             m["kl_to_ref"] = sum(float((a - b).sum()) for a, b in zip(mine, ref)) / len(texts)
     return m
+
+
+def training_evaluator(cfg, rewards: RewardFuncs, model, tokenizer, info):
+    """For ``engine.loop.train(evaluate=...)``: ``--eval-data`` (read and checked against ``rewards`` now, before
+    any training) evaluated greedily with the run's rewards on the main process; None without ``--eval-data``."""
+    if not cfg.eval_data:
+        return None
+    if cfg.eval_steps < 0:
+        raise ValueError(f"--eval-steps must be >= 0, got {cfg.eval_steps}")
+    rows = load_eval_data(cfg.eval_data)
+    check_rows(rows, rewards)
+
+    def evaluate() -> dict:
+        if not info.is_main:
+            return {}
+        return evaluate_data(model, tokenizer, rows, rewards, max_new_tokens=cfg.max_new_tokens,
+                             max_prompt_length=cfg.max_prompt_length, batch_size=cfg.generation_batch_size,
+                             seed=cfg.seed, backend=cfg.backend)
+
+    return evaluate

@@ -34,6 +34,7 @@ from ..rollout.onpolicy import PTX, OnPolicySource, split_parts
 from ..rollout.sampling import RolloutEngine
 from ..rollout.scoring import completion_batch
 from ..rollout.shared_prompt import completion_hidden_states
+from .eval_data import training_evaluator
 from .sft import SFT_FORMATS
 
 TOKEN_LEVEL = ("dapo", "bnpo")  # normalized by completion tokens; grpo and dr_grpo by sequences
@@ -226,6 +227,7 @@ def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
                              "use ddp")
         model, tokenizer = load_causal_lm(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                                           max_length=cfg.max_length)
+        evaluate = training_evaluator(cfg, reward, model, tokenizer, info)  # --eval-data: checked here too
         reward.load_models(info.device)
         prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in rows]
         ref = load_reference(cfg, info) if cfg.beta > 0 else None
@@ -234,7 +236,8 @@ def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
             examples = encode_all(ptx_rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length,
                                                                   fmt=ptx_fmt), "--ptx-data examples", info)
             source.add_ptx(examples, tokenizer.pad_token_id, cfg.ptx_batch_size)
-        return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo")
+        return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo", evaluate=evaluate,
+                     eval_steps=cfg.eval_steps or cfg.max_steps)
     finally:
         shutdown(info)
 

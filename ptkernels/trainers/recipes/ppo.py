@@ -38,6 +38,7 @@ from ..modeling import (
 from ..rewards.reward_funcs import RewardFuncs, check_rows
 from ..rollout.onpolicy import OnPolicySource, split_rows
 from ..rollout.scoring import completion_batch
+from .eval_data import training_evaluator
 
 
 def token_values(critic, batch: dict) -> torch.Tensor:
@@ -193,7 +194,9 @@ def run(cfg: PPOConfig, engine=None) -> TrainResult:
             reward_funcs.load_models(info.device)
         source = PPORollouts(rows, prompts, policy, tokenizer, cfg, info, critic=critic, reward_model=reward_model,
                              ref_model=load_reference(cfg, info), engine=engine, reward_funcs=reward_funcs)
-        return train(cfg, PPOLoss(policy, critic, cfg), source, tokenizer, info, stage="ppo")
+        evaluate = training_evaluator(cfg, reward_funcs, policy, tokenizer, info) if reward_funcs else None
+        return train(cfg, PPOLoss(policy, critic, cfg), source, tokenizer, info, stage="ppo", evaluate=evaluate,
+                     eval_steps=cfg.eval_steps or cfg.max_steps)
     finally:
         shutdown(info)
 

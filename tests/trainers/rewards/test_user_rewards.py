@@ -161,13 +161,19 @@ def test_grpo_with_a_user_reward_function(user_module, tmp_path):
     data.write_text(json.dumps(gsm8k_rows(), indent=1))  # a JSON array, as many data sets ship
     out = tmp_path / "grpo"
     assert ptk_cli(["grpo", "--data", str(data), "--output-dir", str(out), "--num-generations", "2",
-                    "--reward-funcs", "math,my_rewards:length_reward", "--reward-weights", "1,0.5", *COMMON]) == 0
+                    "--reward-funcs", "math,my_rewards:length_reward", "--reward-weights", "1,0.5",
+                    "--eval-data", write_jsonl(tmp_path / "held_out.jsonl", gsm8k_rows(3)), "--eval-steps", "1",
+                    *COMMON]) == 0
     m = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert len(m) == 2
     for key in ("reward_math", "reward_length_reward", "unscorable"):
         assert key in m[-1], key
     assert m[-1]["unscorable"] == 0.0
     assert math.isclose(m[-1]["reward"], m[-1]["reward_math"] + 0.5 * m[-1]["reward_length_reward"], abs_tol=1e-6)
+    # --eval-data with --eval-steps 1: the held-out metrics beside the training metrics at every step
+    for row in m:
+        for key in ("eval_reward", "eval_reward_math", "eval_accuracy", "eval_pass@1", "eval_format_rate"):
+            assert key in row, key
 
 
 def test_grpo_checks_every_row_before_the_model_loads(tmp_path):
