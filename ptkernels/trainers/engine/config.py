@@ -72,6 +72,9 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     tensorboard: bool = option(False, "also log to TensorBoard (output_dir/tensorboard) when it is installed")
     progress: bool = option(True, "show a tqdm progress bar")
+    # -- issue 25: epochs as users count them
+    num_epochs: float = option(0.0, "passes over --data (> 0 sets --max-steps from the data size; on-policy stages: "
+                               "passes over the prompts)")
 
 
 @dataclass
@@ -383,7 +386,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("lr", "weight_decay", "max_grad_norm", "warmup_steps", "save_steps", "min_lr_ratio"):
+    for name in ("lr", "weight_decay", "max_grad_norm", "warmup_steps", "save_steps", "min_lr_ratio", "num_epochs"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.data:

@@ -16,6 +16,7 @@ just the step, and ``--resume`` continues exactly as if the run had never stoppe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -303,6 +304,17 @@ def _progress_bar(cfg: TrainConfig, info: DistInfo, start: int, stage: str):
     return tqdm(total=cfg.max_steps, initial=start, desc=f"ptk {stage}", dynamic_ncols=True)
 
 
+def steps_for_epochs(cfg: TrainConfig, data, info: DistInfo) -> int:
+    """Optimizer steps for ``cfg.num_epochs`` passes over the data: rows over the rows each step takes on all
+    processes; for an on-policy source, whole rollouts (each takes ``prompts_per_step`` prompts per process and
+    lasts ``steps_per_rollout`` steps)."""
+    if hasattr(data, "rows") and hasattr(data, "steps_per_rollout"):
+        per = cfg.prompts_per_step * info.world_size * (2 if getattr(cfg, "dynamic_sampling", False) else 1)
+        return max(1, math.ceil(cfg.num_epochs * len(data.rows) / per)) * data.steps_per_rollout
+    per = cfg.batch_size * cfg.grad_accum * info.world_size
+    return max(1, math.ceil(cfg.num_epochs * len(data.examples) / per))
+
+
 def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, info: DistInfo, *,
           stage: str, on_log: Callable[[dict], None] | None = None,
           evaluate: Callable[[], dict] | None = None, eval_steps: int = 0) -> TrainResult:
@@ -310,6 +322,10 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
     docstring). ``module.model`` holds its initial weights; with ``--resume`` the checkpoint's replace them.
     ``evaluate`` (every ``eval_steps`` steps and at the last one, on the main process): its metrics join that
     step's row of metrics.jsonl as ``eval_<name>``."""
+    if getattr(cfg, "num_epochs", 0) > 0:
+        cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(cfg, data, info))
+        if info.is_main:
+            print(f"ptk {stage}: --num-epochs {cfg.num_epochs:g} is {cfg.max_steps} steps")
     trainer = Trainer(cfg, module, data, tokenizer, info, stage)
     step = trainer.start()
     log = _MetricsLog(cfg, info, append=trainer.resumed)
