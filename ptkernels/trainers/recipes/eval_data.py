@@ -19,6 +19,7 @@ data supports, as in ``ptk grpo``); every row is checked for the fields its rewa
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -28,7 +29,8 @@ from ..data.tokenization import encode_prompt
 from ..rewards.reward_funcs import RewardFuncs, auto_verifier, check_rows
 from ..rewards.verifiers import format as format_verifier
 from ..rollout.engines import generate
-from ..rollout.sampling import SamplingConfig
+from ..rollout.sampling import SamplingConfig, eval_mode
+from ..rollout.scoring import completion_batch, sequence_token_logps
 
 __all__ = ["evaluate_data", "load_eval_data", "make_eval_rewards", "training_evaluator"]
 
@@ -61,8 +63,6 @@ def evaluate_data(model, tokenizer, rows, rewards: RewardFuncs, *, num_samples: 
                   max_new_tokens: int = 64, max_prompt_length: int = 256, batch_size: int = 32, seed: int = 0,
                   ref_model=None, backend: str = "auto") -> dict:
     """The metrics of the module docstring; the model's train/eval mode is restored after (a trainer may call it)."""
-    from .evaluate import _completion_logps, _decode, _eval_mode
-
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     k = num_samples
@@ -71,9 +71,13 @@ def evaluate_data(model, tokenizer, rows, rewards: RewardFuncs, *, num_samples: 
     expanded_rows = [r for r in rows for _ in range(k)]
     sampling = SamplingConfig(do_sample=k > 1, temperature=temperature, max_new_tokens=max_new_tokens,
                               batch_size=batch_size)
-    with _eval_mode(model, ref_model):
+    with contextlib.ExitStack() as modes:
+        for m in (model, ref_model):
+            if m is not None:
+                modes.enter_context(eval_mode(m))
         out = generate(model, tokenizer, expanded, sampling, seed=seed)
-        texts = [_decode(tokenizer, ids) for ids in out.completion_ids]
+        texts = [tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                 for ids in out.completion_ids]
         scored = rewards.score(expanded_rows, texts, out.completion_ids)
         m: dict = {"n_prompts": len(rows), "n_completions": len(texts)}
         values = [r for r, _ in scored if r is not None]
@@ -92,9 +96,14 @@ def evaluate_data(model, tokenizer, rows, rewards: RewardFuncs, *, num_samples: 
         m["format_rate"] = sum(format_verifier(t, {}) for t in texts) / len(texts)
         if ref_model is not None:
             pad = tokenizer.pad_token_id
-            mine = _completion_logps(model, expanded, out.completion_ids, pad, batch_size, backend)
-            ref = _completion_logps(ref_model, expanded, out.completion_ids, pad, batch_size, backend)
-            m["kl_to_ref"] = sum(float((a - b).sum()) for a, b in zip(mine, ref)) / len(texts)
+            total = 0.0
+            for i in range(0, len(expanded), batch_size):
+                batch = completion_batch(expanded[i:i + batch_size], out.completion_ids[i:i + batch_size], pad)
+                batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+                mine = sequence_token_logps(model, batch, backend=backend).float()
+                theirs = sequence_token_logps(ref_model, batch, backend=backend).float()
+                total += float(((mine - theirs) * batch["completion_mask"]).sum())
+            m["kl_to_ref"] = total / len(texts)
     return m
 
 
