@@ -22,7 +22,8 @@ Environment knobs (all optional):
     MAX_JOBS             ninja's parallel jobs
     PTK_REQUIRE_NATIVE   "1": a failed build fails the install instead of warning
 
-``python setup.py build_ext --inplace`` builds ptkernels/_C*.so in the source tree (PYTHONPATH=. then finds it).
+``python setup.py build_ext --inplace`` builds ptkernels/_C*.so in the source tree (PYTHONPATH=. then finds it); there
+a failed build is an error (exit status 1, saying what is missing), not a warning.
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ class NinjaBuildExt(build_ext):
         except Exception as exc:  # noqa: BLE001 - any failure: the pure-Python package must still install
             if os.environ.get("PTK_REQUIRE_NATIVE", "0") == "1":
                 raise
+            if "build_ext" in sys.argv[1:]:
+                # `python setup.py build_ext --inplace` asks for exactly this extension: building nothing and
+                # exiting 0 would read as success. (pip's builds run bdist_wheel / editable_wheel and only warn.)
+                raise SystemExit(f"error: ptkernels: the native extension {ext.name} was not built: {exc}. It needs "
+                                 "a C++17 compiler (CXX), pybind11 and ninja: pip install pybind11 ninja "
+                                 "(or pip install -e '.[dev]')") from exc
             msg = (f"ptkernels: the native extension {ext.name} was not built ({exc}). ptkernels still works; "
                    "backend='native' is unavailable and backend='auto' uses the PyTorch / Triton paths. "
                    "Needs a C++17 compiler (CXX), pybind11 and ninja.")
@@ -166,6 +173,10 @@ class NinjaBuildExt(build_ext):
         ninja = _ninja_binary()
         if ninja is None:
             raise RuntimeError("the ninja binary was not found (pip install ninja)")
+        try:
+            _pybind11_include()
+        except ImportError:
+            raise RuntimeError("pybind11 is not installed (pip install pybind11)") from None
         output = os.path.abspath(self.get_ext_fullpath(ext.name))
         os.makedirs(os.path.dirname(output), exist_ok=True)
         build_dir = os.path.abspath(os.path.join(self.build_temp, "ptk_native"))

@@ -36,7 +36,7 @@ class Size:
                 "dtype": str(self.dtype).replace("torch.", "")}
 
 
-# DESIGN.md "Benchmarks": CPU N=4096 (25% masked), D=512, V=32000 fp32; GPU a Llama-3-8B head in bf16.
+# Benchmark sizes (benchmarks/README.md): CPU N=4096 (25% masked), D=512, V=32000 fp32; GPU a Llama-3-8B head in bf16.
 CPU_SIZE = Size(n=4096, d=512, v=32000, masked=0.25, dtype=torch.float32, name="cpu-N4096-D512-V32000-fp32")
 GPU_SIZE = Size(n=8192, d=4096, v=128256, masked=0.25, dtype=torch.bfloat16,
                 name="gpu-N8192-D4096-V128256-bf16")

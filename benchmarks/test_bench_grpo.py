@@ -10,7 +10,7 @@ given reference log-probs (beta = 0.04):
     liger          Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (when installed; ``compiled=False`` on CPU)
     ptk-<backend>  ``fused_linear_grpo_loss`` on each usable backend except "reference" and the Triton interpreter
 
-Sizes (DESIGN.md): CPU 8 x T=512, D=512, V=32000, fp32; GPU 8 x T=1024, D=4096, V=128256, bf16;
+Sizes (benchmarks/README.md): CPU 8 x T=512, D=512, V=32000, fp32; GPU 8 x T=1024, D=4096, V=128256, bf16;
 ``PTK_BENCH_SMALL=1`` a smoke size. ``extra_info`` as in test_bench_linear_cross_entropy.py: median, peak memory
 (CUDA max_memory_allocated growth; CPU peak RSS growth of a fresh subprocess), useful TFLOP/s over
 6 * N_valid * D * V, time / floor, and ``time_x_eager`` / ``mem_x_eager`` measured in this run. Times are never
@@ -45,7 +45,7 @@ BETA, EPS_LOW, EPS_HIGH, LOSS_TYPE, GROUP = 0.04, 0.2, 0.28, "dapo", 4
 
 
 def grpo_size() -> dict:
-    """B, T, D, V, dtype for this device (DESIGN.md "Benchmarks": GRPO 8 x T)."""
+    """B, T, D, V, dtype for this device (benchmarks/README.md: GRPO 8 x T)."""
     size = bench_size()
     if size.name.startswith("smoke"):
         return {"b": 4, "t": 64, "d": 64, "v": 2048, "dtype": "float32" if DEVICE.type == "cpu" else "bfloat16"}

@@ -1,6 +1,6 @@
 """fwd+bwd benchmarks of the fused linear DPO loss (sigmoid) against the eager TRL-style path and Liger-Kernel.
 
-Problem (DESIGN.md, "Benchmarks"): B pairs, i.e. 2B sequences of T tokens (the chosen batch then the rejected
+Problem (benchmarks/README.md): B pairs, i.e. 2B sequences of T tokens (the chosen batch then the rejected
 batch), D hidden, V vocabulary. The first half of every sequence is the prompt (labels = -100), so half the tokens
 are scored. CPU: 4 pairs x T=512, D=512, V=32000, fp32. CUDA: 4 pairs x T=1024, D=4096, V=128256, bf16.
 ``PTK_BENCH_SMALL=1``: a tiny smoke size (figures meaningless).

@@ -52,6 +52,37 @@ def _run_case(n, d, v, impl, device):
     return float(loss), float(dt), int(peak)
 
 
+def _why_unusable(backend: str, device: str) -> str | None:
+    """The public API's own answer: asking for a backend that cannot run raises RuntimeError saying why."""
+    import ptkernels as ptk
+
+    h, w = torch.zeros(1, 8, device=device), torch.zeros(4, 8, device=device)
+    try:
+        ptk.linear_cross_entropy(h, w, torch.zeros(1, dtype=torch.long, device=device), backend=backend)
+    except RuntimeError as e:
+        return str(e).split("not usable here: ", 1)[-1]
+    return None
+
+
+def backend_summary(device: str) -> str:
+    """Which backend ``backend="auto"`` uses on ``device`` and, for each fast backend that cannot run, why (a
+    native build that failed during ``pip install`` is otherwise invisible: pip hides the compiler's warning)."""
+    import ptkernels as ptk
+
+    usable = ptk.backends(device)
+    auto = ("triton" if device.startswith("cuda") and "triton" in usable else
+            "native" if device == "cpu" and "native" in usable else "torch")
+    lines = [f"backend='auto' on {device} uses: {auto}"]
+    for name in ("native", "triton"):
+        if name in usable:
+            continue
+        why = _why_unusable(name, device) or "not usable here"
+        hint = (" To build it: pip install pybind11 ninja && python setup.py build_ext --inplace (errors shown), "
+                "or PTK_REQUIRE_NATIVE=1 pip install -v -e ." if name == "native" else "")
+        lines.append(f"  {name} is not used: {why}.{hint}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ptk check", description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=2048)
@@ -66,6 +97,7 @@ def main(argv=None) -> int:
         usable = [b for b in usable if b != "triton"]  # the interpreter is for tests only
     print(f"ptkernels {ptk.__version__} | torch {torch.__version__} | device {a.device} | "
           f"usable backends: {', '.join(ptk.backends(a.device))}")
+    print(backend_summary(a.device))
     if a.device == "cpu":
         lib, why = ptk.cpu_gemm()
         print(f"fp32 CPU GEMMs of the fused ops: {lib} ({why}; PTK_CPU_GEMM=auto|blas|onednn overrides)")

@@ -313,6 +313,25 @@ class FusedCausalLMLoss:
         self.options = options
         self._capture = _HeadCapture(model)
         self._capture.install()
+        # The two usual mistakes with a patched model fail with the fix in the message instead of a shape error:
+        # model(..., labels=...) computing its own loss from the empty logits (Trainer without compute_loss_func
+        # passes the labels to the model), and generate() reading the empty logits.
+        self._saved = {k: vars(model)[k] for k in ("_loss_function", "generate") if k in vars(model)}
+        model._loss_function = self._own_loss_called
+        model.generate = self._generate_called
+
+    def _own_loss_called(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{type(self.model).__name__} is patched by ptkernels.integrations.patch_model_for_fused_loss: its head "
+            "returns no logits, so model(..., labels=...) cannot compute its own loss. Give the loss function to "
+            "Trainer as compute_loss_func=loss_fn (Trainer then keeps the labels from the model), or call "
+            "ptkernels.integrations.causal_lm_loss(model, input_ids, labels, attention_mask) yourself")
+
+    def _generate_called(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{type(self.model).__name__} is patched by ptkernels.integrations.patch_model_for_fused_loss: its head "
+            "returns no logits, so generate() cannot run. Call loss_fn.remove() first (or use the patch as a "
+            "context manager: `with patch_model_for_fused_loss(model) as loss_fn: ...`)")
 
     def __call__(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
         # Trainer pops `labels` from the batch, runs model(**batch) (our head records its input), then calls this.
@@ -323,6 +342,12 @@ class FusedCausalLMLoss:
     def remove(self) -> None:
         """Puts the model's head back as it was; safe to call more than once."""
         self._capture.remove()
+        for key in ("_loss_function", "generate"):
+            if vars(self.model).get(key) in (self._own_loss_called, self._generate_called):
+                if key in self._saved:
+                    setattr(self.model, key, self._saved[key])
+                else:
+                    delattr(self.model, key)
 
     def __enter__(self):
         return self

@@ -2,7 +2,9 @@
 output head for ptkernels' fused losses, the base class of the stages' loss modules, the next-token loss, and the
 frozen reference model that DPO and KTO read the same way.
 
-Models: a local Hugging Face folder, or a built-in preset (random init, shipped tokenizer).
+Models: a local Hugging Face folder, a Hub id (``Qwen/Qwen2.5-0.5B``: transformers downloads it when online and
+reads its cache offline), or a built-in preset (random init, shipped tokenizer); a tokenizer with more tokens than
+the model has embeddings is refused at load, naming both sizes.
 
 Presets are small Llama-architecture models, so every stage runs on a laptop CPU with nothing downloaded:
     tiny    2 layers, d=64   (tests)
@@ -14,8 +16,10 @@ Weights are kept in fp32 (the loop autocasts to bf16 on GPU); ``trust_remote_cod
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 import os
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,9 +58,33 @@ def is_preset(name: str) -> bool:
 
 
 def _check_folder(name: str) -> None:
-    if not os.path.isdir(name):
-        raise FileNotFoundError(f"--model: {name!r} is neither a preset ({', '.join(PRESETS)}) nor a local "
-                                f"Hugging Face model folder (nothing is downloaded)")
+    """A local folder, or a Hugging Face Hub id (``org/name``) that transformers' ``from_pretrained`` resolves
+    (downloading it when online, from the local cache when offline)."""
+    if os.path.isdir(name):
+        return
+    looks_local = name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1
+    if not name or looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise FileNotFoundError(f"--model: {name!r} is neither a preset ({', '.join(PRESETS)}), a local model "
+                                "folder nor a Hugging Face Hub id (org/name)")
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str):
+    """transformers' errors for a Hub id it cannot get, as one clear message (offline and not cached, unknown id,
+    gated repository)."""
+    try:
+        yield
+    except OSError as e:
+        if os.path.isdir(name):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
+            os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
+        why = ("offline (HF_HUB_OFFLINE is set) and it is not in the local Hugging Face cache; run once online or "
+               "pass a local folder" if offline else
+               "not a local folder, and the Hugging Face Hub did not give it (check the id, your network, and "
+               "`hf auth login` for gated models)")
+        raise FileNotFoundError(f"--model: cannot load {name!r}: {why}. transformers said: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
@@ -67,7 +95,8 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
         _check_folder(name)
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        with _hub_errors(name):
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -98,10 +127,22 @@ def load_causal_lm(name: str, *, seed: int = 0, trust_remote_code: bool = False,
             torch.manual_seed(seed)
             model = LlamaForCausalLM(preset_config(name, tokenizer, max_length=max_length))
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
-                                                     trust_remote_code=trust_remote_code, **load_kwargs)
+        with _hub_errors(name):
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
+                                                         trust_remote_code=trust_remote_code, **load_kwargs)
+    check_vocab(model, tokenizer, name)
     _sync_special_tokens(model, tokenizer)
     return model, tokenizer
+
+
+def check_vocab(model, tokenizer, name: str) -> None:
+    """Every token id the tokenizer can produce must have an embedding row (a larger embedding, padded to a
+    multiple of 64 as many models are, is fine); else training fails later with an opaque index error."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"--model {name!r}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                         f"only {rows} rows (vocab_size); they do not belong together (resize the embeddings with "
+                         "model.resize_token_embeddings(len(tokenizer)) and save, or use the model's own tokenizer)")
 
 
 def load_sequence_classifier(name: str, *, seed: int = 0, trust_remote_code: bool = False,
@@ -122,8 +163,10 @@ def load_sequence_classifier(name: str, *, seed: int = 0, trust_remote_code: boo
             config.num_labels = 1
             model = LlamaForSequenceClassification(config)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, **load_kwargs)
+            with _hub_errors(name):
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, **load_kwargs)
+    check_vocab(model, tokenizer, name)
     _sync_special_tokens(model, tokenizer)
     return model, tokenizer
 

@@ -199,6 +199,22 @@ def test_patch_is_reversible_and_generate_works_after():
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), before)
 
 
+def test_patched_model_mistakes_say_what_to_do():
+    """The two usual mistakes with a patched model: its own loss (Trainer without compute_loss_func passes the
+    labels to the model) and generate(); each a RuntimeError naming the fix, and both work again after remove()."""
+    model = tiny()
+    ids, mask, labels = batch()
+    with patch_model_for_fused_loss(model) as loss_fn:
+        with pytest.raises(RuntimeError, match="compute_loss_func=loss_fn"):
+            model(input_ids=ids, attention_mask=mask, labels=labels)
+        with pytest.raises(RuntimeError, match=r"generate\(\) cannot run. Call loss_fn.remove\(\) first"):
+            model.generate(ids[:1, :5], max_new_tokens=2, do_sample=False)
+        assert torch.isfinite(loss_fn(model(input_ids=ids, attention_mask=mask), labels))
+    assert "generate" not in vars(model) and "_loss_function" not in vars(model)
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    model.generate(ids[:1, :5], max_new_tokens=2, do_sample=False)
+
+
 def test_trainer_compute_loss_func_matches_transformers(tmp_path):
     """Two optimizer steps of Trainer (2 micro-batches each: num_items_in_batch matters) give the same losses and
     weights with compute_loss_func=patch_model_for_fused_loss(model) as with the model's own loss."""

@@ -32,7 +32,8 @@ def metrics(out):
 
 
 def config(*extra, cls=SFTConfig):
-    return parse_config(cls, ["--data", "unused.jsonl", "--lora", "--lora-r", "4", "--lora-dropout", "0", *extra])
+    return parse_config(cls, ["--model", "tiny", "--data", "unused.jsonl", "--lora", "--lora-r", "4",
+                              "--lora-dropout", "0", *extra])
 
 
 def batch_of(tok):
@@ -83,7 +84,7 @@ def test_only_the_adapter_trains_and_the_fused_head_reads_the_trained_copy():
 
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="--load-in-4bit needs --lora"):
-        parse_config(SFTConfig, ["--data", "x.jsonl", "--load-in-4bit"])
+        parse_config(SFTConfig, ["--model", "tiny", "--data", "x.jsonl", "--load-in-4bit"])
     with pytest.raises(ValueError, match="--lora-modules-to-save lm_head"):
         lora.load_policy(config("--lora-target-modules", "q_proj,lm_head"))
     with pytest.raises(ValueError, match="--lora-r"):

@@ -24,10 +24,10 @@ def default_chunk_size(num_classes: int, device: torch.device, dtype: torch.dtyp
     512-row chunks, 1.22x with 2048 and 1.19x with 4096, the peak memory unchanged up to 2048 (the fp32
     accumulator and the bf16 dW outweigh a chunk; benchmarks/RESULTS.md). CPU: about
     2^24 logits (64 MiB in fp32; 512 rows at V=32000) on ``torch.mm``, whose GEMM 2 (``dz @ W``, K = V) packs
-    all of W again for every chunk (at 256 rows that cost ~5% at the DESIGN.md CPU size); about 2^23 (32 MiB,
+    all of W again for every chunk (at 256 rows that cost ~5% at the benchmark CPU size); about 2^23 (32 MiB,
     256 rows) where the GEMMs run on oneDNN (``gemm.onednn_route``), which returns a fresh chunk of logits
     every time: one above glibc's largest mmap threshold (``gemm.CPU_FRESH_BUFFER_BYTES``) is mapped,
-    zero-filled by page faults and unmapped again per chunk (GEMM 1 over the DESIGN.md CPU size: 0.32 s at 512
+    zero-filled by page faults and unmapped again per chunk (GEMM 1 over the benchmark CPU size: 0.32 s at 512
     rows, 0.22 s at 256). Never fewer than 256 rows: below that the GEMMs' short dimension costs more than the
     page faults (CPU, N=1024, D=512, V=128256: 2.09 s at 64 rows, 1.46 s at 256). The row kernels work one row
     at a time (a row sits in L2), so the chunk need not fit a cache.
@@ -117,7 +117,7 @@ class ChunkLogits:
 
     Why: on CPU a fresh chunk of logits above glibc's largest mmap threshold (32 MiB) pays for mapping,
     zero-filling and unmapping its pages every time: 1.068x the GEMM floor against 1.019x with the buffer at
-    64 MiB chunks, native backend, DESIGN.md CPU size (2026-11-30). Each chunk's logits are dead once its
+    64 MiB chunks, native backend, benchmark CPU size (2026-11-30). Each chunk's logits are dead once its
     gradient GEMMs have run, so the next chunk overwrites them. Under torch.compile the loop allocates per
     chunk as before (no ``out=`` in the graph).
     """

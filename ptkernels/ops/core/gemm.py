@@ -36,7 +36,7 @@ oneDNN writes every product into a fresh tensor. glibc serves an allocation abov
 (32 MiB) with fresh pages each time: mapped, zero-filled on first touch, unmapped when freed. Every fresh
 product here is therefore kept within ``CPU_FRESH_BUFFER_BYTES``: the chunk loop's default chunk of logits
 (``chunking.default_chunk_size``) and GEMM 3's product, formed in blocks of the hidden dimension. At the
-DESIGN.md CPU size that took GEMM 3 from 0.34 s to 0.25 s, GEMM 1 from 0.32 s to 0.22 s.
+benchmark CPU size that took GEMM 3 from 0.34 s to 0.25 s, GEMM 1 from 0.32 s to 0.22 s.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ class Row:
 
 
 def load_rows(path: str, *, split: str = "train") -> list[Row]:
-    """Rows of a JSON Lines file, or of a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a
-    ``DatasetDict`` of which ``split`` is taken)."""
+    """Rows of a JSON Lines file, a JSON array file, or a folder written by ``datasets``' ``save_to_disk`` (a
+    ``Dataset``, or a ``DatasetDict`` of which ``split`` is taken)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
     rows = _load_dataset_dir(path, split) if os.path.isdir(path) else _load_jsonl(path)
@@ -62,8 +62,13 @@ MAX_REPORTED = 10  # malformed rows listed in one error (the count says how many
 
 
 def _load_jsonl(path: str) -> list[Row]:
-    """Every line decoded and parsed; every malformed one (not UTF-8, invalid JSON, nesting too deep, a number too
-    long to read, a lone surrogate) collected as ``file:line: what`` and reported together."""
+    """JSON Lines, or a file holding one JSON array of objects (``.json`` as many data sets ship it). Every line
+    decoded and parsed; every malformed one (not UTF-8, invalid JSON, nesting too deep, a number too long to read,
+    a lone surrogate) collected as ``file:line: what`` and reported together."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        return _load_json_array(path)
     rows, errors = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -139,6 +144,50 @@ def _check_string(text: str, source: str, path: str) -> None:
     except UnicodeEncodeError as e:
         raise DataError(f"{source}: field {path!r} holds a lone surrogate ({text[e.start]!r} at character "
                         f"{e.start}), which is not valid Unicode text") from None
+
+
+def _load_json_array(path: str) -> list[Row]:
+    """A JSON array of objects; each row's source is ``file.json:LINE`` (the line its object starts on)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); re-encode the file as UTF-8") \
+            from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer over Python's 4300-digit conversion limit
+        raise DataError(f"{path}: unreadable JSON value: {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    decoder = json.JSONDecoder()
+    rows, errors, pos, line, counted = [], [], text.index("[") + 1, 1, 0
+    for i, item in enumerate(data):
+        # find where item i starts, for a file:line source (the objects are re-decoded in order; lines are
+        # counted incrementally so a large file stays linear)
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        _, end = decoder.raw_decode(text, pos)
+        line += text.count("\n", counted, pos)
+        counted, source, pos = pos, f"{path}:{line}", end
+        try:
+            if not isinstance(item, dict):
+                raise DataError(f"{source}: expected a JSON object (element {i} of the array), "
+                                f"got {type(item).__name__}")
+            _check_values(item, source)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        rows.append(Row(item, source))
+    if errors:
+        raise DataError(_many(errors))
+    return rows
 
 
 def _load_dataset_dir(path: str, split: str) -> list[Row]:

@@ -41,7 +41,8 @@ OUTPUT_HELP = "where the model, metrics.jsonl and checkpoints/ go"
 class TrainConfig:
     """Options every stage shares."""
 
-    model: str = option("tiny", "a local Hugging Face model folder, or 'tiny' (built-in random Llama + tokenizer)")
+    model: str = option("", "required: a local Hugging Face model folder, a Hub id (e.g. Qwen/Qwen2.5-0.5B, downloaded "
+                        "by transformers when online) or a built-in random preset: tiny, small, base")
     data: str = option("", "training data: a JSONL file or a folder saved with datasets' save_to_disk")
     output_dir: str = option("runs/out", OUTPUT_HELP)
     max_steps: int = option(100, "optimizer steps to run")
@@ -90,6 +91,9 @@ class TrainConfig:
     load_in_8bit: bool = option(False, "the frozen base in 8-bit (bitsandbytes, CUDA only); needs --lora")
     merge_adapter: bool = option(False, "with --lora, also write the merged full model to output_dir/merged "
                                  "(loads with AutoModelForCausalLM.from_pretrained); same as ptk merge")
+    # -- issue 25: epochs as users count them
+    num_epochs: float = option(0.0, "passes over --data (> 0 sets --max-steps from the data size; on-policy stages: "
+                               "passes over the prompts)")
 
 
 @dataclass
@@ -203,6 +207,19 @@ class OnPolicyConfig(TrainConfig):
     ref_model: str = option("", "reference model for the KL term (default: the initial policy)")
     batch_size: int = option(16, "sequences per forward/backward micro-batch")
     generation_batch_size: int = option(64, "sequences sampled per batch (a GRPO group counts num_generations)")
+    # -- user rewards (issue 25): TRL-style reward functions and reward models, weighted
+    reward_funcs: str = option("", "comma-separated reward functions: built-in verifiers (math, format, exact, fact, "
+                               "code, row), module:function or file.py:function (TRL's signature: completions, "
+                               "**row_fields -> list[float | None]) and reward model folders; GRPO: replaces "
+                               "--verifier; PPO: replaces --reward-model's score")
+    reward_weights: str = option("", "comma-separated weights of --reward-funcs (default 1 each); GRPO: or of the "
+                                 "parts of --verifier a,b. With several functions GRPO's advantages take the "
+                                 "[N, functions] reward matrix (--multi-objective-aggregation)")
+    unsafe_code_sandbox: bool = option(False, "run the code verifier's model-written code even without bubblewrap "
+                                       "(weaker, escapable isolation; prints a warning). Off: it refuses")
+    eval_data: str = option("", "held-out prompts (with gold answers) evaluated during training with the run's "
+                            "rewards (greedy): eval_reward, eval_accuracy, ... in metrics.jsonl")
+    eval_steps: int = option(0, "evaluate --eval-data every N steps and at the end (0: only at the end)")
     rollout_engine: str = option("kv_cache", "sampler: 'kv_cache' (the model's forward and a KV cache, each distinct "
                                  "prompt prefilled once) or 'hf' (Hugging Face generate); same distribution; 'vllm' "
                                  "(vLLM in this process or --vllm-server, weights synced after each rollout's "
@@ -230,10 +247,11 @@ class GRPOConfig(OnPolicyConfig):
 
     output_dir: str = option("runs/grpo", OUTPUT_HELP)
     lr: float = option(1e-5, "peak learning rate (AdamW)")
-    verifier: str = option("row", "reward: 'row' (each row's 'verifier' field), a name (math, format, exact, fact, "
-                           "code), 'math,format' (equal weights) or 'math:0.8,format:0.2'")
-    unsafe_code_sandbox: bool = option(False, "run the code verifier's model-written code even without bubblewrap "
-                                       "(weaker, escapable isolation; prints a warning). Off: it refuses")
+    verifier: str = option("auto", "reward: 'auto' (what the data supports: 'row' when rows name their verifier, "
+                           "'code' with 'tests', 'math' for numeric gold answers, else 'fact'), 'row' (each row's "
+                           "'verifier' field), a name (math, format, exact, fact, code), 'math,format' (equal "
+                           "weights) or 'math:0.8,format:0.2'; gold answers are read from 'answer', 'solution' or "
+                           "'ground_truth'")
     num_generations: int = option(8, "completions sampled per prompt (the group)")
     num_iterations: int = option(1, "optimizer steps per rollout (old log-probs kept from sampling time)")
     beta: float = option(0.0, "KL coefficient to the reference (k3); 0 holds no reference model")
@@ -268,10 +286,8 @@ class GRPOConfig(OnPolicyConfig):
                                               "(they still count in the reward statistics)")
     off_policy_mask_threshold: float | None = option(None, "drop negative-advantage sequences whose mean "
                                                      "KL(old || current) exceeds this (TRL's OPSM); unset: off")
-    reward_weights: str = option("", "comma-separated weights of the --verifier parts (e.g. '1,0.5'); with "
-                                 "several parts the advantages take the [N, parts] reward matrix")
     multi_objective_aggregation: str = option("sum_then_normalize", "sum_then_normalize or normalize_then_sum "
-                                              "of several reward parts", choices=("sum_then_normalize",
+                                              "of several reward functions (TRL 1.16)", choices=("sum_then_normalize",
                                                                                   "normalize_then_sum"))
 
 
@@ -500,6 +516,9 @@ def validate_required(cfg: TrainConfig) -> None:
     """The options a run cannot start without (the ranges are checked in ``validate.validate_config``)."""
     if not cfg.data:
         raise ValueError("--data is required: a JSONL file or a saved datasets folder")
+    if not cfg.model:
+        raise ValueError("--model is required: a local model folder, a Hugging Face Hub id, or a built-in random "
+                         "preset (tiny, small, base)")
     validate_lora(cfg)
 
 

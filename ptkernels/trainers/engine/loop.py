@@ -16,6 +16,7 @@ just the step, and ``--resume`` continues exactly as if the run had never stoppe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -401,10 +402,28 @@ def _summary(stage: str, cfg: TrainConfig, start: int, step: int, history: list[
             f"\n  metrics:     {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
 
 
+def steps_for_epochs(cfg: TrainConfig, data, info: DistInfo) -> int:
+    """Optimizer steps for ``cfg.num_epochs`` passes over the data: rows over the rows each step takes on all
+    processes; for an on-policy source, whole rollouts (each takes ``prompts_per_step`` prompts per process and
+    lasts ``steps_per_rollout`` steps)."""
+    if hasattr(data, "rows") and hasattr(data, "steps_per_rollout"):
+        per = cfg.prompts_per_step * info.world_size * (2 if getattr(cfg, "dynamic_sampling", False) else 1)
+        return max(1, math.ceil(cfg.num_epochs * len(data.rows) / per)) * data.steps_per_rollout
+    per = cfg.batch_size * cfg.grad_accum * info.world_size
+    return max(1, math.ceil(cfg.num_epochs * len(data.examples) / per))
+
+
 def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, info: DistInfo, *,
-          stage: str, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+          stage: str, on_log: Callable[[dict], None] | None = None,
+          evaluate: Callable[[], dict] | None = None, eval_steps: int = 0) -> TrainResult:
     """Runs ``cfg.max_steps`` optimizer steps of ``module`` on ``data`` and writes the outputs (see the module
-    docstring). ``module.model`` holds its initial weights; with ``--resume`` the checkpoint's replace them."""
+    docstring). ``module.model`` holds its initial weights; with ``--resume`` the checkpoint's replace them.
+    ``evaluate`` (every ``eval_steps`` steps and at the last one, on the main process): its metrics join that
+    step's row of metrics.jsonl as ``eval_<name>``."""
+    if getattr(cfg, "num_epochs", 0) > 0:
+        cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(cfg, data, info))
+        if info.is_main:
+            print(f"ptk {stage}: --num-epochs {cfg.num_epochs:g} is {cfg.max_steps} steps")
     t_start = time.perf_counter()
     trainer = Trainer(cfg, module, data, tokenizer, info, stage)
     step = start = trainer.start()
@@ -417,6 +436,8 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
             while step < cfg.max_steps:
                 row, tokens, stopped = trainer.step(step, stop)
                 step, tokens_since = step + 1, tokens_since + tokens
+                if evaluate is not None and eval_steps and (step % eval_steps == 0 or step == cfg.max_steps):
+                    row.update({f"eval_{k}": v for k, v in evaluate().items()})
                 if step % cfg.log_steps == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
                     row["tokens_per_s"] = tokens_since * info.world_size / max(now - t_last, 1e-9)

@@ -96,6 +96,8 @@ RULES: dict[str, Range] = {
     "lora_r": INT_POS, "lora_alpha": POS, "lora_dropout": UNIT_OPEN_HI,
     # safety
     "dpo_steps": INT_POS, "dpo_lr": POS, "eval_fraction": UNIT_OPEN_HI,
+    # epochs and periodic evaluation
+    "num_epochs": NONNEG, "eval_steps": INT_NONNEG,
 }
 # ranges that depend on the stage: GRPO's beta is a KL weight (0 = no reference model)
 STAGE_RULES: dict[str, dict[str, Range]] = {"GRPOConfig": {"beta": NONNEG}}

@@ -1,4 +1,6 @@
-"""``ptk eval``: held-out evaluation of a model on the task world (``taskworld.eval_sets``).
+"""``ptk eval``: held-out evaluation of a model on the task world (``taskworld.eval_sets``), or with ``--data`` on
+any prompt / gold-answer data with any verifier or reward function (``eval_data.py``: accuracy, pass@k, reward,
+length, format rate, KL to a reference).
 
 Every completion is greedy (the model's "best" answer; deterministic, so two runs agree) unless said otherwise.
 The metrics, one flat dict (the report's contract):
@@ -281,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "completions: the built-in kv_cache or hf engines, or vllm (the model's folder loaded by vLLM)")
     p.add_argument("--trust-remote-code", action="store_true", help="run a model folder's own code (off: safer)")
     p.add_argument("--output", default=None, help="write the metrics to this JSON file")
+    # -- your own data (issue 25): any prompt / gold-answer data, any verifier or reward function (eval_data.py)
+    p.add_argument("--data", default=None, help="evaluate on this data (JSONL, JSON array or datasets folder of "
+                   "prompts with gold answers) instead of the task world")
+    p.add_argument("--verifier", default="auto", help="with --data: the reward (auto: what the data supports; "
+                   "math, format, exact, fact, code, row, 'math,format')")
+    p.add_argument("--reward-funcs", default="", help="with --data: reward functions as in ptk grpo (verifiers, "
+                   "module:function, reward model folders)")
+    p.add_argument("--reward-weights", default="", help="with --data: weights of --reward-funcs")
+    p.add_argument("--num-samples", type=int, default=1, help="with --data: completions per prompt (k of pass@k; "
+                   "1 = greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --data and --num-samples > 1")
+    p.add_argument("--ref-model", default=None, help="with --data: a reference model for kl_to_ref")
     return p
 
 
@@ -295,6 +309,8 @@ def main(argv: list[str]) -> int:
 
     args = parse_args_with_config(build_parser(), argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.data:
+        return _main_data(args, device)
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
     sft_model = reward_model = reward_tokenizer = None
     if args.sft_model:
@@ -321,4 +337,38 @@ def main(argv: list[str]) -> int:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
         print(f"ptk eval: metrics written to {args.output}")
+    return 0
+
+
+def _write(metrics: dict, output: str | None) -> None:
+    print(format_table(metrics))
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"ptk eval: metrics written to {output}")
+
+
+def _main_data(args, device) -> int:
+    """``ptk eval --data``: the rows and their rewards checked first, then the models (``eval_data.py``)."""
+    from ..modeling import load_causal_lm
+    from .eval_data import evaluate_data, load_eval_data, make_eval_rewards
+
+    rows = load_eval_data(args.data)
+    rewards = make_eval_rewards(rows, args.verifier, args.reward_funcs, args.reward_weights,
+                                trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    ref = None
+    if args.ref_model:
+        ref, ref_tokenizer = load_causal_lm(args.ref_model, trust_remote_code=args.trust_remote_code)
+        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError("--ref-model has another tokenizer than --model: the KL compares them token by token")
+        ref.to(device)
+    model.to(device)
+    rewards.load_models(device)
+    metrics = evaluate_data(model, tokenizer, rows, rewards, num_samples=args.num_samples,
+                            temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                            max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed,
+                            ref_model=ref, backend=args.backend)
+    _write(metrics, args.output)
     return 0

@@ -9,59 +9,46 @@ ptkernels, never from generate's scores. The loss is ``ptkernels.fused_linear_gr
 hidden states: no ``[tokens, vocab]`` logits. With ``--beta`` 0, rows whose advantage is exactly 0 (a group of
 equal rewards) are not run at all (``--skip-zero-advantage``): their loss and gradient are 0.
 
-Data rows: ``prompt`` plus the ground truth the verifiers read (``answer``, ``tests``, ``format_pattern``, ...)
-and, with ``--verifier row``, the verifier's name in ``verifier``.
+Data rows: ``prompt`` plus the ground truth the verifiers read (the gold answer in ``answer``, ``solution`` or
+``ground_truth``, as GSM8K's ``#### n`` or MATH's ``\\boxed{}`` or plain; ``tests``, ``format_pattern``, ...) and,
+with ``--verifier row``, the verifier's name in ``verifier``. ``--verifier auto`` (the default) picks what the data
+supports; ``--reward-funcs`` takes TRL-style reward functions and reward models (``rewards.reward_funcs``). Every
+row is checked for the fields its rewards read before any model loads. A completion that no reward function can
+score (all return None) gets advantage 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 import ptkernels as ptk
 
-from ..data.rows import Row, load_rows, validate_rows
-from ..data.tokenization import encode_all, encode_sft
+from ..data.rows import Row, load_data, load_rows, validate_rows
+from ..data.tokenization import encode_all, encode_prompt, encode_sft
 from ..engine.config import GRPOConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import TrainResult, train
 from ..lora import load_policy
 from ..modeling import TrainingModule, head_inputs, hidden_states, load_reference, reference_scope
-from ..rewards.sandbox import require_sandbox
-from ..rewards.verifiers import get_verifier
+from ..rewards.reward_funcs import RewardFuncs, auto_verifier, check_rows
 from ..rollout.mismatch import correction_kwargs, mismatch_metrics, sampler_logps_rows
 from ..rollout.onpolicy import (
     PTX,
     OnPolicySource,
     build_rollout_engine,
     check_rollout_options,
-    load_prompts,
     split_parts,
 )
 from ..rollout.sampling import RolloutEngine
 from ..rollout.scoring import completion_batch
 from ..rollout.shared_prompt import completion_hidden_states
+from .eval_data import training_evaluator
 from .sft import SFT_FORMATS
 
 TOKEN_LEVEL = ("dapo", "bnpo", "cispo", "vespo")  # normalized by completion tokens; the others by sequences
 ITEMS_NORMALIZED = ("dapo", "cispo", "vespo")  # divided by num_items_in_batch inside the loss
-
-
-def reward_weights(cfg: GRPOConfig, parts: list[str]) -> torch.Tensor | None:
-    """--reward-weights as a tensor, one weight per --verifier part (None: not given)."""
-    if not cfg.reward_weights:
-        return None
-    try:
-        w = [float(x) for x in cfg.reward_weights.split(",")]
-    except ValueError:
-        raise ValueError(f"--reward-weights must be comma-separated numbers, got {cfg.reward_weights!r}") from None
-    if len(w) != len(parts):
-        raise ValueError(f"--reward-weights has {len(w)} weights but --verifier {cfg.verifier!r} has {len(parts)} "
-                         f"parts {parts}")
-    return torch.tensor(w, dtype=torch.float32)
 
 
 def outcome_advantages(cfg: GRPOConfig, rewards: torch.Tensor, lengths: list[int], weights) -> torch.Tensor:
@@ -72,6 +59,7 @@ def outcome_advantages(cfg: GRPOConfig, rewards: torch.Tensor, lengths: list[int
     if rewards.dim() == 2:  # the other estimators take the weighted sum (TRL's nansum)
         w = weights if weights is not None else torch.ones(rewards.shape[1])
         rewards = (rewards * w).nansum(dim=1)
+    rewards = rewards.nan_to_num(0.0)  # an unscorable completion: reward 0, as TRL's nansum over no function
     if cfg.advantage_estimator == "rloo":
         return ptk.rloo_advantages(rewards, group_size=cfg.num_generations)
     # REINFORCE++ with an outcome reward on the last token and gamma 1: every token of a completion gets the same
@@ -85,28 +73,36 @@ def outcome_advantages(cfg: GRPOConfig, rewards: torch.Tensor, lengths: list[int
     return adv[:, 0]
 
 
-class RewardFunction:
-    """The reward of a completion and its named parts (for logging): one verifier spec for all rows, or, with
-    'row', the verifier each row names."""
+def make_rewards(cfg: GRPOConfig, rows: list[Row]) -> RewardFuncs:
+    """The rollout's reward: ``--reward-funcs`` when given, else ``--verifier`` (``auto``: what the data supports;
+    with ``--reward-weights``, each part of ``--verifier math,format`` is one weighted function, as in TRL). Every
+    row is checked for the fields the rewards read, and a code reward for its sandbox, before any model loads."""
+    unsafe = cfg.unsafe_code_sandbox
+    if cfg.reward_funcs:
+        rewards = RewardFuncs(cfg.reward_funcs, cfg.reward_weights, trust_remote_code=cfg.trust_remote_code,
+                              unsafe_code_sandbox=unsafe)
+    else:
+        spec = auto_verifier(rows) if cfg.verifier == "auto" else cfg.verifier
+        if cfg.reward_weights:
+            if ":" in spec or spec == "row":
+                raise ValueError(f"--reward-weights weighs --reward-funcs or the parts of --verifier a,b; "
+                                 f"--verifier {spec!r} has its own weights or none to weigh")
+            rewards = RewardFuncs(spec, cfg.reward_weights, unsafe_code_sandbox=unsafe)
+        else:
+            rewards = RewardFuncs.from_verifier(spec, unsafe_code_sandbox=unsafe)
+    check_rows(rows, rewards)
+    rewards.require_sandbox(rows)
+    return rewards
 
-    def __init__(self, spec: str, unsafe_code_sandbox: bool = False):
-        self.spec, self.unsafe = spec, unsafe_code_sandbox
-        self._fixed = None if spec == "row" else get_verifier(spec, unsafe_code_sandbox=self.unsafe)
-        self.parts = [] if spec == "row" else [p.split(":")[0].strip() for p in spec.split(",") if p.strip()]
-        if "code" in self.parts:
-            require_sandbox(unsafe=self.unsafe)  # no bubblewrap: fail now, saying how to install it
 
-    def __call__(self, completion: str, row: Row) -> tuple[float, dict[str, float]]:
-        if self._fixed is None:
-            name = row.data.get("verifier")
-            if not isinstance(name, str):
-                raise ValueError(f"{row.source}: --verifier row needs a 'verifier' field naming the verifier")
-            r = get_verifier(name, unsafe_code_sandbox=self.unsafe)(completion, row.data)
-            return r, {name: r}
-        parts = ({n: get_verifier(n, unsafe_code_sandbox=self.unsafe)(completion, row.data) for n in self.parts}
-                 if len(self.parts) > 1 else {})
-        r = self._fixed(completion, row.data)
-        return r, parts or {self.parts[0]: r}
+def reward_tensor(reward: RewardFuncs, scored) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rewards ``group_advantages`` takes, NaN where unscorable: ``[N]``, or with several reward functions the
+    ``[N, functions]`` matrix and their weights (TRL: --multi-objective-aggregation acts on it)."""
+    names = reward.names() if hasattr(reward, "names") else []
+    if len(names) <= 1:
+        return torch.tensor([float("nan") if r is None else r for r, _ in scored], dtype=torch.float32), None
+    matrix = [[parts.get(n, float("nan")) for n in names] for _, parts in scored]
+    return torch.tensor(matrix, dtype=torch.float32), torch.tensor(reward.weights, dtype=torch.float32)
 
 
 def group_mean(values: list[float]) -> float:
@@ -114,7 +110,7 @@ def group_mean(values: list[float]) -> float:
 
 
 class GRPORollouts(OnPolicySource):
-    def __init__(self, *args, reward: RewardFunction, ref_model=None, engine=None):
+    def __init__(self, *args, reward: RewardFuncs, ref_model=None, engine=None):
         super().__init__(*args, engine=engine)
         self.reward, self.ref_model = reward, ref_model
         self.steps_per_rollout = self.cfg.num_iterations
@@ -123,19 +119,14 @@ class GRPORollouts(OnPolicySource):
     def make_rollout(self, index: int):
         cfg = self.cfg
         rows, prompts, out = self.sample(index, cfg.num_generations, 2 if cfg.dynamic_sampling else 1)
-        # Completions are scored in parallel: a code reward waits on sandboxed processes, not on this one.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            scored = list(pool.map(self.reward, out.texts, rows))
+        if hasattr(self.reward, "score"):  # RewardFuncs: TRL-style functions called once on the whole rollout
+            scored = self.reward.score(rows, out.texts, out.completion_ids)  # None: unscorable
+        else:  # a plain (text, row) -> (reward, parts) function
+            scored = [self.reward(text, row) for text, row in zip(out.texts, rows)]
         sampled = scored, [len(c) for c in out.completion_ids], out.finished  # all of them, for the metrics
         if cfg.dynamic_sampling:
             rows, prompts, out, scored = self.informative_groups(rows, prompts, out, scored)
-        names = getattr(self.reward, "parts", [])
-        weights = reward_weights(cfg, names)
-        if weights is not None or (cfg.multi_objective_aggregation != "sum_then_normalize"
-                                   and len(names) > 1):
-            rewards = torch.tensor([[p.get(n, float("nan")) for n in names] for _, p in scored], dtype=torch.float32)
-        else:
-            rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
+        rewards, weights = reward_tensor(self.reward, scored)
         parts = -(-len(prompts) // cfg.batch_size)  # micro-batches per step: the same on every process
         lengths = [len(c) for c in out.completion_ids]
         advantages = outcome_advantages(cfg, rewards, lengths, weights)
@@ -164,8 +155,9 @@ class GRPORollouts(OnPolicySource):
             with reference_scope(self.ref_model):  # with --lora the policy itself, its adapter disabled
                 batch["ref_logps"] = self.logps(self.ref_model, batch)
         scored, lengths, finished = sampled
-        values = [r for r, _ in scored]
-        metrics = {"reward": group_mean(values), "accuracy": group_mean([float(r >= 1.0) for r in values]),
+        values = [r for r, _ in scored if r is not None]
+        metrics = {"unscorable": 1 - len(values) / max(len(scored), 1),
+                   "reward": group_mean(values), "accuracy": group_mean([float(r >= 1.0) for r in values]),
                    "reward_std": torch.tensor(values).std().item() if len(values) > 1 else 0.0,
                    "completion_length": group_mean(lengths), "eos_rate": group_mean([float(f) for f in finished])}
         if cfg.dynamic_sampling:
@@ -288,15 +280,19 @@ def load_ptx_rows(cfg: GRPOConfig) -> tuple[list[Row], str | None]:
 def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
     info = init_distributed()
     try:
-        # an unknown verifier, or a code reward without a sandbox, fails before anything is loaded
-        reward = RewardFunction(cfg.verifier, cfg.unsafe_code_sandbox)
         check_rollout_options(cfg)
+        rows, _ = load_data(cfg, ("prompt_only",), info)
+        # an unknown verifier, a row missing a field a reward reads, or a code reward without a sandbox: all fail
+        # before any model is loaded
+        reward = make_rewards(cfg, rows)
         ptx_rows, ptx_fmt = load_ptx_rows(cfg)
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk grpo: --distributed fsdp is not supported (generation needs whole weights); "
                              "use ddp")
         model, tokenizer = load_policy(cfg)
-        rows, prompts = load_prompts(cfg, tokenizer, info)
+        evaluate = training_evaluator(cfg, reward, model, tokenizer, info)  # --eval-data: checked here too
+        reward.load_models(info.device)
+        prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in rows]
         engine = engine or build_rollout_engine(cfg, model, tokenizer, info)  # vLLM: built before training
         ref = load_reference(cfg, info, policy=model) if cfg.beta > 0 else None  # --lora: the policy
         source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref, engine=engine)
@@ -304,7 +300,8 @@ def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
             examples = encode_all(ptx_rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length,
                                                                   fmt=ptx_fmt), "--ptx-data examples", info)
             source.add_ptx(examples, tokenizer.pad_token_id, cfg.ptx_batch_size)
-        return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo")
+        return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo", evaluate=evaluate,
+                     eval_steps=cfg.eval_steps or cfg.max_steps)
     finally:
         shutdown(info)
 

@@ -4,7 +4,8 @@ Models: the policy (``--model``, trained), a frozen reference (``--ref-model``, 
 reward model from ``ptk reward`` (``--reward-model``, frozen) and a critic initialized from it (trained; saved in
 ``output_dir/value_model``). Each rollout, per process:
     1. sample one completion for each of ``--prompts-per-step`` prompts from the policy;
-    2. score = the reward model at the last token of prompt + completion rendered as ``ptk reward`` trained it (a
+    2. score = the weighted ``--reward-funcs`` (TRL's signature; a completion none can score is left out of the
+       loss), or else the reward model at the last token of prompt + completion rendered as ``ptk reward`` trained it (a
        conversational completion that ended with eos gets the chat template's end-of-turn suffix), minus
        ``--missing-eos-penalty`` when the completion has no eos;
     3. per-token reward = -kl_coef * KL_t (k1 = logp - ref, or k3) plus the score at the last completion token;
@@ -21,7 +22,8 @@ import torch
 
 import ptkernels as ptk
 
-from ..data.tokenization import end_of_turn_suffix
+from ..data.rows import load_data
+from ..data.tokenization import encode_prompt, end_of_turn_suffix
 from ..engine.config import PPOConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import TrainResult, train
@@ -34,9 +36,11 @@ from ..modeling import (
     load_sequence_classifier,
     reference_scope,
 )
+from ..rewards.reward_funcs import RewardFuncs, check_rows
 from ..rollout.mismatch import correction_kwargs, mismatch_metrics, sampler_logps_rows
-from ..rollout.onpolicy import OnPolicySource, build_rollout_engine, check_rollout_options, load_prompts, split_rows
+from ..rollout.onpolicy import OnPolicySource, build_rollout_engine, check_rollout_options, split_rows
 from ..rollout.scoring import completion_batch
+from .eval_data import training_evaluator
 
 
 def token_values(critic, batch: dict) -> torch.Tensor:
@@ -68,9 +72,10 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 class PPORollouts(OnPolicySource):
-    def __init__(self, *args, critic, reward_model, ref_model, engine=None):
+    def __init__(self, *args, critic, reward_model, ref_model, engine=None, reward_funcs=None):
         super().__init__(*args, engine=engine)
         self.critic, self.reward_model, self.ref_model = critic, reward_model, ref_model
+        self.reward_funcs = reward_funcs  # --reward-funcs: their weighted sum is the score instead of the model's
         self.steps_per_rollout = self.cfg.ppo_epochs * self.cfg.num_minibatches
         self.turn_suffix = end_of_turn_suffix(self.tokenizer)
 
@@ -88,12 +93,21 @@ class PPORollouts(OnPolicySource):
         self.critic.eval()
         old_values = torch.cat([token_values(self.critic, b) for b in split_rows(on_device, cfg.batch_size)]).cpu()
         self.critic.train(was_training)
-        scored = completion_batch(prompts, scored_completions(rows, out.completion_ids, out.finished,
-                                                              self.turn_suffix), self.tokenizer.pad_token_id)
-        scored = {k: v.to(device) for k, v in scored.items()}
-        with reference_scope(self.reward_model):  # with --lora the critic itself, its adapter disabled
-            scores = torch.cat([sequence_scores(self.reward_model, b) for b in split_rows(scored, cfg.batch_size)])
-        scores = scores.cpu() - cfg.missing_eos_penalty * (~torch.tensor(out.finished)).float()
+        if self.reward_funcs is not None:
+            # TRL-style functions; a completion none of them can score (all None) is left out of the loss
+            scored = self.reward_funcs.score(rows, out.texts, out.completion_ids)
+            scorable = torch.tensor([r is not None for r, _ in scored])
+            scores = torch.tensor([0.0 if r is None else r for r, _ in scored], dtype=torch.float32)
+            mask = batch["completion_mask"] = batch["completion_mask"] * scorable[:, None].to(mask.dtype)
+        else:
+            scored = completion_batch(prompts, scored_completions(rows, out.completion_ids, out.finished,
+                                                                  self.turn_suffix), self.tokenizer.pad_token_id)
+            scored = {k: v.to(device) for k, v in scored.items()}
+            with reference_scope(self.reward_model):  # with --lora the critic itself, its adapter disabled
+                scores = torch.cat([sequence_scores(self.reward_model, b)
+                                    for b in split_rows(scored, cfg.batch_size)])
+            scores = scores.cpu()
+        scores = scores - cfg.missing_eos_penalty * (~torch.tensor(out.finished)).float()
 
         kl = ptk.kl_penalty(old_logps, ref_logps, estimator=cfg.kl_estimator) * mask
         rewards = -cfg.kl_coef * kl
@@ -168,26 +182,39 @@ class PPOLoss(TrainingModule):
 def run(cfg: PPOConfig, engine=None) -> TrainResult:
     info = init_distributed()
     try:
-        if not cfg.reward_model:
-            raise ValueError("ptk ppo: --reward-model is required (a folder written by ptk reward)")
+        if not cfg.reward_model and not cfg.reward_funcs:
+            raise ValueError("ptk ppo: --reward-model is required (a folder written by ptk reward), or --reward-funcs")
         if cfg.distributed == "fsdp" and info.enabled:
             raise ValueError("ptk ppo: --distributed fsdp is not supported (generation needs whole weights); use ddp")
         check_rollout_options(cfg)
+        rows, _ = load_data(cfg, ("prompt_only", "prompt_completion"), info)
+        reward_funcs = None
+        if cfg.reward_funcs:  # checked against every row before any model loads
+            reward_funcs = RewardFuncs(cfg.reward_funcs, cfg.reward_weights, trust_remote_code=cfg.trust_remote_code,
+                                       unsafe_code_sandbox=cfg.unsafe_code_sandbox)
+            check_rows(rows, reward_funcs)
+            reward_funcs.require_sandbox(rows)
         policy, tokenizer = load_policy(cfg)
         engine = engine or build_rollout_engine(cfg, policy, tokenizer, info)  # vLLM: built before training
-        rows, prompts = load_prompts(cfg, tokenizer, info, fmt=("prompt_only", "prompt_completion"))
-        critic, rm_tokenizer = load_policy(cfg, task="SEQ_CLS", name=cfg.reward_model, seed=0)
+        prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in rows]
+        # the critic starts from the reward model, or (scores from --reward-funcs alone) from the policy's weights
+        critic, rm_tokenizer = load_policy(cfg, task="SEQ_CLS", name=cfg.reward_model or cfg.model, seed=0)
         if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError("ptk ppo: the reward model's tokenizer differs from the policy's; the reward model "
                              "must score the policy's tokens (train it with ptk reward from the same model)")
-        if cfg.lora:  # the critic starts as the reward model: its base, adapter disabled, is the reward model
+        reward_model = None
+        if reward_funcs is not None:
+            reward_funcs.load_models(info.device)
+        elif cfg.lora:  # the critic starts as the reward model: its base, adapter disabled, is the reward model
             reward_model = critic
         else:
             reward_model, _ = load_sequence_classifier(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
             reward_model = reward_model.requires_grad_(False).to(info.device).eval()
         source = PPORollouts(rows, prompts, policy, tokenizer, cfg, info, critic=critic, reward_model=reward_model,
-                             ref_model=load_reference(cfg, info, policy), engine=engine)
-        return train(cfg, PPOLoss(policy, critic, cfg), source, tokenizer, info, stage="ppo")
+                             ref_model=load_reference(cfg, info, policy), engine=engine, reward_funcs=reward_funcs)
+        evaluate = training_evaluator(cfg, reward_funcs, policy, tokenizer, info) if reward_funcs else None
+        return train(cfg, PPOLoss(policy, critic, cfg), source, tokenizer, info, stage="ppo", evaluate=evaluate,
+                     eval_steps=cfg.eval_steps or cfg.max_steps)
     finally:
         shutdown(info)
 

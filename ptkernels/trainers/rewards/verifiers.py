@@ -22,6 +22,8 @@ from fractions import Fraction
 
 from ptkernels.trainers.rewards import code_tests
 from ptkernels.trainers.rewards.code_tests import SplitTest
+from ptkernels.trainers.rewards.gold import final_gold_answer, gold_value
+from ptkernels.trainers.rewards.gold import last_boxed as _last_boxed
 from ptkernels.trainers.rewards.sandbox import SandboxResult, run_python
 
 __all__ = [
@@ -47,37 +49,6 @@ def _text(completion) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- math
-def _closing_braces(text: str) -> dict[int, int]:
-    """Index of each '{' -> index of the '}' that closes it, in one pass (unclosed ones are absent)."""
-    match, stack = {}, []
-    for m in re.finditer(r"[{}]", text):
-        if m.group() == "{":
-            stack.append(m.start())
-        elif stack:
-            match[stack.pop()] = m.start()
-    return match
-
-
-def _last_boxed(text: str) -> str | None:
-    """Contents of the last ``\\boxed{...}`` (or ``\\fbox``) whose brace group closes, or of a bare
-    ``\\boxed 42``. Linear in the text: brace pairs are found once, not rescanned per candidate."""
-    candidates = list(re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text))
-    if not candidates:
-        return None
-    closing = _closing_braces(text) if any(m.group(1) for m in candidates) else {}
-    for m in reversed(candidates):
-        if m.group(1):
-            end = closing.get(m.start(1))
-            if end is not None:
-                return text[m.start(1) + 1 : end]
-        else:  # "\boxed 42"
-            tail = _BARE_BOXED.match(text, m.end())
-            if tail:
-                return tail.group(1)
-    return None
-
-
-_BARE_BOXED = re.compile(r"\s*([^\s$]+)")
 _NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|-?\.\d+")
 
 
@@ -234,12 +205,20 @@ def _squash(s: str) -> str:
 
 
 def math(completion: str, row: dict) -> float:
-    """1.0 when the final answer equals ``row["answer"]`` as an exact rational (see ``parse_number``); answers that
-    are not numbers are compared as strings with whitespace, ``$`` and a trailing period removed."""
-    truth = _require(row, "answer")
+    """1.0 when the final answer equals the gold answer as an exact rational (see ``parse_number``); answers that
+    are not numbers are compared as strings with whitespace, ``$`` and a trailing period removed. The gold is
+    ``row["answer"]``, ``row["solution"]`` or ``row["ground_truth"]`` reduced to its final answer (GSM8K's
+    ``#### n``, the last ``\\boxed{}``; see ``gold.final_gold_answer``), or a list of accepted answers."""
+    truth = final_gold_answer(gold_value(row))
     predicted = extract_math_answer(completion)
     if predicted is None:
         return 0.0
+    if isinstance(truth, (list, tuple)):
+        return float(any(_math_equal(predicted, t) for t in truth))
+    return _math_equal(predicted, truth)
+
+
+def _math_equal(predicted: str, truth) -> float:
     got, want = parse_number(predicted), parse_number(truth)
     if got is None:
         # "42 apples": a number followed only by words. Not "2x+3", whose leading 2 is not the answer.
@@ -295,11 +274,11 @@ _MARKED_ANSWER = re.compile(r"(?:####|\banswer\s*(?:is|:))[ \t:]*([^\n]*)\s*$", 
 
 
 def exact(completion: str, row: dict) -> float:
-    """1.0 when the answer equals ``row["answer"]`` (or one of a list) after strip, whitespace collapse,
-    case-fold and dropping a trailing period; ``row["case_sensitive"] = True`` keeps the case (a task whose
-    answer *is* a change of case). The answer is what follows a final-answer marker on the last line
-    ("Answer: x", "the answer is x", "#### x") when there is one, else the whole completion."""
-    truth = _require(row, "answer")
+    """1.0 when the answer equals the gold (``answer``/``solution``/``ground_truth``, or one of a list) after
+    strip, whitespace collapse, case-fold and dropping a trailing period; ``row["case_sensitive"] = True`` keeps
+    the case (a task whose answer *is* a change of case). The answer is what follows a final-answer marker on the
+    last line ("Answer: x", "the answer is x", "#### x") when there is one, else the whole completion."""
+    truth = final_gold_answer(gold_value(row))
     accepted = truth if isinstance(truth, (list, tuple)) else [truth]
     case = bool(row.get("case_sensitive", False))
     text = _text(completion)[-MAX_ANSWER_SEARCH_CHARS:].strip()
@@ -335,8 +314,9 @@ def fact(completion: str, row: dict) -> float:
     punctuation and the articles a/an/the removed, whitespace collapsed).
 
     Accepted values: ``row["facts"][row["fact_key"]]`` (a value or a list of aliases), else ``row["answer"]`` (value
-    or list). The final answer is the last ``\\boxed{}``, else the text after the last "answer is"/"Answer:", else
-    the last non-empty line. Equality, not containment: containment would reward listing every candidate.
+    or list; or ``solution`` / ``ground_truth``). The final answer is the last ``\\boxed{}``, else the text after
+    the last "answer is"/"Answer:", else the last non-empty line. Equality, not containment: containment would
+    reward listing every candidate.
     """
     if "facts" in row and "fact_key" in row:
         facts = row["facts"]
@@ -344,7 +324,7 @@ def fact(completion: str, row: dict) -> float:
             raise ValueError(f"fact verifier: fact_key {row['fact_key']!r} is not in row['facts']")
         truth = facts[row["fact_key"]]
     else:
-        truth = _require(row, "answer")
+        truth = final_gold_answer(gold_value(row))
     accepted = {_normalize_fact(a) for a in (truth if isinstance(truth, (list, tuple, set)) else [truth])}
     accepted.discard("")
     return float(_normalize_fact(_fact_answer(completion)) in accepted)

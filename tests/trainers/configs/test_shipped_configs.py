@@ -100,5 +100,5 @@ def test_reference_free_commands_take_no_reference_options():
         names = {f.name for f in dataclasses.fields(cls)}
         assert not names & {"ref_model", "ref_mode"}, cls.__name__
         with pytest.raises(SystemExit):
-            parse_config(cls, ["--data", "x", "--ref-model", "somewhere"])
+            parse_config(cls, ["--model", "tiny", "--data", "x", "--ref-model", "somewhere"])
     assert {"ref_model", "ref_mode"} <= {f.name for f in dataclasses.fields(config.DPOConfig)}

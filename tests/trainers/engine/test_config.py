@@ -16,23 +16,25 @@ def test_help_lists_every_option_with_default(capsys):
     for f in dataclasses.fields(SFTConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert "(default: 0.0003)" in text  # lr
-    assert "(default: tiny)" in text
+    assert "(default: runs/sft)" in text  # output_dir
+    assert "required: a local Hugging Face model folder" in " ".join(text.split())  # --model has no silent default
 
 
 def test_yaml_then_command_line(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("lr: 0.01\nbatch_size: 3\npacking: true\nadam-betas: [0.8, 0.9]\n")
-    cfg = parse_config(SFTConfig, ["--config", str(cfg_file), "--data", "x.jsonl", "--batch-size", "5"])
+    cfg = parse_config(SFTConfig, ["--config", str(cfg_file), "--model", "tiny", "--data", "x.jsonl",
+                                   "--batch-size", "5"])
     assert cfg.lr == 0.01 and cfg.batch_size == 5 and cfg.packing is True and cfg.adam_betas == (0.8, 0.9)
-    cfg = parse_config(SFTConfig, ["--config", str(cfg_file), "--data", "x.jsonl", "--no-packing"])
+    cfg = parse_config(SFTConfig, ["--config", str(cfg_file), "--model", "tiny", "--data", "x.jsonl", "--no-packing"])
     assert cfg.packing is False
-    assert parse_config(SFTConfig, ["--data", "x"]).lr == 3e-4  # the stage's own default
+    assert parse_config(SFTConfig, ["--model", "tiny", "--data", "x"]).lr == 3e-4  # the stage's own default
 
 
 def test_resume_flag_alone_means_latest():
-    assert parse_config(SFTConfig, ["--data", "x", "--resume"]).resume == "latest"
-    assert parse_config(SFTConfig, ["--data", "x", "--resume", "some/dir"]).resume == "some/dir"
-    assert parse_config(SFTConfig, ["--data", "x"]).resume == ""
+    assert parse_config(SFTConfig, ["--model", "tiny", "--data", "x", "--resume"]).resume == "latest"
+    assert parse_config(SFTConfig, ["--model", "tiny", "--data", "x", "--resume", "some/dir"]).resume == "some/dir"
+    assert parse_config(SFTConfig, ["--model", "tiny", "--data", "x"]).resume == ""
 
 
 @pytest.mark.parametrize("text,match", [
@@ -46,17 +48,17 @@ def test_yaml_errors_name_the_key_and_file(tmp_path, text, match):
     f = tmp_path / "bad.yaml"
     f.write_text(text)
     with pytest.raises(ValueError, match=match) as e:
-        parse_config(SFTConfig, ["--config", str(f), "--data", "x"])
+        parse_config(SFTConfig, ["--config", str(f), "--model", "tiny", "--data", "x"])
     assert "bad.yaml" in str(e.value)
 
 
 def test_values_are_checked():
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):
-        parse_config(SFTConfig, ["--data", "x", "--batch-size", "0"])
+        parse_config(SFTConfig, ["--model", "tiny", "--data", "x", "--batch-size", "0"])
     with pytest.raises(ValueError, match="--data is required"):
         parse_config(SFTConfig, [])
     with pytest.raises(SystemExit):  # argparse: invalid choice
-        parse_config(DPOConfig, ["--data", "x", "--ref-mode", "sometimes"])
+        parse_config(DPOConfig, ["--model", "tiny", "--data", "x", "--ref-mode", "sometimes"])
 
 
 def test_every_stage_has_a_parser():
@@ -65,3 +67,10 @@ def test_every_stage_has_a_parser():
     for cls in (config.PretrainConfig, config.SFTConfig, config.RewardConfig, config.DPOConfig, config.ORPOConfig,
                 config.SimPOConfig, config.KTOConfig):
         assert build_parser(cls, "ptk x").parse_args([]).max_steps == cls.max_steps
+
+
+def test_model_is_required():
+    """No silent random model: --model must be given (the presets stay available as an explicit --model tiny)."""
+    with pytest.raises(ValueError, match="--model is required"):
+        parse_config(SFTConfig, ["--data", "x"])
+    assert parse_config(SFTConfig, ["--data", "x", "--model", "tiny"]).model == "tiny"

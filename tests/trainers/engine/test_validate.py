@@ -41,7 +41,7 @@ from ptkernels.trainers.engine.validate import RULES, ConfigError
 ])
 def test_bad_values_name_the_flag_and_range(cls, args, match):
     with pytest.raises(ConfigError, match=match):
-        parse_config(cls, ["--data", "x", *args])
+        parse_config(cls, ["--model", "tiny", "--data", "x", *args])
 
 
 def test_every_numeric_option_has_a_rule():
@@ -56,27 +56,28 @@ def test_every_numeric_option_has_a_rule():
         for f in dataclasses.fields(cls):
             if hints[f.name] in (int, float):
                 assert f.name in RULES, f"{cls.__name__}.{f.name} has no range"
-        parse_config(cls, ["--data", "x"])  # every default is inside its range
+        parse_config(cls, ["--model", "tiny", "--data", "x"])  # every default is inside its range
 
 
 def test_yaml_values_checked_with_key_and_file(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("lr: 1e-4\nmax_steps: 3\n")
-    assert parse_config(SFTConfig, ["--config", str(f), "--data", "x"]).lr == 1e-4  # YAML 1.1 reads it as a string
+    # YAML 1.1 reads 1e-4 as a string
+    assert parse_config(SFTConfig, ["--config", str(f), "--model", "tiny", "--data", "x"]).lr == 1e-4
     f.write_text("adam_betas: [0.9]\n")
     with pytest.raises(ConfigError, match=r"run.yaml: option 'adam_betas' must be a list of 2 numbers"):
-        parse_config(SFTConfig, ["--config", str(f), "--data", "x"])
+        parse_config(SFTConfig, ["--config", str(f), "--model", "tiny", "--data", "x"])
     f.write_text("lr: .inf\n")
     with pytest.raises(ConfigError, match=r"run.yaml: option 'lr' must be finite and > 0 \(got inf\)"):
-        parse_config(SFTConfig, ["--config", str(f), "--data", "x"])
+        parse_config(SFTConfig, ["--config", str(f), "--model", "tiny", "--data", "x"])
     # the command line overrides the file, and then the flag is what is named
     f.write_text("lr: 0.5\n")
     with pytest.raises(ConfigError, match=r"^--max-steps"):
-        parse_config(SFTConfig, ["--config", str(f), "--data", "x", "--max-steps", "0"])
+        parse_config(SFTConfig, ["--config", str(f), "--model", "tiny", "--data", "x", "--max-steps", "0"])
 
 
 def test_one_generation_warns(capsys):
-    parse_config(GRPOConfig, ["--data", "x", "--num-generations", "1"])
+    parse_config(GRPOConfig, ["--model", "tiny", "--data", "x", "--num-generations", "1"])
     err = capsys.readouterr().err
     assert "ptk: warning: --num-generations 1" in err and "learns nothing" in err
 

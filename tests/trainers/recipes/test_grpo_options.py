@@ -5,8 +5,9 @@ float64 Llama, as the training loop runs them."""
 import pytest
 import torch
 
+from ptkernels.trainers.data.rows import Row
 from ptkernels.trainers.engine.config import GRPOConfig
-from ptkernels.trainers.recipes.grpo import outcome_advantages, reward_weights
+from ptkernels.trainers.recipes.grpo import make_rewards, outcome_advantages
 
 from ..conftest import tiny_model
 from .test_grpo_skip import GROUPS, SIZE, rollout, step
@@ -65,11 +66,17 @@ def test_advantage_estimators_and_reward_weights():
     cfg.advantage_estimator = "reinforce_plus_plus"
     adv = outcome_advantages(cfg, r, lengths, None)
     assert adv[6] == 0 and adv[4] == adv[5] > adv[0] > adv[1]  # empty completion: 0; token-weighted whitening
-    cfg.reward_weights = "1,0.5"
-    torch.testing.assert_close(reward_weights(cfg, ["math", "format"]), torch.tensor([1.0, 0.5]))
-    with pytest.raises(ValueError, match="--reward-weights has 2 weights"):
-        reward_weights(cfg, ["math"])
-    cfg.reward_weights = "1,x"
-    with pytest.raises(ValueError, match="comma-separated numbers"):
-        reward_weights(cfg, ["a", "b"])
+    rows = [Row({"prompt": "1+1?", "answer": "2"}, "d.jsonl:1")]
+    cfg.verifier, cfg.reward_weights = "math,format", "1,0.5"  # the parts of --verifier as weighted functions
+    funcs = make_rewards(cfg, rows)
+    assert funcs.names() == ["math", "format"] and funcs.weights == [1.0, 0.5]
+    cfg.verifier = "math"
+    with pytest.raises(ValueError, match="2 weights for 1 reward functions"):
+        make_rewards(cfg, rows)
+    cfg.verifier, cfg.reward_weights = "math,format", "1,x"
+    with pytest.raises(ValueError, match="--reward-weights"):
+        make_rewards(cfg, rows)
+    cfg.verifier, cfg.reward_weights = "math:0.8,format:0.2", "1,1"
+    with pytest.raises(ValueError, match="has its own weights"):
+        make_rewards(cfg, rows)
     assert GROUPS * SIZE == 20

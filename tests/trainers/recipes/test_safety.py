@@ -24,8 +24,8 @@ def world(tmp_path_factory):
 def base_model(tmp_path_factory, data_dir):
     """A tiny model SFT-ed on arithmetic only: it never refuses."""
     out = str(tmp_path_factory.mktemp("sft") / "m")
-    ptk(["sft", "--data", data_dir["sft"], "--output-dir", out, "--max-steps", "40", "--batch-size", "16",
-         "--lr", "3e-3", "--no-progress"])
+    ptk(["sft", "--model", "tiny", "--data", data_dir["sft"], "--output-dir", out, "--max-steps", "40",
+         "--batch-size", "16", "--lr", "3e-3", "--no-progress"])
     return out
 
 

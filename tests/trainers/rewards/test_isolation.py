@@ -103,11 +103,17 @@ def test_missing_bubblewrap_refuses_unless_unsafe(monkeypatch):
             S.require_sandbox()
         with pytest.warns(RuntimeWarning, match="UNSAFE"):
             assert S.run_python("print(6 * 7)", unsafe=True).stdout == "42\n"
-        from ptkernels.trainers.recipes.grpo import RewardFunction
+        from ptkernels.trainers.rewards.reward_funcs import RewardFuncs
 
         with pytest.raises(S.SandboxUnavailable, match="bubblewrap"):
-            RewardFunction("math,code")  # before any model is loaded
-        RewardFunction("math")  # no code reward: no sandbox needed
+            RewardFuncs.from_verifier("math,code").require_sandbox()  # checked before any model is loaded
+        with pytest.raises(S.SandboxUnavailable, match="bubblewrap"):
+            RewardFuncs("math,code").require_sandbox()  # --reward-funcs
+        from ptkernels.trainers.data.rows import Row
+
+        with pytest.raises(S.SandboxUnavailable, match="bubblewrap"):  # --verifier row: a row names code
+            RewardFuncs.from_verifier("row").require_sandbox([Row({"verifier": "math,code"}, "d.jsonl:1")])
+        RewardFuncs.from_verifier("math").require_sandbox()  # no code reward: no sandbox needed
         unsafe = V.get_verifier("code", unsafe_code_sandbox=True)
         assert unsafe("def f(): return 1", {"tests": "assert f() == 1"}) == 1.0
         assert unsafe("def f(): return 2", {"tests": ["assert f() == 1"]}) == 0.0

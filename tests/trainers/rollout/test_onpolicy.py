@@ -73,7 +73,7 @@ def test_grpo_options(sft_model, rl_data, tmp_path, extra):
 
 def test_grpo_unknown_verifier_fails_first(rl_data, tmp_path):
     with pytest.raises(ValueError, match="unknown verifier 'maths'"):
-        ptk(["grpo", "--data", rl_data, "--output-dir", str(tmp_path / "x"), "--verifier", "maths"])
+        ptk(["grpo", "--model", "tiny", "--data", rl_data, "--output-dir", str(tmp_path / "x"), "--verifier", "maths"])
     assert not (tmp_path / "x").exists()
 
 
@@ -100,7 +100,7 @@ def test_grpo_ptx_trains_on_the_sft_rows_where_the_rewards_are_flat(sft_model, d
                                          (["--ptx-coef", "-1"], "--ptx-coef must be finite and >= 0")])
 def test_grpo_ptx_options_are_checked(rl_data, tmp_path, args, match):
     with pytest.raises(ValueError, match=match):
-        ptk(["grpo", "--data", rl_data, "--output-dir", str(tmp_path / "x"), *args])
+        ptk(["grpo", "--model", "tiny", "--data", rl_data, "--output-dir", str(tmp_path / "x"), *args])
     assert not (tmp_path / "x").exists()
 
 
@@ -162,7 +162,7 @@ def test_ppo_scores_rollouts_as_ptk_reward_encoded_its_pairs():
 
 def test_ppo_needs_a_reward_model(rl_data, tmp_path):
     with pytest.raises(ValueError, match="--reward-model is required"):
-        ptk(["ppo", "--data", rl_data, "--output-dir", str(tmp_path / "x")])
+        ptk(["ppo", "--model", "tiny", "--data", rl_data, "--output-dir", str(tmp_path / "x")])
 
 
 def _same(a, b):
