@@ -277,9 +277,11 @@ class GRPOConfig(OnPolicyConfig):
                                        "count keeps them, so the loss is unchanged); entropy and clip metrics are "
                                        "then over the trained rows")
     # TRL 1.16 GRPOConfig options (same names; ptkernels.grpo_loss / group_advantages document each)
-    advantage_estimator: str = option("grpo", "grpo (group_advantages), rloo (leave-one-out baseline, TRL's RLOO) "
-                                      "or reinforce_plus_plus (global whitening, verl; outcome reward, gamma 1)",
-                                      choices=("grpo", "rloo", "reinforce_plus_plus"))
+    advantage_estimator: str = option("grpo", "grpo (group_advantages), rloo (leave-one-out baseline, TRL's RLOO), "
+                                      "reinforce_plus_plus (global whitening, verl; outcome reward, gamma 1) or "
+                                      "remax (baseline: the reward of one greedy completion per prompt, verl; "
+                                      "one extra greedy generation per prompt and rollout)",
+                                      choices=("grpo", "rloo", "reinforce_plus_plus", "remax"))
     entropy_coef: float = option(0.0, "entropy bonus: loss -= coef * token-mean entropy (TRL 1.16)")
     top_entropy_quantile: float = option(1.0, "train only on the tokens of the top quantile of entropy (1: all)")
     mask_truncated_completions: bool = option(False, "leave completions that hit --max-new-tokens out of the loss "

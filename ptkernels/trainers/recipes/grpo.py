@@ -51,8 +51,10 @@ TOKEN_LEVEL = ("dapo", "bnpo", "cispo", "vespo")  # normalized by completion tok
 ITEMS_NORMALIZED = ("dapo", "cispo", "vespo")  # divided by num_items_in_batch inside the loss
 
 
-def outcome_advantages(cfg: GRPOConfig, rewards: torch.Tensor, lengths: list[int], weights) -> torch.Tensor:
-    """One advantage per completion from its reward ([N], or [N, parts]) with --advantage-estimator."""
+def outcome_advantages(cfg: GRPOConfig, rewards: torch.Tensor, lengths: list[int], weights,
+                       greedy_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """One advantage per completion from its reward ([N], or [N, parts]) with --advantage-estimator;
+    ``greedy_rewards`` ([N]: the reward of the greedy completion of each completion's prompt) for remax."""
     if cfg.advantage_estimator == "grpo":
         return ptk.group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards,
                                     reward_weights=weights, multi_objective_aggregation=cfg.multi_objective_aggregation)
@@ -62,14 +64,20 @@ def outcome_advantages(cfg: GRPOConfig, rewards: torch.Tensor, lengths: list[int
     rewards = rewards.nan_to_num(0.0)  # an unscorable completion: reward 0, as TRL's nansum over no function
     if cfg.advantage_estimator == "rloo":
         return ptk.rloo_advantages(rewards, group_size=cfg.num_generations)
-    # REINFORCE++ with an outcome reward on the last token and gamma 1: every token of a completion gets the same
-    # whitened return, so column 0 is the completion's advantage (an empty completion gets 0)
+    # REINFORCE++ / ReMax with an outcome reward on the last token and gamma 1: every token of a completion gets the
+    # same advantage (REINFORCE++: the whitened return; ReMax: return - greedy baseline), so column 0 is the
+    # completion's advantage (an empty completion gets 0)
     width = max(max(lengths), 1)
     mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()
     token_rewards = torch.zeros(len(lengths), width)
     last = (torch.tensor(lengths) - 1).clamp(min=0)
     token_rewards[torch.arange(len(lengths)), last] = rewards.float() * (torch.tensor(lengths) > 0)
-    adv, _ = ptk.reinforce_plus_plus_advantages(token_rewards, mask, gamma=1.0)
+    if cfg.advantage_estimator == "remax":
+        if greedy_rewards is None:
+            raise ValueError("--advantage-estimator remax needs the greedy rollout's rewards")
+        adv, _ = ptk.remax_advantages(token_rewards, mask, greedy_rewards.float().nan_to_num(0.0))
+    else:
+        adv, _ = ptk.reinforce_plus_plus_advantages(token_rewards, mask, gamma=1.0)
     return adv[:, 0]
 
 
@@ -127,9 +135,10 @@ class GRPORollouts(OnPolicySource):
         if cfg.dynamic_sampling:
             rows, prompts, out, scored = self.informative_groups(rows, prompts, out, scored)
         rewards, weights = reward_tensor(self.reward, scored)
+        greedy = self.greedy_baseline(rows, prompts) if cfg.advantage_estimator == "remax" else None
         parts = -(-len(prompts) // cfg.batch_size)  # micro-batches per step: the same on every process
         lengths = [len(c) for c in out.completion_ids]
-        advantages = outcome_advantages(cfg, rewards, lengths, weights)
+        advantages = outcome_advantages(cfg, rewards, lengths, weights, greedy)
         if cfg.mask_truncated_completions:  # out of the loss and the item count; still in the reward statistics
             lengths = [n if f else 0 for n, f in zip(lengths, out.finished)]
         keep = self.rows_with_gradient(advantages, parts)
@@ -162,12 +171,29 @@ class GRPORollouts(OnPolicySource):
                    "completion_length": group_mean(lengths), "eos_rate": group_mean([float(f) for f in finished])}
         if cfg.dynamic_sampling:
             metrics["informative_groups"] = self.informative
+        if greedy is not None:
+            metrics["greedy_reward"] = float(greedy[::cfg.num_generations].nan_to_num(0.0).mean())
         for name in sorted({n for _, parts in scored for n in parts}):
             metrics[f"reward_{name}"] = group_mean([parts[name] for _, parts in scored if name in parts])
         metrics["trained_rows"] = len(keep) / len(prompts)
         if sampler is not None:
             metrics.update(mismatch)
         return split_parts(batch, parts), metrics
+
+    def greedy_baseline(self, rows, prompts) -> torch.Tensor:
+        """ReMax's baseline: the reward of one greedy (do_sample=False) completion of each prompt, repeated over
+        the prompt's group ([N]; NaN where unscorable, which counts as 0)."""
+        g = self.cfg.num_generations
+        firsts = list(range(0, len(prompts), g))
+        greedy = dataclasses.replace(self.sampling, do_sample=False)
+        out = self.engine.generate([prompts[i] for i in firsts], greedy, seed=0)
+        group_rows = [rows[i] for i in firsts]
+        if hasattr(self.reward, "score"):
+            scored = self.reward.score(group_rows, out.texts, out.completion_ids)
+        else:
+            scored = [self.reward(text, row) for text, row in zip(out.texts, group_rows)]
+        baseline = torch.tensor([float("nan") if r is None else r for r, _ in scored], dtype=torch.float32)
+        return baseline.repeat_interleave(g)
 
     def rows_with_gradient(self, advantages: torch.Tensor, parts: int) -> list[int]:
         """The rows to train: with ``--beta`` 0 a row whose advantage is exactly 0 has a zero loss and gradient

@@ -80,3 +80,38 @@ def test_advantage_estimators_and_reward_weights():
     with pytest.raises(ValueError, match="has its own weights"):
         make_rewards(cfg, rows)
     assert GROUPS * SIZE == 20
+
+
+def test_remax_baseline_is_the_greedy_completions_reward(model_tok):
+    """--advantage-estimator remax (verl's compute_remax_outcome_advantage): A = r - b, b the reward of one greedy
+    completion of the same prompt (repeated over its group), no whitening; the greedy generation is one per prompt."""
+    from ptkernels.trainers.engine.distributed import DistInfo
+    from ptkernels.trainers.recipes.grpo import GRPORollouts
+
+    from .test_grpo_skip import uneven_reward
+
+    model, tok = model_tok
+    cfg = GRPOConfig(num_generations=SIZE, prompts_per_step=GROUPS, batch_size=6, max_new_tokens=6,
+                     advantage_estimator="remax", skip_zero_advantage=False, backend="reference", seed=3)
+    rows = [Row({"prompt": f"item {k} is", "k": k}, f"x:{k}") for k in range(GROUPS)]
+    prompts = [tok(r.data["prompt"])["input_ids"] for r in rows]
+    source = GRPORollouts(rows, prompts, model, tok, cfg, DistInfo(), reward=uneven_reward)
+    source.order.indices = lambda start, n: list(range(n))
+    calls = []
+    generate = source.engine.generate
+    source.engine.generate = lambda p, s, seed: calls.append((len(p), s.do_sample)) or generate(p, s, seed=seed)
+    batches, metrics = source.make_rollout(0)
+    assert calls == [(GROUPS * SIZE, True), (GROUPS, False)]  # the group's samples, then one greedy per prompt
+    greedy = source.greedy_baseline([rows[k] for k in range(GROUPS) for _ in range(SIZE)],
+                                    [prompts[k] for k in range(GROUPS) for _ in range(SIZE)])
+    assert metrics["greedy_reward"] == pytest.approx(float(greedy[::SIZE].mean()))
+    adv = torch.cat([b["advantages"] for b in batches])
+    assert adv.shape == (GROUPS * SIZE,)
+    # each group's advantages are its rewards minus one shared baseline: equal spreads within the group
+    lengths = [3] * SIZE
+    r = torch.arange(SIZE, dtype=torch.float32)
+    b = torch.full((SIZE,), 0.5)
+    cfg.num_generations = SIZE
+    torch.testing.assert_close(outcome_advantages(cfg, r, lengths, None, b), r - 0.5)
+    with pytest.raises(ValueError, match="remax needs"):
+        outcome_advantages(cfg, r, lengths, None)
