@@ -4,7 +4,7 @@ forward + backward. The fused ``fused_linear_preference_loss`` from hidden state
     eager  ptkernels.reference.preference.dpo_loss: TRL's ``DPOTrainer.dpo_loss``, literally
     ptk    ptkernels.dpo_loss (one implementation: torch)
 
-Size: a DPO batch of sequence log-probs (CPU 4 pairs, GPU 4 pairs: DESIGN's batch; the op is [B]-sized, so its
+Size: a DPO batch of sequence log-probs (CPU 4 pairs, GPU 4 pairs: the benchmark batch; the op is [B]-sized, so its
 time is the per-call cost), fp32. ``extra_info``: median, peak memory (CUDA max_memory_allocated growth; CPU peak
 RSS growth of a fresh subprocess), ``time_x_eager``, ``mem_x_eager``. Times are never asserted; each case
 checks its outputs and gradients against eager.

@@ -7,7 +7,7 @@ floor over N x V x D, round-robin in one process.
                                                                 pytest-benchmark JSON (--benchmark-json) or
                                                                 the JSON lines of PTK_SWEEP_OUT=FILE
 
-Grid: N in {64, 256, 1k, 4k, 16k, 64k} tokens (25% masked, as the DESIGN size), V in {872 (the quick preset),
+Grid: N in {64, 256, 1k, 4k, 16k, 64k} tokens (25% masked, as the CPU benchmark size), V in {872 (the quick preset),
 8k, 32k, 128k (Llama 3), 256k}, D in {128, 512, 2048}, fp32 on CPU, bf16 on CUDA. A cell is skipped when eager's
 logits and their gradient (and the head with its gradient) would pass 24 GiB, and, unless PTK_SWEEP=full, when
 its useful work 6 N_valid D V passes ``DEFAULT_MAX_FLOPS`` (eager takes seconds per call on a 2-core CPU there).

@@ -20,7 +20,7 @@ set, reproducible for a given machine (the choice never depends on a timing):
                      building oneDNN's primitive for a new shape costs more than oneDNN saves). Why: MKL picks its
                      code path by CPU vendor and runs its generic AVX2 kernels on AMD, while oneDNN dispatches on
                      the instruction set (AVX-512 on Zen 4/5). On the 2-core AMD EPYC that CI and
-                     benchmarks/RESULTS.md use, oneDNN runs the DESIGN.md CPU size's GEMMs 1.7-2.3x faster.
+                     benchmarks/RESULTS.md use, oneDNN runs the CPU benchmark size's GEMMs 1.7-2.3x faster.
 
 ``PTK_CPU_GEMM=auto|blas|onednn`` overrides the rule (read at import); ``torch.backends.mkldnn.flags
 (enabled=False)`` also keeps every GEMM on ``torch.mm``. Both libraries compute in IEEE fp32 with fp32
