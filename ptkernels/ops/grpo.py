@@ -21,14 +21,16 @@ import math
 import torch
 
 from ..reference import rl as ref_rl
-from ..types import AGGREGATIONS, IS_LEVELS, LOSS_TYPES, REWARD_SCALES, GRPOOutput, compute_dtype
+from ..types import AGGREGATIONS, REWARD_SCALES, GRPOOutput, compute_dtype
 from . import backends
-from .backends.base import GRPO_KINDS, GRPOParams
-from .core.checks import check_float, check_same
+from .backends.base import GRPOParams
+from .core.checks import check_float
 from .core.dispatch import resolve_backend
-from .grpo_weights import WeightOptions, check_is_mode, finish_is_metrics, is_partials, policy_weights
+from .grpo_checks import check_advantages, check_loss_options, check_mask, check_token_floats, loss_options
+from .grpo_terms import entropy_terms, finish_metrics, make_output, row_normalizers, top_entropy_mask
+from .grpo_weights import is_partials, policy_weights
 
-__all__ = ["GRPOOutput", "grpo_loss", "group_advantages"]
+__all__ = ["GRPOOutput", "grpo_loss", "group_advantages", "top_entropy_mask"]
 
 
 # ------------------------------------------------------------------------------------------ advantages
@@ -109,123 +111,6 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "gr
         return backends.get(name, "group_advantages")(r, group_size, scale, float(eps))
 
 
-# ------------------------------------------------------------------------------------------ arguments
-
-
-def check_grpo_options(*, beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
-                       max_completion_length, num_items_in_batch, has_ref: bool, bias_corrected_kl=True,
-                       sapo_temperature_pos=1.0, sapo_temperature_neg=1.05) -> GRPOParams:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {', '.join(IS_LEVELS)}; "
-                         f"got {importance_sampling_level!r}")
-    if not epsilon_low >= 0:
-        raise ValueError(f"epsilon_low must be >= 0, got {epsilon_low}")
-    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    if not epsilon_high >= 0:
-        raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
-    if delta is not None and not delta > 0:
-        raise ValueError(f"delta must be None or > 0 (TRL recommends > 1 + epsilon_high), got {delta}")
-    if delta is not None and GRPO_KINDS[loss_type] != 0:
-        raise ValueError(f"delta (two-sided clipping) applies to the clipped loss types, not loss_type={loss_type!r}")
-    if beta != 0.0 and not has_ref:
-        raise ValueError("beta != 0 needs ref_logps (the reference model's per-token log-probs)")
-    if max_completion_length is not None and (not isinstance(max_completion_length, int)
-                                              or max_completion_length <= 0):
-        raise ValueError(f"max_completion_length must be None or a positive int, got {max_completion_length!r}")
-    if isinstance(num_items_in_batch, (int, float)) and not num_items_in_batch > 0:
-        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
-    if not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
-        raise ValueError(f"sapo_temperature_pos/neg must be > 0, got {sapo_temperature_pos}, {sapo_temperature_neg}")
-    kind = GRPO_KINDS[loss_type]
-    return GRPOParams(float(epsilon_low), float(epsilon_high), None if delta is None else float(delta),
-                      float(beta), importance_sampling_level == "sequence" or kind == 4, has_ref, kind=kind,
-                      bias_kl=bool(bias_corrected_kl) and kind != 4 and has_ref, cap=float(epsilon_high),
-                      tau_pos=float(sapo_temperature_pos), tau_neg=float(sapo_temperature_neg))
-
-
-def check_weight_options(*, loss_type, sampler_logps, vllm_importance_sampling_mode,
-                         vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max,
-                         off_policy_mask_threshold, top_entropy_quantile, entropy_coef, vespo) -> WeightOptions:
-    if not 0.0 < top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
-    if not math.isfinite(entropy_coef):
-        raise ValueError(f"entropy_coef must be finite, got {entropy_coef}")
-    is_mode = None
-    if sampler_logps is not None:
-        check_is_mode(vllm_importance_sampling_mode)
-        lo, hi = vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max
-        if vllm_importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
-            raise ValueError("vllm_importance_sampling_mode='*_truncate' needs vllm_importance_sampling_clip_min or "
-                             "vllm_importance_sampling_clip_max")
-        if lo is not None and hi is not None and not lo < hi:
-            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be < vllm_importance_sampling_clip_max "
-                             f"({hi})")
-        if loss_type == "gmpo":
-            raise ValueError("loss_type='gmpo' takes no sampler_logps (TRL's GMPOTrainer has no importance-sampling "
-                             "correction)")
-        is_mode = vllm_importance_sampling_mode
-    return WeightOptions(
-        is_mode=is_mode,
-        clip_min=None if vllm_importance_sampling_clip_min is None else float(vllm_importance_sampling_clip_min),
-        clip_max=None if vllm_importance_sampling_clip_max is None else float(vllm_importance_sampling_clip_max),
-        opsm_threshold=None if off_policy_mask_threshold is None else float(off_policy_mask_threshold),
-        vespo=tuple(float(x) for x in vespo) if loss_type == "vespo" else None, fold_is=loss_type != "vespo")
-
-
-def check_token_tensor(name: str, t: torch.Tensor, shape, like: torch.Tensor, like_name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(t.shape)} but {like_name} implies {tuple(shape)}")
-    check_same(name, t, like_name, like, dtype=False)
-
-
-def check_mask(name: str, mask: torch.Tensor, shape, like: torch.Tensor, like_name: str) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [B, T], got shape {tuple(mask.shape)}")
-    check_token_tensor(name, mask, shape, like, like_name)
-
-
-def check_advantages(advantages: torch.Tensor, b: int, like: torch.Tensor, like_name: str) -> None:
-    check_float("advantages", advantages)
-    if tuple(advantages.shape) != (b,):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)} but {like_name} implies ({b},): "
-                         "one advantage per sequence")
-    check_same("advantages", advantages, like_name, like, dtype=False)
-
-
-def row_normalizers(mask: torch.Tensor, loss_type: str, max_completion_length, num_items_in_batch):
-    """``[B]`` per-sequence weights 1 / normalizer of the loss type (see the module docstring); no sync."""
-    b, t = mask.shape
-    cd = mask.dtype
-    if loss_type in ("grpo", "sapo", "gmpo"):
-        return 1.0 / (b * mask.sum(-1).clamp(min=1.0))
-    if loss_type == "luspo":
-        return torch.full((b,), 1.0 / b, dtype=cd, device=mask.device)
-    if loss_type == "dr_grpo":
-        length = max_completion_length if max_completion_length is not None else t
-        return torch.full((b,), 1.0 / (b * length), dtype=cd, device=mask.device)
-    if loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            n = num_items_in_batch.detach().to(device=mask.device, dtype=cd).reshape(())
-            return (1.0 / n).expand(b)
-        return torch.full((b,), 1.0 / float(num_items_in_batch), dtype=cd, device=mask.device)
-    # bnpo, and dapo / cispo / vespo without num_items_in_batch: every completion token of the batch
-    return (1.0 / mask.sum().clamp(min=1.0)).expand(b)
-
-
-def finish_metrics(kl_sum, low_sum, high_sum, region_sum, n_tokens, n_seqs, seq_level: bool):
-    """Batch metrics from the summed per-row partials, as TRL's masked_batch_mean."""
-    count = n_tokens.clamp(min=1.0)
-    kl = kl_sum / count
-    den = max(n_seqs, 1) if seq_level else count
-    return kl, region_sum / den, low_sum / den, high_sum / den
-
-
 # ------------------------------------------------------------------------------------------ autograd
 
 
@@ -253,23 +138,6 @@ class GRPOLossFunction(torch.autograd.Function):
         if grad is None or g_loss is None:
             return (None,) * 9
         return (grad * g_loss).to(ctx.dtype), None, None, None, None, None, None, None, None
-
-
-def top_entropy_mask(entropies: torch.Tensor, m: torch.Tensor, quantile: float) -> torch.Tensor:
-    """TRL's ``get_high_entropy_mask`` (one process): 1 where ``H m >= quantile(valid H, 1 - quantile)`` and m != 0.
-    ``torch.quantile`` of the valid entropies (linear interpolation); no token valid: all 0. No host sync."""
-    valid = m != 0
-    h = entropies.detach().to(m.dtype)
-    # the valid entropies sorted first, +inf after them: quantile by hand over the first n (n is a tensor)
-    n = valid.sum()
-    srt = torch.sort(torch.where(valid, h, torch.full_like(h, math.inf)).reshape(-1)).values
-    pos = (1.0 - quantile) * (n - 1).clamp(min=0).to(m.dtype)
-    i0 = pos.floor().long()
-    i1 = (i0 + 1).clamp(max=(n - 1).clamp(min=0))
-    frac = pos - i0.to(m.dtype)
-    lo_v, hi_v = srt[i0.clamp(min=0)], srt[i1.clamp(min=0)]
-    thr = lo_v + frac * (hi_v - lo_v)
-    return ((h * m >= thr) & valid & (n > 0)).to(m.dtype)
 
 
 def grpo_loss(
@@ -357,47 +225,23 @@ def grpo_loss(
     fp32 (fp64 for fp64 input). ``mask`` may be bool, integer or float (token weights). ``backend``: "auto",
     "reference", "torch", "triton", "native" (see ``ptkernels.backends()``).
     """
+    options = loss_options(locals())  # the loss's keyword options by name, as the reference takes them
     check_float("logps", logps)
     if logps.dim() != 2:
         raise ValueError(f"logps must be 2-D [B, T], got shape {tuple(logps.shape)}")
     shape = tuple(logps.shape)
-    for name_, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampler_logps", sampler_logps),
-                     ("entropies", entropies)):
-        if x is not None:
-            check_float(name_, x)
-            check_token_tensor(name_, x, shape, logps, "logps")
+    check_token_floats(shape, logps, "logps", old_logps=old_logps, ref_logps=ref_logps, sampler_logps=sampler_logps,
+                       entropies=entropies)
     check_mask("mask", mask, shape, logps, "logps")
     check_advantages(advantages, shape[0], logps, "logps")
-    p = check_grpo_options(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-                           loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                           max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-                           has_ref=ref_logps is not None, bias_corrected_kl=bias_corrected_kl,
-                           sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
-    vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
-    wo = check_weight_options(loss_type=loss_type, sampler_logps=sampler_logps,
-                              vllm_importance_sampling_mode=vllm_importance_sampling_mode,
-                              vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
-                              vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
-                              off_policy_mask_threshold=off_policy_mask_threshold,
-                              top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef, vespo=vespo)
+    p, wo = check_loss_options(options, ref_logps=ref_logps, sampler_logps=sampler_logps)
     if (entropy_coef != 0.0 or top_entropy_quantile < 1.0) and entropies is None:
         raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need entropies [B, T] (the per-token "
                          "entropies of the policy; fused_linear_grpo_loss computes them itself)")
     name = resolve_backend(backend, logps.device)
     if name == "reference":
-        return ref_rl.grpo_loss(
-            logps, old_logps, advantages, mask, ref_logps=ref_logps, beta=beta, epsilon_low=epsilon_low,
-            epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-            importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch, entropies=entropies, entropy_coef=entropy_coef,
-            bias_corrected_kl=bias_corrected_kl, top_entropy_quantile=top_entropy_quantile,
-            off_policy_mask_threshold=off_policy_mask_threshold, sampler_logps=sampler_logps,
-            vllm_importance_sampling_mode=vllm_importance_sampling_mode,
-            vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
-            vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
-            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-            vespo_lambda_neg=vespo_lambda_neg)
+        return ref_rl.grpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps, entropies=entropies,
+                                sampler_logps=sampler_logps, **options)
     cd = compute_dtype(logps.dtype)
     m = mask.detach().to(cd)
     norm = row_normalizers(m, loss_type, max_completion_length, num_items_in_batch)
@@ -412,17 +256,5 @@ def grpo_loss(
         pw = policy_weights(lp, old, adv.unsqueeze(1), m, wo, sampler=sampler, emask=emask, acc=acc)
     loss, kl, region, low, high = GRPOLossFunction.apply(logps, old_logps, ref_logps, adv, m, norm, pw, p,
                                                          backends.get(name, "grpo_rows"))
-    entropy = None
-    if entropies is not None:
-        h = entropies.to(cd)
-        zero = torch.zeros((), dtype=cd, device=logps.device)
-        entropy = (torch.where(m != 0, h.detach() * m, zero).sum() / m.sum().clamp(min=1.0))
-        if entropy_coef != 0.0:
-            eff = m if emask is None else m * emask
-            loss = loss - entropy_coef * torch.where(eff != 0, h * eff, zero).sum() / eff.sum().clamp(min=1.0)
-    extra = {}
-    if acc is not None:
-        d, f, mean, mx = finish_is_metrics(acc)
-        extra = dict(sampler_abs_logp_diff=d, is_masked_fraction=f, is_weight_mean=mean, is_weight_max=mx)
-    return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high,
-                      entropy=entropy, **extra)
+    loss, entropy = entropy_terms(loss, entropies, m, emask, entropy_coef)
+    return make_output(loss, kl, region, low, high, entropy, acc)
