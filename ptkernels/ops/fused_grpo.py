@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..reference import rl as ref_rl
-from ..types import GRPOOutput, compute_dtype
+from ..types import COV_LOSS_TYPES, GRPOOutput, compute_dtype
 from . import backends
 from .backends import get_rows
 from .backends.base import GRPOParams, RowOptions
@@ -37,6 +37,7 @@ from .core.checks import check_head, check_labels, check_options
 from .core.chunking import ChunkLogits, RowPlan, apply_head_grads, default_chunk_size, take, want_sync_free
 from .core.dispatch import resolve_backend
 from .grpo_checks import check_advantages, check_loss_options, check_mask, check_token_floats, loss_options
+from .grpo_cov import add_kl_cov, cov_selection, policy_token_weight, selected_fraction
 from .grpo_terms import finish_metrics, make_output, row_normalizers, top_entropy_mask
 from .grpo_weights import WeightOptions, finish_is_metrics, is_partials, policy_weights
 from .token_logprobs import linear_token_logprobs
@@ -76,7 +77,9 @@ def _row_ids(rows, device) -> torch.Tensor:
 @dataclass
 class _TokenInputs:
     """The per-token constants of the loss, flat ``[B*T]`` in the compute dtype (None when not given), and the
-    per-sequence ``adv``, ``norm`` ``[B]``: what each chunk's loss takes its slice of."""
+    per-sequence ``adv``, ``norm`` ``[B]``: what each chunk's loss takes its slice of. ``emask`` is the
+    top-entropy mask (the entropy bonus's tokens), ``tokw`` the policy term's 0/1 token weight (``emask`` times
+    Clip-Cov's ``1 - sel``), ``sel`` KL-Cov's selected tokens (with ``kl_cov_coef``)."""
 
     t: int
     mask: torch.Tensor
@@ -86,6 +89,9 @@ class _TokenInputs:
     emask: torch.Tensor | None
     adv: torch.Tensor
     norm: torch.Tensor
+    tokw: torch.Tensor | None = None
+    sel: torch.Tensor | None = None
+    kl_cov_coef: float = 0.0
 
 
 def _sequence_chunk_loss(x: _TokenInputs, lp, rows, b0, b1, p, wo, acc, grpo_rows, any_grad):
@@ -102,11 +108,14 @@ def _sequence_chunk_loss(x: _TokenInputs, lp, rows, b0, b1, p, wo, acc, grpo_row
     ref2 = x.ref[span].view(nb, t) if x.ref is not None else None
     m2 = x.mask[span].view(nb, t)
     pw = None
-    if wo.any or x.emask is not None:
+    if wo.any or x.tokw is not None:
         pw = policy_weights(lp2, old2, x.adv[b0:b1, None], m2, wo,
                             sampler=x.sampler[span].view(nb, t) if x.sampler is not None else None,
-                            emask=x.emask[span].view(nb, t) if x.emask is not None else None, acc=acc)
+                            emask=x.tokw[span].view(nb, t) if x.tokw is not None else None, acc=acc)
     out = grpo_rows(lp2, old2, ref2, m2, x.adv[b0:b1, None], x.norm[b0:b1, None], p, any_grad, pw=pw)
+    if x.sel is not None:  # KL-Cov, when a sequence-wide weight (OPSM, sequence IS) chunks whole sequences
+        out = add_kl_cov(out, lp2, old2, m2, x.norm[b0:b1, None], pw, x.sel[span].view(nb, t), x.kl_cov_coef,
+                         any_grad)
     if not any_grad:
         return out, None
     return out, out.grad.reshape(-1) if loc is None else out.grad.reshape(-1).index_select(0, loc)
@@ -119,11 +128,15 @@ def _token_chunk_loss(x: _TokenInputs, lp, rows, p, wo, acc, grpo_rows, any_grad
     old_r = take(x.old, rows) if x.old is not None else lp
     ref_r = take(x.ref, rows)[None] if x.ref is not None else None
     pw = None
-    if wo.any or x.emask is not None:  # token-local weights only here (sequence-wide ones chunk whole sequences)
+    if wo.any or x.tokw is not None:  # token-local weights only here (sequence-wide ones chunk whole sequences)
         pw = policy_weights(lp[None], old_r[None], x.adv[seq][None], m[None], wo,
                             sampler=take(x.sampler, rows)[None] if x.sampler is not None else None,
-                            emask=take(x.emask, rows)[None] if x.emask is not None else None, acc=acc)
-    out = grpo_rows(lp[None], old_r[None], ref_r, m[None], x.adv[seq][None], x.norm[seq][None], p, any_grad, pw=pw)
+                            emask=take(x.tokw, rows)[None] if x.tokw is not None else None, acc=acc)
+    norm = x.norm[seq][None]
+    out = grpo_rows(lp[None], old_r[None], ref_r, m[None], x.adv[seq][None], norm, p, any_grad, pw=pw)
+    if x.sel is not None:  # KL-Cov (token level only)
+        out = add_kl_cov(out, lp[None], old_r[None], m[None], norm, pw, take(x.sel, rows)[None], x.kl_cov_coef,
+                         any_grad)
     return out, out.grad[0] if any_grad else None
 
 
@@ -219,18 +232,23 @@ def _completion_targets(hidden, weight, bias, completion_ids, completion_mask):
     return targets
 
 
-def _batch_masks(hidden, weight, bias, targets, m, options: dict, chunk_size, sync_free, name):
-    """The per-token masks that need every token's current entropy before the loss (``top_entropy_quantile``
-    < 1: a global quantile), from one no-grad forward pass of ``linear_token_logprobs`` (one more logits GEMM);
-    flat ``[B*T]`` or None when no option needs them."""
+def _batch_masks(hidden, weight, bias, targets, m, old, adv, options: dict, chunk_size, sync_free, name):
+    """The per-token masks that need every token's current log-prob or entropy before the loss, from one no-grad
+    forward pass of ``linear_token_logprobs`` (one more logits GEMM and log-prob row pass): the top-entropy mask
+    (``top_entropy_quantile`` < 1, a global quantile) and Clip-Cov / KL-Cov's selection (a global covariance).
+    Returns ``(emask, sel)``, flat ``[B*T]`` or None when no option needs them."""
     q = options["top_entropy_quantile"]
-    if q >= 1.0:
-        return None
+    if q >= 1.0 and options["loss_type"] not in COV_LOSS_TYPES:
+        return None, None
     with torch.no_grad():
-        _, ent = linear_token_logprobs(hidden.detach(), weight.detach(), targets, bias=bias, ignore_index=IGNORE,
-                                       temperature=options["temperature"], return_entropy=True,
-                                       chunk_size=chunk_size, sync_free=sync_free, backend=name)
-    return top_entropy_mask(ent, m, q).reshape(-1)
+        res = linear_token_logprobs(hidden.detach(), weight.detach(), targets, bias=bias, ignore_index=IGNORE,
+                                    temperature=options["temperature"], return_entropy=q < 1.0,
+                                    chunk_size=chunk_size, sync_free=sync_free, backend=name)
+        lp, ent = res if q < 1.0 else (res, None)
+        lp = lp.to(m.dtype)
+        sel = cov_selection(options, lp, lp if old is None else old.view(m.shape), adv, m)
+    emask = top_entropy_mask(ent, m, q).reshape(-1) if q < 1.0 else None
+    return emask, None if sel is None else sel.reshape(-1)
 
 
 def fused_linear_grpo_loss(
@@ -267,6 +285,12 @@ def fused_linear_grpo_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 2e-4,
+    kl_cov_coef: float = 0.1,
+    generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     sync_free: bool | None = None,
     backend: str = "auto",
@@ -285,9 +309,15 @@ def fused_linear_grpo_loss(
     num_iterations=1: ratio 1). ``ref_logps`` is required when ``beta != 0``.
 
     Cost: three GEMMs (logits, d hidden, d weight) for every loss type and option, except
-    ``top_entropy_quantile < 1``, whose global entropy quantile needs the entropies before the loss: one more
-    forward GEMM (a no-grad pass of ``linear_token_logprobs``). Sequence-level ratios, GMPO, VESPO, the
-    off-policy mask and sequence-level sampler correction chunk whole sequences.
+    ``top_entropy_quantile < 1``, whose global entropy quantile needs the entropies before the loss, and
+    ``loss_type="clip_cov"`` / ``"kl_cov"`` (verl's Clip-Cov / KL-Cov, see ``grpo_loss``), whose token selection
+    needs every token's current log-prob (a batch-wide covariance, then a random subset or a top-k): one more
+    forward GEMM and log-prob row pass (a no-grad pass of ``linear_token_logprobs``, shared when both are on),
+    from which the selection is made exactly as verl makes it from the detached log-probs; the chunk loop then
+    applies it (Clip-Cov's cut as a policy weight, KL-Cov's ``kl_cov_coef * |logp - old|`` on the selected
+    tokens). ``generator`` drives Clip-Cov's random choice (``torch.randperm``; None: the global CPU RNG).
+    Sequence-level ratios, GMPO, VESPO, the off-policy mask and sequence-level sampler correction chunk whole
+    sequences.
 
     Args:
         hidden ``[B, T, D]``, weight ``[V, D]``, bias ``[V]`` (optional): the policy's last hidden states and head.
@@ -317,12 +347,14 @@ def fused_linear_grpo_loss(
             return_entropy=return_entropy, **options)
     cd = compute_dtype(hidden.dtype)
     mask1d = completion_mask.detach().to(cd).reshape(-1)
-    emask1d = _batch_masks(hidden, weight, bias, targets, mask1d.view(b, t), dict(options, temperature=temperature),
-                           chunk_size, sync_free, name)
     flat = (lambda x_: x_.detach().to(cd).reshape(-1) if x_ is not None else None)  # noqa: E731
-    x = _TokenInputs(t, mask1d, flat(old_logps), flat(ref_logps), flat(sampler_logps), emask1d,
+    x = _TokenInputs(t, mask1d, flat(old_logps), flat(ref_logps), flat(sampler_logps), None,
                      advantages.detach().to(cd),
                      row_normalizers(mask1d.view(b, t), loss_type, max_completion_length, num_items_in_batch))
+    x.emask, sel = _batch_masks(hidden, weight, bias, targets, mask1d.view(b, t), x.old, x.adv,
+                                dict(options, temperature=temperature), chunk_size, sync_free, name)
+    x.tokw = policy_token_weight(x.emask, sel, loss_type)
+    x.sel, x.kl_cov_coef = (sel, float(kl_cov_coef)) if loss_type == "kl_cov" else (None, 0.0)
     # Default: the shared chunk size, but at least one whole sequence (the sequence level needs it; at the
     # token level, GEMMs on more rows per chunk ran faster on CPU in the GRPO benchmark).
     chunk = chunk_size or max(default_chunk_size(weight.shape[0], hidden.device, hidden.dtype), t)
@@ -333,4 +365,4 @@ def fused_linear_grpo_loss(
         wo)
     loss, kl, region, low, high, entropy = outs[:6]
     return make_output(loss, kl, region, low, high, entropy if want_entropy else None,
-                       outs[6:] if wo.is_mode is not None else None)
+                       outs[6:] if wo.is_mode is not None else None, selected_fraction(sel, mask1d))

@@ -27,6 +27,7 @@ from .backends.base import GRPOParams
 from .core.checks import check_float
 from .core.dispatch import resolve_backend
 from .grpo_checks import check_advantages, check_loss_options, check_mask, check_token_floats, loss_options
+from .grpo_cov import cov_selection, policy_token_weight, selected_fraction, with_kl_cov
 from .grpo_terms import entropy_terms, finish_metrics, make_output, row_normalizers, top_entropy_mask
 from .grpo_weights import is_partials, policy_weights
 
@@ -170,6 +171,12 @@ def grpo_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 2e-4,
+    kl_cov_coef: float = 0.1,
+    generator: torch.Generator | None = None,
     backend: str = "auto",
 ) -> GRPOOutput:
     """GRPO-family loss on per-token log-probs ``[B, T]``: TRL 1.16.0's ``GRPOTrainer._compute_loss`` (and its
@@ -195,6 +202,17 @@ def grpo_loss(
               c_t = log_ratio clipped into [-eps_low, eps_high] on A's side (min if A > 0, max otherwise); TRL's
               GMPOConfig default is epsilon 0.4 (pass it: ptkernels keeps 0.2 as every loss type's default)
         loss -= entropy_coef * sum(H m e) / max(sum(m e), 1)     (e = emask or 1; every loss type, TRL 1.16)
+        clip_cov, kl_cov: verl's entropy-collapse controls (``compute_policy_loss_clip_cov`` / ``_kl_cov``),
+              token-level, normalized as dapo (verl's token-mean), over the batch's valid tokens with
+              cov = (A - mean A)(logp - mean logp):
+          clip_cov: P = -min(r A, clamp(r, 1 - eps_low, 1 + eps_high) A) * (1 - sel), sel = 1 on
+              max(int(clip_cov_ratio sum m), 1) tokens drawn at random (``torch.randperm`` with ``generator``)
+              among the valid, not already clipped ones with clip_cov_lb < cov < clip_cov_ub (their gradient is
+              cut; verl's clip_ratio is eps_low / eps_high, default 0.2)
+          kl_cov:   P = -r A + kl_cov_coef * sel * |logp - old|, sel = 1 on the top-max(1, int(N kl_cov_ratio)) of
+              the N valid tokens by cov (none when kl_cov_ratio = 0); no clip
+          Defaults are verl's (clip_cov_ratio 2e-4, lb 1, ub 5; kl_cov_ratio 2e-4, ppo_kl_coef 0.1). The selection
+          is a batch-level step before the row pass (one host synchronization); ``cov_selected_fraction`` reports it.
 
     Options (all off by default; the numerics are then those of the plain loss):
         bias_corrected_kl: TRL 1.16's ``use_bias_correction_kl`` (default True there and here, so the KL term's
@@ -247,14 +265,18 @@ def grpo_loss(
     norm = row_normalizers(m, loss_type, max_completion_length, num_items_in_batch)
     adv = advantages.detach().to(cd)
     emask = top_entropy_mask(entropies, m, top_entropy_quantile) if top_entropy_quantile < 1.0 else None
+    lp = logps.detach().to(cd)
+    old = lp if old_logps is None else old_logps.detach().to(cd)
+    sel = cov_selection(options, lp, old, adv, m)  # clip_cov / kl_cov's tokens (None for the other types)
+    tokw = policy_token_weight(emask, sel, loss_type)
     pw, acc = None, None
-    if wo.any or emask is not None:
-        lp = logps.detach().to(cd)
-        old = lp if old_logps is None else old_logps.detach().to(cd)
+    if wo.any or tokw is not None:
         sampler = sampler_logps.detach().to(cd) if sampler_logps is not None else None
         acc = is_partials(cd, logps.device) if wo.is_mode is not None else None
-        pw = policy_weights(lp, old, adv.unsqueeze(1), m, wo, sampler=sampler, emask=emask, acc=acc)
-    loss, kl, region, low, high = GRPOLossFunction.apply(logps, old_logps, ref_logps, adv, m, norm, pw, p,
-                                                         backends.get(name, "grpo_rows"))
+        pw = policy_weights(lp, old, adv.unsqueeze(1), m, wo, sampler=sampler, emask=tokw, acc=acc)
+    rows_fn = backends.get(name, "grpo_rows")
+    if loss_type == "kl_cov":
+        rows_fn = with_kl_cov(rows_fn, sel, float(kl_cov_coef))
+    loss, kl, region, low, high = GRPOLossFunction.apply(logps, old_logps, ref_logps, adv, m, norm, pw, p, rows_fn)
     loss, entropy = entropy_terms(loss, entropies, m, emask, entropy_coef)
-    return make_output(loss, kl, region, low, high, entropy, acc)
+    return make_output(loss, kl, region, low, high, entropy, acc, selected_fraction(sel, m))

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..types import IS_LEVELS, LOSS_TYPES
+from ..types import COV_LOSS_TYPES, IS_LEVELS, LOSS_TYPES
 from .backends.base import GRPO_KINDS, GRPOParams
 from .core.checks import check_float, check_same
 from .grpo_weights import WeightOptions, check_is_mode
@@ -82,7 +82,8 @@ LOSS_OPTIONS = ("beta", "epsilon_low", "epsilon_high", "delta", "loss_type", "im
                 "max_completion_length", "num_items_in_batch", "bias_corrected_kl", "entropy_coef",
                 "top_entropy_quantile", "off_policy_mask_threshold", "vllm_importance_sampling_mode",
                 "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max", "sapo_temperature_pos",
-                "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+                "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+                "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "kl_cov_coef", "generator")
 
 
 def loss_options(arguments: dict) -> dict:
@@ -105,7 +106,27 @@ def check_loss_options(options: dict, *, ref_logps, sampler_logps) -> tuple[GRPO
     p = check_grpo_options(has_ref=ref_logps is not None, **{k: options[k] for k in _PARAM_KEYS})
     vespo = tuple(options[k] for k in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"))
     wo = check_weight_options(sampler_logps=sampler_logps, vespo=vespo, **{k: options[k] for k in _WEIGHT_KEYS})
+    check_cov_options(options)
     return p, wo
+
+
+def check_cov_options(o: dict) -> None:
+    """Clip-Cov / KL-Cov's options (checked whatever the loss type: a bad value is a typo either way)."""
+    for name in ("clip_cov_ratio", "kl_cov_ratio"):
+        if not 0.0 <= o[name] <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1] (a fraction of the completion tokens), got {o[name]}")
+    if not o["clip_cov_lb"] < o["clip_cov_ub"]:
+        raise ValueError(f"clip_cov_lb ({o['clip_cov_lb']}) must be < clip_cov_ub ({o['clip_cov_ub']})")
+    if not (math.isfinite(o["kl_cov_coef"]) and o["kl_cov_coef"] >= 0):
+        raise ValueError(f"kl_cov_coef must be finite and >= 0, got {o['kl_cov_coef']}")
+    if o["generator"] is not None and not isinstance(o["generator"], torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(o['generator']).__name__}")
+    if o["loss_type"] in COV_LOSS_TYPES:
+        if o["importance_sampling_level"] != "token":
+            raise ValueError(f"loss_type={o['loss_type']!r} is token-level (verl): importance_sampling_level must "
+                             f"be 'token', got {o['importance_sampling_level']!r}")
+        if o["delta"] is not None:
+            raise ValueError(f"delta (two-sided clipping) is not part of verl's {o['loss_type']}: pass delta=None")
 
 
 def check_token_tensor(name: str, t: torch.Tensor, shape, like: torch.Tensor, like_name: str) -> None:

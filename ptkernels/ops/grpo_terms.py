@@ -13,6 +13,10 @@ import torch
 from ..types import GRPOOutput
 from .grpo_weights import finish_is_metrics
 
+# loss types divided by num_items_in_batch (default: the batch's completion tokens); verl's clip_cov / kl_cov
+# aggregate by token-mean, the same
+TOKEN_MEAN = ("dapo", "cispo", "vespo", "clip_cov", "kl_cov")
+
 
 def row_normalizers(mask: torch.Tensor, loss_type: str, max_completion_length, num_items_in_batch):
     """``[B]`` per-sequence weights 1 / normalizer of the loss type (see ops/grpo.py's docstring); no sync."""
@@ -25,12 +29,12 @@ def row_normalizers(mask: torch.Tensor, loss_type: str, max_completion_length, n
     if loss_type == "dr_grpo":
         length = max_completion_length if max_completion_length is not None else t
         return torch.full((b,), 1.0 / (b * length), dtype=cd, device=mask.device)
-    if loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
+    if loss_type in TOKEN_MEAN and num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             n = num_items_in_batch.detach().to(device=mask.device, dtype=cd).reshape(())
             return (1.0 / n).expand(b)
         return torch.full((b,), 1.0 / float(num_items_in_batch), dtype=cd, device=mask.device)
-    # bnpo, and dapo / cispo / vespo without num_items_in_batch: every completion token of the batch
+    # bnpo, and the token means without num_items_in_batch: every completion token of the batch
     return (1.0 / mask.sum().clamp(min=1.0)).expand(b)
 
 
@@ -73,14 +77,14 @@ def entropy_terms(loss, entropies, m, emask, entropy_coef: float):
     return loss, entropy
 
 
-def make_output(loss, kl, region, low, high, entropy, is_metrics=None) -> GRPOOutput:
-    """``GRPOOutput`` from the loss, the metrics and the sampler's mismatch metrics (``is_partials`` sums or the
-    finished four-tuple; None without ``sampler_logps``)."""
-    extra = {}
+def make_output(loss, kl, region, low, high, entropy, is_metrics=None, cov_fraction=None) -> GRPOOutput:
+    """``GRPOOutput`` from the loss, the metrics, the sampler's mismatch metrics (``is_partials`` sums or the
+    finished four-tuple; None without ``sampler_logps``) and Clip-Cov / KL-Cov's selected fraction."""
+    extra = {} if cov_fraction is None else {"cov_selected_fraction": cov_fraction}
     if is_metrics is not None:
         if torch.is_tensor(is_metrics):
             is_metrics = finish_is_metrics(is_metrics)
-        extra = dict(zip(("sampler_abs_logp_diff", "is_masked_fraction", "is_weight_mean", "is_weight_max"),
+        extra.update(zip(("sampler_abs_logp_diff", "is_masked_fraction", "is_weight_mean", "is_weight_max"),
                          is_metrics))
     return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high,
                       entropy=entropy, **extra)

@@ -26,7 +26,7 @@ def grpo_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length=No
         return mask.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":
         return b * (max_completion_length if max_completion_length is not None else t)
-    if loss_type in ("dapo", "cispo", "vespo"):
+    if loss_type in ("dapo", "cispo", "vespo", "clip_cov", "kl_cov"):
         return num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
     if loss_type == "luspo":
         return b
@@ -144,8 +144,91 @@ def _vespo(coef_1, A, logps, log_ratio, mask, is_ratio, o):
     return -phi * A * logps, None, None
 
 
+def _clip_cov(coef_1, A, logps, log_ratio, mask, is_ratio, o):
+    loss, low, high = _clipped(coef_1, A, logps, log_ratio, mask, is_ratio, o)
+    return loss * (1.0 - o["sel"]), low, high  # verl's corr: 0 on the selected tokens
+
+
+def _kl_cov(coef_1, A, logps, log_ratio, mask, is_ratio, o):
+    return -A * coef_1 + o["kl_cov_coef"] * o["sel"] * log_ratio.abs(), None, None  # no clip (verl)
+
+
 POLICY_TERMS = {"grpo": _clipped, "bnpo": _clipped, "dr_grpo": _clipped, "dapo": _clipped, "luspo": _clipped,
-                "cispo": _cispo, "sapo": _sapo, "vespo": _vespo}
+                "cispo": _cispo, "sapo": _sapo, "vespo": _vespo, "clip_cov": _clip_cov, "kl_cov": _kl_cov}
+
+
+def verl_masked_mean(x, mask):
+    """verl's ``masked_mean``: ``sum(x m) / (sum(m) + 1e-8)``."""
+    return (x * mask).sum() / (mask.sum() + 1e-8)
+
+
+def clip_cov_selection(logps, old_logps, A, mask, *, epsilon_low, epsilon_high, ratio, lb, ub, generator=None):
+    """verl's ``compute_policy_loss_clip_cov`` token choice, 1 where ``corr = 0`` (the gradient is cut)::
+
+        cov = (A - masked_mean(A, m)) * (logp - masked_mean(logp.detach(), m))
+        candidates: m != 0, not already clipped (-A clamp(r, 1-eps_low, 1+eps_high) > -A r), lb < cov < ub
+        clip_num = max(int(ratio * sum(m)), 1) of them, chosen by torch.randperm(#candidates, generator)
+    """
+    with torch.no_grad():
+        lp, A = logps.detach(), A.expand_as(mask)
+        r = torch.exp(lp - old_logps)
+        pg1, pg2 = -A * r, -A * torch.clamp(r, 1 - epsilon_low, 1 + epsilon_high)
+        valid = mask != 0
+        cov = (A - verl_masked_mean(A, mask)) * (lp - verl_masked_mean(lp, mask))
+        cov = cov.masked_fill(~valid | ((pg2 > pg1) & valid), -math.inf)
+        clip_num = max(int(ratio * mask.sum().item()), 1)
+        idx = torch.nonzero((cov < ub) & (cov > lb) & valid)
+        sel = torch.zeros_like(mask)
+        if len(idx) > 0:
+            perm = torch.randperm(len(idx), generator=generator)
+            idx = idx[perm[: min(clip_num, len(idx))].to(idx.device)]
+            sel[idx[:, 0], idx[:, 1]] = 1.0
+        return sel
+
+
+def kl_cov_selection(logps, A, mask, *, ratio):
+    """verl's ``compute_policy_loss_kl_cov`` token choice, 1 on the top-``max(1, int(N ratio))`` valid tokens
+    (N of them) by ``cov = (A - mean A)(logp - mean logp)`` (plain means over the valid tokens; torch.topk);
+    none when ``ratio`` is 0 or no token is valid (verl's ``k = min(ratio, N)`` test)."""
+    with torch.no_grad():
+        valid = mask != 0
+        sel = torch.zeros_like(mask)
+        vidx = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
+        if ratio == 0 or len(vidx) == 0:
+            return sel
+        va, vl = A.expand_as(mask)[valid], logps.detach()[valid]
+        cov = (va - va.mean()) * (vl - vl.mean())
+        top = vidx[torch.topk(cov, max(1, int(len(cov) * ratio)), largest=True).indices]
+        sel.view(-1)[top] = 1.0
+        return sel
+
+
+def cov_selection(loss_type, logps, old_logps, A, mask, epsilon_low, epsilon_high, clip_cov_ratio, clip_cov_lb,
+                  clip_cov_ub, kl_cov_ratio, generator):
+    """The selection of ``loss_type`` clip_cov / kl_cov (None for the other types)."""
+    if loss_type == "clip_cov":
+        return clip_cov_selection(logps, old_logps, A, mask, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                                  ratio=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub, generator=generator)
+    if loss_type == "kl_cov":
+        return kl_cov_selection(logps, A, mask, ratio=kl_cov_ratio)
+    return None
+
+
+def k3_to_reference(logps, ref_logps, beta):
+    """Per-token k3 = exp(ref - logp) - (ref - logp) - 1 (None without ``ref_logps``)."""
+    if ref_logps is None:
+        if beta != 0.0:
+            raise ValueError("beta != 0 needs ref_logps")
+        return None
+    return torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+
+
+def entropy_bonus(loss, entropies, mask, emask, entropy_coef):
+    """``loss - entropy_coef * sum(H m emask) / max(sum(m emask), 1)`` (TRL 1.16, every loss type)."""
+    if entropy_coef == 0.0:
+        return loss
+    eff = mask if emask is None else mask * emask
+    return loss - entropy_coef * (entropies * eff).sum() / eff.sum().clamp(min=1.0)
 
 
 def aggregate(per_token_loss, mask, loss_type, max_completion_length, num_items_in_batch):
@@ -158,7 +241,8 @@ def aggregate(per_token_loss, mask, loss_type, max_completion_length, num_items_
                                                              num_items_in_batch)
 
 
-def grpo_output(loss, mask, per_token_kl, low, high, entropies, is_metrics, seq_metrics: bool) -> GRPOOutput:
+def grpo_output(loss, mask, per_token_kl, low, high, entropies, is_metrics, seq_metrics: bool,
+                sel=None) -> GRPOOutput:
     """The output with TRL's logged metrics: masked batch means (over sequences for GSPO's [B, 1] values)."""
     count = mask.sum().clamp(min=1.0)
 
@@ -178,6 +262,8 @@ def grpo_output(loss, mask, per_token_kl, low, high, entropies, is_metrics, seq_
         if is_metrics is not None:
             extra = dict(sampler_abs_logp_diff=is_metrics["abs_diff"], is_masked_fraction=is_metrics["masked"],
                          is_weight_mean=is_metrics["mean"], is_weight_max=is_metrics["max"])
+        if sel is not None:
+            extra["cov_selected_fraction"] = (sel * mask).sum() / count
         return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low_m, clip_ratio_high=high_m,
                           entropy=ent, **extra)
 
@@ -212,6 +298,12 @@ def grpo_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 2e-4,
+    kl_cov_coef: float = 0.1,
+    generator: torch.Generator | None = None,
 ) -> GRPOOutput:
     """TRL 1.16.0's ``GRPOTrainer._compute_loss`` (one process, gradient accumulation 1) on given per-token
     log-probs, line for line; ``loss_type="gmpo"`` is TRL 1.16's ``experimental/gmpo`` ``GMPOTrainer``.
@@ -234,6 +326,10 @@ def grpo_loss(
         loss -= entropy_coef * sum(H m emask) / max(sum(m emask), 1)        (every loss type)
         gmpo: l_b = -exp(sum_t clip_t m emask / max(sum_t m emask, 1)) A_b + beta sum_t k3 m / max(L_b, 1),
               clip_t = min(log_ratio, clamp(log_ratio, -eps_low, eps_high)) if A > 0 else max(...); loss = mean_b
+        clip_cov, kl_cov: verl's ``compute_policy_loss_clip_cov`` / ``_kl_cov`` (``clip_cov_selection``,
+              ``kl_cov_selection``), normalized as dapo:
+              clip_cov: l = -min(coef_1 A, clamp(coef_1, 1-eps_low, 1+eps_high) A) * (1 - sel)
+              kl_cov:   l = -coef_1 A + kl_cov_coef * sel * |logps - old|
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -251,12 +347,10 @@ def grpo_loss(
             clip_min=vllm_importance_sampling_clip_min, clip_max=vllm_importance_sampling_clip_max)
     keep = off_policy_sequence_mask(logps, sampler_logps if sampler_logps is not None else old_logps, A, mask,
                                     off_policy_mask_threshold)
-    per_token_kl = None
-    if ref_logps is not None:
-        per_token_kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
-    elif beta != 0.0:
-        raise ValueError("beta != 0 needs ref_logps")
+    per_token_kl = k3_to_reference(logps, ref_logps, beta)
     log_ratio = logps - old_logps
+    sel = cov_selection(loss_type, logps, old_logps, A, mask, epsilon_low, epsilon_high, clip_cov_ratio, clip_cov_lb,
+                        clip_cov_ub, kl_cov_ratio, generator)
     low = high = None
     if loss_type == "gmpo":
         loss = gmpo_loss(log_ratio, advantages, mask, emask, keep, per_token_kl, beta, epsilon_low, epsilon_high)
@@ -265,7 +359,8 @@ def grpo_loss(
         if per_token_kl is not None and bias_corrected_kl:
             per_token_kl = per_token_kl * coef_1
         o = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, tau_pos=sapo_temperature_pos,
-                 tau_neg=sapo_temperature_neg, vespo=(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
+                 tau_neg=sapo_temperature_neg, vespo=(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+                 sel=sel, kl_cov_coef=kl_cov_coef)
         per_token_loss, low, high = POLICY_TERMS[loss_type](coef_1, A, logps, log_ratio, mask, is_ratio, o)
         for w in (keep, emask, is_ratio if loss_type != "vespo" else None):
             if w is not None:
@@ -273,11 +368,9 @@ def grpo_loss(
         if beta != 0.0:
             per_token_loss = per_token_loss + beta * per_token_kl
         loss = aggregate(per_token_loss.expand_as(mask), mask, loss_type, max_completion_length, num_items_in_batch)
-    if entropy_coef != 0.0:
-        eff = mask if emask is None else mask * emask
-        loss = loss - entropy_coef * (entropies * eff).sum() / eff.sum().clamp(min=1.0)
+    loss = entropy_bonus(loss, entropies, mask, emask, entropy_coef)
     seq_metrics = importance_sampling_level == "sequence" and loss_type != "gmpo"
-    return grpo_output(loss, mask, per_token_kl, low, high, entropies, is_metrics, seq_metrics)
+    return grpo_output(loss, mask, per_token_kl, low, high, entropies, is_metrics, seq_metrics, sel)
 
 
 def linear_grpo_loss(
