@@ -6,12 +6,14 @@ pass (the Triton kernel ``ptkernels/kernels/grpo.py`` or the same math in PyTorc
 normalizer folded into a per-token weight that is known before the pass:
 
     grpo, sapo, gmpo  1 / (B * max(L_b, 1))     bnpo  1 / max(sum L, 1)     luspo  1 / B
-    dr_grpo  1 / (B * max_completion_length)    dapo, cispo, vespo  1 / num_items_in_batch  (default 1 / max(sum L, 1))
+    dr_grpo  1 / (B * max_completion_length)    dapo, cispo, vespo, clip_cov, kl_cov  1 / num_items_in_batch
+                                                (default 1 / max(sum L, 1))
 
 and the policy term's per-token weights (sampler IS ratio, off-policy mask, top-entropy mask, VESPO's phi;
-``grpo_weights.py``) computed before it, so the loss is a plain sum of per-row partial sums and the gradient is
-ready after the forward pass (backward only scales it by the incoming scalar gradient). The same row function
-is the loss half of ``fused_linear_grpo_loss``.
+``grpo_weights.py``; Clip-Cov / KL-Cov's token selection, ``grpo_cov.py``) computed before it, so the loss is a
+plain sum of per-row partial sums and the gradient is ready after the forward pass (backward only scales it by
+the incoming scalar gradient). The same row function is the loss half of ``fused_linear_grpo_loss``. Argument
+checks: ``grpo_checks.py``; the batch-level normalizers, masks and metrics: ``grpo_terms.py``.
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ def grpo_loss(
         l_t = P_t * keep_b * emask_t * is_ratio (not vespo) + beta * kl_t   (the KL is never masked or weighted)
         grpo, sapo: (1/B) sum_b sum_t l m / max(L_b, 1);   bnpo: sum l m / max(sum m, 1)
         dr_grpo: sum l m / (B * max_completion_length)  (default T);   luspo: (1/B) sum_b sum_t l m
-        dapo, cispo, vespo: sum l m / num_items_in_batch  (default: max(sum m, 1))
+        dapo, cispo, vespo, clip_cov, kl_cov: sum l m / num_items_in_batch  (default: max(sum m, 1))
         gmpo: (1/B) sum_b [-exp(sum_t c_t m e_t / max(sum_t m e_t, 1)) A_b + beta sum_t k3 m / max(L_b, 1)],
               c_t = log_ratio clipped into [-eps_low, eps_high] on A's side (min if A > 0, max otherwise); TRL's
               GMPOConfig default is epsilon 0.4 (pass it: ptkernels keeps 0.2 as every loss type's default)
