@@ -21,7 +21,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 # TRL 1.16's GRPO loss types, plus GMPO (TRL 1.16's experimental GMPOTrainer)
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo", "clip_cov", "kl_cov")
+COV_LOSS_TYPES = ("clip_cov", "kl_cov")  # verl's entropy-collapse controls: a batch-level token selection
 IS_LEVELS = ("token", "sequence")
 REWARD_SCALES = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # TRL's multi_objective_aggregation
@@ -45,6 +46,8 @@ class GRPOOutput:
                            (set to 0 by the mask modes, truncated by the truncate modes)
     is_weight_mean         mean importance weight over tokens (sequences), after truncation / masking
     is_weight_max          largest importance weight, after truncation / masking
+    cov_selected_fraction  (loss_type clip_cov / kl_cov) fraction of completion tokens the covariance selected:
+                           clip_cov's gradient-cut tokens (verl's pg_clipfrac), kl_cov's KL-penalized ones
     """
 
     loss: torch.Tensor
@@ -57,6 +60,7 @@ class GRPOOutput:
     is_masked_fraction: torch.Tensor | None = None
     is_weight_mean: torch.Tensor | None = None
     is_weight_max: torch.Tensor | None = None
+    cov_selected_fraction: torch.Tensor | None = None
 
     @property
     def clip_ratio_region(self) -> torch.Tensor:

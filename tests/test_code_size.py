@@ -26,20 +26,6 @@ FUNCTION_ALLOWLIST = {
     # The sandbox's trusted startup (passed to `python -c` inside bubblewrap): uid switch, limits, audit hook and
     # the candidate's run, in the one order the threat model (docs/sandbox.md) depends on; it reads as a checklist.
     "trainers/rewards/runner.py:main": "the sandbox's trusted startup sequence, order is the security argument",
-    # GRPO grew TRL 1.16's loss types and options (cispo, sapo, vespo, gmpo, sampler importance sampling, entropy
-    # masks) in one landing; each of these is one formula per loss type, pinned by tests/ops/test_grpo_trl_parity.py.
-    # Split pending (the loss-type dispatch into a table of small functions): shrink, never grow.
-    "kernels/grpo.py:grpo_rows_kernel": "@triton.jit kernel: one compiled body per KIND constexpr, split pending",
-    "ops/fused_grpo.py:FusedLinearGRPOFunction.forward": "GRPO options landed together, split pending",
-    "ops/fused_grpo.py:fused_linear_grpo_loss": "public function of 30 keyword arguments, body is their checks",
-    "ops/grpo.py:grpo_loss": "public function of 30 keyword arguments, body is their checks",
-    "reference/rl.py:grpo_loss": "the oracle keeps every loss type's formula in one readable place",
-    # Public functions of 29 (DPO family) and 21 (KTO) keyword arguments whose bodies are the argument checks,
-    # each naming the argument it rejects, then one dispatch to the reference or the fused chunk loop (whose steps
-    # are split in ops/fused_preference_loop.py). Shrink them by moving a group of checks into a helper.
-    "ops/fused_preference.py:fused_linear_preference_loss": "public function of 29 keyword arguments; body is "
-                                                            "argument checks",
-    "ops/fused_kto.py:fused_linear_kto_loss": "public function of 21 keyword arguments; body is argument checks",
 }
 
 
@@ -86,9 +72,7 @@ def test_the_measure_counts_code_not_docstrings(tmp_path):
 
 
 # Op files allowed past MAX_OP_FILE_LINES -> why (shrink, never grow).
-OP_FILE_ALLOWLIST = {
-    "ops/grpo.py": "grew TRL 1.16's GRPO options in one landing; split pending (checks vs autograd Function)",
-}
+OP_FILE_ALLOWLIST: dict[str, str] = {}
 
 
 def test_op_files_are_under_the_limit():

@@ -271,7 +271,8 @@ def rl_kernel_specs(seq_lens=(1024,)) -> list[KernelSpec]:
         block = min(1024, triton.next_power_of_2(max(t, 16)))
         # (KIND, BIAS_KL, HAS_PW): the clipped types plain and with every option (TRL 1.16's bias-corrected KL,
         # per-token policy weights), then each other loss type's policy term with the options on
-        variants = [(0, False, False), (0, True, True), (1, True, True), (2, True, True), (3, True, True)]
+        variants = [(0, False, False), (0, True, True), (1, True, True), (2, True, True), (3, True, True),
+                    (5, True, True)]
         for kind, bias_kl, has_pw in variants:
             for has_ref in (False, True):
                 for seq_level in (False, True):

@@ -16,6 +16,7 @@ KIND 0 clip (grpo, bnpo, dr_grpo, dapo, luspo): c1 = min(r, delta); c2 = clamp(r
 KIND 1 cispo: P = -min(r, cap) A logp, the coefficient detached: dP/dlogp = -min(r, cap) A
 KIND 2 sapo:  tau = tau_pos if A > 0 else tau_neg; s = sigmoid(tau (r - 1)); P = -4 s A / tau; dP/dw = -4 A s (1 - s) r
 KIND 3 pg (vespo, its phi in pw): P = -A logp; dP/dlogp = -A
+KIND 5 unclipped ratio (kl_cov; its selected tokens' |logp - old| term is added outside): P = -A r; dP/dw = -A r
 KIND 4 gmpo (sequence rows only): w = sum_t m pw clip_t / max(sum_t m pw, 1) with clip_t the log-ratio clipped into
      [lo, hi] on the side A favours (min for A > 0, max otherwise); P_row = -exp(w) A, counted once per row as
      norm * max(L, 1) * P_row (norm is GRPO's per-token 1 / (B max(L, 1)), which the KL term uses as is).
@@ -56,18 +57,170 @@ def _clip_surrogate(w, A, lo, hi, delta, HAS_DELTA: tl.constexpr):
 
 
 @triton.jit
+def _sapo_term(w, A, tau_pos, tau_neg):
+    r = tl.exp(w)
+    tau = tl.where(A > 0.0, tau_pos, tau_neg)
+    s = tl.sigmoid(tau * (r - 1.0))
+    never = (A < 0.0) & (A > 0.0)  # SAPO has no clip indicators
+    return -4.0 * s * A / tau, -4.0 * A * s * (1.0 - s) * r, never, never
+
+
+@triton.jit
+def _unclipped_term(w, A):
+    r = tl.exp(w)
+    never = (A < 0.0) & (A > 0.0)  # no clip, no indicators
+    return -A * r, -A * r, never, never
+
+
+@triton.jit
 def _ratio_term(w, A, lo, hi, delta, tau_pos, tau_neg, KIND: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """The part of the policy term that is a function of w (KIND 0 and 2): (P, dP/dw, low, high)."""
+    """The policy term as a function of w (KIND 0, 2 and 5): (P, dP/dw, low, high)."""
     if KIND == 2:
-        r = tl.exp(w)
-        tau = tl.where(A > 0.0, tau_pos, tau_neg)
-        s = tl.sigmoid(tau * (r - 1.0))
-        loss = -4.0 * s * A / tau
-        dloss = -4.0 * A * s * (1.0 - s) * r
-        never = (A < 0.0) & (A > 0.0)  # SAPO has no clip indicators
-        return loss, dloss, never, never
+        return _sapo_term(w, A, tau_pos, tau_neg)
+    elif KIND == 5:
+        return _unclipped_term(w, A)
     else:
         return _clip_surrogate(w, A, lo, hi, delta, HAS_DELTA)
+
+
+@triton.jit
+def _load_pw(pw_ptr, row, pw_stride_r, pw_stride_c, offs, inb, HAS_PW: tl.constexpr, BLOCK: tl.constexpr,
+             COMPUTE: tl.constexpr):
+    if HAS_PW:
+        return tl.load(pw_ptr + row * pw_stride_r + offs * pw_stride_c, mask=inb, other=0.0).to(COMPUTE)
+    else:
+        return tl.zeros([BLOCK], dtype=COMPUTE) + 1.0
+
+
+@triton.jit
+def _sequence_sums(logp_ptr, old_ptr, ref_ptr, mask_ptr, pw_ptr, pw_stride_r, pw_stride_c, row, base, n_cols,
+                   a_seq, lo, hi, HAS_REF: tl.constexpr, KIND: tl.constexpr, BIAS_KL: tl.constexpr,
+                   HAS_PW: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+    """Pass 1 of a sequence row: sum m lr (GMPO: sum m pw clip(lr)), sum m, sum m pw and sum m k3."""
+    cols = tl.arange(0, BLOCK)
+    sum_w = tl.zeros([], dtype=COMPUTE)
+    sum_m = tl.zeros([], dtype=COMPUTE)
+    sum_pwm = tl.zeros([], dtype=COMPUTE)
+    sum_k3 = tl.zeros([], dtype=COMPUTE)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        inb = offs < n_cols
+        m = tl.load(mask_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
+        valid = m != 0.0
+        lp = tl.load(logp_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
+        od = tl.load(old_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
+        pw = _load_pw(pw_ptr, row, pw_stride_r, pw_stride_c, offs, inb, HAS_PW, BLOCK, COMPUTE)
+        lr = tl.where(valid, lp - od, 0.0)
+        if KIND == 4:
+            cl = tl.minimum(tl.maximum(lr, lo), hi)
+            lr = tl.where(a_seq > 0.0, tl.minimum(lr, cl), tl.maximum(lr, cl))
+            sum_w += tl.sum(tl.where(valid, lr * m * pw, 0.0), axis=0)
+        else:
+            sum_w += tl.sum(tl.where(valid, lr * m, 0.0), axis=0)
+        sum_m += tl.sum(m, axis=0)
+        sum_pwm += tl.sum(tl.where(valid, m * pw, 0.0), axis=0)
+        if HAS_REF and BIAS_KL:
+            rf = tl.load(ref_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
+            x = tl.where(valid, rf - lp, 0.0)
+            sum_k3 += tl.sum(m * (tl.exp(x) - x - 1.0), axis=0)
+    return sum_w, sum_m, sum_pwm, sum_k3
+
+
+@triton.jit
+def _sequence_policy(sum_w, sum_m, sum_pwm, a_seq, n_seq, lo, hi, delta, cap, tau_pos, tau_neg,
+                     KIND: tl.constexpr, HAS_DELTA: tl.constexpr, COMPUTE: tl.constexpr):
+    """A sequence row's ratio and its row-level terms: (loss, low, high, region, r, g, c) with g the row's
+    d l / d w share of each token (KIND 0, 2, 4) and c cispo's detached coefficient."""
+    len1 = tl.maximum(sum_m, 1.0)
+    zero = tl.zeros([], dtype=COMPUTE)
+    r_seq = tl.exp(sum_w / len1)
+    if KIND == 4:
+        den = tl.maximum(sum_pwm, 1.0)
+        r_seq = tl.exp(sum_w / den)
+        # -exp(w) A once per row (an empty row too, as TRL): norm is GRPO's 1 / (B max(L, 1)) per token
+        out = (n_seq * len1 * (-r_seq * a_seq), zero, zero, zero, r_seq, len1 * (-r_seq * a_seq) / den, zero + 1.0)
+    elif KIND == 1:
+        high_s = zero + tl.where((r_seq > cap) & (a_seq > 0.0), 1.0, 0.0)
+        out = (zero, zero, high_s, high_s, r_seq, zero, tl.minimum(r_seq, cap))
+    elif KIND == 3:
+        out = (zero, zero, zero, zero, r_seq, zero, zero + 1.0)
+    else:
+        l_seq, dl_seq, low_s, high_s = _ratio_term(sum_w / len1, a_seq, lo, hi, delta, tau_pos, tau_neg, KIND,
+                                                   HAS_DELTA)
+        out = (n_seq * sum_pwm * l_seq, zero + tl.where(low_s, 1.0, 0.0), zero + tl.where(high_s, 1.0, 0.0),
+               zero + tl.where(low_s | high_s, 1.0, 0.0), r_seq, dl_seq * sum_pwm / len1, zero + 1.0)
+    return out
+
+
+@triton.jit
+def _sequence_pass(logp_ptr, old_ptr, ref_ptr, mask_ptr, pw_ptr, pw_stride_r, pw_stride_c, row, base, n_cols, a_seq,
+                   n_seq, lo, hi, delta, beta, cap, tau_pos, tau_neg, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
+                   KIND: tl.constexpr, BIAS_KL: tl.constexpr, HAS_PW: tl.constexpr, BLOCK: tl.constexpr,
+                   COMPUTE: tl.constexpr):
+    """Pass 1 of a sequence row: ``_sequence_policy``'s values and the bias-corrected KL's share of each token's
+    gradient through the shared ratio (beta r K / max(L, 1), K = sum_s m_s k3_s)."""
+    sum_w, sum_m, sum_pwm, sum_k3 = _sequence_sums(
+        logp_ptr, old_ptr, ref_ptr, mask_ptr, pw_ptr, pw_stride_r, pw_stride_c, row, base, n_cols, a_seq, lo, hi,
+        HAS_REF, KIND, BIAS_KL, HAS_PW, BLOCK, COMPUTE)
+    l_row, low_row, high_row, region_row, r_seq, g_seq, c_seq = _sequence_policy(
+        sum_w, sum_m, sum_pwm, a_seq, n_seq, lo, hi, delta, cap, tau_pos, tau_neg, KIND, HAS_DELTA, COMPUTE)
+    g_kl_seq = tl.zeros([], dtype=COMPUTE)
+    if HAS_REF and BIAS_KL and KIND != 4:
+        g_kl_seq = beta * r_seq * sum_k3 / tl.maximum(sum_m, 1.0)
+    return l_row, low_row, high_row, region_row, r_seq, g_seq, c_seq, g_kl_seq
+
+
+@triton.jit
+def _sequence_token_policy(lp, od, valid, m, pw, a_seq, n_seq, g_seq, c_seq, g_kl_seq, lo, hi,
+                           KIND: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+    """Pass 2 of a sequence row, the policy part: (loss added, d l / d logp before the token KL)."""
+    zero = tl.zeros([], dtype=COMPUTE)
+    if KIND == 4:
+        lr = tl.where(valid, lp - od, 0.0)
+        kept = tl.where(a_seq > 0.0, lr <= hi, lr >= lo)
+        return zero, tl.where(kept, g_seq * pw, 0.0)
+    elif KIND == 1 or KIND == 3:
+        loss = tl.sum(tl.where(valid, n_seq * m * pw * (-c_seq * a_seq * lp), 0.0), axis=0)
+        return loss, pw * (-c_seq * a_seq) + g_kl_seq
+    else:
+        return zero, tl.zeros([BLOCK], dtype=COMPUTE) + g_seq + g_kl_seq
+
+
+@triton.jit
+def _token_policy(lp, od, valid, a, lo, hi, delta, cap, tau_pos, tau_neg, KIND: tl.constexpr,
+                  HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+    """A token row's policy term by loss type: (P, dP/dlogp, low, high, r)."""
+    w = tl.where(valid, lp - od, 0.0)
+    r = tl.exp(w)
+    if KIND == 1:
+        coef = tl.minimum(r, cap)
+        never = (a < 0.0) & (a > 0.0)
+        return -coef * a * lp, -coef * a, never, (r > cap) & (a > 0.0), r
+    elif KIND == 3:
+        never = (a < 0.0) & (a > 0.0)
+        return -a * lp, -a + tl.zeros([BLOCK], dtype=COMPUTE), never, never, r
+    else:
+        l_tok, g, low_t, high_t = _ratio_term(w, a, lo, hi, delta, tau_pos, tau_neg, KIND, HAS_DELTA)
+        return l_tok, g, low_t, high_t, r
+
+
+@triton.jit
+def _kl_term(ref_ptr, base, offs, inb, lp, valid, m, n, r, beta, SEQ_LEVEL: tl.constexpr, BIAS_KL: tl.constexpr,
+             COMPUTE: tl.constexpr):
+    """The k3 KL of a block: (kl added, loss added, d l / d logp added)."""
+    rf = tl.load(ref_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
+    x = tl.where(valid, rf - lp, 0.0)
+    ex = tl.exp(x)
+    k3 = ex - x - 1.0
+    if BIAS_KL:
+        if SEQ_LEVEL:
+            g = beta * r * (1.0 - ex)
+        else:
+            g = beta * r * (k3 + 1.0 - ex)
+        return (tl.sum(m * k3 * r, axis=0), tl.sum(tl.where(valid, n * m * beta * k3 * r, 0.0), axis=0), g)
+    else:
+        return (tl.sum(m * k3, axis=0), tl.sum(tl.where(valid, n * m * beta * k3, 0.0), axis=0),
+                beta * (1.0 - ex))
 
 
 @triton.jit
@@ -101,128 +254,48 @@ def grpo_rows_kernel(
     c_seq = tl.zeros([], dtype=COMPUTE) + 1.0
     n_seq = tl.zeros([], dtype=COMPUTE)
     a_seq = tl.zeros([], dtype=COMPUTE)
-    len1 = tl.zeros([], dtype=COMPUTE) + 1.0
     if SEQ_LEVEL:
         # pass 1: the sequence's (clipped, for GMPO) mean log-ratio, then its row-level term and d l / d w
         a_seq = tl.load(adv_ptr + row * adv_stride_r).to(COMPUTE)
         n_seq = tl.load(norm_ptr + row * norm_stride_r).to(COMPUTE)
-        sum_w = tl.zeros([], dtype=COMPUTE)
-        sum_m = tl.zeros([], dtype=COMPUTE)
-        sum_pwm = tl.zeros([], dtype=COMPUTE)
-        sum_k3 = tl.zeros([], dtype=COMPUTE)
-        for start in range(0, n_cols, BLOCK):
-            offs = start + cols
-            inb = offs < n_cols
-            m = tl.load(mask_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
-            valid = m != 0.0
-            lp = tl.load(logp_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
-            od = tl.load(old_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
-            if HAS_PW:
-                pw = tl.load(pw_ptr + row * pw_stride_r + offs * pw_stride_c, mask=inb, other=0.0).to(COMPUTE)
-            else:
-                pw = tl.zeros([BLOCK], dtype=COMPUTE) + 1.0
-            lr = tl.where(valid, lp - od, 0.0)
-            if KIND == 4:
-                cl = tl.minimum(tl.maximum(lr, lo), hi)
-                lr = tl.where(a_seq > 0.0, tl.minimum(lr, cl), tl.maximum(lr, cl))
-                sum_w += tl.sum(tl.where(valid, lr * m * pw, 0.0), axis=0)
-            else:
-                sum_w += tl.sum(tl.where(valid, lr * m, 0.0), axis=0)
-            sum_m += tl.sum(m, axis=0)
-            sum_pwm += tl.sum(tl.where(valid, m * pw, 0.0), axis=0)
-            if HAS_REF and BIAS_KL:
-                rf = tl.load(ref_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
-                x = tl.where(valid, rf - lp, 0.0)
-                sum_k3 += tl.sum(m * (tl.exp(x) - x - 1.0), axis=0)
-        len1 = tl.maximum(sum_m, 1.0)
-        if KIND == 4:
-            den = tl.maximum(sum_pwm, 1.0)
-            r_seq = tl.exp(sum_w / den)
-            # -exp(w) A once per row (an empty row too, as TRL): norm is GRPO's 1 / (B max(L, 1)) per token
-            loss_acc += n_seq * len1 * (-r_seq * a_seq)
-            g_seq = len1 * (-r_seq * a_seq) / den  # times pw_t [not clipped]_t in pass 2
-        else:
-            w_seq = sum_w / len1
-            r_seq = tl.exp(w_seq)
-            if KIND == 1:
-                c_seq = tl.minimum(r_seq, cap)
-                high_s = (r_seq > cap) & (a_seq > 0.0)
-                high_acc += tl.where(high_s, 1.0, 0.0)
-                region_acc += tl.where(high_s, 1.0, 0.0)
-            elif KIND == 0 or KIND == 2:
-                l_seq, dl_seq, low_s, high_s = _ratio_term(w_seq, a_seq, lo, hi, delta, tau_pos, tau_neg, KIND,
-                                                           HAS_DELTA)
-                loss_acc += n_seq * sum_pwm * l_seq
-                g_seq = dl_seq * sum_pwm / len1
-                low_acc += tl.where(low_s, 1.0, 0.0)
-                high_acc += tl.where(high_s, 1.0, 0.0)
-                region_acc += tl.where(low_s | high_s, 1.0, 0.0)
-            if HAS_REF and BIAS_KL:
-                g_kl_seq = beta * r_seq * sum_k3 / len1
+        l_row, low_row, high_row, region_row, r_seq, g_seq, c_seq, g_kl_seq = _sequence_pass(
+            logp_ptr, old_ptr, ref_ptr, mask_ptr, pw_ptr, pw_stride_r, pw_stride_c, row, base, n_cols, a_seq, n_seq,
+            lo, hi, delta, beta, cap, tau_pos, tau_neg, HAS_REF, HAS_DELTA, KIND, BIAS_KL, HAS_PW, BLOCK, COMPUTE)
+        loss_acc += l_row
+        low_acc += low_row
+        high_acc += high_row
+        region_acc += region_row
     # pass 2 (the only one at the token level): per-token terms, KL, gradient
     for start in range(0, n_cols, BLOCK):
         offs = start + cols
         inb = offs < n_cols
         m = tl.load(mask_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
         lp = tl.load(logp_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
+        od = tl.load(old_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
         valid = m != 0.0
-        if HAS_PW:
-            pw = tl.load(pw_ptr + row * pw_stride_r + offs * pw_stride_c, mask=inb, other=0.0).to(COMPUTE)
-        else:
-            pw = tl.zeros([BLOCK], dtype=COMPUTE) + 1.0
+        pw = _load_pw(pw_ptr, row, pw_stride_r, pw_stride_c, offs, inb, HAS_PW, BLOCK, COMPUTE)
         if SEQ_LEVEL:
             n = n_seq
             r = tl.zeros([BLOCK], dtype=COMPUTE) + r_seq
-            if KIND == 4:
-                od = tl.load(old_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
-                lr = tl.where(valid, lp - od, 0.0)
-                kept = tl.where(a_seq > 0.0, lr <= hi, lr >= lo)
-                g = tl.where(kept, g_seq * pw, 0.0)
-            elif KIND == 1 or KIND == 3:
-                coef = c_seq if KIND == 1 else 1.0
-                loss_acc += tl.sum(tl.where(valid, n * m * pw * (-coef * a_seq * lp), 0.0), axis=0)
-                g = pw * (-coef * a_seq) + g_kl_seq
-            else:
-                g = tl.zeros([BLOCK], dtype=COMPUTE) + g_seq + g_kl_seq
+            l_add, g = _sequence_token_policy(lp, od, valid, m, pw, a_seq, n_seq, g_seq, c_seq, g_kl_seq, lo, hi,
+                                              KIND, BLOCK, COMPUTE)
+            loss_acc += l_add
         else:
-            od = tl.load(old_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
             a = tl.load(adv_ptr + row * adv_stride_r + offs * adv_stride_c, mask=inb, other=0.0).to(COMPUTE)
             n = tl.load(norm_ptr + row * norm_stride_r + offs * norm_stride_c, mask=inb, other=0.0).to(COMPUTE)
-            w = tl.where(valid, lp - od, 0.0)
-            r = tl.exp(w)
-            if KIND == 1 or KIND == 3:
-                if KIND == 1:
-                    coef = tl.minimum(r, cap)
-                    high_t = (r > cap) & (a > 0.0)
-                    high_acc += tl.sum(tl.where(high_t & valid, m, 0.0), axis=0)
-                    region_acc += tl.sum(tl.where(high_t & valid, m, 0.0), axis=0)
-                else:
-                    coef = tl.zeros([BLOCK], dtype=COMPUTE) + 1.0
-                l_tok = -coef * a * lp
-                g = -coef * a * pw
-            else:
-                l_tok, g, low_t, high_t = _ratio_term(w, a, lo, hi, delta, tau_pos, tau_neg, KIND, HAS_DELTA)
-                g = g * pw
-                low_acc += tl.sum(tl.where(low_t & valid, m, 0.0), axis=0)
-                high_acc += tl.sum(tl.where(high_t & valid, m, 0.0), axis=0)
-                region_acc += tl.sum(tl.where((low_t | high_t) & valid, m, 0.0), axis=0)
+            l_tok, g, low_t, high_t, r = _token_policy(lp, od, valid, a, lo, hi, delta, cap, tau_pos, tau_neg,
+                                                       KIND, HAS_DELTA, BLOCK, COMPUTE)
+            g = g * pw
+            low_acc += tl.sum(tl.where(low_t & valid, m, 0.0), axis=0)
+            high_acc += tl.sum(tl.where(high_t & valid, m, 0.0), axis=0)
+            region_acc += tl.sum(tl.where((low_t | high_t) & valid, m, 0.0), axis=0)
             loss_acc += tl.sum(tl.where(valid, n * m * pw * l_tok, 0.0), axis=0)
         if HAS_REF:
-            rf = tl.load(ref_ptr + base + offs, mask=inb, other=0.0).to(COMPUTE)
-            x = tl.where(valid, rf - lp, 0.0)
-            ex = tl.exp(x)
-            k3 = ex - x - 1.0
-            if BIAS_KL:
-                kl_acc += tl.sum(m * k3 * r, axis=0)
-                loss_acc += tl.sum(tl.where(valid, n * m * beta * k3 * r, 0.0), axis=0)
-                if SEQ_LEVEL:
-                    g = g + beta * r * (1.0 - ex)
-                else:
-                    g = g + beta * r * (k3 + 1.0 - ex)
-            else:
-                kl_acc += tl.sum(m * k3, axis=0)
-                loss_acc += tl.sum(tl.where(valid, n * m * beta * k3, 0.0), axis=0)
-                g = g + beta * (1.0 - ex)
+            kl_add, l_add, g_add = _kl_term(ref_ptr, base, offs, inb, lp, valid, m, n, r, beta, SEQ_LEVEL, BIAS_KL,
+                                            COMPUTE)
+            kl_acc += kl_add
+            loss_acc += l_add
+            g = g + g_add
         if WRITE_GRAD:
             tl.store(grad_ptr + base + offs, tl.where(valid, n * m * g, 0.0), mask=inb)
     tl.store(loss_ptr + row, loss_acc)

@@ -23,27 +23,22 @@ B*T rows in fixed chunks instead (masked rows get zero gradients on the device; 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..reference import rl as ref_rl
-from ..types import GRPOOutput, compute_dtype
+from ..types import COV_LOSS_TYPES, GRPOOutput, compute_dtype
 from . import backends
 from .backends import get_rows
 from .backends.base import GRPOParams, RowOptions
 from .core import gemm
-from .core.checks import check_float, check_head, check_labels, check_options
+from .core.checks import check_head, check_labels, check_options
 from .core.chunking import ChunkLogits, RowPlan, apply_head_grads, default_chunk_size, take, want_sync_free
 from .core.dispatch import resolve_backend
-from .grpo import (
-    check_advantages,
-    check_grpo_options,
-    check_mask,
-    check_token_tensor,
-    check_weight_options,
-    finish_metrics,
-    row_normalizers,
-    top_entropy_mask,
-)
+from .grpo_checks import check_advantages, check_loss_options, check_mask, check_token_floats, loss_options
+from .grpo_cov import add_kl_cov, cov_selection, policy_token_weight, selected_fraction
+from .grpo_terms import finish_metrics, make_output, row_normalizers, top_entropy_mask
 from .grpo_weights import WeightOptions, finish_is_metrics, is_partials, policy_weights
 from .token_logprobs import linear_token_logprobs
 
@@ -79,38 +74,95 @@ def _row_ids(rows, device) -> torch.Tensor:
     return rows
 
 
+@dataclass
+class _TokenInputs:
+    """The per-token constants of the loss, flat ``[B*T]`` in the compute dtype (None when not given), and the
+    per-sequence ``adv``, ``norm`` ``[B]``: what each chunk's loss takes its slice of. ``emask`` is the
+    top-entropy mask (the entropy bonus's tokens), ``tokw`` the policy term's 0/1 token weight (``emask`` times
+    Clip-Cov's ``1 - sel``), ``sel`` KL-Cov's selected tokens (with ``kl_cov_coef``)."""
+
+    t: int
+    mask: torch.Tensor
+    old: torch.Tensor | None
+    ref: torch.Tensor | None
+    sampler: torch.Tensor | None
+    emask: torch.Tensor | None
+    adv: torch.Tensor
+    norm: torch.Tensor
+    tokw: torch.Tensor | None = None
+    sel: torch.Tensor | None = None
+    kl_cov_coef: float = 0.0
+
+
+def _sequence_chunk_loss(x: _TokenInputs, lp, rows, b0, b1, p, wo, acc, grpo_rows, any_grad):
+    """The loss rows of a chunk of whole sequences b0..b1-1 (its log-probs ``lp`` at ``rows``): (GRPORows,
+    d loss / d logp at ``rows`` or None)."""
+    t, dev = x.t, lp.device
+    nb, span = b1 - b0, slice(b0 * t, b1 * t)
+    if isinstance(rows, slice):
+        lp2, loc = lp.view(nb, t), None
+    else:
+        loc = rows - b0 * t
+        lp2 = torch.zeros(nb * t, dtype=lp.dtype, device=dev).index_copy_(0, loc, lp).view(nb, t)
+    old2 = x.old[span].view(nb, t) if x.old is not None else lp2
+    ref2 = x.ref[span].view(nb, t) if x.ref is not None else None
+    m2 = x.mask[span].view(nb, t)
+    pw = None
+    if wo.any or x.tokw is not None:
+        pw = policy_weights(lp2, old2, x.adv[b0:b1, None], m2, wo,
+                            sampler=x.sampler[span].view(nb, t) if x.sampler is not None else None,
+                            emask=x.tokw[span].view(nb, t) if x.tokw is not None else None, acc=acc)
+    out = grpo_rows(lp2, old2, ref2, m2, x.adv[b0:b1, None], x.norm[b0:b1, None], p, any_grad, pw=pw)
+    if x.sel is not None:  # KL-Cov, when a sequence-wide weight (OPSM, sequence IS) chunks whole sequences
+        out = add_kl_cov(out, lp2, old2, m2, x.norm[b0:b1, None], pw, x.sel[span].view(nb, t), x.kl_cov_coef,
+                         any_grad)
+    if not any_grad:
+        return out, None
+    return out, out.grad.reshape(-1) if loc is None else out.grad.reshape(-1).index_select(0, loc)
+
+
+def _token_chunk_loss(x: _TokenInputs, lp, rows, p, wo, acc, grpo_rows, any_grad):
+    """The loss of a flat run of tokens (one row): (GRPORows, d loss / d logp or None)."""
+    seq = _row_ids(rows, lp.device) // x.t
+    m = take(x.mask, rows)
+    old_r = take(x.old, rows) if x.old is not None else lp
+    ref_r = take(x.ref, rows)[None] if x.ref is not None else None
+    pw = None
+    if wo.any or x.tokw is not None:  # token-local weights only here (sequence-wide ones chunk whole sequences)
+        pw = policy_weights(lp[None], old_r[None], x.adv[seq][None], m[None], wo,
+                            sampler=take(x.sampler, rows)[None] if x.sampler is not None else None,
+                            emask=take(x.tokw, rows)[None] if x.tokw is not None else None, acc=acc)
+    norm = x.norm[seq][None]
+    out = grpo_rows(lp[None], old_r[None], ref_r, m[None], x.adv[seq][None], norm, p, any_grad, pw=pw)
+    if x.sel is not None:  # KL-Cov (token level only)
+        out = add_kl_cov(out, lp[None], old_r[None], m[None], norm, pw, take(x.sel, rows)[None], x.kl_cov_coef,
+                         any_grad)
+    return out, out.grad[0] if any_grad else None
+
+
 class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, targets1d, mask1d, old1d, ref1d, adv, norm, t: int, p: GRPOParams,
-                o: RowOptions, chunk: int, rows_impl, grpo_rows, sync_free: bool, entropy_coef: float,
-                want_entropy: bool, sampler1d, emask1d, wo: WeightOptions):
+    def forward(ctx, hidden2d, weight, bias, targets1d, x: _TokenInputs, p: GRPOParams, o: RowOptions, chunk: int,
+                rows_impl, grpo_rows, sync_free: bool, entropy_coef: float, want_entropy: bool, wo: WeightOptions):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         any_grad = need_dh or need_dw or need_db
         cd = compute_dtype(hidden2d.dtype)
         dev = hidden2d.device
-        n, d = hidden2d.shape
-        b = n // t if t else 0
-        v = weight.shape[0]
+        n = hidden2d.shape[0]
+        b = n // x.t if x.t else 0
         gh = torch.zeros_like(hidden2d) if need_dh else None
         gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw else None
-        gb = torch.zeros(v, dtype=cd, device=weight.device) if need_db else None
+        gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db else None
         sums = torch.zeros(6, dtype=cd, device=dev)  # loss, kl, low, high, region, sum m * entropy
-        old1d = old1d.detach().to(cd) if old1d is not None else None
-        ref1d = ref1d.detach().to(cd) if ref1d is not None else None
-        bonus = entropy_coef != 0.0
-        sampler1d = sampler1d.detach().to(cd) if sampler1d is not None else None
-        weighted = wo.any or emask1d is not None
         acc = is_partials(cd, dev) if wo.is_mode is not None else None
         # the entropy bonus is a token mean over its tokens (TRL 1.16), whatever the loss type's normalizer
-        eff1d = mask1d if emask1d is None else mask1d * emask1d
+        eff1d = x.mask if x.emask is None else x.mask * x.emask
         ent_den = eff1d.sum().clamp(min=1.0)
-
         if p.seq_level or wo.sequence_wide:
-            chunks = _sequence_chunks(mask1d.view(b, t) != 0, chunk, sync_free)
+            chunks = _sequence_chunks(x.mask.view(b, x.t) != 0, chunk, sync_free)
         else:
-            plan = RowPlan(targets1d, IGNORE, chunk, sync_free)
-            chunks = [(None, None, rows) for rows in plan.chunks()]
+            chunks = [(None, None, rows) for rows in RowPlan(targets1d, IGNORE, chunk, sync_free).chunks()]
 
         logits = ChunkLogits(n, chunk, hidden2d, weight)  # a chunk of whole sequences may exceed it: then fresh
         for b0, b1, rows in chunks:
@@ -118,46 +170,17 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             z = logits(h, weight, bias)
             tg = take(targets1d, rows)
             lp, lse, mean_s = rows_impl.logprob_fwd(z, tg, o, want_entropy)
-            m = take(mask1d, rows)
-            seq_of_row = _row_ids(rows, dev) // t
             if b0 is not None:
-                nb, span = b1 - b0, slice(b0 * t, b1 * t)
-                if isinstance(rows, slice):
-                    lp2 = lp.view(nb, t)
-                    loc = None
-                else:
-                    loc = rows - b0 * t
-                    lp2 = torch.zeros(nb * t, dtype=lp.dtype, device=dev).index_copy_(0, loc, lp).view(nb, t)
-                old2 = old1d[span].view(nb, t) if old1d is not None else lp2
-                ref2 = ref1d[span].view(nb, t) if ref1d is not None else None
-                m2 = mask1d[span].view(nb, t)
-                pw = None
-                if weighted:
-                    pw = policy_weights(lp2, old2, adv[b0:b1, None], m2, wo,
-                                        sampler=sampler1d[span].view(nb, t) if sampler1d is not None else None,
-                                        emask=emask1d[span].view(nb, t) if emask1d is not None else None, acc=acc)
-                out = grpo_rows(lp2, old2, ref2, m2, adv[b0:b1, None], norm[b0:b1, None], p, any_grad, pw=pw)
-                g_logp = None
-                if any_grad:
-                    g_logp = out.grad.reshape(-1) if loc is None else out.grad.reshape(-1).index_select(0, loc)
+                out, g_logp = _sequence_chunk_loss(x, lp, rows, b0, b1, p, wo, acc, grpo_rows, any_grad)
             else:
-                old_r = take(old1d, rows) if old1d is not None else lp
-                ref_r = take(ref1d, rows)[None] if ref1d is not None else None
-                pw = None
-                if weighted:  # token-local weights only here (sequence-wide ones take the branch above)
-                    pw = policy_weights(lp[None], old_r[None], adv[seq_of_row][None], m[None], wo,
-                                        sampler=take(sampler1d, rows)[None] if sampler1d is not None else None,
-                                        emask=take(emask1d, rows)[None] if emask1d is not None else None, acc=acc)
-                out = grpo_rows(lp[None], old_r[None], ref_r, m[None], adv[seq_of_row][None],
-                                norm[seq_of_row][None], p, any_grad, pw=pw)
-                g_logp = out.grad[0] if any_grad else None
+                out, g_logp = _token_chunk_loss(x, lp, rows, p, wo, acc, grpo_rows, any_grad)
             sums[:5] += torch.stack([out.loss.sum(), out.kl.sum(), out.low.sum(), out.high.sum(),
                                      out.region.sum()])
             g_ent = None
             if want_entropy:
                 ent = lse - mean_s  # 0 at ignored rows
-                sums[5] += (m * ent).sum()
-                if bonus:
+                sums[5] += (take(x.mask, rows) * ent).sum()
+                if entropy_coef != 0.0:
                     w_ent = take(eff1d, rows) / ent_den
                     sums[0] -= entropy_coef * (w_ent * ent).sum()
                     g_ent = -entropy_coef * w_ent
@@ -167,12 +190,11 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
                 apply_head_grads(z, h, weight, rows, 1.0, gh, gw, gb)
             del z
 
-        n_tokens = mask1d.sum()
+        n_tokens = x.mask.sum()
         kl, region, low, high = finish_metrics(sums[1], sums[2], sums[3], sums[4], n_tokens, b, p.seq_level)
-        entropy = sums[5] / n_tokens.clamp(min=1.0)
         ctx.grads = (gh, gw, gb) if any_grad else None
         ctx.dtypes = (hidden2d.dtype, weight.dtype)
-        metrics = (kl, region, low, high, entropy)
+        metrics = (kl, region, low, high, sums[5] / n_tokens.clamp(min=1.0))
         if acc is not None:
             metrics = metrics + finish_is_metrics(acc)
         ctx.mark_non_differentiable(*metrics)
@@ -181,14 +203,52 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *unused):
         if ctx.grads is None or g_loss is None:
-            return (None,) * 21
+            return (None,) * 14
         gh, gw, gb = ctx.grads
         ctx.grads = None
         h_dtype, w_dtype = ctx.dtypes
         gh = gh.mul_(g_loss.to(gh.dtype)).to(h_dtype) if gh is not None else None
         gw = gemm.weight_grad_result(gw.mul_(g_loss.to(gw.dtype)), w_dtype) if gw is not None else None
         gb = gb.mul_(g_loss.to(gb.dtype)).to(w_dtype) if gb is not None else None
-        return (gh, gw, gb) + (None,) * 18
+        return (gh, gw, gb) + (None,) * 11
+
+
+def _completion_targets(hidden, weight, bias, completion_ids, completion_mask):
+    """Checks the head and the completions; the ``[B, T]`` targets (``IGNORE`` where the mask is 0)."""
+    check_head(hidden, weight, bias)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be 3-D [B, T, D], got shape {tuple(hidden.shape)}")
+    b, t, _ = hidden.shape
+    check_mask("completion_mask", completion_mask, (b, t), hidden, "hidden")
+    valid = completion_mask != 0
+    if not isinstance(completion_ids, torch.Tensor):
+        raise TypeError(f"completion_ids must be a torch.Tensor, got {type(completion_ids).__name__}")
+    if tuple(completion_ids.shape) != (b, t):
+        raise ValueError(f"completion_ids has shape {tuple(completion_ids.shape)} but hidden implies {(b, t)}")
+    # Only completion tokens are scored: ids under mask 0 (padding) may be anything.
+    targets = torch.where(valid.to(completion_ids.device), completion_ids,
+                          torch.full((), IGNORE, dtype=completion_ids.dtype, device=completion_ids.device))
+    check_labels("completion_ids", targets, (b, t), weight.shape[0], IGNORE, hidden, "hidden")
+    return targets
+
+
+def _batch_masks(hidden, weight, bias, targets, m, old, adv, options: dict, chunk_size, sync_free, name):
+    """The per-token masks that need every token's current log-prob or entropy before the loss, from one no-grad
+    forward pass of ``linear_token_logprobs`` (one more logits GEMM and log-prob row pass): the top-entropy mask
+    (``top_entropy_quantile`` < 1, a global quantile) and Clip-Cov / KL-Cov's selection (a global covariance).
+    Returns ``(emask, sel)``, flat ``[B*T]`` or None when no option needs them."""
+    q = options["top_entropy_quantile"]
+    if q >= 1.0 and options["loss_type"] not in COV_LOSS_TYPES:
+        return None, None
+    with torch.no_grad():
+        res = linear_token_logprobs(hidden.detach(), weight.detach(), targets, bias=bias, ignore_index=IGNORE,
+                                    temperature=options["temperature"], return_entropy=q < 1.0,
+                                    chunk_size=chunk_size, sync_free=sync_free, backend=name)
+        lp, ent = res if q < 1.0 else (res, None)
+        lp = lp.to(m.dtype)
+        sel = cov_selection(options, lp, lp if old is None else old.view(m.shape), adv, m)
+    emask = top_entropy_mask(ent, m, q).reshape(-1) if q < 1.0 else None
+    return emask, None if sel is None else sel.reshape(-1)
 
 
 def fused_linear_grpo_loss(
@@ -225,6 +285,12 @@ def fused_linear_grpo_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 2e-4,
+    kl_cov_coef: float = 0.1,
+    generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     sync_free: bool | None = None,
     backend: str = "auto",
@@ -243,9 +309,15 @@ def fused_linear_grpo_loss(
     num_iterations=1: ratio 1). ``ref_logps`` is required when ``beta != 0``.
 
     Cost: three GEMMs (logits, d hidden, d weight) for every loss type and option, except
-    ``top_entropy_quantile < 1``, whose global entropy quantile needs the entropies before the loss: one more
-    forward GEMM (a no-grad pass of ``linear_token_logprobs``). Sequence-level ratios, GMPO, VESPO, the
-    off-policy mask and sequence-level sampler correction chunk whole sequences.
+    ``top_entropy_quantile < 1``, whose global entropy quantile needs the entropies before the loss, and
+    ``loss_type="clip_cov"`` / ``"kl_cov"`` (verl's Clip-Cov / KL-Cov, see ``grpo_loss``), whose token selection
+    needs every token's current log-prob (a batch-wide covariance, then a random subset or a top-k): one more
+    forward GEMM and log-prob row pass (a no-grad pass of ``linear_token_logprobs``, shared when both are on),
+    from which the selection is made exactly as verl makes it from the detached log-probs; the chunk loop then
+    applies it (Clip-Cov's cut as a policy weight, KL-Cov's ``kl_cov_coef * |logp - old|`` on the selected
+    tokens). ``generator`` drives Clip-Cov's random choice (``torch.randperm``; None: the global CPU RNG).
+    Sequence-level ratios, GMPO, VESPO, the off-policy mask and sequence-level sampler correction chunk whole
+    sequences.
 
     Args:
         hidden ``[B, T, D]``, weight ``[V, D]``, bias ``[V]`` (optional): the policy's last hidden states and head.
@@ -259,80 +331,38 @@ def fused_linear_grpo_loss(
     Returns ``GRPOOutput`` (``loss`` differentiable w.r.t. hidden, weight and bias; metrics detached;
     ``entropy`` set when computed; the mismatch metrics with ``sampler_logps``). fp32 (fp64 for fp64 input).
     """
-    check_head(hidden, weight, bias)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be 3-D [B, T, D], got shape {tuple(hidden.shape)}")
+    options = loss_options(locals())  # the loss's keyword options by name, as the reference takes them
+    targets = _completion_targets(hidden, weight, bias, completion_ids, completion_mask)
     b, t, _ = hidden.shape
-    check_mask("completion_mask", completion_mask, (b, t), hidden, "hidden")
-    valid = completion_mask != 0
-    if not isinstance(completion_ids, torch.Tensor):
-        raise TypeError(f"completion_ids must be a torch.Tensor, got {type(completion_ids).__name__}")
-    if tuple(completion_ids.shape) != (b, t):
-        raise ValueError(f"completion_ids has shape {tuple(completion_ids.shape)} but hidden implies {(b, t)}")
-    # Only completion tokens are scored: ids under mask 0 (padding) may be anything.
-    targets = torch.where(valid.to(completion_ids.device), completion_ids,
-                          torch.full((), IGNORE, dtype=completion_ids.dtype, device=completion_ids.device))
-    check_labels("completion_ids", targets, (b, t), weight.shape[0], IGNORE, hidden, "hidden")
     check_advantages(advantages, b, hidden, "hidden")
-    for name_, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampler_logps", sampler_logps)):
-        if x is not None:
-            check_float(name_, x)
-            check_token_tensor(name_, x, (b, t), hidden, "hidden")
+    check_token_floats((b, t), hidden, "hidden", old_logps=old_logps, ref_logps=ref_logps, sampler_logps=sampler_logps)
     check_options(temperature=temperature, chunk_size=chunk_size)
-    p = check_grpo_options(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-                           loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                           max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-                           has_ref=ref_logps is not None, bias_corrected_kl=bias_corrected_kl,
-                           sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
-    vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
-    wo = check_weight_options(loss_type=loss_type, sampler_logps=sampler_logps,
-                              vllm_importance_sampling_mode=vllm_importance_sampling_mode,
-                              vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
-                              vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
-                              off_policy_mask_threshold=off_policy_mask_threshold,
-                              top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef, vespo=vespo)
+    p, wo = check_loss_options(options, ref_logps=ref_logps, sampler_logps=sampler_logps)
     want_entropy = bool(return_entropy) or entropy_coef != 0.0
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
         return ref_rl.linear_grpo_loss(
-            hidden, weight, completion_ids.masked_fill(~valid, 0), completion_mask, advantages, bias=bias,
-            old_logps=old_logps, ref_logps=ref_logps, beta=beta, epsilon_low=epsilon_low,
-            epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-            importance_sampling_level=importance_sampling_level, temperature=temperature,
-            entropy_coef=entropy_coef, max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch, return_entropy=return_entropy,
-            bias_corrected_kl=bias_corrected_kl, top_entropy_quantile=top_entropy_quantile,
-            off_policy_mask_threshold=off_policy_mask_threshold, sampler_logps=sampler_logps,
-            vllm_importance_sampling_mode=vllm_importance_sampling_mode,
-            vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
-            vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
-            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-            vespo_lambda_neg=vespo_lambda_neg)
+            hidden, weight, completion_ids.masked_fill(completion_mask == 0, 0), completion_mask, advantages,
+            bias=bias, old_logps=old_logps, ref_logps=ref_logps, sampler_logps=sampler_logps, temperature=temperature,
+            return_entropy=return_entropy, **options)
     cd = compute_dtype(hidden.dtype)
     mask1d = completion_mask.detach().to(cd).reshape(-1)
-    norm = row_normalizers(mask1d.view(b, t), loss_type, max_completion_length, num_items_in_batch)
-    o = RowOptions(ignore_index=IGNORE, temperature=float(temperature))
-    emask1d = None
-    if top_entropy_quantile < 1.0:  # the one option that needs every entropy first: a no-grad forward pass
-        with torch.no_grad():
-            _, ent = linear_token_logprobs(hidden.detach(), weight.detach(), targets, bias=bias, ignore_index=IGNORE,
-                                           temperature=temperature, return_entropy=True, chunk_size=chunk_size,
-                                           sync_free=sync_free, backend=name)
-        emask1d = top_entropy_mask(ent, mask1d.view(b, t), top_entropy_quantile).reshape(-1)
+    flat = (lambda x_: x_.detach().to(cd).reshape(-1) if x_ is not None else None)  # noqa: E731
+    x = _TokenInputs(t, mask1d, flat(old_logps), flat(ref_logps), flat(sampler_logps), None,
+                     advantages.detach().to(cd),
+                     row_normalizers(mask1d.view(b, t), loss_type, max_completion_length, num_items_in_batch))
+    x.emask, sel = _batch_masks(hidden, weight, bias, targets, mask1d.view(b, t), x.old, x.adv,
+                                dict(options, temperature=temperature), chunk_size, sync_free, name)
+    x.tokw = policy_token_weight(x.emask, sel, loss_type)
+    x.sel, x.kl_cov_coef = (sel, float(kl_cov_coef)) if loss_type == "kl_cov" else (None, 0.0)
     # Default: the shared chunk size, but at least one whole sequence (the sequence level needs it; at the
     # token level, GEMMs on more rows per chunk ran faster on CPU in the GRPO benchmark).
     chunk = chunk_size or max(default_chunk_size(weight.shape[0], hidden.device, hidden.dtype), t)
     outs = FusedLinearGRPOFunction.apply(
-        hidden.reshape(b * t, -1), weight, bias, targets.reshape(-1), mask1d,
-        old_logps.reshape(-1) if old_logps is not None else None,
-        ref_logps.reshape(-1) if ref_logps is not None else None,
-        advantages.detach().to(cd), norm, t, p, o, chunk, get_rows(name), backends.get(name, "grpo_rows"),
-        want_sync_free(sync_free, hidden.device), float(entropy_coef), want_entropy,
-        sampler_logps.reshape(-1) if sampler_logps is not None else None, emask1d, wo)
+        hidden.reshape(b * t, -1), weight, bias, targets.reshape(-1), x, p,
+        RowOptions(ignore_index=IGNORE, temperature=float(temperature)), chunk, get_rows(name),
+        backends.get(name, "grpo_rows"), want_sync_free(sync_free, hidden.device), float(entropy_coef), want_entropy,
+        wo)
     loss, kl, region, low, high, entropy = outs[:6]
-    extra = {}
-    if wo.is_mode is not None:
-        extra = dict(zip(("sampler_abs_logp_diff", "is_masked_fraction", "is_weight_mean", "is_weight_max"), outs[6:]))
-    return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high,
-                      entropy=entropy if want_entropy else None, **extra)
+    return make_output(loss, kl, region, low, high, entropy if want_entropy else None,
+                       outs[6:] if wo.is_mode is not None else None, selected_fraction(sel, mask1d))

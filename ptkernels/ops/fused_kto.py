@@ -72,19 +72,7 @@ def fused_linear_kto_loss(
         raise ValueError("fused_linear_kto_loss needs at least one example (hidden is empty)")
     check_loss_options(loss_type, KTO_LOSS_TYPES, beta=beta)
     o = row_options(ignore_index, temperature, softcap, chunk_size)
-    if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool:
-        raise TypeError("desirable must be a bool tensor [N] (True for desirable examples)")
-    if tuple(desirable.shape) != (n,) or desirable.device != hidden.device:
-        raise ValueError(f"desirable has shape {tuple(desirable.shape)} on {desirable.device} but hidden implies "
-                         f"({n},) on {hidden.device}")
-    if (ref_logps is None) == (ref_hidden is None):
-        raise ValueError("pass the reference log-probs ref_logps [N] or the reference hidden states ref_hidden "
-                         "(exactly one)")
-    if ref_logps is not None:
-        check_batch([("ref_logps", ref_logps)])
-        if ref_logps.shape[0] != n or ref_logps.device != hidden.device:
-            raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)} on {ref_logps.device} but hidden "
-                             f"implies ({n},) on {hidden.device}")
+    _check_examples(desirable, ref_logps, ref_hidden, hidden)
     policy_ref_weight = ref_weight
     if ref_hidden is not None:
         ref_hidden, ref_weight, ref_bias = check_ref_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
@@ -96,32 +84,8 @@ def fused_linear_kto_loss(
     rows_impl = get_rows("torch" if name == "reference" else name)
 
     # z0: the KL reference point (a forward-only pass over the mismatched completions when they are given)
-    if kl is None and kl_hidden is not None:
-        if kl_labels is None:
-            raise ValueError("kl_hidden needs kl_labels (the mismatched completions' labels)")
-        check_sequences(kl_hidden, weight, bias, kl_labels, ignore_index)
-        if shift:
-            kl_labels = reference.shift_labels(kl_labels, ignore_index)
-        if (ref_kl_logps is None) == (ref_kl_hidden is None):
-            raise ValueError("kl_hidden needs the reference side: ref_kl_logps [M] or ref_kl_hidden (exactly one)")
-        with torch.no_grad():
-            kl_len = (kl_labels != ignore_index).sum(dim=1).clamp(min=1).to(cd) if average_log_prob else 1.0
-            pol_kl = _sequence_logps(kl_hidden, weight.detach(), None if bias is None else bias.detach(),
-                                     kl_labels, rows_impl, o, chunk, name) / kl_len
-            if ref_kl_hidden is not None:
-                rkh, rkw, rkb = check_ref_head(kl_hidden, weight, bias, ref_kl_hidden, policy_ref_weight, ref_bias)
-                ref_kl = _sequence_logps(rkh, rkw, rkb, kl_labels, rows_impl, o, chunk, name) / kl_len
-            else:
-                check_batch([("ref_kl_logps", ref_kl_logps)])
-                if ref_kl_logps.shape[0] != kl_hidden.shape[0]:
-                    raise ValueError(f"ref_kl_logps has {ref_kl_logps.shape[0]} entries but kl_hidden holds "
-                                     f"{kl_hidden.shape[0]} sequences")
-                ref_kl = ref_kl_logps.to(cd)
-        z0 = kto_reference_point(None, pol_kl, ref_kl, like=hidden)
-    elif kl is not None and kl_hidden is not None:
-        raise ValueError("pass kl or kl_hidden (with kl_labels), not both")
-    else:
-        z0 = kto_reference_point(kl, like=hidden)
+    z0 = _reference_point(kl, kl_hidden, kl_labels, ref_kl_logps, ref_kl_hidden, hidden, weight, bias,
+                          policy_ref_weight, ref_bias, shift, average_log_prob, rows_impl, o, chunk, name)
 
     if name == "reference":
         return reference_preference.linear_kto_loss(
@@ -144,6 +108,57 @@ def fused_linear_kto_loss(
     rewards = rewards.index_select(0, order)
     return KTOLossOutput(loss=loss, losses=losses, chosen_rewards=rewards[:n_desirable],
                          rejected_rewards=rewards[n_desirable:], kl=z0)
+
+
+def _check_examples(desirable, ref_logps, ref_hidden, hidden) -> None:
+    """``desirable [N]`` bool and exactly one reference side for the N examples of ``hidden``."""
+    n = hidden.shape[0]
+    if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool:
+        raise TypeError("desirable must be a bool tensor [N] (True for desirable examples)")
+    if tuple(desirable.shape) != (n,) or desirable.device != hidden.device:
+        raise ValueError(f"desirable has shape {tuple(desirable.shape)} on {desirable.device} but hidden implies "
+                         f"({n},) on {hidden.device}")
+    if (ref_logps is None) == (ref_hidden is None):
+        raise ValueError("pass the reference log-probs ref_logps [N] or the reference hidden states ref_hidden "
+                         "(exactly one)")
+    if ref_logps is not None:
+        check_batch([("ref_logps", ref_logps)])
+        if ref_logps.shape[0] != n or ref_logps.device != hidden.device:
+            raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)} on {ref_logps.device} but hidden "
+                             f"implies ({n},) on {hidden.device}")
+
+
+def _reference_point(kl, kl_hidden, kl_labels, ref_kl_logps, ref_kl_hidden, hidden, weight, bias, ref_weight,
+                     ref_bias, shift, average_log_prob, rows_impl, o, chunk, name):
+    """KTO's z0 (detached, clamped at 0): ``kl`` given, or from the mismatched completions (``kl_hidden``,
+    ``kl_labels``) scored by the policy head under no_grad minus their reference log-probs, or 0."""
+    if kl is not None and kl_hidden is not None:
+        raise ValueError("pass kl or kl_hidden (with kl_labels), not both")
+    if kl_hidden is None:
+        return kto_reference_point(kl, like=hidden)
+    ignore_index = o.ignore_index
+    if kl_labels is None:
+        raise ValueError("kl_hidden needs kl_labels (the mismatched completions' labels)")
+    check_sequences(kl_hidden, weight, bias, kl_labels, ignore_index)
+    if shift:
+        kl_labels = reference.shift_labels(kl_labels, ignore_index)
+    if (ref_kl_logps is None) == (ref_kl_hidden is None):
+        raise ValueError("kl_hidden needs the reference side: ref_kl_logps [M] or ref_kl_hidden (exactly one)")
+    cd = compute_dtype(hidden.dtype)
+    with torch.no_grad():
+        kl_len = (kl_labels != ignore_index).sum(dim=1).clamp(min=1).to(cd) if average_log_prob else 1.0
+        pol_kl = _sequence_logps(kl_hidden, weight.detach(), None if bias is None else bias.detach(),
+                                 kl_labels, rows_impl, o, chunk, name) / kl_len
+        if ref_kl_hidden is not None:
+            rkh, rkw, rkb = check_ref_head(kl_hidden, weight, bias, ref_kl_hidden, ref_weight, ref_bias)
+            ref_kl = _sequence_logps(rkh, rkw, rkb, kl_labels, rows_impl, o, chunk, name) / kl_len
+        else:
+            check_batch([("ref_kl_logps", ref_kl_logps)])
+            if ref_kl_logps.shape[0] != kl_hidden.shape[0]:
+                raise ValueError(f"ref_kl_logps has {ref_kl_logps.shape[0]} entries but kl_hidden holds "
+                                 f"{kl_hidden.shape[0]} sequences")
+            ref_kl = ref_kl_logps.to(cd)
+    return kto_reference_point(None, pol_kl, ref_kl, like=hidden)
 
 
 def _sequence_logps(hidden, weight, bias, labels, rows_impl, o, chunk, name):

@@ -121,6 +121,85 @@ def row_options(ignore_index, temperature, softcap, chunk_size):
                       temperature=float(temperature))
 
 
+def _resolve_loss_type(loss_type, *, beta, label_smoothing, loss_weights, f_divergence_type,
+                       f_alpha_divergence_coef, discopop_tau, bco_delta, use_weighting, ld_alpha, alpha):
+    """(types, kind, DPO spec or None, loss_type) of a ``loss_type`` string or list, its options checked: kind
+    "dpo" for DPO-family types (a list too), else the fused op's own (``cpo`` runs as "sigmoid")."""
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    spec = None
+    if all(t in DPO_LOSS_TYPES for t in types):
+        spec = dpo_spec(types, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
+                        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                        discopop_tau=discopop_tau, bco_delta=None if bco_delta is None else float(bco_delta),
+                        use_weighting=use_weighting)
+        kind = "dpo"
+    elif len(types) == 1 and types[0] in FUSED_LOSS_TYPES:
+        loss_type = types[0]
+        kind = "sigmoid" if loss_type == "cpo" else loss_type
+        check_loss_options(kind, FUSED_LOSS_TYPES, beta=beta, label_smoothing=label_smoothing)
+        if ld_alpha is not None or use_weighting:
+            raise ValueError(f"ld_alpha and use_weighting are DPO options; loss_type={loss_type!r} takes neither")
+    else:
+        bad = [t for t in types if t not in FUSED_LOSS_TYPES]
+        raise ValueError(f"unknown loss_type {(bad or types)[0]!r}; valid: {', '.join(FUSED_LOSS_TYPES)} "
+                         f"(a list may combine DPO-family types only)")
+    if alpha and kind not in ("simpo", "sigmoid"):
+        raise ValueError(f"alpha (AlphaPO) applies to loss_type 'simpo' and 'cpo', not {loss_type!r}")
+    if ld_alpha is not None and not 0.0 <= float(ld_alpha) <= 1.0:
+        raise ValueError(f"ld_alpha must be in [0, 1] (TRL's DPOConfig), got {ld_alpha}")
+    return types, kind, spec, loss_type
+
+
+def _check_pairs(needs_ref, reference_free, loss_type, ref_chosen_logps, ref_rejected_logps, ref_hidden, hidden):
+    """2B sequences in ``hidden``, and exactly one reference side when the loss needs one (none otherwise);
+    returns the given reference log-probs, chosen then rejected ``[2B]`` in the compute dtype, or None."""
+    b2 = hidden.shape[0]
+    if b2 == 0 or b2 % 2:
+        raise ValueError(f"hidden has {b2} sequences: it must hold the chosen batch then the rejected batch "
+                         f"(2B sequences, B >= 1), so an even, non-zero count")
+    n = b2 // 2
+    given = ref_chosen_logps is not None or ref_rejected_logps is not None
+    if not needs_ref:
+        if given or ref_hidden is not None:
+            why = "reference_free=True" if reference_free else f"loss_type={loss_type!r}"
+            raise ValueError(f"{why} uses no reference model: drop ref_chosen_logps/ref_rejected_logps/ref_hidden")
+    elif given and ref_hidden is not None:
+        raise ValueError("pass the reference log-probs (ref_chosen_logps, ref_rejected_logps) or the reference "
+                         "model's hidden states (ref_hidden), not both")
+    elif not given and ref_hidden is None:
+        raise ValueError(f"loss_type={loss_type!r} needs the reference model: pass ref_chosen_logps and "
+                         f"ref_rejected_logps, or ref_hidden (and ref_weight), or reference_free=True")
+    if given:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError("pass both ref_chosen_logps and ref_rejected_logps")
+        check_batch([("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)])
+        if ref_chosen_logps.shape[0] != n:
+            raise ValueError(f"ref_chosen_logps has {ref_chosen_logps.shape[0]} entries but hidden holds {n} pairs "
+                             f"({b2} sequences)")
+        if ref_chosen_logps.device != hidden.device:
+            raise ValueError(f"ref_chosen_logps is on {ref_chosen_logps.device} but hidden is on {hidden.device}")
+        return torch.cat([ref_chosen_logps.detach(), ref_rejected_logps.detach()]).to(compute_dtype(hidden.dtype))
+    return None
+
+
+def _external_nll(nll_target, nll_w, hidden, weight, bias, labels, ignore_index, softcap, temperature, shift,
+                  chunk_size, sync_free, backend):
+    """The NLL term over ``nll_target``'s chosen rows (a fused cross-entropy), or None without one."""
+    if nll_target is None:
+        return None
+    b2 = hidden.shape[0]
+    n = b2 // 2
+    if tuple(nll_target.shape) not in ((b2, labels.shape[1]), (n, labels.shape[1])):
+        raise ValueError(f"nll_target has shape {tuple(nll_target.shape)} but labels has shape "
+                         f"{tuple(labels.shape)}: give [2B, T] or [B, T] (the chosen rows)")
+    check_labels("nll_target", nll_target, nll_target.shape, weight.shape[0], ignore_index, hidden, "hidden")
+    if not nll_w:
+        return None
+    return linear_cross_entropy(hidden[:n], weight, nll_target[:n], bias=bias, ignore_index=ignore_index,
+                                softcap=softcap, temperature=temperature, shift=shift, chunk_size=chunk_size,
+                                sync_free=sync_free, backend=backend)
+
+
 # ------------------------------------------------------------------------------------------------ public
 
 
@@ -212,70 +291,19 @@ def fused_linear_preference_loss(
     fp32 (fp64 for fp64 input).
     """
     check_sequences(hidden, weight, bias, labels, ignore_index)
-    b2 = hidden.shape[0]
-    if b2 == 0 or b2 % 2:
-        raise ValueError(f"hidden has {b2} sequences: it must hold the chosen batch then the rejected batch "
-                         f"(2B sequences, B >= 1), so an even, non-zero count")
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    family = all(t in DPO_LOSS_TYPES for t in types)
-    spec = None
-    if family:
-        spec = dpo_spec(types, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
-                        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-                        discopop_tau=discopop_tau, bco_delta=None if bco_delta is None else float(bco_delta),
-                        use_weighting=use_weighting)
-        kind = "dpo"
-    elif len(types) == 1 and types[0] in FUSED_LOSS_TYPES:
-        loss_type = types[0]
-        kind = "sigmoid" if loss_type == "cpo" else loss_type
-        check_loss_options(kind, FUSED_LOSS_TYPES, beta=beta, label_smoothing=label_smoothing)
-        if ld_alpha is not None or use_weighting:
-            raise ValueError(f"ld_alpha and use_weighting are DPO options; loss_type={loss_type!r} takes neither")
-    else:
-        bad = [t for t in types if t not in FUSED_LOSS_TYPES]
-        raise ValueError(f"unknown loss_type {(bad or types)[0]!r}; valid: {', '.join(FUSED_LOSS_TYPES)} "
-                         f"(a list may combine DPO-family types only)")
-    if alpha and kind not in ("simpo", "sigmoid"):
-        raise ValueError(f"alpha (AlphaPO) applies to loss_type 'simpo' and 'cpo', not {loss_type!r}")
-    if ld_alpha is not None and not 0.0 <= float(ld_alpha) <= 1.0:
-        raise ValueError(f"ld_alpha must be in [0, 1] (TRL's DPOConfig), got {ld_alpha}")
+    types, kind, spec, loss_type = _resolve_loss_type(
+        loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau, bco_delta=bco_delta, use_weighting=use_weighting, ld_alpha=ld_alpha, alpha=alpha)
     o = row_options(ignore_index, temperature, softcap, chunk_size)
-    n = b2 // 2
-    needs_ref = family and not reference_free
-    given = ref_chosen_logps is not None or ref_rejected_logps is not None
-    if not needs_ref:
-        if given or ref_hidden is not None:
-            why = "reference_free=True" if reference_free else f"loss_type={loss_type!r}"
-            raise ValueError(f"{why} uses no reference model: drop ref_chosen_logps/ref_rejected_logps/ref_hidden")
-    elif given and ref_hidden is not None:
-        raise ValueError("pass the reference log-probs (ref_chosen_logps, ref_rejected_logps) or the reference "
-                         "model's hidden states (ref_hidden), not both")
-    elif not given and ref_hidden is None:
-        raise ValueError(f"loss_type={loss_type!r} needs the reference model: pass ref_chosen_logps and "
-                         f"ref_rejected_logps, or ref_hidden (and ref_weight), or reference_free=True")
-    if given:
-        if ref_chosen_logps is None or ref_rejected_logps is None:
-            raise ValueError("pass both ref_chosen_logps and ref_rejected_logps")
-        check_batch([("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)])
-        if ref_chosen_logps.shape[0] != n:
-            raise ValueError(f"ref_chosen_logps has {ref_chosen_logps.shape[0]} entries but hidden holds {n} pairs "
-                             f"({b2} sequences)")
-        if ref_chosen_logps.device != hidden.device:
-            raise ValueError(f"ref_chosen_logps is on {ref_chosen_logps.device} but hidden is on {hidden.device}")
+    ref_given = _check_pairs(kind == "dpo" and not reference_free, reference_free, loss_type, ref_chosen_logps,
+                             ref_rejected_logps, ref_hidden, hidden)
     if ref_hidden is not None:
         ref_hidden, ref_weight, ref_bias = check_ref_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     average = (kind in _AVERAGED_BY_DEFAULT) if average_logps is None else bool(average_logps)
     nll_w = (1.0 if loss_type in _NLL_BY_DEFAULT else 0.0) if nll_weight is None else float(nll_weight)
-    ext_nll = None
-    if nll_target is not None:
-        if tuple(nll_target.shape) not in ((b2, labels.shape[1]), (n, labels.shape[1])):
-            raise ValueError(f"nll_target has shape {tuple(nll_target.shape)} but labels has shape "
-                             f"{tuple(labels.shape)}: give [2B, T] or [B, T] (the chosen rows)")
-        check_labels("nll_target", nll_target, nll_target.shape, weight.shape[0], ignore_index, hidden, "hidden")
-        if nll_w:
-            ext_nll = linear_cross_entropy(hidden[:n], weight, nll_target[:n], bias=bias, ignore_index=ignore_index,
-                                           softcap=softcap, temperature=temperature, shift=shift,
-                                           chunk_size=chunk_size, sync_free=sync_free, backend=backend)
+    ext_nll = _external_nll(nll_target, nll_w, hidden, weight, bias, labels, ignore_index, softcap, temperature,
+                            shift, chunk_size, sync_free, backend)
     seq_lengths = (labels != ignore_index).sum(dim=1) if shift else None  # TRL's unshifted completion_mask.sum()
     if shift:
         labels = reference.shift_labels(labels, ignore_index)
@@ -299,10 +327,6 @@ def fused_linear_preference_loss(
                       chunk=chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype),
                       sync_free=want_sync_free(sync_free, hidden.device),
                       grow_to=grow_to(chunk_size, weight, hidden))
-    ref_given = None
-    if given:
-        cd = compute_dtype(hidden.dtype)
-        ref_given = torch.cat([ref_chosen_logps.detach(), ref_rejected_logps.detach()]).to(cd)
     loss, losses, pc, pr, cw, rw, log_odds, ratio, nll = FusedLinearPreferenceFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, None if ref_hidden is None else
         ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, ref_given, None, None, cfg,

@@ -6,12 +6,14 @@ pass (the Triton kernel ``ptkernels/kernels/grpo.py`` or the same math in PyTorc
 normalizer folded into a per-token weight that is known before the pass:
 
     grpo, sapo, gmpo  1 / (B * max(L_b, 1))     bnpo  1 / max(sum L, 1)     luspo  1 / B
-    dr_grpo  1 / (B * max_completion_length)    dapo, cispo, vespo  1 / num_items_in_batch  (default 1 / max(sum L, 1))
+    dr_grpo  1 / (B * max_completion_length)    dapo, cispo, vespo, clip_cov, kl_cov  1 / num_items_in_batch
+                                                (default 1 / max(sum L, 1))
 
 and the policy term's per-token weights (sampler IS ratio, off-policy mask, top-entropy mask, VESPO's phi;
-``grpo_weights.py``) computed before it, so the loss is a plain sum of per-row partial sums and the gradient is
-ready after the forward pass (backward only scales it by the incoming scalar gradient). The same row function
-is the loss half of ``fused_linear_grpo_loss``.
+``grpo_weights.py``; Clip-Cov / KL-Cov's token selection, ``grpo_cov.py``) computed before it, so the loss is a
+plain sum of per-row partial sums and the gradient is ready after the forward pass (backward only scales it by
+the incoming scalar gradient). The same row function is the loss half of ``fused_linear_grpo_loss``. Argument
+checks: ``grpo_checks.py``; the batch-level normalizers, masks and metrics: ``grpo_terms.py``.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import math
 import torch
 
 from ..reference import rl as ref_rl
-from ..types import AGGREGATIONS, IS_LEVELS, LOSS_TYPES, REWARD_SCALES, GRPOOutput, compute_dtype
+from ..types import AGGREGATIONS, REWARD_SCALES, GRPOOutput, compute_dtype
 from . import backends
-from .backends.base import GRPO_KINDS, GRPOParams
-from .core.checks import check_float, check_same
+from .backends.base import GRPOParams
+from .core.checks import check_float
 from .core.dispatch import resolve_backend
-from .grpo_weights import WeightOptions, check_is_mode, finish_is_metrics, is_partials, policy_weights
+from .grpo_checks import check_advantages, check_loss_options, check_mask, check_token_floats, loss_options
+from .grpo_cov import cov_selection, policy_token_weight, selected_fraction, with_kl_cov
+from .grpo_terms import entropy_terms, finish_metrics, make_output, row_normalizers, top_entropy_mask
+from .grpo_weights import is_partials, policy_weights
 
-__all__ = ["GRPOOutput", "grpo_loss", "group_advantages"]
+__all__ = ["GRPOOutput", "grpo_loss", "group_advantages", "top_entropy_mask"]
 
 
 # ------------------------------------------------------------------------------------------ advantages
@@ -109,123 +114,6 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "gr
         return backends.get(name, "group_advantages")(r, group_size, scale, float(eps))
 
 
-# ------------------------------------------------------------------------------------------ arguments
-
-
-def check_grpo_options(*, beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
-                       max_completion_length, num_items_in_batch, has_ref: bool, bias_corrected_kl=True,
-                       sapo_temperature_pos=1.0, sapo_temperature_neg=1.05) -> GRPOParams:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {', '.join(IS_LEVELS)}; "
-                         f"got {importance_sampling_level!r}")
-    if not epsilon_low >= 0:
-        raise ValueError(f"epsilon_low must be >= 0, got {epsilon_low}")
-    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    if not epsilon_high >= 0:
-        raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
-    if delta is not None and not delta > 0:
-        raise ValueError(f"delta must be None or > 0 (TRL recommends > 1 + epsilon_high), got {delta}")
-    if delta is not None and GRPO_KINDS[loss_type] != 0:
-        raise ValueError(f"delta (two-sided clipping) applies to the clipped loss types, not loss_type={loss_type!r}")
-    if beta != 0.0 and not has_ref:
-        raise ValueError("beta != 0 needs ref_logps (the reference model's per-token log-probs)")
-    if max_completion_length is not None and (not isinstance(max_completion_length, int)
-                                              or max_completion_length <= 0):
-        raise ValueError(f"max_completion_length must be None or a positive int, got {max_completion_length!r}")
-    if isinstance(num_items_in_batch, (int, float)) and not num_items_in_batch > 0:
-        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
-    if not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
-        raise ValueError(f"sapo_temperature_pos/neg must be > 0, got {sapo_temperature_pos}, {sapo_temperature_neg}")
-    kind = GRPO_KINDS[loss_type]
-    return GRPOParams(float(epsilon_low), float(epsilon_high), None if delta is None else float(delta),
-                      float(beta), importance_sampling_level == "sequence" or kind == 4, has_ref, kind=kind,
-                      bias_kl=bool(bias_corrected_kl) and kind != 4 and has_ref, cap=float(epsilon_high),
-                      tau_pos=float(sapo_temperature_pos), tau_neg=float(sapo_temperature_neg))
-
-
-def check_weight_options(*, loss_type, sampler_logps, vllm_importance_sampling_mode,
-                         vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max,
-                         off_policy_mask_threshold, top_entropy_quantile, entropy_coef, vespo) -> WeightOptions:
-    if not 0.0 < top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
-    if not math.isfinite(entropy_coef):
-        raise ValueError(f"entropy_coef must be finite, got {entropy_coef}")
-    is_mode = None
-    if sampler_logps is not None:
-        check_is_mode(vllm_importance_sampling_mode)
-        lo, hi = vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max
-        if vllm_importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
-            raise ValueError("vllm_importance_sampling_mode='*_truncate' needs vllm_importance_sampling_clip_min or "
-                             "vllm_importance_sampling_clip_max")
-        if lo is not None and hi is not None and not lo < hi:
-            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be < vllm_importance_sampling_clip_max "
-                             f"({hi})")
-        if loss_type == "gmpo":
-            raise ValueError("loss_type='gmpo' takes no sampler_logps (TRL's GMPOTrainer has no importance-sampling "
-                             "correction)")
-        is_mode = vllm_importance_sampling_mode
-    return WeightOptions(
-        is_mode=is_mode,
-        clip_min=None if vllm_importance_sampling_clip_min is None else float(vllm_importance_sampling_clip_min),
-        clip_max=None if vllm_importance_sampling_clip_max is None else float(vllm_importance_sampling_clip_max),
-        opsm_threshold=None if off_policy_mask_threshold is None else float(off_policy_mask_threshold),
-        vespo=tuple(float(x) for x in vespo) if loss_type == "vespo" else None, fold_is=loss_type != "vespo")
-
-
-def check_token_tensor(name: str, t: torch.Tensor, shape, like: torch.Tensor, like_name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(t.shape)} but {like_name} implies {tuple(shape)}")
-    check_same(name, t, like_name, like, dtype=False)
-
-
-def check_mask(name: str, mask: torch.Tensor, shape, like: torch.Tensor, like_name: str) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [B, T], got shape {tuple(mask.shape)}")
-    check_token_tensor(name, mask, shape, like, like_name)
-
-
-def check_advantages(advantages: torch.Tensor, b: int, like: torch.Tensor, like_name: str) -> None:
-    check_float("advantages", advantages)
-    if tuple(advantages.shape) != (b,):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)} but {like_name} implies ({b},): "
-                         "one advantage per sequence")
-    check_same("advantages", advantages, like_name, like, dtype=False)
-
-
-def row_normalizers(mask: torch.Tensor, loss_type: str, max_completion_length, num_items_in_batch):
-    """``[B]`` per-sequence weights 1 / normalizer of the loss type (see the module docstring); no sync."""
-    b, t = mask.shape
-    cd = mask.dtype
-    if loss_type in ("grpo", "sapo", "gmpo"):
-        return 1.0 / (b * mask.sum(-1).clamp(min=1.0))
-    if loss_type == "luspo":
-        return torch.full((b,), 1.0 / b, dtype=cd, device=mask.device)
-    if loss_type == "dr_grpo":
-        length = max_completion_length if max_completion_length is not None else t
-        return torch.full((b,), 1.0 / (b * length), dtype=cd, device=mask.device)
-    if loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            n = num_items_in_batch.detach().to(device=mask.device, dtype=cd).reshape(())
-            return (1.0 / n).expand(b)
-        return torch.full((b,), 1.0 / float(num_items_in_batch), dtype=cd, device=mask.device)
-    # bnpo, and dapo / cispo / vespo without num_items_in_batch: every completion token of the batch
-    return (1.0 / mask.sum().clamp(min=1.0)).expand(b)
-
-
-def finish_metrics(kl_sum, low_sum, high_sum, region_sum, n_tokens, n_seqs, seq_level: bool):
-    """Batch metrics from the summed per-row partials, as TRL's masked_batch_mean."""
-    count = n_tokens.clamp(min=1.0)
-    kl = kl_sum / count
-    den = max(n_seqs, 1) if seq_level else count
-    return kl, region_sum / den, low_sum / den, high_sum / den
-
-
 # ------------------------------------------------------------------------------------------ autograd
 
 
@@ -253,23 +141,6 @@ class GRPOLossFunction(torch.autograd.Function):
         if grad is None or g_loss is None:
             return (None,) * 9
         return (grad * g_loss).to(ctx.dtype), None, None, None, None, None, None, None, None
-
-
-def top_entropy_mask(entropies: torch.Tensor, m: torch.Tensor, quantile: float) -> torch.Tensor:
-    """TRL's ``get_high_entropy_mask`` (one process): 1 where ``H m >= quantile(valid H, 1 - quantile)`` and m != 0.
-    ``torch.quantile`` of the valid entropies (linear interpolation); no token valid: all 0. No host sync."""
-    valid = m != 0
-    h = entropies.detach().to(m.dtype)
-    # the valid entropies sorted first, +inf after them: quantile by hand over the first n (n is a tensor)
-    n = valid.sum()
-    srt = torch.sort(torch.where(valid, h, torch.full_like(h, math.inf)).reshape(-1)).values
-    pos = (1.0 - quantile) * (n - 1).clamp(min=0).to(m.dtype)
-    i0 = pos.floor().long()
-    i1 = (i0 + 1).clamp(max=(n - 1).clamp(min=0))
-    frac = pos - i0.to(m.dtype)
-    lo_v, hi_v = srt[i0.clamp(min=0)], srt[i1.clamp(min=0)]
-    thr = lo_v + frac * (hi_v - lo_v)
-    return ((h * m >= thr) & valid & (n > 0)).to(m.dtype)
 
 
 def grpo_loss(
@@ -302,6 +173,12 @@ def grpo_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 2e-4,
+    kl_cov_coef: float = 0.1,
+    generator: torch.Generator | None = None,
     backend: str = "auto",
 ) -> GRPOOutput:
     """GRPO-family loss on per-token log-probs ``[B, T]``: TRL 1.16.0's ``GRPOTrainer._compute_loss`` (and its
@@ -322,11 +199,22 @@ def grpo_loss(
         l_t = P_t * keep_b * emask_t * is_ratio (not vespo) + beta * kl_t   (the KL is never masked or weighted)
         grpo, sapo: (1/B) sum_b sum_t l m / max(L_b, 1);   bnpo: sum l m / max(sum m, 1)
         dr_grpo: sum l m / (B * max_completion_length)  (default T);   luspo: (1/B) sum_b sum_t l m
-        dapo, cispo, vespo: sum l m / num_items_in_batch  (default: max(sum m, 1))
+        dapo, cispo, vespo, clip_cov, kl_cov: sum l m / num_items_in_batch  (default: max(sum m, 1))
         gmpo: (1/B) sum_b [-exp(sum_t c_t m e_t / max(sum_t m e_t, 1)) A_b + beta sum_t k3 m / max(L_b, 1)],
               c_t = log_ratio clipped into [-eps_low, eps_high] on A's side (min if A > 0, max otherwise); TRL's
               GMPOConfig default is epsilon 0.4 (pass it: ptkernels keeps 0.2 as every loss type's default)
         loss -= entropy_coef * sum(H m e) / max(sum(m e), 1)     (e = emask or 1; every loss type, TRL 1.16)
+        clip_cov, kl_cov: verl's entropy-collapse controls (``compute_policy_loss_clip_cov`` / ``_kl_cov``),
+              token-level, normalized as dapo (verl's token-mean), over the batch's valid tokens with
+              cov = (A - mean A)(logp - mean logp):
+          clip_cov: P = -min(r A, clamp(r, 1 - eps_low, 1 + eps_high) A) * (1 - sel), sel = 1 on
+              max(int(clip_cov_ratio sum m), 1) tokens drawn at random (``torch.randperm`` with ``generator``)
+              among the valid, not already clipped ones with clip_cov_lb < cov < clip_cov_ub (their gradient is
+              cut; verl's clip_ratio is eps_low / eps_high, default 0.2)
+          kl_cov:   P = -r A + kl_cov_coef * sel * |logp - old|, sel = 1 on the top-max(1, int(N kl_cov_ratio)) of
+              the N valid tokens by cov (none when kl_cov_ratio = 0); no clip
+          Defaults are verl's (clip_cov_ratio 2e-4, lb 1, ub 5; kl_cov_ratio 2e-4, ppo_kl_coef 0.1). The selection
+          is a batch-level step before the row pass (one host synchronization); ``cov_selected_fraction`` reports it.
 
     Options (all off by default; the numerics are then those of the plain loss):
         bias_corrected_kl: TRL 1.16's ``use_bias_correction_kl`` (default True there and here, so the KL term's
@@ -357,72 +245,40 @@ def grpo_loss(
     fp32 (fp64 for fp64 input). ``mask`` may be bool, integer or float (token weights). ``backend``: "auto",
     "reference", "torch", "triton", "native" (see ``ptkernels.backends()``).
     """
+    options = loss_options(locals())  # the loss's keyword options by name, as the reference takes them
     check_float("logps", logps)
     if logps.dim() != 2:
         raise ValueError(f"logps must be 2-D [B, T], got shape {tuple(logps.shape)}")
     shape = tuple(logps.shape)
-    for name_, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampler_logps", sampler_logps),
-                     ("entropies", entropies)):
-        if x is not None:
-            check_float(name_, x)
-            check_token_tensor(name_, x, shape, logps, "logps")
+    check_token_floats(shape, logps, "logps", old_logps=old_logps, ref_logps=ref_logps, sampler_logps=sampler_logps,
+                       entropies=entropies)
     check_mask("mask", mask, shape, logps, "logps")
     check_advantages(advantages, shape[0], logps, "logps")
-    p = check_grpo_options(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-                           loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                           max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-                           has_ref=ref_logps is not None, bias_corrected_kl=bias_corrected_kl,
-                           sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
-    vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
-    wo = check_weight_options(loss_type=loss_type, sampler_logps=sampler_logps,
-                              vllm_importance_sampling_mode=vllm_importance_sampling_mode,
-                              vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
-                              vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
-                              off_policy_mask_threshold=off_policy_mask_threshold,
-                              top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef, vespo=vespo)
+    p, wo = check_loss_options(options, ref_logps=ref_logps, sampler_logps=sampler_logps)
     if (entropy_coef != 0.0 or top_entropy_quantile < 1.0) and entropies is None:
         raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need entropies [B, T] (the per-token "
                          "entropies of the policy; fused_linear_grpo_loss computes them itself)")
     name = resolve_backend(backend, logps.device)
     if name == "reference":
-        return ref_rl.grpo_loss(
-            logps, old_logps, advantages, mask, ref_logps=ref_logps, beta=beta, epsilon_low=epsilon_low,
-            epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-            importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch, entropies=entropies, entropy_coef=entropy_coef,
-            bias_corrected_kl=bias_corrected_kl, top_entropy_quantile=top_entropy_quantile,
-            off_policy_mask_threshold=off_policy_mask_threshold, sampler_logps=sampler_logps,
-            vllm_importance_sampling_mode=vllm_importance_sampling_mode,
-            vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
-            vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
-            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-            vespo_lambda_neg=vespo_lambda_neg)
+        return ref_rl.grpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps, entropies=entropies,
+                                sampler_logps=sampler_logps, **options)
     cd = compute_dtype(logps.dtype)
     m = mask.detach().to(cd)
     norm = row_normalizers(m, loss_type, max_completion_length, num_items_in_batch)
     adv = advantages.detach().to(cd)
     emask = top_entropy_mask(entropies, m, top_entropy_quantile) if top_entropy_quantile < 1.0 else None
+    lp = logps.detach().to(cd)
+    old = lp if old_logps is None else old_logps.detach().to(cd)
+    sel = cov_selection(options, lp, old, adv, m)  # clip_cov / kl_cov's tokens (None for the other types)
+    tokw = policy_token_weight(emask, sel, loss_type)
     pw, acc = None, None
-    if wo.any or emask is not None:
-        lp = logps.detach().to(cd)
-        old = lp if old_logps is None else old_logps.detach().to(cd)
+    if wo.any or tokw is not None:
         sampler = sampler_logps.detach().to(cd) if sampler_logps is not None else None
         acc = is_partials(cd, logps.device) if wo.is_mode is not None else None
-        pw = policy_weights(lp, old, adv.unsqueeze(1), m, wo, sampler=sampler, emask=emask, acc=acc)
-    loss, kl, region, low, high = GRPOLossFunction.apply(logps, old_logps, ref_logps, adv, m, norm, pw, p,
-                                                         backends.get(name, "grpo_rows"))
-    entropy = None
-    if entropies is not None:
-        h = entropies.to(cd)
-        zero = torch.zeros((), dtype=cd, device=logps.device)
-        entropy = (torch.where(m != 0, h.detach() * m, zero).sum() / m.sum().clamp(min=1.0))
-        if entropy_coef != 0.0:
-            eff = m if emask is None else m * emask
-            loss = loss - entropy_coef * torch.where(eff != 0, h * eff, zero).sum() / eff.sum().clamp(min=1.0)
-    extra = {}
-    if acc is not None:
-        d, f, mean, mx = finish_is_metrics(acc)
-        extra = dict(sampler_abs_logp_diff=d, is_masked_fraction=f, is_weight_mean=mean, is_weight_max=mx)
-    return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low, clip_ratio_high=high,
-                      entropy=entropy, **extra)
+        pw = policy_weights(lp, old, adv.unsqueeze(1), m, wo, sampler=sampler, emask=tokw, acc=acc)
+    rows_fn = backends.get(name, "grpo_rows")
+    if loss_type == "kl_cov":
+        rows_fn = with_kl_cov(rows_fn, sel, float(kl_cov_coef))
+    loss, kl, region, low, high = GRPOLossFunction.apply(logps, old_logps, ref_logps, adv, m, norm, pw, p, rows_fn)
+    loss, entropy = entropy_terms(loss, entropies, m, emask, entropy_coef)
+    return make_output(loss, kl, region, low, high, entropy, acc, selected_fraction(sel, m))

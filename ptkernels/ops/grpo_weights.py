@@ -19,7 +19,7 @@ from ..types import SAMPLER_IS_MODES
 
 @dataclass(frozen=True)
 class WeightOptions:
-    """What ``policy_weights`` computes; built once per call by ``ops.grpo.check_weight_options``."""
+    """What ``policy_weights`` computes; built once per call by ``ops.grpo_checks.check_weight_options``."""
 
     is_mode: str | None = None  # a SAMPLER_IS_MODES entry when sampler_logps is given
     clip_min: float | None = None

@@ -16,7 +16,7 @@ from ..types import PPOPolicyOutput, PPOValueOutput, compute_dtype
 from . import backends
 from .core.checks import check_float, check_same
 from .core.dispatch import resolve_backend
-from .grpo import check_weight_options
+from .grpo_checks import check_weight_options
 from .grpo_weights import WeightOptions, finish_is_metrics, is_partials, policy_weights
 
 __all__ = ["PPOPolicyOutput", "PPOValueOutput", "gae", "masked_mean", "masked_var", "masked_whiten",

@@ -12,9 +12,6 @@ Notation: ``logps``, ``old_logps``, ``ref_logps``, ``mask`` are ``[B, T]`` (B se
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import torch
 
 from ..types import (  # noqa: F401 - re-exported: the oracle returns the public types
@@ -26,6 +23,18 @@ from ..types import (  # noqa: F401 - re-exported: the oracle returns the public
     GRPOOutput,
     PPOPolicyOutput,
     PPOValueOutput,
+)
+from .grpo import (  # noqa: F401 - the GRPO loss's oracle (reference/grpo.py), re-exported here
+    POLICY_TERMS,
+    aggregate,
+    gmpo_loss,
+    grpo_loss,
+    grpo_normalizer,
+    importance_weight_log,
+    linear_grpo_loss,
+    off_policy_sequence_mask,
+    sampler_importance_weights,
+    top_entropy_mask,
 )
 
 # --------------------------------------------------------------------------------------------------- KL
@@ -152,260 +161,6 @@ def remax_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, baseline: 
     m = mask.to(token_rewards.dtype)
     returns = (token_rewards * m).flip(-1).cumsum(-1).flip(-1)
     return returns - baseline.unsqueeze(1) * m, returns
-
-
-def grpo_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length=None, num_items_in_batch=None):
-    """The divisor of ``sum(per_token_loss * mask)`` in each of TRL's loss types (a scalar or ``[B]``)."""
-    b, t = mask.shape
-    if loss_type in ("grpo", "sapo"):
-        return b * mask.sum(-1).clamp(min=1.0)
-    if loss_type == "bnpo":
-        return mask.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        return b * (max_completion_length if max_completion_length is not None else t)
-    if loss_type in ("dapo", "cispo", "vespo"):
-        return num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
-    if loss_type == "luspo":
-        return b
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-
-
-def top_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
-    """TRL's ``get_high_entropy_mask`` (one process): ``thr = torch.quantile(valid entropies, 1 - quantile)``,
-    ``(H m >= thr) & m``; all False when no token is valid."""
-    valid = mask.bool()
-    if not valid.any():
-        return torch.zeros_like(valid)
-    thr = torch.quantile(entropies.detach()[valid], 1.0 - quantile)
-    return ((entropies.detach() * mask) >= thr) & valid
-
-
-def sampler_importance_weights(old_logps, sampler_logps, mask, *, mode="sequence_mask", clip_min=None,
-                               clip_max=3.0):
-    """TRL 1.16's vLLM importance-sampling correction (``_generate_and_score_completions``):
-    ``diff = nan_to_num((old - sampler) m, 0)``;
-
-        token_truncate     clamp(exp(diff), clip_min, clip_max)               [B, T]   (TIS)
-        token_mask         exp(diff), 0 outside [clip_min, clip_max]          [B, T]   (MIS)
-        sequence_truncate  clamp(exp(sum_t diff), clip_min, clip_max)         [B, 1]
-        sequence_mask      exp(sum_t diff), 0 outside [clip_min, clip_max]    [B, 1]
-    A bound of None is no bound. Returns ``(ratio, metrics)``: metrics mean |diff| over valid tokens, the
-    fraction of tokens (sequences) outside the bounds, the mean and max ratio over valid tokens (sequences)."""
-    m = mask.to(old_logps.dtype)
-    diff = torch.nan_to_num((old_logps - sampler_logps) * m, nan=0.0)
-    seq = mode.startswith("sequence")
-    raw = torch.exp(diff.sum(-1, keepdim=True)) if seq else torch.exp(diff)
-    lo = -float("inf") if clip_min is None else clip_min
-    hi = float("inf") if clip_max is None else clip_max
-    outside = (raw < lo) | (raw > hi)
-    ratio = raw.clamp(min=clip_min, max=clip_max) if mode.endswith("truncate") else raw.masked_fill(outside, 0.0)
-    count = m.sum().clamp(min=1.0)
-    if seq:
-        metrics = dict(masked=outside.to(m.dtype).mean(), mean=ratio.mean(), max=ratio.max())
-    else:
-        sel = m != 0
-        metrics = dict(masked=(outside.to(m.dtype) * m).sum() / count, mean=(ratio * m).sum() / count,
-                       max=ratio[sel].max() if sel.any() else torch.zeros((), dtype=m.dtype))
-    metrics["abs_diff"] = diff.abs().sum() / count
-    return ratio, metrics
-
-
-def grpo_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    ref_logps: torch.Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch=None,
-    entropies: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    bias_corrected_kl: bool = True,
-    top_entropy_quantile: float = 1.0,
-    off_policy_mask_threshold: float | None = None,
-    sampler_logps: torch.Tensor | None = None,
-    vllm_importance_sampling_mode: str = "sequence_mask",
-    vllm_importance_sampling_clip_min: float | None = None,
-    vllm_importance_sampling_clip_max: float | None = 3.0,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-) -> GRPOOutput:
-    """TRL 1.16.0's ``GRPOTrainer._compute_loss`` (one process, gradient accumulation 1) on given per-token
-    log-probs, line for line; ``loss_type="gmpo"`` is TRL 1.16's ``experimental/gmpo`` ``GMPOTrainer``.
-
-        old_logps None: logps.detach();  A = advantages[:, None]
-        emask = top_entropy_mask(entropies, m, q)                    when top_entropy_quantile q < 1
-        keep  = (A >= 0) | (sum_t nan_to_num(s - logps.detach()) m / max(L, 1) <= thr)   OPSM, s = sampler
-                                                                       logps, else old
-        log_ratio = logps - old;  w = log_ratio (token) or sum_t(log_ratio m) / max(L_b, 1) [B, 1] (sequence)
-        coef_1 = exp(w);  kl = k3(logps, ref) * (coef_1 if bias_corrected_kl)
-        grpo, bnpo, dr_grpo, dapo, luspo: l = -min(min(coef_1, delta) A, clamp(coef_1, 1-eps_low, 1+eps_high) A)
-        cispo: l = -sg(min(coef_1, eps_high)) A logps            (eps_high the raw bound)
-        sapo:  l = -sigmoid(tau (coef_1 - 1)) 4 / tau A,  tau = tau_pos if A > 0 else tau_neg
-        vespo: l = -phi A logps, phi = sg(exp(lam + k lw - lam e^lw)), lw = clamp(sum_t clamp(log_ratio, -20, 20) m
-               (+ sum_t clamp(log is_ratio, log 1e-8, 20)), log 1e-8, 20), (k, lam) by sign(A >= 0)
-        l = l * keep * emask * is_ratio (not for vespo) + beta * kl
-        grpo, sapo: mean_b(sum_t l m / max(L_b, 1));  bnpo: sum l m / max(sum m, 1)
-        dr_grpo: sum l m / (B max_completion_length);  dapo, cispo, vespo: sum l m / num_items_in_batch
-        luspo: mean_b(sum_t l m)
-        loss -= entropy_coef * sum(H m emask) / max(sum(m emask), 1)        (every loss type)
-        gmpo: l_b = -exp(sum_t clip_t m emask / max(sum_t m emask, 1)) A_b + beta sum_t k3 m / max(L_b, 1),
-              clip_t = min(log_ratio, clamp(log_ratio, -eps_low, eps_high)) if A > 0 else max(...); loss = mean_b
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    mask = mask.to(logps.dtype)
-    if old_logps is None:
-        old_logps = logps.detach()
-    A = advantages.unsqueeze(1)
-    emask = None
-    if top_entropy_quantile < 1.0:
-        emask = top_entropy_mask(entropies, mask, top_entropy_quantile).to(logps.dtype)
-    is_ratio, is_metrics = None, None
-    if sampler_logps is not None:
-        is_ratio, is_metrics = sampler_importance_weights(
-            old_logps, sampler_logps, mask, mode=vllm_importance_sampling_mode,
-            clip_min=vllm_importance_sampling_clip_min, clip_max=vllm_importance_sampling_clip_max)
-    keep = None
-    if off_policy_mask_threshold is not None:
-        sampling = sampler_logps if sampler_logps is not None else old_logps
-        kl_s = torch.nan_to_num(sampling - logps.detach(), nan=0.0)
-        avg = (kl_s * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-        keep = ((A >= 0) | (avg <= off_policy_mask_threshold)).to(logps.dtype)
-    per_token_kl = None
-    if ref_logps is not None:
-        per_token_kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
-    elif beta != 0.0:
-        raise ValueError("beta != 0 needs ref_logps")
-    log_ratio = logps - old_logps
-    low = high = None
-    if loss_type == "gmpo":
-        cl = torch.clamp(log_ratio, -epsilon_low, epsilon_high)
-        clipped = torch.where(A > 0, torch.minimum(log_ratio, cl), torch.maximum(log_ratio, cl))
-        em = mask if emask is None else mask * emask
-        pm = em if keep is None else em * keep
-        coef = torch.exp((clipped * pm).sum(-1) / pm.sum(-1).clamp(min=1.0))
-        per_seq = -coef * advantages
-        if beta != 0.0:
-            per_seq = per_seq + beta * (per_token_kl * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        loss = per_seq.mean()
-    else:
-        if importance_sampling_level == "token":
-            liw = log_ratio
-        elif importance_sampling_level == "sequence":
-            liw = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        else:
-            raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, "
-                             f"got {importance_sampling_level!r}")
-        coef_1 = torch.exp(liw)
-        if per_token_kl is not None and bias_corrected_kl:
-            per_token_kl = per_token_kl * coef_1
-        if loss_type == "cispo":
-            per_token_loss = -torch.clamp(coef_1, max=epsilon_high).detach() * A * logps
-            high = (coef_1 > epsilon_high) & (A > 0)
-        elif loss_type == "sapo":
-            tau = torch.where(A > 0, torch.full_like(A, sapo_temperature_pos), torch.full_like(A, sapo_temperature_neg))
-            per_token_loss = -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * A
-        elif loss_type == "vespo":
-            with torch.no_grad():
-                lower = math.log(1e-8)
-                slr = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
-                if is_ratio is not None:
-                    slr = slr + torch.clamp(torch.log(is_ratio), lower, 20.0).sum(-1, keepdim=True)
-                lw = torch.clamp(slr, lower, 20.0)
-                nonneg = A >= 0
-                k = torch.where(nonneg, torch.full_like(A, vespo_k_pos), torch.full_like(A, vespo_k_neg))
-                lam = torch.where(nonneg, torch.full_like(A, vespo_lambda_pos),
-                                  torch.full_like(A, vespo_lambda_neg)).clamp(min=1e-4)
-                phi = torch.exp(lam + k * lw - lam * torch.exp(lw)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-            per_token_loss = -phi * A * logps
-        else:
-            coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-            if delta is not None:
-                coef_1 = torch.clamp(coef_1, max=delta)
-            per_token_loss = -torch.min(coef_1 * A, coef_2 * A)
-            low = (coef_1 < 1 - epsilon_low) & (A < 0)
-            high = (coef_1 > 1 + epsilon_high) & (A > 0)
-        if keep is not None:
-            per_token_loss = per_token_loss * keep
-        if emask is not None:
-            per_token_loss = per_token_loss * emask
-        if is_ratio is not None and loss_type != "vespo":
-            per_token_loss = per_token_loss * is_ratio
-        if beta != 0.0:
-            per_token_loss = per_token_loss + beta * per_token_kl
-        per_token_loss = per_token_loss.expand_as(mask)
-        if loss_type in ("grpo", "sapo"):
-            loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-        elif loss_type == "luspo":
-            loss = (per_token_loss * mask).sum(-1).mean()
-        else:
-            loss = (per_token_loss * mask).sum() / grpo_normalizer(mask, loss_type, max_completion_length,
-                                                                     num_items_in_batch)
-    ent = None
-    if entropy_coef != 0.0:
-        eff = mask if emask is None else mask * emask
-        loss = loss - entropy_coef * (entropies * eff).sum() / eff.sum().clamp(min=1.0)
-    count = mask.sum().clamp(min=1.0)
-    seq_metrics = importance_sampling_level == "sequence" and loss_type != "gmpo"
-
-    def masked_batch_mean(x):
-        if seq_metrics and x.shape[1] == 1:
-            return x.mean()
-        return (x.expand_as(mask) * mask).sum() / count
-
-    with torch.no_grad():
-        zero = torch.zeros((), dtype=logps.dtype)
-        kl = masked_batch_mean(per_token_kl) if per_token_kl is not None else zero
-        low_m = masked_batch_mean(low.to(logps.dtype)) if low is not None else zero
-        high_m = masked_batch_mean(high.to(logps.dtype)) if high is not None else zero
-        region = masked_batch_mean((low | high).to(logps.dtype)) if low is not None else high_m
-        if entropies is not None:
-            ent = (entropies.detach() * mask).sum() / count
-        extra = {}
-        if is_metrics is not None:
-            extra = dict(sampler_abs_logp_diff=is_metrics["abs_diff"], is_masked_fraction=is_metrics["masked"],
-                         is_weight_mean=is_metrics["mean"], is_weight_max=is_metrics["max"])
-        return GRPOOutput(loss=loss, kl=kl, clip_ratio=region, clip_ratio_low=low_m, clip_ratio_high=high_m,
-                          entropy=ent, **extra)
-
-
-def linear_grpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    old_logps: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    **options,
-) -> GRPOOutput:
-    """``grpo_loss`` on log-probs from the full logits ``hidden [B, T, D] @ weight.T (+ bias)``, divided by the
-    temperature (``hidden[b, t]`` predicts ``completion_ids[b, t]``); entropies (differentiable) as TRL's
-    ``entropy_from_logits`` of the same tempered logits. ``options``: those of ``grpo_loss``."""
-    from .cross_entropy import linear_token_logprobs
-
-    logps, entropies = linear_token_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                                             return_entropy=True)
-    out = grpo_loss(logps, old_logps, advantages, completion_mask, entropies=entropies, **options)
-    if not (return_entropy or options.get("entropy_coef", 0.0) != 0.0):
-        out = dataclasses.replace(out, entropy=None)
-    return out
 
 
 # -------------------------------------------------------------------------------------------------- PPO

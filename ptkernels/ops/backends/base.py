@@ -70,7 +70,8 @@ class JSDRowOptions:
 
 
 # The GRPO family's per-token policy terms (kernels/grpo.py documents each): loss type -> kernel KIND.
-GRPO_KINDS = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2, "vespo": 3, "gmpo": 4}
+GRPO_KINDS = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2, "vespo": 3, "gmpo": 4,
+              "clip_cov": 0, "kl_cov": 5}
 
 
 @dataclass(frozen=True)

@@ -191,12 +191,15 @@ JSD_ROWS = TorchJSDRows()
 
 
 def _ratio_term(w, a, p: GRPOParams, zero):
-    """KIND 0 (clip) and 2 (sapo): (P, dP/dw, low, high) as functions of the log importance weight w."""
+    """KIND 0 (clip), 2 (sapo) and 5 (unclipped ratio): (P, dP/dw, low, high) as functions of the log importance
+    weight w."""
     r = torch.exp(w)
-    if p.kind == 2:
+    if p.kind in (2, 5):
+        never = torch.zeros(torch.broadcast_shapes(r.shape, a.shape), dtype=torch.bool, device=r.device)
+        if p.kind == 5:
+            return -a * r, -a * r, never, never
         tau = torch.where(a > 0, torch.full_like(a, p.tau_pos), torch.full_like(a, p.tau_neg))
         s = torch.sigmoid(tau * (r - 1.0))
-        never = torch.zeros(torch.broadcast_shapes(r.shape, a.shape), dtype=torch.bool, device=r.device)
         return -4.0 * s * a / tau, -4.0 * a * s * (1.0 - s) * r, never, never
     c1 = r.clamp(max=p.delta) if p.delta is not None else r
     c2 = r.clamp(p.lo, p.hi)

@@ -255,8 +255,10 @@ class GRPOConfig(OnPolicyConfig):
     num_generations: int = option(8, "completions sampled per prompt (the group)")
     num_iterations: int = option(1, "optimizer steps per rollout (old log-probs kept from sampling time)")
     beta: float = option(0.0, "KL coefficient to the reference (k3); 0 holds no reference model")
-    loss_type: str = option("dapo", "ptkernels.grpo_loss loss type (TRL 1.16's, plus gmpo)",
-                            choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo"))
+    loss_type: str = option("dapo", "ptkernels.grpo_loss loss type (TRL 1.16's, plus gmpo, and verl's clip_cov / "
+                            "kl_cov entropy-collapse controls)",
+                            choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo",
+                                     "clip_cov", "kl_cov"))
     epsilon_low: float = option(0.2, "lower clip of the importance ratio (the clips act only with num_iterations "
                                 "> 1: with one step per rollout the ratio is 1)")
     epsilon_high: float = option(0.2, "upper clip (DAPO's clip-higher: e.g. 0.28)")
@@ -291,6 +293,15 @@ class GRPOConfig(OnPolicyConfig):
     multi_objective_aggregation: str = option("sum_then_normalize", "sum_then_normalize or normalize_then_sum "
                                               "of several reward functions (TRL 1.16)", choices=("sum_then_normalize",
                                                                                   "normalize_then_sum"))
+    # verl's entropy-collapse controls (--loss-type clip_cov / kl_cov; verl's names and defaults in the help)
+    clip_cov_ratio: float = option(2e-4, "clip_cov: fraction of completion tokens whose gradient is cut (verl's "
+                                   "clip_cov_ratio)")
+    clip_cov_lb: float = option(1.0, "clip_cov: lower bound of the advantage/log-prob covariance of the tokens it "
+                                "may cut (verl's clip_cov_lb)")
+    clip_cov_ub: float = option(5.0, "clip_cov: upper bound of that covariance (verl's clip_cov_ub)")
+    kl_cov_ratio: float = option(2e-4, "kl_cov: fraction of completion tokens, the largest covariances, that get "
+                                 "the |logp - old| penalty (verl's kl_cov_ratio)")
+    kl_cov_coef: float = option(0.1, "kl_cov: weight of that penalty (verl's ppo_kl_coef)")
 
 
 @dataclass

@@ -89,6 +89,9 @@ RULES: dict[str, Range] = {
     # GRPO options of TRL 1.16
     "entropy_coef": Range(), "top_entropy_quantile": Range(0, 1, lo_open=True),
     "off_policy_mask_threshold": Range(0, optional=True),
+    # verl's Clip-Cov / KL-Cov (ptk grpo --loss-type clip_cov / kl_cov)
+    "clip_cov_ratio": UNIT, "clip_cov_lb": Range(), "clip_cov_ub": Range(), "kl_cov_ratio": UNIT,
+    "kl_cov_coef": NONNEG,
     # vLLM engine (docs/vllm.md) and TRL 1.16's importance-sampling correction of its sampler log-probs
     "vllm_gpu_memory_utilization": Range(0, 1, lo_open=True), "vllm_importance_sampling_clip_min": NONNEG,
     "vllm_importance_sampling_clip_max": POS,

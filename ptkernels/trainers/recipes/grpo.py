@@ -47,8 +47,10 @@ from ..rollout.shared_prompt import completion_hidden_states
 from .eval_data import training_evaluator
 from .sft import SFT_FORMATS
 
-TOKEN_LEVEL = ("dapo", "bnpo", "cispo", "vespo")  # normalized by completion tokens; the others by sequences
-ITEMS_NORMALIZED = ("dapo", "cispo", "vespo")  # divided by num_items_in_batch inside the loss
+TOKEN_LEVEL = ("dapo", "bnpo", "cispo", "vespo", "clip_cov", "kl_cov")  # normalized by completion tokens; the
+# others by sequences
+ITEMS_NORMALIZED = ("dapo", "cispo", "vespo", "clip_cov", "kl_cov")  # divided by num_items_in_batch in the loss
+COV_OPTIONS = ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "kl_cov_coef")  # verl's, as is
 
 
 def outcome_advantages(cfg: GRPOConfig, rewards: torch.Tensor, lengths: list[int], weights,
@@ -268,7 +270,7 @@ class GRPOLoss(TrainingModule):
             num_items_in_batch=norm if c.loss_type in ITEMS_NORMALIZED else None, return_entropy=True,
             entropy_coef=c.entropy_coef * share, top_entropy_quantile=c.top_entropy_quantile,
             off_policy_mask_threshold=c.off_policy_mask_threshold, backend=c.backend,
-            **correction_kwargs(c, sampler_logps))
+            **correction_kwargs(c, sampler_logps), **{k: getattr(c, k) for k in COV_OPTIONS})
         # dapo/cispo/vespo are already divided by norm; the others are means over this micro-batch: back to sums
         # over norm.
         loss = out.loss if c.loss_type in ITEMS_NORMALIZED else out.loss * (items / norm)
