@@ -136,6 +136,39 @@ TORCH_ROWS = TorchRows()
 ROWS = TORCH_ROWS
 
 
+class TorchBlockRows:
+    """The compact-memory backward's block gradient (base.py: ``grad_block``) in PyTorch ops (any device)."""
+
+    name = "torch"
+
+    def grad_block(self, z, labels, lse, coef, col0: int, o: RowOptions, *, has_b: bool, grad_out=None):
+        s = TorchRows._work_buffer(z, z)  # z is a scratch tile: overwritten when already in the compute dtype
+        dtanh = TorchRows._transform_(s, o)
+        cd = s.dtype
+        valid = labels != o.ignore_index
+        coef = torch.where(valid.unsqueeze(1), coef.to(cd), torch.zeros((), dtype=cd, device=s.device))
+        a, b, m, c, d = coef.unbind(1)
+        # ignored rows: lse is 0 there and exp(s) could overflow; +inf makes p = 0
+        lse = torch.where(valid, lse.to(cd), torch.full((), math.inf, dtype=cd, device=s.device))
+        p = s.sub(lse.unsqueeze(1)).exp_()
+        if has_b:
+            g = s.sub_(m.unsqueeze(1)).mul_(b.unsqueeze(1)).add_(a.unsqueeze(1)).mul_(p)
+        else:
+            g = p.mul_(a.unsqueeze(1))
+        g.add_(c.unsqueeze(1))
+        y = labels.long() - col0
+        hit = valid & (y >= 0) & (y < s.shape[1])
+        g.scatter_add_(1, torch.where(hit, y, 0).unsqueeze(1), torch.where(hit, d, 0.0).unsqueeze(1))
+        TorchRows._chain_(g, dtanh, o)
+        if grad_out is not None and grad_out is not g:
+            grad_out.copy_(g)
+            return grad_out
+        return g
+
+
+BLOCK_ROWS = TorchBlockRows()
+
+
 # ------------------------------------------------------------------------------------------------- JSD rows
 
 
