@@ -32,9 +32,10 @@ from . import gemm
 from .chunking import take
 
 # Bytes of the per-block fp32 accumulator and logits per tile. CUDA: 32 MiB ([2048, 4096] fp32) and 2^24
-# logits (4096 rows x 4096 columns, 32 MiB in bf16): at N=8192, D=4096, V=128256 the accumulator, a tile and
-# its gathered rows add ~96 MiB (9%) to the 1066 MiB floor, and the GEMMs stay >= 2048 on every side. CPU:
-# 16 MiB and 2^22 logits, under glibc's mmap threshold (gemm.CPU_FRESH_BUFFER_BYTES) like the chunk loop.
+# logits (8192 rows x 2048 columns, 32 MiB in bf16): at N=8192, D=4096, V=128256 the accumulator, a tile and
+# its gathered rows (64 MiB) add ~128 MiB (12%) to the 1066 MiB dX + dW floor, and every GEMM side is >= 2048.
+# The chunk loop's own [chunk, V] logits are freed before dW is allocated, so they do not add to that peak.
+# CPU: 16 MiB and 2^22 logits, under glibc's mmap threshold (gemm.CPU_FRESH_BUFFER_BYTES) like the chunk loop.
 ACC_BYTES = {"cuda": 1 << 25, "cpu": 1 << 24}
 TILE_LOGITS = {"cuda": 1 << 24, "cpu": 1 << 22}
 
