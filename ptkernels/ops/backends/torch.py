@@ -11,6 +11,7 @@ import torch
 
 from ...types import compute_dtype
 from .base import GRPOParams, GRPORows, JSDRowOptions, RowOptions
+from .torch_blocks import BLOCK_ROWS, chain_, transform_, work_buffer  # noqa: F401 (BLOCK_ROWS: a family)
 
 # ------------------------------------------------------------------------------------------- logit rows
 
@@ -20,31 +21,9 @@ class TorchRows:
 
     name = "torch"
 
-    @staticmethod
-    def _work_buffer(z: torch.Tensor, grad_out: torch.Tensor | None) -> torch.Tensor:
-        # Work in place when the caller lets us overwrite z and it is already in the compute dtype.
-        if grad_out is z and z.dtype == compute_dtype(z.dtype) and z.is_contiguous():
-            return z
-        return z.to(compute_dtype(z.dtype), copy=True)
-
-    @staticmethod
-    def _transform_(s: torch.Tensor, o: RowOptions):
-        """s <- softcap*tanh(s/softcap)/T in place; returns dtanh = 1 - tanh^2 (or None) for the chain rule."""
-        dtanh = None
-        if o.softcap is not None:
-            t = s.div_(o.softcap).tanh_()
-            dtanh = 1.0 - t * t
-            s.mul_(o.softcap)
-        if o.temperature != 1.0:
-            s.div_(o.temperature)
-        return dtanh
-
-    @staticmethod
-    def _chain_(g: torch.Tensor, dtanh, o: RowOptions) -> None:
-        if dtanh is not None:
-            g.mul_(dtanh)
-        if o.temperature != 1.0:
-            g.div_(o.temperature)
+    _work_buffer = staticmethod(work_buffer)
+    _transform_ = staticmethod(transform_)
+    _chain_ = staticmethod(chain_)
 
     @classmethod
     def _read_only_view(cls, z, o: RowOptions):
@@ -134,39 +113,6 @@ class TorchRows:
 
 TORCH_ROWS = TorchRows()
 ROWS = TORCH_ROWS
-
-
-class TorchBlockRows:
-    """The compact-memory backward's block gradient (base.py: ``grad_block``) in PyTorch ops (any device)."""
-
-    name = "torch"
-
-    def grad_block(self, z, labels, lse, coef, col0: int, o: RowOptions, *, has_b: bool, grad_out=None):
-        s = TorchRows._work_buffer(z, z)  # z is a scratch tile: overwritten when already in the compute dtype
-        dtanh = TorchRows._transform_(s, o)
-        cd = s.dtype
-        valid = labels != o.ignore_index
-        coef = torch.where(valid.unsqueeze(1), coef.to(cd), torch.zeros((), dtype=cd, device=s.device))
-        a, b, m, c, d = coef.unbind(1)
-        # ignored rows: lse is 0 there and exp(s) could overflow; +inf makes p = 0
-        lse = torch.where(valid, lse.to(cd), torch.full((), math.inf, dtype=cd, device=s.device))
-        p = s.sub(lse.unsqueeze(1)).exp_()
-        if has_b:
-            g = s.sub_(m.unsqueeze(1)).mul_(b.unsqueeze(1)).add_(a.unsqueeze(1)).mul_(p)
-        else:
-            g = p.mul_(a.unsqueeze(1))
-        g.add_(c.unsqueeze(1))
-        y = labels.long() - col0
-        hit = valid & (y >= 0) & (y < s.shape[1])
-        g.scatter_add_(1, torch.where(hit, y, 0).unsqueeze(1), torch.where(hit, d, 0.0).unsqueeze(1))
-        TorchRows._chain_(g, dtanh, o)
-        if grad_out is not None and grad_out is not g:
-            grad_out.copy_(g)
-            return grad_out
-        return g
-
-
-BLOCK_ROWS = TorchBlockRows()
 
 
 # ------------------------------------------------------------------------------------------------- JSD rows
@@ -409,8 +355,6 @@ def _segment_sums_bwd(g, den, m2d, seg, shape, average, dtype):
     if m2d is not None:
         per_tok = per_tok * m2d.to(cd)
     return per_tok.to(dtype).contiguous()
-
-
 
 
 def sequence_fwd(x, mask, cu, seg, n_seq, seq_len, packed, average):
