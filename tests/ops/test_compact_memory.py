@@ -221,3 +221,32 @@ def test_module_passes_memory_through(small_blocks):
     assert_close_to_truth(ours, truth, 1e-10, "loss")
     for a, b in zip(torch.autograd.grad(ours, (hidden, weight)), torch.autograd.grad(truth, (hidden, weight))):
         assert_close_to_truth(a, b, 1e-10, "grad")
+
+
+@pytest.mark.parametrize("wanted", ["hidden", "weight", "bias"])
+def test_partial_gradients(small_blocks, wanted):
+    """Only one of hidden / weight / bias needs a gradient (a frozen head, a frozen body): the loop or the
+    vocabulary-block pass alone runs, with the same numbers."""
+    hidden, weight, bias = (rand(N, D, requires_grad=wanted == "hidden"), rand(V, D, requires_grad=wanted == "weight"),
+                            rand(V, requires_grad=wanted == "bias"))
+    target = {"hidden": hidden, "weight": weight, "bias": bias}[wanted]
+    labels = labels_with_mask((N,), V)
+    for reduction in ("mean", "none"):
+        kw = dict(bias=bias, reduction=reduction, z_loss=1e-3, label_smoothing=0.1)
+        ours = ptk.linear_cross_entropy(hidden, weight, labels, chunk_size=8, memory="compact", backend="torch",
+                                        **kw)
+        truth = reference.linear_cross_entropy(hidden, weight, labels, **kw)
+        assert_close_to_truth(_grads(ours, (target,), 5)[0], _grads(truth, (target,), 5)[0], 1e-10, wanted)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_token_logprobs_entropy_only_gradient(small_blocks, backend):
+    """A loss on the entropy alone: the log-prob gradient is None, the block coefficients carry g_H only."""
+    hidden, weight = rand(N, D), rand(V, D)
+    targets = labels_with_mask((N,), V)
+    _, ent = ptk.linear_token_logprobs(hidden, weight, targets, return_entropy=True, chunk_size=8,
+                                       memory="compact", backend=backend)
+    _, ent64 = reference.linear_token_logprobs(hidden, weight, targets, return_entropy=True)
+    for a, b in zip(torch.autograd.grad(ent.sum(), (hidden, weight)),
+                    torch.autograd.grad(ent64.sum(), (hidden, weight))):
+        assert_close_to_truth(a, b, _rtol(backend), "grad")
