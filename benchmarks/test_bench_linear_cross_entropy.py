@@ -10,6 +10,9 @@ Implementations (``impl``):
                    interpreter
     ptk-native+blas  the native backend with every GEMM on torch.mm (PTK_CPU_GEMM=blas), where ptkernels
                    would otherwise take oneDNN (fp32 on CPU): what the fusion gains apart from the library
+    ptk-<backend>+compact  ``memory="compact"``: the weight gradient one vocabulary block at a time, no fp32
+                   [V, D] accumulator (ops/core/vocab_blocks.py); its peak memory is the figure to read, against
+                   ``grad_floor_bytes`` (dX + dW in the inputs' dtype) as ``mem_x_grad_floor``
 
 Each case reports in ``extra_info``: peak memory growth of one fwd+bwd (CUDA: max_memory_allocated minus
 baseline; CPU: peak RSS growth of a fresh subprocess, see _measure.py), useful TFLOP/s (6*N_valid*D*V over
@@ -37,7 +40,10 @@ from ptkernels.ops.core.dispatch import resolve_backend, triton_interpreting, un
 IGNORE = -100
 OPS = ("linear_cross_entropy", "linear_token_logprobs")
 PTK_BACKENDS = ("torch", "triton", "native")
-IMPLS = ("eager", "torch_chunked", "liger") + tuple(f"ptk-{b}" for b in PTK_BACKENDS) + ("ptk-native+blas",)
+# memory="compact" on the default backend of each device (triton on CUDA, native on CPU)
+COMPACT_IMPLS = ("ptk-triton+compact", "ptk-native+compact")
+IMPLS = (("eager", "torch_chunked", "liger") + tuple(f"ptk-{b}" for b in PTK_BACKENDS) + ("ptk-native+blas",)
+         + COMPACT_IMPLS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,12 +89,13 @@ def _objective(op: str, impl: str, p: Problem, chunk_size: int | None = None):
     h, w, y = p.hidden, p.weight, p.labels
     inv_valid = 1.0 / max(p.n_valid, 1)
     if impl.startswith("ptk-"):
-        backend = impl[4:].partition("+")[0]
+        backend, _, variant = impl[4:].partition("+")
+        memory = "compact" if variant == "compact" else "default"
         if op == "linear_cross_entropy":
             return lambda: ptkernels.linear_cross_entropy(h, w, y, ignore_index=IGNORE, chunk_size=chunk_size,
-                                                          backend=backend)
+                                                          memory=memory, backend=backend)
         return lambda: ptkernels.linear_token_logprobs(h, w, y, ignore_index=IGNORE, chunk_size=chunk_size,
-                                                       backend=backend).sum() * inv_valid
+                                                       memory=memory, backend=backend).sum() * inv_valid
     if impl == "eager":
         if op == "linear_cross_entropy":
             return lambda: F.cross_entropy(F.linear(h, w).float(), y, ignore_index=IGNORE)
@@ -165,6 +172,8 @@ def skip_reason(op: str, impl: str, device: torch.device) -> str | None:
         backend, _, library = impl[4:].partition("+")
         if library == "blas" and not (device.type == "cpu" and gemm.cpu_gemm_library() == "onednn"):
             return "ptkernels' GEMMs are torch.mm here already"
+        if library == "compact" and backend != ("triton" if device.type == "cuda" else "native"):
+            return "memory='compact' is measured on the device's default backend only"
         reason = unusable_reason(backend, device)
         if reason is not None:
             return f"ptkernels backend {backend!r} not usable: {reason}"
@@ -230,6 +239,8 @@ def _report(benchmark, op, impl, p: Problem, size, device, matmul_rate, chunk_si
     floor_s = matmul_rate.floor_seconds(flops)
     median = _median_seconds(benchmark)
     mem, mem_how, mem_runs = _peak_memory(op, impl, p, size, device, chunk_size)
+    # the least any fwd+bwd can hold: dX and dW in the inputs' dtype (issue 26's "dX + dW floor")
+    grad_floor = (size.n + size.v) * size.d * p.hidden.element_size()
     info = {
         "op": op, "impl": impl, "size": size.name, "dtype": str(size.dtype).replace("torch.", ""),
         "n": size.n, "n_valid": p.n_valid, "d": size.d, "v": size.v,
@@ -245,6 +256,8 @@ def _report(benchmark, op, impl, p: Problem, size, device, matmul_rate, chunk_si
         "peak_mem_mib": mem / 2 ** 20,
         "peak_mem_method": mem_how,
         "peak_mem_runs_mib": [round(m / 2 ** 20, 1) for m in mem_runs],
+        "grad_floor_bytes": grad_floor,
+        "mem_x_grad_floor": mem / grad_floor,
         **matmul_rate.as_info(),
     }
     base = SESSION_RESULTS.get((op, "eager"))

@@ -52,7 +52,8 @@ class LinearCrossEntropyLoss(_FunctionalModule):
     def __init__(self, **options):
         super().__init__(**options)
         check_options(**{k: v for k, v in options.items()
-                         if k in ("reduction", "label_smoothing", "z_loss", "softcap", "temperature", "chunk_size")})
+                         if k in ("reduction", "label_smoothing", "z_loss", "softcap", "temperature", "chunk_size",
+                                   "memory")})
 
 
 class LinearTokenLogprobs(_FunctionalModule):

@@ -184,6 +184,7 @@ def kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
         ids.add(spec.id)
         specs.append(spec)
     specs += jsd_kernel_specs(vocabs, dtypes)
+    specs += block_grad_kernel_specs(dtypes=dtypes)
     specs += rl_kernel_specs()
     specs += sequence_kernel_specs()
     return specs
@@ -216,6 +217,38 @@ def jsd_kernel_specs(vocabs=VOCABS, dtypes=DTYPES) -> list[KernelSpec]:
                         constexprs=(("MODE", mode), ("HAS_LABELS", True), ("WRITE_GRAD", write_grad),
                                     ("BLOCK_V", bv), ("COMPUTE", launch.tl_compute(dt).name)),
                         num_warps=launch.num_warps(bv), dtype=name, vocab=(v,), tag=f"mode{mode}-V{v}"))
+    return specs
+
+
+def block_grad_kernel_specs(widths=(1024, 2048, 4096), dtypes=DTYPES) -> list[KernelSpec]:
+    """``block_grad_kernel`` as ``TritonBlockRows`` launches it (memory="compact", ops/core/vocab_blocks.py):
+    blocks of 1024-4096 vocabulary columns (``block_shape`` at D = 8192 / 4096 / 2048 on CUDA), in place in the
+    logits tile, with and without the entropy term and soft capping."""
+    import torch
+
+    from ptkernels.ops.backends import triton as launch
+    from ptkernels.types import compute_dtype
+
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+    specs = []
+    for w in widths:
+        bv = launch.block_v(w)
+        for name in dtypes:
+            dt = torch_dtypes[name]
+            z, out = _ptr(dt), _ptr(compute_dtype(dt))
+            for has_softcap in (False, True):
+                for has_b in (False, True):
+                    specs.append(KernelSpec(
+                        kernel=f"{KERNEL_MODULE}:block_grad_kernel",
+                        args=(("z_ptr", z), ("z_stride", w), ("grad_ptr", z), ("grad_stride", w),
+                              ("labels_ptr", _ptr(torch.int64)), ("lse_ptr", out), ("coef_ptr", out),
+                              ("n_cols", w), ("col0", 2 * w), ("ignore_index", -100),
+                              ("softcap_hi", 30.0 if has_softcap else 1.0), ("softcap_lo", 0.0),
+                              ("inv_temp_hi", 1.0), ("inv_temp_lo", 0.0)),
+                        constexprs=(("HAS_SOFTCAP", has_softcap), ("HAS_B", has_b), ("BLOCK_V", bv),
+                                    ("COMPUTE", launch.tl_compute(dt).name)),
+                        num_warps=launch.num_warps(bv), dtype=name, vocab=(w,),
+                        tag=f"W{w}" + ("-cap" if has_softcap else "") + ("-B" if has_b else "")))
     return specs
 
 

@@ -173,3 +173,47 @@ def logprob_rows_bwd_kernel(
             g = g * (1.0 - t * t)
         g = g * inv_temp
         tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def block_grad_kernel(
+    z_ptr, z_stride, grad_ptr, grad_stride, labels_ptr, lse_ptr, coef_ptr, n_cols, col0, ignore_index,
+    softcap_hi, softcap_lo, inv_temp_hi, inv_temp_lo,
+    HAS_SOFTCAP: tl.constexpr, HAS_B: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """d loss / d z over the columns [col0, col0 + n_cols) of the vocabulary, from each row's log-sum-exp (the
+    compact-memory backward, ops/core/vocab_blocks.py). Per row, coefficients (A, B, M, C, D) at ``coef_ptr``
+    (row-major [rows, 5]):  g = [p (A + B (s - M)) + C + D onehot(label)] * ds/dz,  p = exp(s - lse).
+    Cross-entropy: A = a (1 + 2 c lse), B = 0, C = -a eps / V, D = -a (1 - eps); log-probs: A = -g_logp,
+    B = -g_H, M = E_p[s], C = 0, D = g_logp. Rows whose label is ``ignore_index`` get a zero gradient."""
+    softcap = fp32_pair(softcap_hi, softcap_lo, COMPUTE)
+    inv_temp = fp32_pair(inv_temp_hi, inv_temp_lo, COMPUTE)
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_stride
+    g_row = grad_ptr + row * grad_stride
+    cols = tl.arange(0, BLOCK_V)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    lse = tl.load(lse_ptr + row).to(COMPUTE)
+    c_a = tl.where(valid, tl.load(coef_ptr + row * 5).to(COMPUTE), 0.0)
+    c_c = tl.where(valid, tl.load(coef_ptr + row * 5 + 3).to(COMPUTE), 0.0)
+    c_d = tl.where(valid, tl.load(coef_ptr + row * 5 + 4).to(COMPUTE), 0.0)
+    if HAS_B:
+        c_b = tl.where(valid, tl.load(coef_ptr + row * 5 + 1).to(COMPUTE), 0.0)
+        c_m = tl.load(coef_ptr + row * 5 + 2).to(COMPUTE)
+    target = label - col0
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_cols
+        z = tl.load(z_row + offs, mask=mask, other=0.0).to(COMPUTE)
+        s, t = _transform(z, softcap, inv_temp, HAS_SOFTCAP)
+        p = tl.exp(tl.where(valid, s - lse, float("-inf")))  # ignored rows: lse is 0, p would overflow
+        if HAS_B:
+            g = p * (c_a + c_b * (s - c_m)) + c_c
+        else:
+            g = p * c_a + c_c
+        g = tl.where(offs == target, g + c_d, g)
+        if HAS_SOFTCAP:
+            g = g * (1.0 - t * t)
+        g = g * inv_temp
+        tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)

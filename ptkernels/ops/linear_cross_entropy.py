@@ -14,6 +14,10 @@ take a straight-line path instead of the loop: the three GEMMs over all rows, ma
 kernel gives them loss 0 and a zero gradient, and the mean's 1/n_valid scales the gradient inside the row
 kernel), ``dh = dz @ W`` and ``dW = dz.T @ h`` written once, no ``nonzero``, gather, scatter or zeroed buffers.
 The same formulas in the same order per row; only GEMM 3 sums over a different set of zero rows.
+
+``memory="compact"`` drops GEMM 3 from the loop (which keeps each row's lse instead) and forms dW and db
+afterwards one block of the vocabulary at a time (ops/core/vocab_blocks.py): no fp32 [V, D] accumulator, one
+more GEMM over the logits, no fast path.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import torch
 
 from .. import reference
 from ..types import compute_dtype
-from .backends import get_rows
+from .backends import get_block_rows, get_rows
 from .backends.base import RowOptions
-from .core import gemm
+from .core import gemm, vocab_blocks
 from .core.checks import check_head, check_labels, check_options
 from .core.chunking import (
     ChunkLogits,
@@ -41,9 +45,9 @@ from .core.head_loss import head_loss_backward, head_loss_forward
 
 
 def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o: RowOptions, row_scale,
-                   need_dh: bool, need_dw: bool, need_db: bool):
+                   need_dh: bool, need_dw: bool, need_db: bool, lse_out: torch.Tensor | None = None):
     """Runs the chunk loop. ``row_scale(rows, c)`` gives the gradient weight (float or per-row tensor), or is
-    None when no gradient is wanted."""
+    None when no gradient is wanted. ``lse_out [N]``: where to keep each row's log-sum-exp."""
     cd = compute_dtype(hidden2d.dtype)
     n, d = hidden2d.shape
     v = weight.shape[0]
@@ -57,9 +61,11 @@ def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o
     for rows in plan.chunks():
         h = take(hidden2d, rows)
         z = logits(h, weight, bias)
-        loss_c, _, g = rows_impl.ce(z, take(labels1d, rows), o, want_grad=grads, scratch=True,
-                                    all_valid=all_valid)
+        loss_c, lse_c, g = rows_impl.ce(z, take(labels1d, rows), o, want_grad=grads, scratch=True,
+                                        all_valid=all_valid)
         put(loss, rows, loss_c)
+        if lse_out is not None:
+            put(lse_out, rows, lse_c)
         if grads:
             apply_head_grads(g, h, weight, rows, row_scale(rows, h.shape[0]), gh, gw, gb)
     return loss, gh, gw, gb
@@ -88,29 +94,47 @@ def _ce_one_chunk(hidden2d, weight, bias, labels1d, rows_impl, o: RowOptions, gr
     return loss, gh, gw, gb
 
 
+def _ce_compact(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, block_rows, o: RowOptions, row_scale,
+                need_dh: bool, need_dw: bool, need_db: bool):
+    """``memory="compact"``: the chunk loop forms the loss, each row's lse and dX (GEMMs 1 and 2), then dW and
+    db are formed one block of the vocabulary at a time (ops/core/vocab_blocks.py: GEMM 1 again and GEMM 3),
+    never in a [V, D] fp32 accumulator."""
+    n = hidden2d.shape[0]
+    lse = torch.zeros(n, dtype=compute_dtype(hidden2d.dtype), device=hidden2d.device)
+    loss, gh, _, _ = _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o,
+                                    row_scale if need_dh else None, need_dh, False, False, lse_out=lse)
+    if row_scale is None or not (need_dw or need_db):
+        return loss, gh, None, None
+    coef = vocab_blocks.ce_coefficients(lse, row_scale(slice(None), n), o.z_loss, o.label_smoothing,
+                                        weight.shape[0])
+    gw, gb = vocab_blocks.weight_grads(hidden2d, weight, bias, labels1d, lse, coef, False, plan, block_rows, o,
+                                       need_dw, need_db)
+    return loss, gh, gw, gb
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Precompute-or-recompute (ops/core/head_loss.py) over ``_ce_chunk_loop``."""
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels1d, o: RowOptions, reduction: str, chunk: int, rows_impl,
-                sync_free: bool):
+                sync_free: bool, block_rows):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        ctx.args = (o, chunk, rows_impl, sync_free, need)
+        ctx.args = (o, chunk, rows_impl, sync_free, need, block_rows)
         run, make_plan = LinearCrossEntropyFunction._loop(ctx.args)
         return head_loss_forward(ctx, (hidden2d, weight, bias, labels1d), run, make_plan, reduction, need)
 
     @staticmethod
     def backward(ctx, grad_out):
         gh, gw, gb = head_loss_backward(ctx, grad_out, *LinearCrossEntropyFunction._loop(ctx.args))
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
     @staticmethod
     def _loop(args):
-        o, chunk, rows_impl, sync_free, need = args
+        o, chunk, rows_impl, sync_free, need, block_rows = args  # block_rows: None unless memory="compact"
 
         def make_plan(tensors):
             hidden2d, weight, labels1d = tensors[0], tensors[1], tensors[3]
-            small = one_chunk(hidden2d.shape[0], chunk, weight.shape[0], hidden2d.shape[1])
+            small = block_rows is None and one_chunk(hidden2d.shape[0], chunk, weight.shape[0], hidden2d.shape[1])
             # The fast path's plan: all rows in one slice, n_valid a tensor (no synchronization)
             return RowPlan(labels1d, o.ignore_index, chunk, sync_free or small, single=small)
 
@@ -119,6 +143,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if plan.single:
                 scale = None if row_scale is None else row_scale(slice(None), hidden2d.shape[0])
                 return _ce_one_chunk(hidden2d, weight, bias, labels1d, rows_impl, o, scale, *need)
+            if block_rows is not None:
+                return _ce_compact(hidden2d, weight, bias, labels1d, plan, rows_impl, block_rows, o, row_scale,
+                                   *need)
             return _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan, rows_impl, o, row_scale, *need)
 
         return run, make_plan
@@ -139,6 +166,7 @@ def linear_cross_entropy(
     shift: bool = False,
     chunk_size: int | None = None,
     sync_free: bool | None = None,
+    memory: str = "default",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, never materializing the logits.
@@ -160,6 +188,15 @@ def linear_cross_entropy(
         sync_free: default (None) finds the valid rows with one host-device synchronization per call; True
             never synchronizes (masked rows skipped on the device, their GEMM rows still computed); None turns
             it on under torch.compile and CUDA-graph capture.
+        memory: "default" or "compact". The default forms the weight gradient in an fp32 ``[V, D]``
+            accumulator beside the gradient itself (for bf16 weights 2x the size of dW: 2 GB at V=128256,
+            D=4096). "compact" never allocates it: once the loop has every row's log-sum-exp, dW is formed one
+            block of the vocabulary at a time, each block summed in fp32 over all rows and written once in the
+            weight's dtype (ops/core/vocab_blocks.py). Same numerics rule (fp32 sums, one rounding); the cost
+            is one more GEMM over the logits (4 instead of 3 for "mean"/"sum", 5 instead of 4 for "none") and
+            no small-shape fast path. Use it when the fp32 accumulator decides whether the model fits (large
+            vocabulary x hidden size in bf16 on a GPU). The native backend runs the torch backend's block
+            gradient for it.
         backend: "auto", "reference", "torch", "triton" or "native" (see ``ptkernels.backends()``).
 
     Returns the loss in fp32 (fp64 for fp64 input). Losses, log-sum-exps and the weight gradient are
@@ -167,7 +204,7 @@ def linear_cross_entropy(
     """
     check_head(hidden, weight, bias)
     check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                  temperature=temperature, chunk_size=chunk_size)
+                  temperature=temperature, chunk_size=chunk_size, memory=memory)
     check_labels("labels", labels, hidden.shape[:-1], weight.shape[0], ignore_index, hidden, "hidden")
     if shift:
         labels = reference.shift_labels(labels, ignore_index)
@@ -181,6 +218,7 @@ def linear_cross_entropy(
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
+    block_rows = get_block_rows(name) if memory == "compact" else None
     out = LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, o, reduction, chunk,
-                                           get_rows(name), want_sync_free(sync_free, hidden.device))
+                                           get_rows(name), want_sync_free(sync_free, hidden.device), block_rows)
     return out.view(labels.shape) if reduction == "none" else out

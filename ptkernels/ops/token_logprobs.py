@@ -16,9 +16,9 @@ import torch
 
 from .. import reference
 from ..types import compute_dtype
-from .backends import get_rows
+from .backends import get_block_rows, get_rows
 from .backends.base import RowOptions
-from .core import gemm
+from .core import gemm, vocab_blocks
 from .core.checks import check_float, check_head, check_labels, check_options
 from .core.chunking import (
     ChunkLogits,
@@ -51,12 +51,13 @@ def _head_grads_one_chunk(g, hidden2d, weight, need_dh, need_dw, need_db):
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets1d, o: RowOptions, chunk: int, rows_impl, sync_free: bool,
-                want_entropy: bool):
+                want_entropy: bool, block_rows):
         ctx.set_materialize_grads(False)
         cd = compute_dtype(hidden2d.dtype)
         n = hidden2d.shape[0]
-        ctx.args = (o, chunk, rows_impl, sync_free)
-        if one_chunk(n, chunk, weight.shape[0], hidden2d.shape[1]):  # the fast path (module docstring)
+        ctx.args = (o, chunk, rows_impl, sync_free, block_rows)  # block_rows: None unless memory="compact"
+        small = block_rows is None and one_chunk(n, chunk, weight.shape[0], hidden2d.shape[1])
+        if small:  # the fast path (module docstring)
             z = gemm.logits(hidden2d, weight, bias)
             logp, lse, mean_s = rows_impl.logprob_fwd(z, targets1d, o, want_entropy)
             entropy = None
@@ -89,11 +90,11 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):
         hidden2d, weight, bias, targets1d, lse, mean_s, *kept = ctx.saved_tensors
-        o, chunk, rows_impl, sync_free = ctx.args
+        o, chunk, rows_impl, sync_free, block_rows = ctx.args
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         if g_logp is None and g_ent is None:
-            return (None,) * 9
+            return (None,) * 10
         cd = compute_dtype(hidden2d.dtype)
         n = hidden2d.shape[0]
         g_logp = _zeros_like_rows(g_logp, n, cd, hidden2d.device)
@@ -103,27 +104,40 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             rows_impl.logprob_bwd(z, targets1d, lse, mean_s if g_ent is not None else None, g_logp, g_ent, o,
                                   grad_out=g)
             gh, gw, gb = _head_grads_one_chunk(g, hidden2d, weight, need_dh, need_dw, need_db)
-            return gh, gw, gb, None, None, None, None, None, None
+            return gh, gw, gb, None, None, None, None, None, None, None
         plan = RowPlan(targets1d, o.ignore_index, chunk, sync_free)
+        loop_w = block_rows is None  # compact: dW and db afterwards, one vocabulary block at a time
         gh = torch.zeros_like(hidden2d) if need_dh else None
-        gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw else None
-        gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db else None
-        logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
-        for rows in plan.chunks():
-            h = take(hidden2d, rows)
-            z = logits(h, weight, bias)
-            rows_impl.logprob_bwd(z, take(targets1d, rows), take(lse, rows),
-                                  take(mean_s, rows) if g_ent is not None else None,
-                                  take(g_logp, rows), take(g_ent, rows) if g_ent is not None else None, o,
-                                  grad_out=z)
-            if gh is not None:
-                put(gh, rows, gemm.input_grad(z, weight))
-            if gw is not None:
-                gemm.accumulate_weight_grad(gw, z, h)
-            if gb is not None:
-                gb += z.sum(dim=0, dtype=cd)
+        gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw and loop_w else None
+        gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db and loop_w else None
+        if gh is not None or gw is not None or gb is not None:
+            _backward_loop(hidden2d, weight, bias, targets1d, lse, mean_s, g_logp, g_ent, o, plan, rows_impl,
+                           gh, gw, gb)
+        if not loop_w and (need_dw or need_db):
+            coef, has_b = vocab_blocks.logprob_coefficients(g_logp, g_ent, mean_s)
+            gw, gb = vocab_blocks.weight_grads(hidden2d, weight, bias, targets1d, lse, coef, has_b, plan,
+                                               block_rows, o, need_dw, need_db)
         return (gh, gemm.weight_grad_result(gw, weight.dtype) if gw is not None else None,
-                gb.to(weight.dtype) if gb is not None else None, None, None, None, None, None, None)
+                gb.to(weight.dtype) if gb is not None else None, None, None, None, None, None, None, None)
+
+
+def _backward_loop(hidden2d, weight, bias, targets1d, lse, mean_s, g_logp, g_ent, o, plan, rows_impl, gh, gw, gb):
+    """The chunk loop of backward: GEMM 1 again, the rows' gradient, then dX (GEMM 2), dW and db (GEMM 3)."""
+    cd = compute_dtype(hidden2d.dtype)
+    logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
+    for rows in plan.chunks():
+        h = take(hidden2d, rows)
+        z = logits(h, weight, bias)
+        rows_impl.logprob_bwd(z, take(targets1d, rows), take(lse, rows),
+                              take(mean_s, rows) if g_ent is not None else None,
+                              take(g_logp, rows), take(g_ent, rows) if g_ent is not None else None, o,
+                              grad_out=z)
+        if gh is not None:
+            put(gh, rows, gemm.input_grad(z, weight))
+        if gw is not None:
+            gemm.accumulate_weight_grad(gw, z, h)
+        if gb is not None:
+            gb += z.sum(dim=0, dtype=cd)
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -190,6 +204,7 @@ def linear_token_logprobs(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     sync_free: bool | None = None,
+    memory: str = "default",
     backend: str = "auto",
 ):
     """log p(target) per token from hidden states ``[..., D]`` and the head ``[V, D]``, never building logits.
@@ -198,10 +213,15 @@ def linear_token_logprobs(
     0 where ``targets == ignore_index``. With ``return_entropy=True`` also returns the entropy
     ``H[t] = -sum_v p log p`` (0 where ignored). Differentiable w.r.t. hidden, weight and bias; backward
     recomputes the logits chunk by chunk. Outputs are fp32 (fp64 for fp64 input), shaped like ``targets``.
+
+    ``memory="compact"`` forms the weight gradient without the fp32 ``[V, D]`` accumulator of the default
+    backward: one block of the vocabulary at a time from each row's saved log-sum-exp, summed in fp32 over all
+    rows and written once in the weight's dtype (ops/core/vocab_blocks.py; see ``linear_cross_entropy``). Cost:
+    one more GEMM over the logits in backward (5 in all instead of 4), and no small-shape fast path.
     """
     check_head(hidden, weight, bias)
     o = _options(ignore_index, temperature, softcap)
-    check_options(chunk_size=chunk_size)
+    check_options(chunk_size=chunk_size, memory=memory)
     check_labels("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden, "hidden")
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
@@ -211,7 +231,8 @@ def linear_token_logprobs(
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
     out = LinearTokenLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                             targets.reshape(-1), o, chunk, get_rows(name),
-                                            want_sync_free(sync_free, hidden.device), bool(return_entropy))
+                                            want_sync_free(sync_free, hidden.device), bool(return_entropy),
+                                            get_block_rows(name) if memory == "compact" else None)
     return _reshape_out(out, targets.shape, return_entropy)
 
 

@@ -2,7 +2,7 @@
 ``triton`` (every Triton launcher), ``native`` (the csrc/ kernels through the custom ops of ``native_ops``).
 
 ``get(backend, family)`` is the one place an op asks for its implementation. Each backend module defines the
-families it implements under the names of base.py (``ROWS``, ``JSD_ROWS``, ``grpo_rows``,
+families it implements under the names of base.py (``ROWS``, ``BLOCK_ROWS``, ``JSD_ROWS``, ``grpo_rows``,
 ``group_advantages``, ``gae``, ``sequence_fwd``/``sequence_bwd``); a family a backend leaves out runs the torch
 one, except JSD rows, for which ``get`` raises on "native". Adding a backend: a module here with those names, a
 line in ``module``, and its probe in ops/core/dispatch.py. Backend modules are imported on first use (triton.py imports
@@ -11,7 +11,7 @@ triton, native_ops/ the extension).
 
 from __future__ import annotations
 
-FAMILIES = ("ROWS", "JSD_ROWS", "grpo_rows", "group_advantages", "gae", "sequence_fwd", "sequence_bwd")
+FAMILIES = ("ROWS", "BLOCK_ROWS", "JSD_ROWS", "grpo_rows", "group_advantages", "gae", "sequence_fwd", "sequence_bwd")
 
 
 def module(backend: str):
@@ -39,3 +39,8 @@ def get(backend: str, family: str):
 def get_rows(backend: str):
     """The logit-row functions (base.py's interface) of a resolved backend name."""
     return get(backend, "ROWS")
+
+
+def get_block_rows(backend: str):
+    """The compact-memory backward's block gradient (base.py: ``grad_block``); "native" runs the torch one."""
+    return get(backend, "BLOCK_ROWS")

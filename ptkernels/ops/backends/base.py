@@ -22,6 +22,15 @@ fp64 input). The interface (TorchRows is the spec):
     logprob_fwd(z, targets, o, want_entropy) -> (logp, lse, E_p[s] or None)
     logprob_bwd(z, targets, lse, mean_s, g_logp, g_ent, o, grad_out)   grad written into grad_out
 
+The compact-memory backward (ops/core/vocab_blocks.py) asks for family ``BLOCK_ROWS`` (the native backend
+runs the torch one): the gradient of one block of vocabulary columns from each row's log-sum-exp:
+
+    grad_block(z, labels, lse, coef, col0, o, *, has_b, grad_out=None) -> grad [c, Vb]
+        z = the logits of columns [col0, col0 + Vb), overwritten (grad_out None) or not; coef [c, 5] per row
+        (A, B, M, C, D):  grad = [p (A + B (s - M)) + C + D onehot(label - col0)] ds/dz,  p = exp(s - lse)
+        (has_b False: B and M are 0); rows with label == ignore_index get 0. Cross-entropy and log-probs
+        below are both of this form (ops/core/vocab_blocks.py gives their coefficients).
+
 Formulas (p = softmax(s), lse = logsumexp(s), y the label, eps label smoothing, c the z-loss coefficient):
     cross-entropy   loss = (1-eps)(lse - s_y) + eps(lse - mean(s)) + c lse^2
                     dloss/ds = p (1 + 2 c lse) - eps / V - (1-eps) onehot(y)

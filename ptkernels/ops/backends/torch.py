@@ -11,6 +11,7 @@ import torch
 
 from ...types import compute_dtype
 from .base import GRPOParams, GRPORows, JSDRowOptions, RowOptions
+from .torch_blocks import BLOCK_ROWS, chain_, transform_, work_buffer  # noqa: F401 (BLOCK_ROWS: a family)
 
 # ------------------------------------------------------------------------------------------- logit rows
 
@@ -20,31 +21,9 @@ class TorchRows:
 
     name = "torch"
 
-    @staticmethod
-    def _work_buffer(z: torch.Tensor, grad_out: torch.Tensor | None) -> torch.Tensor:
-        # Work in place when the caller lets us overwrite z and it is already in the compute dtype.
-        if grad_out is z and z.dtype == compute_dtype(z.dtype) and z.is_contiguous():
-            return z
-        return z.to(compute_dtype(z.dtype), copy=True)
-
-    @staticmethod
-    def _transform_(s: torch.Tensor, o: RowOptions):
-        """s <- softcap*tanh(s/softcap)/T in place; returns dtanh = 1 - tanh^2 (or None) for the chain rule."""
-        dtanh = None
-        if o.softcap is not None:
-            t = s.div_(o.softcap).tanh_()
-            dtanh = 1.0 - t * t
-            s.mul_(o.softcap)
-        if o.temperature != 1.0:
-            s.div_(o.temperature)
-        return dtanh
-
-    @staticmethod
-    def _chain_(g: torch.Tensor, dtanh, o: RowOptions) -> None:
-        if dtanh is not None:
-            g.mul_(dtanh)
-        if o.temperature != 1.0:
-            g.div_(o.temperature)
+    _work_buffer = staticmethod(work_buffer)
+    _transform_ = staticmethod(transform_)
+    _chain_ = staticmethod(chain_)
 
     @classmethod
     def _read_only_view(cls, z, o: RowOptions):
@@ -379,8 +358,6 @@ def _segment_sums_bwd(g, den, m2d, seg, shape, average, dtype):
     if m2d is not None:
         per_tok = per_tok * m2d.to(cd)
     return per_tok.to(dtype).contiguous()
-
-
 
 
 def sequence_fwd(x, mask, cu, seg, n_seq, seq_len, packed, average):

@@ -17,7 +17,7 @@ import triton.language as tl
 from ...kernels.gae import gae_kernel
 from ...kernels.grpo import grpo_rows_kernel
 from ...kernels.jsd import jsd_rows_kernel
-from ...kernels.rows import ce_rows_kernel, logprob_rows_bwd_kernel, logprob_rows_fwd_kernel
+from ...kernels.rows import block_grad_kernel, ce_rows_kernel, logprob_rows_bwd_kernel, logprob_rows_fwd_kernel
 from ...kernels.sequence import sequence_logprobs_bwd_kernel, sequence_logprobs_fwd_kernel
 from ...types import compute_dtype
 from .base import GRPOParams, GRPORows, JSDRowOptions, RowOptions
@@ -140,6 +140,33 @@ class TritonRows:
 
 TRITON_ROWS = TritonRows()
 ROWS = TRITON_ROWS
+
+
+class TritonBlockRows:
+    """The compact-memory backward's block gradient (base.py: ``grad_block``) in one Triton kernel."""
+
+    name = "triton"
+
+    def grad_block(self, z, labels, lse, coef, col0: int, o: RowOptions, *, has_b: bool, grad_out=None):
+        z = row_major(z, "logits")
+        n, v = z.shape
+        grad = z if grad_out is None else grad_out
+        if grad.stride(-1) != 1:
+            raise ValueError("grad_out must have unit stride along V")
+        if n == 0:
+            return grad
+        cd = compute_dtype(z.dtype)
+        scalars, has_softcap = _transform_args(o)
+        bv = block_v(v)
+        block_grad_kernel[(n,)](
+            z, z.stride(0), grad, grad.stride(0), labels.contiguous(), lse.to(cd).contiguous(),
+            coef.to(cd).contiguous(), v, col0, o.ignore_index, *scalars,
+            HAS_SOFTCAP=has_softcap, HAS_B=has_b, BLOCK_V=bv, COMPUTE=tl_compute(z.dtype), num_warps=num_warps(bv),
+        )
+        return grad
+
+
+BLOCK_ROWS = TritonBlockRows()
 
 
 # ------------------------------------------------------------------------------------------------- JSD rows

@@ -74,8 +74,14 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         check_same("bias", bias, "weight", weight)
 
 
+MEMORY_MODES = ("default", "compact")
+
+
 def check_options(*, reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  softcap: float | None = None, temperature: float = 1.0, chunk_size: int | None = None) -> None:
+                  softcap: float | None = None, temperature: float = 1.0, chunk_size: int | None = None,
+                  memory: str = "default") -> None:
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:

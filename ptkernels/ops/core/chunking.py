@@ -90,13 +90,15 @@ class RowPlan:
             self.n_valid = self.index.numel()
             self.n_process = self.n_valid
 
-    def chunks(self):
-        """Yields row selectors: slices (sync-free) or index tensors (valid rows only)."""
-        for start in range(0, self.n_process, self.chunk):
+    def chunks(self, size: int | None = None):
+        """Yields row selectors of ``size`` rows (default: the plan's chunk): slices (sync-free) or index tensors
+        (valid rows only)."""
+        size = size or self.chunk
+        for start in range(0, self.n_process, size):
             if self.index is None:
-                yield slice(start, min(start + self.chunk, self.n_rows))
+                yield slice(start, min(start + size, self.n_rows))
             else:
-                yield self.index[start:start + self.chunk]
+                yield self.index[start:start + size]
 
 
 def take(t: torch.Tensor, rows) -> torch.Tensor:
