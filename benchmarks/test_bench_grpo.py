@@ -223,7 +223,8 @@ def test_grpo_fwd_bwd(benchmark, impl, grpo_problem, device, matmul_rate):
 
 # ------------------------------------------------------------------------------- loss types (TRL 1.16 + GMPO)
 
-LOSS_TYPES = ("dapo", "cispo", "sapo", "luspo", "vespo", "gmpo")
+LOSS_TYPES = ("dapo", "cispo", "sapo", "luspo", "vespo", "gmpo", "clip_cov", "kl_cov")
+COV_TYPES = ("clip_cov", "kl_cov")  # verl's: their token selection adds one no-grad forward GEMM pass
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -236,8 +237,11 @@ def test_grpo_loss_types_fwd_bwd(benchmark, loss_type, grpo_problem, device):
     kw = dict(old_logps=p.old_logps, ref_logps=p.ref_logps, beta=BETA, epsilon_low=EPS_LOW,
               epsilon_high=5.0 if loss_type == "cispo" else EPS_HIGH, loss_type=loss_type)
 
+    def seeded() -> dict:  # Clip-Cov's random choice of tokens: the same in every round and in the check
+        return {"generator": torch.Generator(device=p.device).manual_seed(0)} if loss_type in COV_TYPES else {}
+
     def step():
-        out = fused_linear_grpo_loss(p.hidden, p.weight, p.ids, p.mask, p.advantages, **kw).loss
+        out = fused_linear_grpo_loss(p.hidden, p.weight, p.ids, p.mask, p.advantages, **kw, **seeded()).loss
         out.backward()
         sync(p.device)
         return out.detach()
@@ -248,7 +252,7 @@ def test_grpo_loss_types_fwd_bwd(benchmark, loss_type, grpo_problem, device):
         logps = torch.log_softmax(F.linear(p.hidden, p.weight).float(), dim=-1).gather(
             -1, p.ids.unsqueeze(-1)).squeeze(-1)
         opts = {k: v for k, v in kw.items() if k != "old_logps"}
-        truth = ref_rl.grpo_loss(logps, p.old_logps, p.advantages, p.mask, **opts).loss
+        truth = ref_rl.grpo_loss(logps, p.old_logps, p.advantages, p.mask, **opts, **seeded()).loss
     tol = 2e-4 if s["dtype"] == "float32" else 2e-2
     torch.testing.assert_close(out.float(), truth.float(), rtol=tol, atol=tol)
     stats = getattr(benchmark, "stats", None)

@@ -124,7 +124,7 @@ def test_cov_loss_types_train(model_tok, tmp_path, loss_type):
     from ptkernels.trainers.engine.config import parse_config
 
     flags = ["--loss-type", loss_type, "--clip-cov-ratio", "0.1", "--clip-cov-lb", "-1000", "--clip-cov-ub", "1000",
-             "--kl-cov-ratio", "0.1", "--kl-cov-coef", "0.5", "--data", "rows.jsonl", "--output-dir",
+             "--kl-cov-ratio", "0.1", "--kl-cov-coef", "0.5", "--model", "tiny", "--data", "rows.jsonl", "--output-dir",
              str(tmp_path / "out")]
     parsed = parse_config(GRPOConfig, flags, prog="ptk grpo", check_output_dir=False)
     assert (parsed.loss_type, parsed.clip_cov_ratio, parsed.kl_cov_coef) == (loss_type, 0.1, 0.5)
