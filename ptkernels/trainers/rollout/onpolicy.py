@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ..data.rows import Row, load_data
-from ..data.tokenization import collate, encode_prompt
+from ..data.rows import Row
+from ..data.tokenization import collate
 from ..engine.config import OnPolicyConfig
 from ..engine.distributed import DistInfo
 from ..engine.loop import Dataset, StepOrder
@@ -117,12 +117,6 @@ class OnPolicySource:
 
     def metrics(self) -> dict:
         return self._metrics
-
-
-def load_prompts(cfg: OnPolicyConfig, tokenizer, info: DistInfo, fmt=("prompt_only",)):
-    rows, _ = load_data(cfg, fmt, info)
-    prompts = [encode_prompt(r, tokenizer, max_prompt_length=cfg.max_prompt_length) for r in rows]
-    return rows, prompts
 
 
 def check_rollout_options(cfg: OnPolicyConfig) -> None:
