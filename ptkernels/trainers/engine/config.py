@@ -60,7 +60,8 @@ class TrainConfig:
     seed: int = option(0, "seed for the model init (tiny), data order and sampling")
     precision: str = option("auto", "'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32' or 'bf16'",
                             choices=("auto", "fp32", "bf16"))
-    save_steps: int = option(0, "write a checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    save_steps: int = option(500, "write a checkpoint every N steps (500 as Hugging Face's Trainer; 0: only at "
+                                    "the end and on Ctrl-C / SIGTERM)")
     save_total_limit: int = option(2, "checkpoints kept (the oldest are deleted)")
     log_steps: int = option(1, "log metrics every N steps")
     resume: str = option("", "continue from a checkpoint: 'latest' (in output_dir/checkpoints) or a folder")

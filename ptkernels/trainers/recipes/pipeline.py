@@ -15,7 +15,8 @@
 9. eval      every stage on the held-out sets (``evaluate``), then report.json, report.md and plots/
 
 Each stage leaves a Hugging Face folder in ``output_dir/<stage>``. A stage whose folder already holds a model
-is skipped with ``--resume`` (so a stopped pipeline picks up where it was). ``--preset full`` trains longer.
+is skipped with ``--resume``, and a stage that stopped part way continues from its latest checkpoint (so a stopped
+pipeline picks up where it was). ``--preset full`` trains longer.
 
 The presets are ``ptkernels/trainers/configs/pipeline/{quick,full}.yaml``; ``--config FILE.yaml`` merges a file of
 the same shape over the chosen preset (each stage's options one level deep), plus any of this command's own options
@@ -25,12 +26,14 @@ the same shape over the chosen preset (each stage's options one level deep), plu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 
+from ..engine.checkpoint import list_checkpoints
 from ..engine.config import (
     DPOConfig,
     GRPOConfig,
@@ -92,6 +95,17 @@ class Pipeline:
         return any(os.path.exists(os.path.join(stage_dir, f)) for f in ("model.safetensors",
                                                                         "adapter_model.safetensors"))
 
+    def continued(self, name: str, cfg, folder: str):
+        """``cfg`` set to continue a stage that stopped part way (its latest checkpoint), so --resume loses no
+        finished steps. Safety resumes each of its two training stages from its own checkpoints."""
+        if name == "safety":
+            return dataclasses.replace(cfg, resume="latest")
+        found = list_checkpoints(folder)
+        if not found:
+            return cfg
+        print(f"ptk pipeline: {name}: continuing from {found[-1]}")
+        return dataclasses.replace(cfg, resume="latest")
+
     def stage(self, name: str, run, cfg, folder: str | None = None) -> None:
         """Runs one training stage (skipped when resuming and its model exists), timing it."""
         folder = folder or cfg.output_dir
@@ -99,6 +113,8 @@ class Pipeline:
         if self.opts.resume and self.done(folder):
             print(f"ptk pipeline: {name}: kept {folder}")
             return
+        if self.opts.resume:
+            cfg = self.continued(name, cfg, folder)
         print(f"ptk pipeline: {name} -> {folder}")
         t0 = time.perf_counter()
         run(cfg)
@@ -204,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="runs/pipeline", help="where every stage, the data and the "
                         "report go")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task world, the models and sampling")
-    parser.add_argument("--resume", action="store_true", help="keep the stages whose model already exists")
+    parser.add_argument("--resume", action="store_true", help="keep the stages whose model already exists and "
+                        "continue a stage that stopped part way from its latest checkpoint")
     parser.add_argument("--backend", default="auto", help="ptkernels backend for the fused losses")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     parser.add_argument("--lora", action="store_true", help="every post-training stage trains a LoRA adapter (PEFT; "

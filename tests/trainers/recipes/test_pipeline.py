@@ -61,3 +61,20 @@ def test_presets_name_every_stage():
         for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "safety", "world", "eval", "model",
                       "sft_verbose", "sft_scarce"):
             assert stage in preset, (name, stage)
+
+
+def test_resume_continues_a_stage_that_stopped_part_way(pipeline_dir, tmp_path, capsys):
+    # A GRPO stage that stopped after its checkpoint and before its model: --resume continues it from the
+    # checkpoint (steps 3.. only) rather than starting over and discarding the finished steps.
+    out = str(tmp_path / "pipe")
+    import shutil
+
+    shutil.copytree(pipeline_dir, out)
+    for name in ("model.safetensors", "config.json"):
+        os.remove(os.path.join(out, "grpo", name))
+    more = {**TINY, "grpo": {**TINY["grpo"], "max_steps": 3}}
+    Pipeline(PipelineOptions(output_dir=out, progress=False, resume=True, overrides=more)).run()
+    assert "grpo: continuing from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "grpo", "metrics.jsonl"))]
+    assert steps == [2, 3]  # the first run's last row (every 5th step is logged, and the last), then step 3 alone
+    assert os.path.exists(os.path.join(out, "grpo", "model.safetensors"))
