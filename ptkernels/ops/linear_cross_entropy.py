@@ -135,8 +135,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         def make_plan(tensors):
             hidden2d, weight, labels1d = tensors[0], tensors[1], tensors[3]
             small = block_rows is None and one_chunk(hidden2d.shape[0], chunk, weight.shape[0], hidden2d.shape[1])
-            # The fast path's plan: all rows in one slice, n_valid a tensor (no synchronization)
-            return RowPlan(labels1d, o.ignore_index, chunk, sync_free or small, single=small)
+            # The fast path's plan: all rows in one slice, n_valid a tensor (no synchronization; CPU: an int)
+            return RowPlan(labels1d, o.ignore_index, chunk, sync_free, single=small)
 
         def run(tensors, plan, row_scale):
             hidden2d, weight, bias, labels1d = tensors

@@ -33,11 +33,11 @@ def _row_major(z: torch.Tensor) -> torch.Tensor:
 
 
 def _index64(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.int64).contiguous()
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
 
 
 def _per_row(t: torch.Tensor, n: int, cd: torch.dtype) -> torch.Tensor:
-    t = t.to(cd)
+    t = t if t.dtype == cd else t.to(cd)
     return t.expand(n) if t.dim() == 0 else t
 
 

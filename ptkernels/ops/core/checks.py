@@ -42,13 +42,16 @@ def check_labels(name: str, labels: torch.Tensor, expected_shape, num_classes: i
         raise ValueError(f"{name} is on {labels.device} but {like_name} is on {like.device}")
     if labels.numel() == 0:
         return
-    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if labels.device.type == "cuda":
+        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         torch._assert_async(~bad.any(), f"{name} has a value outside [0, {num_classes}) that is not ignore_index")
         return
     if torch.compiler.is_compiling():  # a data-dependent branch would break the graph; checked eagerly
         return
-    if bool(bad.any()):
+    # One pass for the common case (3 small ops instead of 6: this check was ~10% of a call at small shapes)
+    lo, hi = torch.where(labels == ignore_index, 0, labels).aminmax()
+    if int(lo) < 0 or int(hi) >= num_classes:
+        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         first = labels[bad].flatten()[0].item()
         raise ValueError(
             f"{name} has {int(bad.sum())} value(s) outside [0, {num_classes}) that are not "

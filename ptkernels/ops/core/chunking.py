@@ -77,13 +77,15 @@ class RowPlan:
 
     def __init__(self, labels1d: torch.Tensor, ignore_index: int, chunk: int, sync_free: bool,
                  single: bool = False):
-        self.single = single  # the small-shape fast path (``one_chunk``): all rows at once, sync-free
+        self.single = single  # the small-shape fast path (``one_chunk``): all rows at once, no ``nonzero``
         self.n_rows = labels1d.shape[0]
         self.chunk = chunk
         self.valid = labels1d != ignore_index
-        if sync_free:
+        if sync_free or single:
             self.index = None  # all rows, contiguous slices
             self.n_valid = self.valid.sum()  # a device tensor: no synchronization
+            if single and not sync_free and labels1d.device.type == "cpu":
+                self.n_valid = int(self.n_valid)  # free on CPU, and a Python scale saves tensor ops per call
             self.n_process = self.n_rows
         else:
             self.index = self.valid.nonzero().squeeze(1)  # the one synchronization of the call
@@ -147,15 +149,23 @@ def reduction_scale(plan: RowPlan, reduction: str, dtype: torch.dtype):
     return scale, lambda rows, c: scale
 
 
+def _is_cpu_one(t: torch.Tensor) -> bool:
+    """A CPU scalar equal to 1 (the usual ``loss.backward()``): multiplying by it is the identity, bit for bit,
+    so the [V, D] pass is skipped; reading it costs no synchronization on CPU (never tried under tracing)."""
+    return t.device.type == "cpu" and t.numel() == 1 and not torch.compiler.is_compiling() and t.item() == 1
+
+
 def finish_head_grads(grads, grad_out, h_dtype: torch.dtype, w_dtype: torch.dtype):
     """Scale gradients formed in the forward pass by the incoming gradient (None: already applied per row)
     and cast them to the parameters' dtypes (the weight gradient was accumulated in fp32)."""
     gh, gw, gb = grads
-    if grad_out is not None:
+    if grad_out is not None and not _is_cpu_one(grad_out):
         gh, gw, gb = (g.mul_(grad_out) if g is not None else None for g in (gh, gw, gb))
-    return (gh.to(h_dtype) if gh is not None else None,
-            gemm.weight_grad_result(gw, w_dtype) if gw is not None else None,
-            gb.to(w_dtype) if gb is not None else None)
+    return (_as(gh, h_dtype), gemm.weight_grad_result(gw, w_dtype) if gw is not None else None, _as(gb, w_dtype))
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def apply_head_grads(g, h, weight, rows, scale, gh, gw, gb):

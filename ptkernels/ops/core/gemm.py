@@ -233,4 +233,7 @@ def _accumulate_mixed(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, alph
 
 def weight_grad_result(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The accumulated weight gradient in the weight's dtype and layout (contiguous ``[V, D]``)."""
+    # (a layout property dynamo cannot read while it speculates a backward: the copy stays in the graph there)
+    if acc.dtype == dtype and not torch.compiler.is_compiling() and acc.is_contiguous():
+        return acc
     return acc.to(dtype).contiguous()

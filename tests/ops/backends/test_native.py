@@ -554,3 +554,47 @@ def test_cuda_native_matches_torch():
     x, cu = torch.randn(100, device="cuda"), torch.tensor([0, 10, 10, 64, 100], device="cuda")
     assert_close_to_truth(ptk.packed_sequence_logprobs(x, cu, average=True, backend="native"),
                           ptk.packed_sequence_logprobs(x, cu, average=True, backend="torch"), 1e-5, "segments")
+
+
+# --------------------------------------------------------------------------- eager calls without the dispatcher
+
+
+@needs_native
+def test_eager_calls_skip_the_dispatcher_with_the_same_result():
+    """native_ops.X runs the op's own implementation in plain eager code (no ~0.1 ms of dispatch per call):
+    the same numbers as the dispatched op, bit for bit."""
+    z, y = _logits(7, 11), _labels(7, 11)
+    direct_z, op_z = z.clone(), z.clone()
+    direct = native.ce_rows_inplace(direct_z, y, None, *_ce_args(ALL))
+    dispatched = OPS.ce_rows_inplace(op_z, y, None, *_ce_args(ALL))
+    for a, b in zip(direct + (direct_z,), dispatched + (op_z,)):
+        assert torch.equal(a, b)
+    assert native.ce_rows_inplace.op is native.rows.ce_rows_inplace  # the op itself stays reachable
+    # ... and in plain eager code the dispatcher is not entered (the profiler records every dispatched op)
+    h, w = torch.randn(6, 5, requires_grad=True), torch.randn(9, 5, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ptk.linear_cross_entropy(h, w, _labels(6, 9), backend="native").backward()
+    names = [e.name for e in prof.events()]
+    assert "aten::mm" in names and not any(n.startswith("ptkernels::") for n in names), names
+
+
+@needs_native
+def test_a_dispatch_mode_still_sees_the_ops():
+    """Under a TorchDispatchMode (FakeTensorMode, flop counters, debug modes) the calls go through the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    h = torch.randn(6, 5, requires_grad=True)
+    w = torch.randn(9, 5, requires_grad=True)
+    y = _labels(6, 9)
+    with Record() as mode:
+        ptk.linear_cross_entropy(h, w, y, backend="native").backward()
+    assert any("ptkernels.ce_rows" in name for name in mode.names), mode.names
