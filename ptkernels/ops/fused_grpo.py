@@ -36,7 +36,7 @@ from .backends import get_block_rows, get_rows
 from .backends.base import GRPOParams, RowOptions
 from .core import gemm, vocab_blocks
 from .core.checks import check_head, check_labels, check_options
-from .core.chunking import ChunkLogits, RowPlan, apply_head_grads, default_chunk_size, put, take, want_sync_free
+from .core.chunking import ChunkLogits, RowPlan, apply_head_grads, default_chunk_size, take, want_sync_free
 from .core.dispatch import resolve_backend
 from .grpo_checks import check_advantages, check_loss_options, check_mask, check_token_floats, loss_options
 from .grpo_cov import add_kl_cov, cov_selection, policy_token_weight, selected_fraction
@@ -142,29 +142,6 @@ def _token_chunk_loss(x: _TokenInputs, lp, rows, p, wo, acc, grpo_rows, any_grad
     return out, out.grad[0] if any_grad else None
 
 
-class _TokenRows:
-    """What the compact-memory weight pass needs of every token, flat ``[B*T]``: its lse, d loss / d logp and,
-    with an entropy bonus, d loss / d H and E_p[s] (0 at rows the loop never scores)."""
-
-    def __init__(self, n: int, cd: torch.dtype, dev, entropy: bool):
-        zeros = lambda: torch.zeros(n, dtype=cd, device=dev)  # noqa: E731
-        self.lse, self.g_logp = zeros(), zeros()
-        self.g_ent, self.mean_s = (zeros(), zeros()) if entropy else (None, None)
-
-    def put(self, rows, lse, g_logp, g_ent, mean_s) -> None:
-        put(self.lse, rows, lse)
-        put(self.g_logp, rows, g_logp)
-        if self.g_ent is not None:
-            put(self.g_ent, rows, g_ent)
-            put(self.mean_s, rows, mean_s)
-
-    def coefficients(self, g_loss: torch.Tensor):
-        """grad_block's per-row coefficients with the incoming gradient folded in (one rounding of dW)."""
-        g = g_loss.to(self.g_logp.dtype)
-        return vocab_blocks.logprob_coefficients(self.g_logp.mul_(g), None if self.g_ent is None else
-                                                 self.g_ent.mul_(g), self.mean_s)
-
-
 class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets1d, x: _TokenInputs, p: GRPOParams, o: RowOptions, chunk: int,
@@ -183,7 +160,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         gh = torch.zeros_like(hidden2d) if need_dh else None
         gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw and block_rows is None else None
         gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db and block_rows is None else None
-        keep = _TokenRows(n, cd, dev, want_entropy and entropy_coef != 0.0) if weight_pass else None
+        keep = vocab_blocks.TokenRows(n, cd, dev, want_entropy and entropy_coef != 0.0) if weight_pass else None
         sums = torch.zeros(6, dtype=cd, device=dev)  # loss, kl, low, high, region, sum m * entropy
         acc = is_partials(cd, dev) if wo.is_mode is not None else None
         # the entropy bonus is a token mean over its tokens (TRL 1.16), whatever the loss type's normalizer
@@ -191,10 +168,8 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         ent_den = eff1d.sum().clamp(min=1.0)
         if p.seq_level or wo.sequence_wide:
             chunks = _sequence_chunks(x.mask.view(b, x.t) != 0, chunk, sync_free)
-            plan = None
         else:
-            plan = RowPlan(targets1d, IGNORE, chunk, sync_free)
-            chunks = [(None, None, rows) for rows in plan.chunks()]
+            chunks = [(None, None, rows) for rows in RowPlan(targets1d, IGNORE, chunk, sync_free).chunks()]
 
         logits = ChunkLogits(n, chunk, hidden2d, weight)  # a chunk of whole sequences may exceed it: then fresh
         for b0, b1, rows in chunks:
@@ -228,13 +203,8 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         kl, region, low, high = finish_metrics(sums[1], sums[2], sums[3], sums[4], n_tokens, b, p.seq_level)
         ctx.grads = (gh, gw, gb) if any_grad else None
         ctx.dtypes = (hidden2d.dtype, weight.dtype)
-        ctx.keep = None
+        ctx.keep = None if keep is None else (keep, keep.plan(chunk), block_rows, o, need_dw, need_db)
         if keep is not None:
-            if plan is None:  # chunks of whole sequences: their rows, in order, are every scored token
-                index = None if sync_free else torch.cat([r for _, _, r in chunks] or
-                                                         [torch.zeros(0, dtype=torch.long, device=dev)])
-                plan = RowPlan.of_rows(index, n, chunk)
-            ctx.keep = (keep, plan, block_rows, o, need_dw, need_db)
             ctx.save_for_backward(hidden2d, weight, bias, targets1d)
         metrics = (kl, region, low, high, sums[5] / n_tokens.clamp(min=1.0))
         if acc is not None:

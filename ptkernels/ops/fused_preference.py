@@ -353,8 +353,7 @@ def fused_linear_preference_loss(
                       ld_alpha=None if ld_alpha is None else float(ld_alpha), use_weighting=bool(use_weighting),
                       input_dtype=hidden.dtype, o=o,
                       chunk=chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype),
-                      sync_free=want_sync_free(sync_free, hidden.device),
-                      grow_to=grow_to(chunk_size, weight, hidden),
+                      sync_free=want_sync_free(sync_free, hidden.device), grow_to=grow_to(chunk_size, weight, hidden),
                       block_rows=get_block_rows(name) if memory == "compact" else None)
     loss, losses, pc, pr, cw, rw, log_odds, ratio, nll = FusedLinearPreferenceFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, None if ref_hidden is None else
