@@ -9,6 +9,9 @@ given reference log-probs (beta = 0.04):
                    ``log_softmax`` + ``gather``, then the TRL-literal loss (``ptkernels.reference.rl.grpo_loss``)
     liger          Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (when installed; ``compiled=False`` on CPU)
     ptk-<backend>  ``fused_linear_grpo_loss`` on each usable backend except "reference" and the Triton interpreter
+    ptk-<backend>+compact  ``memory="compact"`` on the device's default backend (triton on CUDA, native on CPU):
+                   dW one vocabulary block at a time in backward, no fp32 [V, D] accumulator; its peak memory
+                   against ``grad_floor_bytes`` (dX + dW in the inputs' dtype) is ``mem_x_grad_floor``
 
 Sizes (benchmarks/README.md): CPU 8 x T=512, D=512, V=32000, fp32; GPU 8 x T=1024, D=4096, V=128256, bf16;
 ``PTK_BENCH_SMALL=1`` a smoke size. ``extra_info`` as in test_bench_linear_cross_entropy.py: median, peak memory
@@ -39,7 +42,8 @@ except ImportError:
 
 OP = "fused_linear_grpo_loss"
 PTK_BACKENDS = ("torch", "triton", "native")
-IMPLS = ("eager", "liger") + tuple(f"ptk-{b}" for b in PTK_BACKENDS)
+COMPACT_IMPLS = ("ptk-triton+compact", "ptk-native+compact")  # memory="compact" on each device's default backend
+IMPLS = ("eager", "liger") + tuple(f"ptk-{b}" for b in PTK_BACKENDS) + COMPACT_IMPLS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BETA, EPS_LOW, EPS_HIGH, LOSS_TYPE, GROUP = 0.04, 0.2, 0.28, "dapo", 4
 
@@ -99,8 +103,9 @@ def _objective(impl: str, p: Problem):
     kw = dict(old_logps=p.old_logps, ref_logps=p.ref_logps, beta=BETA, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
               loss_type=LOSS_TYPE)
     if impl.startswith("ptk-"):
-        backend = impl[4:]
-        return lambda: fused_linear_grpo_loss(h, w, ids, mask, adv, backend=backend, **kw).loss
+        backend, _, variant = impl[4:].partition("+")
+        memory = "compact" if variant == "compact" else "default"
+        return lambda: fused_linear_grpo_loss(h, w, ids, mask, adv, backend=backend, memory=memory, **kw).loss
     if impl == "eager":
         def eager():
             logits = F.linear(h, w).float()  # TRL: model(...).logits, upcast, / temperature (1.0)
@@ -143,7 +148,9 @@ def skip_reason(impl: str, device: torch.device) -> str | None:
             return "Liger-Kernel is not installed (pip install liger-kernel)"
         return None
     if impl.startswith("ptk-"):
-        backend = impl[4:]
+        backend, _, variant = impl[4:].partition("+")
+        if variant == "compact" and backend != ("triton" if device.type == "cuda" else "native"):
+            return "memory='compact' is measured on the device's default backend only"
         reason = unusable_reason(backend, device)
         if reason is not None:
             return f"ptkernels backend {backend!r} not usable: {reason}"
@@ -203,6 +210,7 @@ def test_grpo_fwd_bwd(benchmark, impl, grpo_problem, device, matmul_rate):
     flops = useful_flops(p.n_valid, s["d"], s["v"])
     floor_s = matmul_rate.floor_seconds(flops)
     mem, mem_how = _peak_memory(impl, p, device)
+    grad_floor = (p.hidden.numel() + p.weight.numel()) * p.hidden.element_size()  # dX + dW
     info = {
         "op": OP, "impl": impl, "size": size_name(s), "dtype": s["dtype"], "b": s["b"], "t": s["t"],
         "n_valid": p.n_valid, "d": s["d"], "v": s["v"], "loss_type": LOSS_TYPE, "beta": BETA,
@@ -210,7 +218,7 @@ def test_grpo_fwd_bwd(benchmark, impl, grpo_problem, device, matmul_rate):
         "useful_tflops": flops / median / 1e12 if median else None,
         "floor_s": floor_s, "time_over_floor": median / floor_s if median else None,
         "peak_mem_bytes": mem, "peak_mem_mib": mem / 2 ** 20, "peak_mem_method": mem_how,
-        **matmul_rate.as_info(),
+        "grad_floor_bytes": grad_floor, "mem_x_grad_floor": mem / grad_floor, **matmul_rate.as_info(),
     }
     base = SESSION_RESULTS.get((OP, "eager"))
     if base and median and base.get("median_s"):

@@ -16,6 +16,9 @@ Implementations (``impl``):
     liger          Liger-Kernel's ``LigerFusedLinearDPOLoss`` (when installed; ``compiled=False`` off CUDA), which
                    takes the reference model's hidden states and head (``ref_model`` only)
     ptk-<backend>  ``fused_linear_preference_loss`` on each usable backend (never the Triton interpreter)
+    ptk-<backend>+compact  ``memory="compact"`` on the device's default backend (triton on CUDA, native on CPU):
+                   dW one vocabulary block at a time in backward, no fp32 [V, D] accumulator; its peak memory
+                   against ``grad_floor_bytes`` (dX + dW in the inputs' dtype) is ``mem_x_grad_floor``
 
 ``extra_info`` per case: ``median_s``, ``peak_mem_bytes`` (CUDA: max_memory_allocated minus baseline; CPU: peak
 RSS growth of a fresh subprocess, _measure.py), ``time_x_eager``, ``mem_x_eager`` (ratios within the run), useful
@@ -42,7 +45,7 @@ IGNORE = -100
 BETA = 0.1
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-IMPLS = ("eager", "liger", "ptk-torch", "ptk-triton", "ptk-native")
+IMPLS = ("eager", "liger", "ptk-torch", "ptk-triton", "ptk-native", "ptk-triton+compact", "ptk-native+compact")
 REFS = ("given", "ref_model")
 
 
@@ -124,10 +127,12 @@ def _objective(impl: str, ref: str, p: DPOProblem):
 
         return liger
     if impl.startswith("ptk-"):
-        backend = impl[4:]
+        backend, _, variant = impl[4:].partition("+")
+        memory = "compact" if variant == "compact" else "default"
         ref_kw = (dict(ref_chosen_logps=p.ref_chosen_logps, ref_rejected_logps=p.ref_rejected_logps)
                   if ref == "given" else dict(ref_hidden=p.ref_hidden, ref_weight=p.ref_weight))
-        return lambda: fused_linear_preference_loss(h, w, y, beta=BETA, backend=backend, **ref_kw).loss
+        return lambda: fused_linear_preference_loss(h, w, y, beta=BETA, backend=backend, memory=memory,
+                                                    **ref_kw).loss
     raise ValueError(f"unknown impl {impl!r}")
 
 
@@ -159,7 +164,9 @@ def skip_reason(impl: str, ref: str) -> str | None:
                 return "this Liger-Kernel's LigerFusedLinearDPOLoss takes no precomputed reference log-probs"
         return None
     if impl.startswith("ptk-"):
-        backend = impl[4:]
+        backend, _, variant = impl[4:].partition("+")
+        if variant == "compact" and backend != ("triton" if DEVICE.type == "cuda" else "native"):
+            return "memory='compact' is measured on the device's default backend only"
         reason = unusable_reason(backend, DEVICE)
         if reason is not None:
             return f"ptkernels backend {backend!r} not usable: {reason}"
@@ -218,9 +225,11 @@ def test_dpo_fwd_bwd(benchmark, impl, ref, dpo_problem, matmul_rate):
     mem, how = _peak_memory(impl, ref, p, s)
     flops = 6.0 * p.n_valid * s["d"] * s["v"] + (2.0 * p.n_valid * s["d"] * s["v"] if ref == "ref_model" else 0.0)
     floor_s = matmul_rate.floor_seconds(flops)
+    grad_floor = (p.hidden.numel() + p.weight.numel()) * p.hidden.element_size()  # dX + dW
     info = {"op": op, "impl": impl, "size": size_name(s), **s, "n_valid": p.n_valid,
             "prompt_masked": "first half of each sequence", "median_s": median, "peak_mem_bytes": mem,
-            "peak_mem_mib": mem / 2 ** 20, "peak_mem_method": how, "useful_flops": flops,
+            "peak_mem_mib": mem / 2 ** 20, "peak_mem_method": how, "grad_floor_bytes": grad_floor,
+            "mem_x_grad_floor": mem / grad_floor, "useful_flops": flops,
             "useful_tflops": flops / median / 1e12 if median else None, "floor_s": floor_s,
             "time_over_floor": median / floor_s if median else None, **matmul_rate.as_info()}
     base = SESSION_RESULTS.get((op, "eager"))

@@ -35,6 +35,8 @@ class _FunctionalModule(torch.nn.Module):
         unknown = sorted(set(options) - keyword_only)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; valid: {sorted(keyword_only)}")
+        if "memory" in options:  # a bad memory mode fails here, not at the first call
+            check_options(memory=options["memory"])
         self.options = options
 
     def forward(self, *tensors, **kwargs):

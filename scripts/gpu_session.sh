@@ -67,20 +67,24 @@ tail -3 "$OUT/build.log" | tee -a "$SUMMARY"
 stage bench_lce 240 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_bench_linear_cross_entropy.py \
   --benchmark-only --interleaved "${SWEEP[@]}" -q -p no:cacheprovider --benchmark-json="$OUT/bench_lce.json" \
   --benchmark-columns=median,min,rounds
-# memory="compact" (issue 26 item 5) is among bench_lce's cases (ptk-triton+compact): its peak against the dX + dW
-# floor (target <= 1.2x) and its share of the matmul rate (target >= 75%; it does 4 GEMMs of work for 3 useful),
-# beside the default path, go to session.log (no file of its own: the device tool brings back 8).
-if [[ "$STAGES" == *" bench_lce "* && -f "$OUT/bench_lce.json" ]]; then
-  python3 - "$OUT/bench_lce.json" <<'PY' 2>&1 | tee -a "$SUMMARY"
+# memory="compact" (issue 26 item 5) is among bench_lce's and bench_rl's cases (ptk-triton+compact): its peak
+# against the dX + dW floor (target <= 1.2x) and its share of the matmul rate (target >= 75%; it does 4 GEMMs of
+# work for 3 useful), beside the default path, go to session.log (no file of its own: the device tool brings back 8).
+compact_check() {
+  python3 - "$1" <<'PY' 2>&1 | tee -a "$SUMMARY"
 import json, sys
 rows = [b["extra_info"] for b in json.load(open(sys.argv[1]))["benchmarks"]
-        if b.get("extra_info", {}).get("impl") in ("ptk-triton", "ptk-triton+compact")]
+        if b.get("extra_info", {}).get("impl") in ("ptk-triton", "ptk-triton+compact")
+        and "grad_floor_bytes" in b["extra_info"]]
 for r in sorted(rows, key=lambda r: (r["op"], r["impl"])):
     share = 1.0 / r["time_over_floor"] if r.get("time_over_floor") else float("nan")
     print(f"compact check: {r['op']:22s} {r['impl']:20s} peak {r['peak_mem_mib']:8.1f} MiB = "
           f"{r['mem_x_grad_floor']:.2f}x dX+dW ({r['grad_floor_bytes'] / 2**20:.0f} MiB), "
           f"median {r['median_s'] * 1e3:.1f} ms, {share:.0%} of the matmul rate")
 PY
+}
+if [[ "$STAGES" == *" bench_lce "* && -f "$OUT/bench_lce.json" ]]; then
+  compact_check "$OUT/bench_lce.json"
 fi
 
 # 3. The tests on CUDA (every Triton kernel compiled for sm_90, the CUDA-only tests). The AOT compile checks and the
@@ -96,6 +100,9 @@ stage tests 180 python3 -m pytest tests -q -p no:cacheprovider -rfE "${parallel[
 stage bench_rl 150 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_bench_grpo.py \
   benchmarks/test_bench_preference.py --benchmark-only --interleaved -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench_rl.json" --benchmark-columns=median,min,rounds
+if [[ "$STAGES" == *" bench_rl "* && -f "$OUT/bench_rl.json" ]]; then
+  compact_check "$OUT/bench_rl.json"  # the fused DPO and GRPO ops' memory="compact" beside their default path
+fi
 
 # 5. The trainers' tests on CUDA (the stages take the GPU and bf16 autocast there), less the two-process ones (one
 #    GPU here: NCCL wants one per rank) and those that need `datasets` (not on the GPU image).

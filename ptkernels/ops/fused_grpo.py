@@ -12,8 +12,10 @@ chunk holds whole sequences. The loop:
     dz   = logprob_bwd(z, dl/dlogp, dl/dH)         written in place of z
     dh_c = dz @ W;  dW += dz.T @ h_c               GEMMs 2 and 3
 so three GEMMs in all, as eager PyTorch, and one chunk of logits in memory. Backward only scales the
-precomputed gradients by the incoming scalar. Masked tokens (prompt padding, completion padding) are skipped
-before any GEMM.
+precomputed gradients by the incoming scalar. ``memory="compact"`` drops GEMM 3 and its fp32 ``[V, D]``
+accumulator from the loop, which keeps each token's lse and d loss / d logp (and d loss / d H) instead; backward
+forms dW and db from them one vocabulary block at a time (ops/core/vocab_blocks.py: GEMM 1 again and GEMM 3).
+Masked tokens (prompt padding, completion padding) are skipped before any GEMM.
 
 Chunks. Token level: ``chunk_size`` completion tokens at a time, across sequence boundaries. Sequence level:
 consecutive whole sequences whose completion tokens fit in ``chunk_size`` (at least one sequence per chunk).
@@ -30,9 +32,9 @@ import torch
 from ..reference import rl as ref_rl
 from ..types import COV_LOSS_TYPES, GRPOOutput, compute_dtype
 from . import backends
-from .backends import get_rows
+from .backends import get_block_rows, get_rows
 from .backends.base import GRPOParams, RowOptions
-from .core import gemm
+from .core import gemm, vocab_blocks
 from .core.checks import check_head, check_labels, check_options
 from .core.chunking import ChunkLogits, RowPlan, apply_head_grads, default_chunk_size, take, want_sync_free
 from .core.dispatch import resolve_backend
@@ -143,7 +145,8 @@ def _token_chunk_loss(x: _TokenInputs, lp, rows, p, wo, acc, grpo_rows, any_grad
 class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets1d, x: _TokenInputs, p: GRPOParams, o: RowOptions, chunk: int,
-                rows_impl, grpo_rows, sync_free: bool, entropy_coef: float, want_entropy: bool, wo: WeightOptions):
+                rows_impl, grpo_rows, sync_free: bool, entropy_coef: float, want_entropy: bool, wo: WeightOptions,
+                block_rows=None):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         any_grad = need_dh or need_dw or need_db
@@ -151,9 +154,13 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         dev = hidden2d.device
         n = hidden2d.shape[0]
         b = n // x.t if x.t else 0
+        # memory="compact" (block_rows set): dW and db in backward, one vocabulary block at a time, from each
+        # token's lse and d loss / d logp (and d loss / d H, E_p[s] with an entropy bonus) kept here
+        weight_pass = block_rows is not None and (need_dw or need_db)
         gh = torch.zeros_like(hidden2d) if need_dh else None
-        gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw else None
-        gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db else None
+        gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw and block_rows is None else None
+        gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db and block_rows is None else None
+        keep = vocab_blocks.TokenRows(n, cd, dev, want_entropy and entropy_coef != 0.0) if weight_pass else None
         sums = torch.zeros(6, dtype=cd, device=dev)  # loss, kl, low, high, region, sum m * entropy
         acc = is_partials(cd, dev) if wo.is_mode is not None else None
         # the entropy bonus is a token mean over its tokens (TRL 1.16), whatever the loss type's normalizer
@@ -184,7 +191,9 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
                     w_ent = take(eff1d, rows) / ent_den
                     sums[0] -= entropy_coef * (w_ent * ent).sum()
                     g_ent = -entropy_coef * w_ent
-            if any_grad:
+            if keep is not None:
+                keep.put(rows, lse, g_logp, g_ent, mean_s)
+            if gh is not None or gw is not None or gb is not None:
                 rows_impl.logprob_bwd(z, tg, lse, mean_s if g_ent is not None else None, g_logp, g_ent, o,
                                       grad_out=z)
                 apply_head_grads(z, h, weight, rows, 1.0, gh, gw, gb)
@@ -194,6 +203,9 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         kl, region, low, high = finish_metrics(sums[1], sums[2], sums[3], sums[4], n_tokens, b, p.seq_level)
         ctx.grads = (gh, gw, gb) if any_grad else None
         ctx.dtypes = (hidden2d.dtype, weight.dtype)
+        ctx.keep = None if keep is None else (keep, keep.plan(chunk), block_rows, o, need_dw, need_db)
+        if keep is not None:
+            ctx.save_for_backward(hidden2d, weight, bias, targets1d)
         metrics = (kl, region, low, high, sums[5] / n_tokens.clamp(min=1.0))
         if acc is not None:
             metrics = metrics + finish_is_metrics(acc)
@@ -203,14 +215,21 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *unused):
         if ctx.grads is None or g_loss is None:
-            return (None,) * 14
+            return (None,) * 15
         gh, gw, gb = ctx.grads
-        ctx.grads = None
+        keep, ctx.grads, ctx.keep = ctx.keep, None, None
         h_dtype, w_dtype = ctx.dtypes
         gh = gh.mul_(g_loss.to(gh.dtype)).to(h_dtype) if gh is not None else None
+        if keep is not None:  # compact memory: the vocabulary-block weight pass, g_loss in its coefficients
+            rows, plan, block_rows, o, need_dw, need_db = keep
+            hidden2d, weight, bias, targets1d = ctx.saved_tensors
+            coef, has_b = rows.coefficients(g_loss)
+            gw, gb = vocab_blocks.weight_grads(hidden2d, weight, bias, targets1d, rows.lse, coef, has_b, plan,
+                                               block_rows, o, need_dw, need_db)
+            return (gh, gw, gb.to(w_dtype) if gb is not None else None) + (None,) * 12
         gw = gemm.weight_grad_result(gw.mul_(g_loss.to(gw.dtype)), w_dtype) if gw is not None else None
         gb = gb.mul_(g_loss.to(gb.dtype)).to(w_dtype) if gb is not None else None
-        return (gh, gw, gb) + (None,) * 11
+        return (gh, gw, gb) + (None,) * 12
 
 
 def _completion_targets(hidden, weight, bias, completion_ids, completion_mask):
@@ -293,6 +312,7 @@ def fused_linear_grpo_loss(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     sync_free: bool | None = None,
+    memory: str = "default",
     backend: str = "auto",
 ) -> GRPOOutput:
     """GRPO-family loss of a policy head on completions, from hidden states, without the ``[B*T, V]`` logits.
@@ -327,6 +347,13 @@ def fused_linear_grpo_loss(
         chunk_size: completion tokens per chunk (default: ``ops.core.chunking.default_chunk_size(V)``, at least T);
             a chunk of whole sequences still holds at least one sequence.
         sync_free, backend: as ``linear_cross_entropy``.
+        memory: "default" or "compact" (as ``linear_cross_entropy``). The default loop adds each chunk's
+            ``dz.T @ h`` into an fp32 ``[V, D]`` accumulator beside the gradient (for bf16 weights 2x the size of
+            dW). "compact" never allocates it: the loop forms the loss and d hidden and keeps each completion
+            token's lse and d loss / d logp (with an entropy bonus also d loss / d H and E_p[s]: O(tokens));
+            backward forms dW (and db) one block of the vocabulary at a time, each block summed in fp32 over all
+            tokens and written once in the weight's dtype (ops/core/vocab_blocks.py). Same numerics rule; one
+            more GEMM over the logits (4 instead of 3). The reference backend ignores it.
 
     Returns ``GRPOOutput`` (``loss`` differentiable w.r.t. hidden, weight and bias; metrics detached;
     ``entropy`` set when computed; the mismatch metrics with ``sampler_logps``). fp32 (fp64 for fp64 input).
@@ -336,7 +363,7 @@ def fused_linear_grpo_loss(
     b, t, _ = hidden.shape
     check_advantages(advantages, b, hidden, "hidden")
     check_token_floats((b, t), hidden, "hidden", old_logps=old_logps, ref_logps=ref_logps, sampler_logps=sampler_logps)
-    check_options(temperature=temperature, chunk_size=chunk_size)
+    check_options(temperature=temperature, chunk_size=chunk_size, memory=memory)
     p, wo = check_loss_options(options, ref_logps=ref_logps, sampler_logps=sampler_logps)
     want_entropy = bool(return_entropy) or entropy_coef != 0.0
     name = resolve_backend(backend, hidden.device)
@@ -362,7 +389,7 @@ def fused_linear_grpo_loss(
         hidden.reshape(b * t, -1), weight, bias, targets.reshape(-1), x, p,
         RowOptions(ignore_index=IGNORE, temperature=float(temperature)), chunk, get_rows(name),
         backends.get(name, "grpo_rows"), want_sync_free(sync_free, hidden.device), float(entropy_coef), want_entropy,
-        wo)
+        wo, get_block_rows(name) if memory == "compact" else None)
     loss, kl, region, low, high, entropy = outs[:6]
     return make_output(loss, kl, region, low, high, entropy if want_entropy else None,
                        outs[6:] if wo.is_mode is not None else None, selected_fraction(sel, mask1d))

@@ -11,7 +11,7 @@ import torch
 from .. import reference
 from ..reference import preference as reference_preference
 from ..types import KTO_LOSS_TYPES, KTOLossOutput, compute_dtype
-from .backends import get_rows
+from .backends import get_block_rows, get_rows
 from .core.checks import check_ref_head
 from .core.chunking import default_chunk_size
 from .core.dispatch import resolve_backend
@@ -48,6 +48,7 @@ def fused_linear_kto_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     average_log_prob: bool = False,
+    memory: str = "default",
 ) -> KTOLossOutput:
     """KTO (TRL's ``KTOTrainer``) straight from hidden states and the head, never building the logits.
 
@@ -63,6 +64,10 @@ def fused_linear_kto_loss(
     (which has no averaging option); ``average_log_prob=True`` divides every sequence log-prob (examples, reference,
     and the KL completions) by its valid-token count: Liger 0.8.5's ``average_log_prob`` option, not TRL's.
 
+    ``memory="compact"``: the weight gradient without the fp32 ``[V, D]`` accumulator, one vocabulary block at a
+    time in backward from each scored token's saved lse and coefficient (see ``fused_linear_preference_loss``);
+    one more GEMM over the logits.
+
     Returns ``KTOLossOutput`` (``loss`` differentiable; ``losses`` desirable first, as TRL; rewards; ``kl``).
     Synchronizes twice per call (the valid-token counts; the number of desirable examples, to split the outputs).
     """
@@ -71,7 +76,7 @@ def fused_linear_kto_loss(
     if n == 0:
         raise ValueError("fused_linear_kto_loss needs at least one example (hidden is empty)")
     check_loss_options(loss_type, KTO_LOSS_TYPES, beta=beta)
-    o = row_options(ignore_index, temperature, softcap, chunk_size)
+    o = row_options(ignore_index, temperature, softcap, chunk_size, memory)
     _check_examples(desirable, ref_logps, ref_hidden, hidden)
     policy_ref_weight = ref_weight
     if ref_hidden is not None:
@@ -96,7 +101,8 @@ def fused_linear_kto_loss(
     cfg = FusedConfig(kind=loss_type, paired=False, beta=float(beta), average=bool(average_log_prob),
                       desirable_weight=float(desirable_weight),
                       undesirable_weight=float(undesirable_weight), o=o, chunk=chunk, sync_free=False,
-                      grow_to=grow_to(chunk_size, weight, hidden))
+                      grow_to=grow_to(chunk_size, weight, hidden),
+                      block_rows=get_block_rows(name) if memory == "compact" else None)
     loss, losses, _, _, rewards, *_ = FusedLinearPreferenceFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, None if ref_hidden is None else
         ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,

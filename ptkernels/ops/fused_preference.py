@@ -26,6 +26,9 @@ backward only scales the precomputed gradients by the incoming scalar. Two cases
       keeps only the per-token lse, and the backward blocks recompute their logits (4 GEMMs for that group).
 The default chunk size grows (up to 8x ``default_chunk_size`` on CUDA, 4x on CPU) so that the largest pair fits
 whole.
+``memory="compact"`` drops GEMM 3 (and the fp32 ``[V, D]`` accumulator) from the loop, which keeps each scored
+token's lse and per-token coefficient (d loss / d logp) instead; backward forms dW and db from them one block of
+the vocabulary at a time (ops/core/vocab_blocks.py: GEMM 1 again and GEMM 3), so one more GEMM in all.
 Row selection uses one host-device synchronization per call (the per-sequence valid-token counts, so masked
 prompt and padding rows skip every GEMM); ``sync_free=True`` walks all rows instead (no synchronization; masked
 rows are skipped on the device inside the row kernels while their GEMM rows are still computed).
@@ -40,9 +43,9 @@ import torch
 from .. import reference
 from ..reference import preference as reference_preference
 from ..types import DPO_LOSS_TYPES, PreferenceLossOutput, compute_dtype
-from .backends import get_rows
+from .backends import get_block_rows, get_rows
 from .backends.base import RowOptions
-from .core import gemm
+from .core import gemm, vocab_blocks
 from .core.checks import check_head, check_labels, check_options, check_ref_head
 from .core.chunking import default_chunk_size, want_sync_free
 from .core.dispatch import resolve_backend
@@ -64,7 +67,11 @@ _NLL_BY_DEFAULT = ("orpo", "cpo")  # ORPO's SFT term and CPO's cpo_alpha both de
 class FusedLinearPreferenceFunction(torch.autograd.Function):
     """Returns (loss, *per-group results): only ``loss`` is differentiable; the gradients of hidden, weight and
     bias are formed in forward (fused_preference_loop.run) and backward scales them by the incoming gradient.
-    The results are ``LoopResult``'s fields (logps and rewards flattened to two entries each, None when absent)."""
+    The results are ``LoopResult``'s fields (logps and rewards flattened to two entries each, None when absent).
+
+    ``memory="compact"`` (``cfg.block_rows`` set): forward forms only d hidden and keeps each token's lse and
+    d loss / d logp; backward forms dW and db from them one vocabulary block at a time (ops/core/vocab_blocks.py),
+    the incoming gradient folded into the per-token coefficients, so dW is rounded to the weight's dtype once."""
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels2d, ref_hidden2d, ref_weight, ref_bias, ref_given, desirable,
@@ -75,6 +82,10 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
         out = run(cfg, Head(hidden2d, weight, bias), ref_head, ref_given, labels2d, desirable, z0, rows_impl, need,
                   seq_lengths)
         ctx.grads = out.grads
+        ctx.token_rows = out.token_rows
+        ctx.weight_pass = (cfg, need)
+        if out.token_rows is not None:
+            ctx.save_for_backward(hidden2d, weight, bias, labels2d)
         ctx.dtypes = (hidden2d.dtype, weight.dtype)
         logps = (*out.logps, None)[:2]
         rewards = (*out.rewards, None)[:2]
@@ -85,11 +96,19 @@ class FusedLinearPreferenceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *unused):
         gh, gw, gb = ctx.grads
-        ctx.grads = None
+        token_rows, ctx.grads, ctx.token_rows = ctx.token_rows, None, None
         h_dtype, w_dtype = ctx.dtypes
         if grad_out is None:
             return (None,) * 13
         gh = gh.mul_(grad_out).to(h_dtype) if gh is not None else None
+        if token_rows is not None:  # compact memory: the vocabulary-block weight pass, grad_out in its coefficients
+            hidden2d, weight, bias, labels2d = ctx.saved_tensors
+            cfg, need = ctx.weight_pass
+            lse, g_logp, plan = token_rows
+            coef, has_b = vocab_blocks.logprob_coefficients(g_logp.mul_(grad_out.to(g_logp.dtype)), None, None)
+            gw, gb = vocab_blocks.weight_grads(hidden2d, weight, bias, labels2d.reshape(-1), lse, coef, has_b, plan,
+                                               cfg.block_rows, cfg.o, need[1], need[2])
+            return gh, gw, gb.to(w_dtype) if gb is not None else None, *(None,) * 10
         gw = gemm.weight_grad_result(gw.mul_(grad_out), w_dtype) if gw is not None else None
         gb = gb.mul_(grad_out).to(w_dtype) if gb is not None else None
         return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
@@ -115,8 +134,8 @@ def grow_to(chunk_size, weight, hidden) -> int | None:
     return 2 * base if hidden.device.type == "cuda" else 4 * base
 
 
-def row_options(ignore_index, temperature, softcap, chunk_size):
-    check_options(temperature=temperature, softcap=softcap, chunk_size=chunk_size)
+def row_options(ignore_index, temperature, softcap, chunk_size, memory="default"):
+    check_options(temperature=temperature, softcap=softcap, chunk_size=chunk_size, memory=memory)
     return RowOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap),
                       temperature=float(temperature))
 
@@ -183,7 +202,7 @@ def _check_pairs(needs_ref, reference_free, loss_type, ref_chosen_logps, ref_rej
 
 
 def _external_nll(nll_target, nll_w, hidden, weight, bias, labels, ignore_index, softcap, temperature, shift,
-                  chunk_size, sync_free, backend):
+                  chunk_size, sync_free, backend, memory):
     """The NLL term over ``nll_target``'s chosen rows (a fused cross-entropy), or None without one."""
     if nll_target is None:
         return None
@@ -197,7 +216,7 @@ def _external_nll(nll_target, nll_w, hidden, weight, bias, labels, ignore_index,
         return None
     return linear_cross_entropy(hidden[:n], weight, nll_target[:n], bias=bias, ignore_index=ignore_index,
                                 softcap=softcap, temperature=temperature, shift=shift, chunk_size=chunk_size,
-                                sync_free=sync_free, backend=backend)
+                                sync_free=sync_free, memory=memory, backend=backend)
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -228,6 +247,7 @@ def fused_linear_preference_loss(
     softcap: float | None = None,
     chunk_size: int | None = None,
     sync_free: bool | None = None,
+    memory: str = "default",
     backend: str = "auto",
     loss_weights: list[float] | None = None,
     f_divergence_type: str = "reverse_kl",
@@ -280,6 +300,14 @@ def fused_linear_preference_loss(
             the 4-GEMM path). Default: ``ops.core.chunking.default_chunk_size``, grown up to 8x that (4x on CPU) so
             the largest pair fits whole (chunks always hold whole pairs when they can).
         sync_free: as in ``linear_cross_entropy``. backend: "auto", "reference", "torch", "triton", "native".
+        memory: "default" or "compact" (as in ``linear_cross_entropy``). The default loop adds each chunk's
+            ``dz.T @ h`` into an fp32 ``[V, D]`` accumulator beside the gradient (for bf16 weights 2x the size of
+            dW). "compact" never allocates it: the loop forms the loss and d hidden and keeps each scored token's
+            log-sum-exp and d loss / d logp (O(tokens)); backward then forms dW (and db) one block of the
+            vocabulary at a time, each block summed in fp32 over all scored tokens and written once in the
+            weight's dtype (ops/core/vocab_blocks.py). Same numerics rule; the cost is one more GEMM over the
+            logits (4 instead of 3; 5 on the paths that take 4). The NLL over ``nll_target`` runs
+            ``linear_cross_entropy`` with the same ``memory``; the reference backend ignores it.
 
     ``aot`` / ``aot_unpaired`` (a sort over the batch) and ``sft`` under ``use_weighting`` couple the pairs: a
     forward-only pass scores every sequence first (4 GEMMs). Every other type costs what ``sigmoid`` costs.
@@ -295,7 +323,7 @@ def fused_linear_preference_loss(
         loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
         discopop_tau=discopop_tau, bco_delta=bco_delta, use_weighting=use_weighting, ld_alpha=ld_alpha, alpha=alpha)
-    o = row_options(ignore_index, temperature, softcap, chunk_size)
+    o = row_options(ignore_index, temperature, softcap, chunk_size, memory)
     ref_given = _check_pairs(kind == "dpo" and not reference_free, reference_free, loss_type, ref_chosen_logps,
                              ref_rejected_logps, ref_hidden, hidden)
     if ref_hidden is not None:
@@ -303,7 +331,7 @@ def fused_linear_preference_loss(
     average = (kind in _AVERAGED_BY_DEFAULT) if average_logps is None else bool(average_logps)
     nll_w = (1.0 if loss_type in _NLL_BY_DEFAULT else 0.0) if nll_weight is None else float(nll_weight)
     ext_nll = _external_nll(nll_target, nll_w, hidden, weight, bias, labels, ignore_index, softcap, temperature,
-                            shift, chunk_size, sync_free, backend)
+                            shift, chunk_size, sync_free, backend, memory)
     seq_lengths = (labels != ignore_index).sum(dim=1) if shift else None  # TRL's unshifted completion_mask.sum()
     if shift:
         labels = reference.shift_labels(labels, ignore_index)
@@ -325,8 +353,8 @@ def fused_linear_preference_loss(
                       ld_alpha=None if ld_alpha is None else float(ld_alpha), use_weighting=bool(use_weighting),
                       input_dtype=hidden.dtype, o=o,
                       chunk=chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype),
-                      sync_free=want_sync_free(sync_free, hidden.device),
-                      grow_to=grow_to(chunk_size, weight, hidden))
+                      sync_free=want_sync_free(sync_free, hidden.device), grow_to=grow_to(chunk_size, weight, hidden),
+                      block_rows=get_block_rows(name) if memory == "compact" else None)
     loss, losses, pc, pr, cw, rw, log_odds, ratio, nll = FusedLinearPreferenceFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, None if ref_hidden is None else
         ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, ref_given, None, None, cfg,

@@ -20,6 +20,7 @@ import torch
 from ..types import compute_dtype
 from .backends.base import RowOptions
 from .core import gemm
+from .core.chunking import RowPlan
 from .core.groups import GroupLayout, Head, backward_blocks, sequence_sums
 from .preference_math import DPOSpec, kto_example_losses, pair_losses
 
@@ -44,6 +45,7 @@ class FusedConfig:
     chunk: int = 1024
     sync_free: bool = False
     grow_to: int | None = None  # default chunk size: may grow to this many rows so that one group fits whole
+    block_rows: object = None  # memory="compact": the backend's block gradient (backends/base.py: grad_block)
 
     @property
     def sft_weight(self) -> float:
@@ -67,6 +69,9 @@ class LoopResult(NamedTuple):
     ratio: torch.Tensor | None  # ORPO only
     nll: torch.Tensor | None  # the NLL of the chosen completions, when an NLL term or sft is present
     grads: tuple
+    # memory="compact" with a weight or bias gradient: (lse [S * T], d loss / d logp [S * T], RowPlan of the
+    # scored rows) for the vocabulary-block weight pass in backward (ops/core/vocab_blocks.py); else None
+    token_rows: tuple | None = None
 
 
 def ld_token_weights(labels2d: torch.Tensor, ignore_index: int, ld_alpha: float) -> torch.Tensor:
@@ -160,10 +165,12 @@ def averaged(cfg: FusedConfig, layout: GroupLayout, seq, g0: int, g1: int):
     return seq / layout.chunk_counts(g0, g1).clamp(min=1).to(seq.dtype) if cfg.average else seq
 
 
-def _head_grad_buffers(policy: Head, need):
+def _head_grad_buffers(policy: Head, need, compact: bool):
+    """(dh, dW, db) buffers of the loop; compact memory forms dW and db after it (no [V, D] accumulator)."""
     hidden2d, weight = policy.hidden2d, policy.weight
     cd = compute_dtype(hidden2d.dtype)
     need_dh, need_dw, need_db = need
+    need_dw, need_db = need_dw and not compact, need_db and not compact
     return (torch.zeros_like(hidden2d) if need_dh else None,
             gemm.weight_grad_buffer(weight, hidden2d, cd) if need_dw else None,
             torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db else None)
@@ -197,7 +204,11 @@ class _ChunkLoop:
             self.tw = ld_token_weights(labels2d, o.ignore_index, cfg.ld_alpha).to(cd)
         self.ref = ReferenceLogps(cfg, layout, ref_head, ref_given, self.labels1d, rows_impl, self.tw)
         self.lens_all = layout.counts if seq_lengths is None else seq_lengths
-        self.grads = _head_grad_buffers(policy, need)
+        compact = cfg.block_rows is not None
+        self.grads = _head_grad_buffers(policy, need, compact)
+        self.token_rows = None  # compact memory: each scored token's lse and d loss / d logp, for the weight pass
+        if compact and (need[1] or need[2]):
+            self.token_rows = (self.zeros(policy.hidden2d.shape[0]), self.zeros(policy.hidden2d.shape[0]))
         self.losses = self.zeros()
         self.logps = tuple(self.zeros() for _ in range(2 if cfg.paired else 1))
         self.rewards = tuple(self.zeros() for _ in self.logps)
@@ -281,7 +292,7 @@ class _ChunkLoop:
                 d_raw = torch.zeros_like(d) if d_raw is None else d_raw.clone()
                 d_raw[:k] -= self.nll_w_loop / self.n_chosen
             backward_blocks(self.policy, kept, d, self.rows_impl, o, self.grads, token_weights1d=self.tw,
-                            g_raw=d_raw)
+                            g_raw=d_raw, token_rows=self.token_rows)
         del kept
 
     def finish(self) -> LoopResult:
@@ -293,7 +304,12 @@ class _ChunkLoop:
         loss = losses.sum() * self.inv_n
         if nll is not None and cfg.nll_weight:
             loss = loss + cfg.nll_weight * nll
-        return LoopResult(loss, losses, self.logps, self.rewards, self.log_odds, self.ratio, nll, self.grads)
+        token_rows = None
+        if self.token_rows is not None:
+            plan = RowPlan.of_rows(self.layout.index, self.token_rows[0].shape[0], cfg.chunk)
+            token_rows = (*self.token_rows, plan)
+        return LoopResult(loss, losses, self.logps, self.rewards, self.log_odds, self.ratio, nll, self.grads,
+                          token_rows)
 
 
 def run(cfg: FusedConfig, policy: Head, ref_head: Head | None, ref_given, labels2d, desirable, z0, rows_impl,

@@ -92,6 +92,16 @@ class RowPlan:
             self.n_valid = self.index.numel()
             self.n_process = self.n_valid
 
+    @classmethod
+    def of_rows(cls, index: torch.Tensor | None, n_rows: int, chunk: int) -> RowPlan:
+        """A plan over rows a loop already knows, with no ``nonzero`` (no synchronization): ``index`` (the
+        row ids, 1-D) or None (all ``n_rows`` rows, in slices). For the compact-memory weight pass of the ops
+        whose own loops pick their rows (ops/core/vocab_blocks.py); ``valid`` is not set."""
+        plan = cls.__new__(cls)
+        plan.single, plan.n_rows, plan.chunk, plan.valid, plan.index = False, n_rows, chunk, None, index
+        plan.n_process = plan.n_valid = n_rows if index is None else index.numel()
+        return plan
+
     def chunks(self, size: int | None = None):
         """Yields row selectors of ``size`` rows (default: the plan's chunk): slices (sync-free) or index tensors
         (valid rows only)."""

@@ -149,18 +149,28 @@ def sequence_sums(head: Head, layout: GroupLayout, g0, g1, labels1d, rows_impl, 
     return seq, kept
 
 
-def backward_blocks(head: Head, kept, g_seg, rows_impl, o, grads, token_weights1d=None, g_raw=None):
-    """d loss / d logp of each token = ``g_seg[its sequence] * token weight (+ g_raw[its sequence])``."""
+def backward_blocks(head: Head, kept, g_seg, rows_impl, o, grads, token_weights1d=None, g_raw=None,
+                    token_rows=None):
+    """d loss / d logp of each token = ``g_seg[its sequence] * token weight (+ g_raw[its sequence])``.
+
+    ``token_rows`` ``(lse [S * T], g_logp [S * T])`` (compact memory, ops/core/vocab_blocks.py): each token's
+    log-sum-exp and d loss / d logp are written there for the weight pass after the loop; ``grads`` then holds
+    no dW / db buffer, and without a hidden-state gradient no logits are touched here at all."""
     gh, gw, gb = grads
     for r, sg, y, h, z, lse in kept:
-        if z is None:  # a group split over several blocks: recompute its logits (GEMM 1 again)
-            h = take(head.hidden2d, r)
-            z = gemm.logits(h, head.weight, head.bias)
         g = g_seg.index_select(0, sg)
         if token_weights1d is not None:
             g = g * take(token_weights1d, r).to(g.dtype)
         if g_raw is not None:
             g = g + g_raw.index_select(0, sg)
+        if token_rows is not None:
+            token_rows[0].index_copy_(0, r, lse.to(token_rows[0].dtype))
+            token_rows[1].index_copy_(0, r, g.to(token_rows[1].dtype))
+        if gh is None and gw is None and gb is None:
+            continue
+        if z is None:  # a group split over several blocks: recompute its logits (GEMM 1 again)
+            h = take(head.hidden2d, r)
+            z = gemm.logits(h, head.weight, head.bias)
         rows_impl.logprob_bwd(z, y, lse, None, g, None, o, grad_out=z)
         apply_head_grads(z, h, head.weight, r, 1.0, gh, gw, gb)
 

@@ -29,7 +29,7 @@ import torch
 
 from ...types import compute_dtype
 from . import gemm
-from .chunking import take
+from .chunking import RowPlan, put, take
 
 # Bytes of the per-block fp32 accumulator and logits per tile. CUDA: 32 MiB ([2048, 4096] fp32) and 2^24
 # logits (8192 rows x 2048 columns, 32 MiB in bf16): at N=8192, D=4096, V=128256 the accumulator, a tile and
@@ -105,3 +105,41 @@ def weight_grads(hidden2d, weight, bias, labels1d, lse, coef, has_b: bool, plan,
         if a is not None and not direct:
             gw[v0:v1].copy_(a)
     return gw, gb
+
+
+class TokenRows:
+    """What the weight pass needs of each row a loop scores, collected as the loop goes (for ops whose per-row
+    coefficients are known only inside their own loop, e.g. fused GRPO): flat ``[N]`` lse, d loss / d logp and,
+    with an entropy term, d loss / d H and E_p[s] (0 at rows never scored), and the rows themselves."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device, entropy: bool):
+        zeros = lambda: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+        self.n, self.rows = n, []
+        self.lse, self.g_logp = zeros(), zeros()
+        self.g_ent, self.mean_s = (zeros(), zeros()) if entropy else (None, None)
+
+    def put(self, rows, lse, g_logp, g_ent, mean_s) -> None:
+        """One chunk's rows (a slice or an index tensor) and their values."""
+        self.rows.append(rows)
+        put(self.lse, rows, lse)
+        put(self.g_logp, rows, g_logp)
+        if self.g_ent is not None:
+            put(self.g_ent, rows, g_ent)
+            put(self.mean_s, rows, mean_s)
+
+    def coefficients(self, grad_out: torch.Tensor):
+        """(coef, has_b) with the incoming scalar gradient folded in, so dW is rounded once."""
+        g = grad_out.to(self.g_logp.dtype)
+        return logprob_coefficients(self.g_logp.mul_(g), None if self.g_ent is None else self.g_ent.mul_(g),
+                                    self.mean_s)
+
+    def plan(self, chunk: int) -> RowPlan:
+        """The rows seen, as a plan: slices when they were consecutive slices over all ``n`` rows (sync-free
+        loops), else their index tensors in order."""
+        ends = [0] + [r.stop for r in self.rows if isinstance(r, slice)]
+        if all(isinstance(r, slice) and r.start == e for r, e in zip(self.rows, ends)) and ends[-1] == self.n:
+            return RowPlan.of_rows(None, self.n, chunk)
+        dev = self.lse.device
+        parts = [torch.arange(r.start, r.stop, device=dev) if isinstance(r, slice) else r for r in self.rows]
+        return RowPlan.of_rows(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev),
+                               self.n, chunk)
