@@ -17,6 +17,7 @@ from .backends.base import RowOptions
 from .core.checks import check_float, check_labels, check_options
 from .core.chunking import default_chunk_size
 from .core.dispatch import resolve_backend
+from .core.grad_mode import for_autograd
 
 
 def _chunks(n: int, chunk: int):
@@ -101,6 +102,7 @@ def cross_entropy(
     if not logits2d.is_contiguous():
         logits2d = logits2d.contiguous()
     chunk = chunk_size or default_chunk_size(v, logits.device)
+    (logits2d,) = for_autograd(logits2d)  # (and inplace_backward never writes into logits here)
     out = CrossEntropyFunction.apply(logits2d, labels.reshape(-1), o, reduction, chunk, get_rows(name),
                                      bool(inplace_backward))
     return out.view(labels.shape) if reduction == "none" else out

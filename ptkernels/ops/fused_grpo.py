@@ -38,6 +38,7 @@ from .core import gemm, vocab_blocks
 from .core.checks import check_head, check_labels, check_options
 from .core.chunking import ChunkLogits, RowPlan, apply_head_grads, default_chunk_size, take, want_sync_free
 from .core.dispatch import resolve_backend
+from .core.grad_mode import for_autograd
 from .grpo_checks import check_advantages, check_loss_options, check_mask, check_token_floats, loss_options
 from .grpo_cov import add_kl_cov, cov_selection, policy_token_weight, selected_fraction
 from .grpo_terms import finish_metrics, make_output, row_normalizers, top_entropy_mask
@@ -385,6 +386,7 @@ def fused_linear_grpo_loss(
     # Default: the shared chunk size, but at least one whole sequence (the sequence level needs it; at the
     # token level, GEMMs on more rows per chunk ran faster on CPU in the GRPO benchmark).
     chunk = chunk_size or max(default_chunk_size(weight.shape[0], hidden.device, hidden.dtype), t)
+    hidden, weight, bias = for_autograd(hidden, weight, bias)
     outs = FusedLinearGRPOFunction.apply(
         hidden.reshape(b * t, -1), weight, bias, targets.reshape(-1), x, p,
         RowOptions(ignore_index=IGNORE, temperature=float(temperature)), chunk, get_rows(name),

@@ -15,6 +15,7 @@ from .backends import get_block_rows, get_rows
 from .core.checks import check_ref_head
 from .core.chunking import default_chunk_size
 from .core.dispatch import resolve_backend
+from .core.grad_mode import for_autograd
 from .core.groups import forward_sequence_logps
 from .fused_preference import FusedLinearPreferenceFunction, check_sequences, grow_to, row_options
 from .fused_preference_loop import FusedConfig
@@ -103,6 +104,8 @@ def fused_linear_kto_loss(
                       undesirable_weight=float(undesirable_weight), o=o, chunk=chunk, sync_free=False,
                       grow_to=grow_to(chunk_size, weight, hidden),
                       block_rows=get_block_rows(name) if memory == "compact" else None)
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = for_autograd(hidden, weight, bias, ref_hidden,
+                                                                          ref_weight, ref_bias)
     loss, losses, _, _, rewards, *_ = FusedLinearPreferenceFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, None if ref_hidden is None else
         ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,

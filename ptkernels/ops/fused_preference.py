@@ -49,6 +49,7 @@ from .core import gemm, vocab_blocks
 from .core.checks import check_head, check_labels, check_options, check_ref_head
 from .core.chunking import default_chunk_size, want_sync_free
 from .core.dispatch import resolve_backend
+from .core.grad_mode import for_autograd
 from .core.groups import Head
 from .fused_preference_loop import FusedConfig, run
 from .linear_cross_entropy import linear_cross_entropy
@@ -355,6 +356,8 @@ def fused_linear_preference_loss(
                       chunk=chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype),
                       sync_free=want_sync_free(sync_free, hidden.device), grow_to=grow_to(chunk_size, weight, hidden),
                       block_rows=get_block_rows(name) if memory == "compact" else None)
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = for_autograd(hidden, weight, bias, ref_hidden,
+                                                                          ref_weight, ref_bias)
     loss, losses, pc, pr, cw, rw, log_odds, ratio, nll = FusedLinearPreferenceFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, None if ref_hidden is None else
         ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, ref_given, None, None, cfg,

@@ -28,6 +28,7 @@ from . import backends
 from .backends.base import GRPOParams
 from .core.checks import check_float
 from .core.dispatch import resolve_backend
+from .core.grad_mode import for_autograd
 from .grpo_checks import check_advantages, check_loss_options, check_mask, check_token_floats, loss_options
 from .grpo_cov import cov_selection, policy_token_weight, selected_fraction, with_kl_cov
 from .grpo_terms import entropy_terms, finish_metrics, make_output, row_normalizers, top_entropy_mask
@@ -279,6 +280,7 @@ def grpo_loss(
     rows_fn = backends.get(name, "grpo_rows")
     if loss_type == "kl_cov":
         rows_fn = with_kl_cov(rows_fn, sel, float(kl_cov_coef))
+    (logps,) = for_autograd(logps)
     loss, kl, region, low, high = GRPOLossFunction.apply(logps, old_logps, ref_logps, adv, m, norm, pw, p, rows_fn)
     loss, entropy = entropy_terms(loss, entropies, m, emask, entropy_coef)
     return make_output(loss, kl, region, low, high, entropy, acc, selected_fraction(sel, m))

@@ -41,6 +41,7 @@ from .core.chunking import (
     want_sync_free,
 )
 from .core.dispatch import resolve_backend
+from .core.grad_mode import for_autograd
 from .core.head_loss import head_loss_backward, head_loss_forward
 
 
@@ -216,7 +217,7 @@ def linear_cross_entropy(
     o = RowOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                    softcap=None if softcap is None else float(softcap), temperature=float(temperature))
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    hidden2d, weight, bias = for_autograd(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
     labels1d = labels.reshape(-1)
     block_rows = get_block_rows(name) if memory == "compact" else None
     out = LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, o, reduction, chunk,

@@ -49,6 +49,7 @@ from .core.chunking import (
     want_sync_free,
 )
 from .core.dispatch import resolve_backend
+from .core.grad_mode import for_autograd
 from .core.head_loss import head_loss_backward, head_loss_forward
 
 KL_DIRECTIONS = ("forward", "reverse")
@@ -220,6 +221,8 @@ def linear_jsd(
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     ref_hidden2d = ref_hidden.reshape(-1, ref_hidden.shape[-1])
     labels1d = None if labels is None else labels.reshape(-1)
+    hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias = for_autograd(
+        hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias)
     out = LinearJSDFunction.apply(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, labels1d, o,
                                   reduction, chunk, rows_impl, want_sync_free(sync_free, hidden.device))
     return out.view(hidden.shape[:-1]) if reduction == "none" else out

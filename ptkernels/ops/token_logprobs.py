@@ -30,6 +30,7 @@ from .core.chunking import (
     want_sync_free,
 )
 from .core.dispatch import resolve_backend
+from .core.grad_mode import for_autograd
 
 
 def _zeros_like_rows(g, n, cd, device):
@@ -229,6 +230,7 @@ def linear_token_logprobs(
                                                temperature=temperature, softcap=softcap,
                                                return_entropy=return_entropy)
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
+    hidden, weight, bias = for_autograd(hidden, weight, bias)
     out = LinearTokenLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                             targets.reshape(-1), o, chunk, get_rows(name),
                                             want_sync_free(sync_free, hidden.device), bool(return_entropy),
@@ -264,6 +266,7 @@ def token_logprobs(
     if not logits2d.is_contiguous():
         logits2d = logits2d.contiguous()
     chunk = chunk_size or default_chunk_size(v, logits.device)
+    (logits2d,) = for_autograd(logits2d)
     out = TokenLogprobsFunction.apply(logits2d, targets.reshape(-1), o, chunk, get_rows(name),
                                       bool(return_entropy))
     return _reshape_out(out, targets.shape, return_entropy)
