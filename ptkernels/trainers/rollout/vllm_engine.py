@@ -46,6 +46,7 @@ Memory knobs (a trainer and an engine share one device):
   KV cache freed; level 2: both freed, the next ``sync_weights`` restores the weights) and wakes before the next
   one, so training gets the memory back. CUDA only (vLLM's cumem allocator).
 - CPU: ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache; set to ``kv_cache_space_gib``, default 1, unless already set).
+  Chunked prefill is off on CPU (seeded rows and split prompts crash vLLM 0.32's CPU runner; see ``__init__``).
 - ``max_model_len`` (prompt + completion tokens) sizes the per-sequence KV cache: a request that does not fit
   is refused before anything is generated.
 """
@@ -203,7 +204,13 @@ class VLLMEngine:
         _set_env_defaults(kv_cache_space_gib)
         self._in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        if current_platform.is_cpu():
+            # A prompt split across scheduler steps (chunked prefill: a batch of more prompt tokens than
+            # max_num_batched_tokens) makes vLLM rewind that request's seeded generator, which a CPU generator
+            # cannot do (vLLM 0.32: "CPU Generator does not use offset", the engine dies). Whole prompts only.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         if tokenizer is None:
             from transformers import AutoTokenizer
 

@@ -171,6 +171,22 @@ def test_seeds_reproduce_and_rows_differ(engine, prompts):
     assert engine.generate(group[:3], sampling, seed=7).completion_ids == first.completion_ids[:3]
 
 
+def test_seeded_batch_over_the_step_token_budget(engine):
+    """More prompt tokens in one call than vLLM schedules in a step (GRPO's generation batch easily is): with
+    chunked prefill a prompt was split across steps and vLLM 0.32's CPU runner died rewinding that row's seeded
+    generator ("CPU Generator does not use offset"). Every row comes back, and seeds still reproduce."""
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    g = torch.Generator().manual_seed(0)
+    vocab = engine.tokenizer.vocab_size
+    rows = [torch.randint(5, vocab, (int(n),), generator=g).tolist()
+            for n in torch.randint(40, 90, (budget // 40 + 8,), generator=g)]
+    assert sum(map(len, rows)) > budget
+    sampling = SamplingConfig(max_new_tokens=3, temperature=1.0)
+    out = engine.generate(rows, sampling, seed=3)
+    assert len(out.completion_ids) == len(rows) and all(out.completion_ids)
+    assert engine.generate(rows[:2], sampling, seed=3).completion_ids == out.completion_ids[:2]
+
+
 def test_sampler_logps_line_up_with_the_training_batch():
     """Where the trainer's [B, T-1] log-probs of a completion_batch hold completion tokens, the sampler's do."""
     rollout = vllm_engine.VLLMRollout(prompt_ids=[[5, 6, 7], [8]], completion_ids=[[1, 2], [3, 4, 9]],
