@@ -53,7 +53,9 @@ Memory knobs (a trainer and an engine share one device):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -185,6 +187,26 @@ def sync_weights(model, engine: VLLMEngine | None) -> None:
     engine.load_weights(weights)
 
 
+# vLLM logs 2-3 lines per in-place reload ("Reloading and processing weights took", "Successfully reset prefix
+# cache", and "RotaryEmbedding: Failed to load weights": the rotary layer has a computed cache and no checkpoint
+# tensor, which the reload restores as it was). Once per optimizer step that drowned the trainer's own output.
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload", "vllm.v1.core.block_pool")
+
+
+@contextlib.contextmanager
+def _quiet_weight_reload():
+    """vLLM's per-reload info and warning lines off while a sync runs (errors still shown); in-process only."""
+    loggers = [logging.getLogger(name) for name in _RELOAD_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 class VLLMEngine:
     """A ``RolloutEngine`` on ``vllm.LLM`` (see the module docstring)."""
 
@@ -296,11 +318,12 @@ class VLLMEngine:
         if not self._weights_awake:  # asleep: the reload writes into resident weights only
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
-                                                          "is_checkpoint_format": True})
-        self._weights_valid = True
-        # KV blocks cached for a prompt prefix were computed by the old weights
-        self.llm.reset_prefix_cache()
+        with _quiet_weight_reload():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                              "is_checkpoint_format": True})
+            self._weights_valid = True
+            # KV blocks cached for a prompt prefix were computed by the old weights
+            self.llm.reset_prefix_cache()
 
     def sync_weights(self, model) -> None:
         """``sync_weights(model, self)``: push the trainer's current weights into this engine."""
