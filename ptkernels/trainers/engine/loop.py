@@ -434,7 +434,9 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
     try:
         with _StopFlag() as stop:
             while step < cfg.max_steps:
+                t_step = time.perf_counter()
                 row, tokens, stopped = trainer.step(step, stop)
+                row["step_s"] = time.perf_counter() - t_step
                 step, tokens_since = step + 1, tokens_since + tokens
                 if evaluate is not None and eval_steps and (step % eval_steps == 0 or step == cfg.max_steps):
                     row.update({f"eval_{k}": v for k, v in evaluate().items()})

@@ -13,6 +13,7 @@ i.e. after every ``steps_per_rollout`` optimizer steps, on every process; a resu
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from types import SimpleNamespace
 
@@ -27,6 +28,10 @@ from .engines import make_engine
 from .sampling import RolloutEngine, SamplingConfig
 from .scoring import sequence_token_logps
 
+# Seconds a step spent on its rollout, logged beside the rollout's metrics (0 on a step that reuses one): pushing
+# the weights into an engine that keeps its own copy, sampling, and all of make_rollout (sampling, rewards, the
+# old / reference / sampler log-prob passes). The step's total is the loop's step_s; training is the rest.
+TIME_METRICS = ("time_sync_s", "time_generate_s", "time_rollout_s")
 PTX = "ptx_"  # prefix of the keys of the --ptx-data micro-batch carried by a step's first micro-batch
 
 
@@ -66,17 +71,23 @@ class OnPolicySource:
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_p=cfg.top_p, do_sample=True, batch_size=cfg.generation_batch_size)
         self.index, self.batches, self._metrics = -1, [], {}
+        self._times = dict.fromkeys(TIME_METRICS, 0.0)
         self.engine_is_current = True  # an engine with its own weights was built from the initial policy
         self.ptx: Dataset | None = None  # SFT examples whose loss joins the policy's (PPO-ptx), see add_ptx
 
     def micro_batches(self, step: int, cfg, info: DistInfo) -> list[dict]:
         index = step // self.steps_per_rollout
+        self._times = dict.fromkeys(TIME_METRICS, 0.0)  # a step that reuses a rollout spends nothing on one
         if index != self.index:
             sync = getattr(self.engine, "sync_weights", None)
             if sync is not None and not self.engine_is_current:
+                t0 = time.perf_counter()
                 sync(self.policy)  # the weights of the steps since the last rollout (or of the resumed checkpoint)
+                self._times["time_sync_s"] = time.perf_counter() - t0
             self.engine_is_current = False
+            t0 = time.perf_counter()
             self.batches, self._metrics = self.make_rollout(index)
+            self._times["time_rollout_s"] = time.perf_counter() - t0
             self.index = index
         batches = self.select(step % self.steps_per_rollout)
         if self.ptx is None:
@@ -100,7 +111,9 @@ class OnPolicySource:
         picked = self.order.indices((index * info.world_size + info.rank) * p, p)
         rows = [self.rows[i] for i in picked for _ in range(repeat)]
         prompts = [self.prompts[i] for i in picked for _ in range(repeat)]
+        t0 = time.perf_counter()
         out = self.engine.generate(prompts, self.sampling, seed=rollout_seed(self.cfg.seed, index, info.rank))
+        self._times["time_generate_s"] += time.perf_counter() - t0
         return rows, prompts, out
 
     def logps(self, model, batch: dict) -> torch.Tensor:
@@ -116,7 +129,7 @@ class OnPolicySource:
             self.index, self.batches, self._metrics = state["index"], state["batches"], state["metrics"]
 
     def metrics(self) -> dict:
-        return self._metrics
+        return {**self._metrics, **self._times}
 
 
 def check_rollout_options(cfg: OnPolicyConfig) -> None:

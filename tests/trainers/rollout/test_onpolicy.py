@@ -230,3 +230,35 @@ def test_grpo_takes_another_rollout_engine(sft_model, rl_data, tmp_path):
     grpo.run(cfg, engine=Fixed())
     assert Fixed.calls == 2
     assert [m["reward"] for m in metrics(str(tmp_path / "g"))] == [1.0, 1.0]
+
+
+def test_steps_log_where_their_time_went(sft_model, rl_data, tmp_path):
+    """step_s (every stage) and, for an on-policy stage, the rollout's share: sampling (time_generate_s) inside
+    the whole rollout (time_rollout_s: sampling, rewards, log-prob passes) inside the step; zeros on a step that
+    reuses the previous rollout (--num-iterations 2)."""
+    import time
+
+    from ptkernels.trainers.engine.config import GRPOConfig
+    from ptkernels.trainers.modeling import load_tokenizer
+    from ptkernels.trainers.recipes import grpo
+    from ptkernels.trainers.rollout.sampling import Rollout
+
+    tok = load_tokenizer(sft_model)
+    texts = ["Answer: 12", "Answer: 7"]
+
+    class Slow:
+        def generate(self, prompts, sampling, *, seed=None):
+            time.sleep(0.2)
+            done = [texts[i % 2] for i in range(len(prompts))]
+            ids = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in done]
+            return Rollout(prompt_ids=prompts, completion_ids=ids, texts=done, finished=[True] * len(prompts))
+
+    out = str(tmp_path / "g")
+    grpo.run(GRPOConfig(model=sft_model, data=rl_data, output_dir=out, max_steps=4, prompts_per_step=2,
+                        num_generations=2, batch_size=4, num_iterations=2, progress=False), engine=Slow())
+    rows = metrics(out)
+    for m in rows[0::2]:  # steps 1 and 3 sample
+        assert 0.2 <= m["time_generate_s"] <= m["time_rollout_s"] <= m["step_s"], m
+        assert m["time_sync_s"] == 0.0  # an engine without sync_weights (it samples from the policy itself)
+    for m in rows[1::2]:
+        assert m["time_generate_s"] == m["time_rollout_s"] == 0.0 and m["step_s"] < 0.2, m

@@ -140,4 +140,6 @@ def test_grpo_steps_sample_from_the_updated_policy(tmp_path):
     for row in rows:  # same model, same precision: the sampler's log-probs are the trainer's up to rounding
         assert 0 <= row["sampler_logp_abs_diff"] < 1e-3
         assert row["sampler_is_outside_fraction"] == 0.0
+        assert 0 < row["time_generate_s"] <= row["time_rollout_s"] <= row["step_s"]
+    assert rows[0]["time_sync_s"] == 0.0 and all(row["time_sync_s"] > 0 for row in rows[1:])  # built current
     print(f"\nGRPO x {STEPS} steps on vLLM, engine build included: {time.perf_counter() - start:.1f} s")
