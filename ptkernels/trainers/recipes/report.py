@@ -181,9 +181,12 @@ def _markdown(evals: dict, meta: dict, plots: dict[str, str], notes: list[str]) 
             "Each row is the model after that stage, evaluated on the same held-out prompts (greedy decoding); "
             f"{MISSING} means not measured (e.g. no SFT model to compare with).", ""]
     out += [f"- **{k}**: {EXPLAIN[k]}" for k in METRICS] + [""]
-    out += ["## Plots", "",
-            f"![Training curves](plots/{os.path.basename(plots['curves_png'])})", "",
-            f"![Evaluation metrics per stage](plots/{os.path.basename(plots['metrics_png'])})", ""]
+    out += ["## Plots", ""]
+    if plots["curves_png"] is None:
+        out += ["_No plots: matplotlib is not installed (`pip install matplotlib`)._", ""]
+    else:
+        out += [f"![Training curves](plots/{os.path.basename(plots['curves_png'])})", "",
+                f"![Evaluation metrics per stage](plots/{os.path.basename(plots['metrics_png'])})", ""]
     if notes:
         out += ["Curves left out: " + "; ".join(notes), ""]
     if foot:
@@ -306,13 +309,18 @@ def _plot_metrics(evals: dict, path: str) -> None:
 def write_report(output_dir: str, evals: dict[str, dict], curves: dict[str, str], *,
                  meta: dict | None = None) -> dict[str, str]:
     """Writes report.json, report.md and plots/{training_curves,metrics}.png under ``output_dir`` (see the module
-    docstring) and returns their paths: ``{"json", "md", "curves_png", "metrics_png"}``."""
+    docstring) and returns their paths: ``{"json", "md", "curves_png", "metrics_png"}`` (the plots None, with a
+    warning, where matplotlib is not installed)."""
     import sys
 
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:  # switching an open pyplot session's backend would close its figures
-        matplotlib.use("Agg")  # off-screen; the plots are Figure objects (no pyplot) whatever the backend
+    try:
+        import matplotlib
+    except ImportError:  # the evaluation is worth more than its plots: the tables are still written
+        matplotlib = None
+        warnings.warn("report: matplotlib is not installed, so no plots (pip install matplotlib); report.json and "
+                      "report.md are written", stacklevel=2)
+    if matplotlib is not None and "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # off-screen (switching an open pyplot session's backend would close its figures)
 
     output_dir = os.fspath(output_dir)
     plots_dir = os.path.join(output_dir, "plots")
@@ -342,8 +350,11 @@ def write_report(output_dir: str, evals: dict[str, dict], curves: dict[str, str]
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=str, allow_nan=False)
         f.write("\n")
-    _plot_curves(runs, paths["curves_png"])
-    _plot_metrics(evals, paths["metrics_png"])
+    if matplotlib is None:
+        paths["curves_png"] = paths["metrics_png"] = None
+    else:
+        _plot_curves(runs, paths["curves_png"])
+        _plot_metrics(evals, paths["metrics_png"])
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(_markdown(evals, meta, paths, notes))
     return paths

@@ -150,3 +150,26 @@ def test_format_table_alone():
     lines = table.splitlines()
     assert len(lines) == 4 and lines[2].startswith("| base ") and lines[3].startswith("| grpo ")
     assert "| 50% |" in lines[3]
+
+
+def test_report_without_matplotlib_still_writes_the_tables(tmp_path, evals, curves, monkeypatch):
+    """An environment without matplotlib (e.g. a vLLM one) loses the plots, not the evaluation."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        paths = write_report(str(tmp_path / "out"), evals, curves)
+    assert paths["curves_png"] is None and paths["metrics_png"] is None
+    assert set(json.load(open(paths["json"]))["stages"]) == set(evals)
+    md = open(paths["md"], encoding="utf-8").read()
+    assert format_table(evals) in md and "pip install matplotlib" in md and "](plots/" not in md
