@@ -61,8 +61,10 @@ def _pass_at(c: int, n: int, k: int) -> float:
 @torch.no_grad()
 def evaluate_data(model, tokenizer, rows, rewards: RewardFuncs, *, num_samples: int = 1, temperature: float = 1.0,
                   max_new_tokens: int = 64, max_prompt_length: int = 256, batch_size: int = 32, seed: int = 0,
-                  ref_model=None, backend: str = "auto") -> dict:
-    """The metrics of the module docstring; the model's train/eval mode is restored after (a trainer may call it)."""
+                  ref_model=None, backend: str = "auto", engine=None) -> dict:
+    """The metrics of the module docstring; the model's train/eval mode is restored after (a trainer may call it).
+    ``engine``: what samples the completions (a ``RolloutEngine``, e.g. vLLM's holding the model's weights; default
+    the built-in one on ``model``)."""
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     k = num_samples
@@ -75,7 +77,10 @@ def evaluate_data(model, tokenizer, rows, rewards: RewardFuncs, *, num_samples: 
         for m in (model, ref_model):
             if m is not None:
                 modes.enter_context(eval_mode(m))
-        out = generate(model, tokenizer, expanded, sampling, seed=seed)
+        if engine is not None:
+            out = engine.generate(expanded, sampling, seed=seed)
+        else:
+            out = generate(model, tokenizer, expanded, sampling, seed=seed)
         texts = [tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                  for ids in out.completion_ids]
         scored = rewards.score(expanded_rows, texts, out.completion_ids)

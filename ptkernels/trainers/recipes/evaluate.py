@@ -325,9 +325,7 @@ def main(argv: list[str]) -> int:
     model.to(device)
     sets = eval_sets(args.seed, n_task=args.n_task, n_safety=args.n_safety)
     sampling = SamplingConfig(do_sample=False, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    engine = make_engine(args.rollout_engine, model, tokenizer,
-                         model_dir=args.model if os.path.isdir(args.model) else None,
-                         max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)
+    engine = _engine(args, model, tokenizer)
     metrics = evaluate(model, tokenizer, sets, sft_model=sft_model, reward_model=reward_model,
                        reward_tokenizer=reward_tokenizer, sampling=sampling,
                        max_prompt_length=args.max_prompt_length, backend=args.backend, engine=engine)
@@ -347,6 +345,13 @@ def _write(metrics: dict, output: str | None) -> None:
         with open(output, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
         print(f"ptk eval: metrics written to {output}")
+
+
+def _engine(args, model, tokenizer):
+    """What samples ``model``'s completions (--rollout-engine): vLLM loads the model's folder itself."""
+    return make_engine(args.rollout_engine, model, tokenizer,
+                       model_dir=args.model if os.path.isdir(args.model) else None,
+                       max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)
 
 
 def _main_data(args, device) -> int:
@@ -369,6 +374,6 @@ def _main_data(args, device) -> int:
     metrics = evaluate_data(model, tokenizer, rows, rewards, num_samples=args.num_samples,
                             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed,
-                            ref_model=ref, backend=args.backend)
+                            ref_model=ref, backend=args.backend, engine=_engine(args, model, tokenizer))
     _write(metrics, args.output)
     return 0

@@ -260,3 +260,24 @@ def test_out_of_memory_names_the_knobs(policy_dir, monkeypatch):
 def test_not_a_folder():
     with pytest.raises(FileNotFoundError, match="--model"):
         vllm_engine.VLLMEngine(os.path.join("no", "such", "folder"))
+
+
+@needs_vllm
+def test_ptk_eval_on_user_data_samples_with_vllm(policy_dir, tmp_path, monkeypatch):
+    """`ptk eval --data ... --rollout-engine vllm` samples with vLLM (it used to fall back to the built-in engine):
+    greedy, its completions and so its metrics are the built-in engine's exactly."""
+    from ptkernels.cli import main as ptk
+
+    _, _, folder = policy_dir
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t, "answer": "42"}) + "\n" for t in PROMPT_TEXTS))
+    built = []
+    real = vllm_engine.VLLMEngine.generate
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "generate",
+                        lambda self, *a, **k: built.append(1) or real(self, *a, **k))
+    common = ["eval", "--model", folder, "--data", str(data), "--verifier", "math", "--max-new-tokens", "12",
+              "--max-prompt-length", "64"]
+    assert ptk([*common, "--rollout-engine", "vllm", "--output", str(tmp_path / "v.json")]) == 0
+    assert built, "the vLLM engine did not sample"
+    assert ptk([*common, "--output", str(tmp_path / "k.json")]) == 0
+    assert json.loads((tmp_path / "v.json").read_text()) == json.loads((tmp_path / "k.json").read_text())
