@@ -386,9 +386,8 @@ def fused_linear_grpo_loss(
     # Default: the shared chunk size, but at least one whole sequence (the sequence level needs it; at the
     # token level, GEMMs on more rows per chunk ran faster on CPU in the GRPO benchmark).
     chunk = chunk_size or max(default_chunk_size(weight.shape[0], hidden.device, hidden.dtype), t)
-    hidden, weight, bias = for_autograd(hidden, weight, bias)
     outs = FusedLinearGRPOFunction.apply(
-        hidden.reshape(b * t, -1), weight, bias, targets.reshape(-1), x, p,
+        *for_autograd(hidden.reshape(b * t, -1), weight, bias), targets.reshape(-1), x, p,
         RowOptions(ignore_index=IGNORE, temperature=float(temperature)), chunk, get_rows(name),
         backends.get(name, "grpo_rows"), want_sync_free(sync_free, hidden.device), float(entropy_coef), want_entropy,
         wo, get_block_rows(name) if memory == "compact" else None)

@@ -356,12 +356,10 @@ def fused_linear_preference_loss(
                       chunk=chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype),
                       sync_free=want_sync_free(sync_free, hidden.device), grow_to=grow_to(chunk_size, weight, hidden),
                       block_rows=get_block_rows(name) if memory == "compact" else None)
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = for_autograd(hidden, weight, bias, ref_hidden,
-                                                                          ref_weight, ref_bias)
+    heads = for_autograd(hidden.reshape(-1, hidden.shape[-1]), weight, bias, None if ref_hidden is None else
+                         ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias)
     loss, losses, pc, pr, cw, rw, log_odds, ratio, nll = FusedLinearPreferenceFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, None if ref_hidden is None else
-        ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, ref_given, None, None, cfg,
-        get_rows(name), seq_lengths)
+        *heads[:3], labels, *heads[3:], ref_given, None, None, cfg, get_rows(name), seq_lengths)
     extras = {"log_odds": log_odds, "ratio": ratio} if log_odds is not None else None
     out = make_output(losses, cw, rw, pc, pr, nll_loss=nll, nll_weight=nll_w, extras=extras, loss=loss)
     return _with_external_nll(out, ext_nll, nll_w)

@@ -182,6 +182,7 @@ def test_seeds_reproduce_and_rows_differ(engine, prompts):
     assert engine.generate(group[:3], sampling, seed=7).completion_ids == first.completion_ids[:3]
 
 
+@needs_vllm
 def test_seeded_batch_over_the_step_token_budget(engine):
     """More prompt tokens in one call than vLLM schedules in a step (GRPO's generation batch easily is): with
     chunked prefill a prompt was split across steps and vLLM 0.32's CPU runner died rewinding that row's seeded
