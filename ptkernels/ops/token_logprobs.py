@@ -4,6 +4,11 @@
 only per-token log p, lse and E_p[s] (O(N)); backward recomputes each chunk of logits (4 GEMMs in all).
 Ignored targets give log p = 0 and entropy = 0, and receive no gradient.
 
+Where the valid rows' logits are small (``KEEP_LOGITS_BYTES``, 64 MiB: e.g. 16k tokens of an 872-word vocabulary
+in fp32, 4k of 8k), forward keeps each chunk's logits when a gradient is wanted and backward uses them instead of
+GEMM 1 again: 3 GEMMs, as eager, for at most half of eager's memory (eager keeps the logits and their
+log-softmax). The same numbers either way: the kept logits are the ones backward would recompute.
+
 Small shapes (``chunking.one_chunk``: every row fits one chunk, GEMMs below ``ONE_CHUNK_MAX_MACS``) run straight
 through over all rows (masked ones get 0 from the row kernels): no ``nonzero``, gather or scatter, and forward
 keeps that one chunk of logits when a gradient is wanted, so backward runs GEMMs 2 and 3 only (3 GEMMs in all,
@@ -49,6 +54,13 @@ def _head_grads_one_chunk(g, hidden2d, weight, need_dh, need_dw, need_db):
     return gh, gw, gb
 
 
+KEEP_LOGITS_BYTES = 64 << 20  # the chunked path keeps the valid rows' logits for backward up to this size
+
+
+def _keeps_logits(n_rows: int, weight: torch.Tensor, like: torch.Tensor) -> bool:
+    return n_rows * weight.shape[0] * like.element_size() <= KEEP_LOGITS_BYTES
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets1d, o: RowOptions, chunk: int, rows_impl, sync_free: bool,
@@ -74,9 +86,15 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         logp = torch.zeros(n, dtype=cd, device=hidden2d.device)
         lse = torch.zeros(n, dtype=cd, device=hidden2d.device)
         mean_s = torch.zeros(n, dtype=cd, device=hidden2d.device) if want_entropy else None
-        logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
+        # kept: each chunk's logits for backward (module docstring), in fresh buffers; else one reused buffer
+        kept = [] if any(ctx.needs_input_grad[:3]) and block_rows is None and _keeps_logits(
+            plan.n_process, weight, hidden2d) else None
+        logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight) if kept is None else None
         for rows in plan.chunks():
-            z = logits(take(hidden2d, rows), weight, bias)
+            h = take(hidden2d, rows)
+            z = logits(h, weight, bias) if kept is None else gemm.logits(h, weight, bias)
+            if kept is not None:
+                kept.append(z)
             lp, ls, ms = rows_impl.logprob_fwd(z, take(targets1d, rows), o, want_entropy)
             put(logp, rows, lp)
             put(lse, rows, ls)
@@ -85,7 +103,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         entropy = lse - mean_s if want_entropy else None
         if want_entropy:
             entropy = torch.where(plan.valid, entropy, torch.zeros((), dtype=cd, device=entropy.device))
-        ctx.save_for_backward(hidden2d, weight, bias, targets1d, lse, mean_s)
+        ctx.keeps_logits = kept is not None
+        ctx.save_for_backward(hidden2d, weight, bias, targets1d, lse, mean_s, *(kept or ()))
         return (logp, entropy) if want_entropy else logp
 
     @staticmethod
@@ -113,7 +132,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db and loop_w else None
         if gh is not None or gw is not None or gb is not None:
             _backward_loop(hidden2d, weight, bias, targets1d, lse, mean_s, g_logp, g_ent, o, plan, rows_impl,
-                           gh, gw, gb)
+                           gh, gw, gb, kept if ctx.keeps_logits else None)
         if not loop_w and (need_dw or need_db):
             coef, has_b = vocab_blocks.logprob_coefficients(g_logp, g_ent, mean_s)
             gw, gb = vocab_blocks.weight_grads(hidden2d, weight, bias, targets1d, lse, coef, has_b, plan,
@@ -122,17 +141,21 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 gb.to(weight.dtype) if gb is not None else None, None, None, None, None, None, None, None)
 
 
-def _backward_loop(hidden2d, weight, bias, targets1d, lse, mean_s, g_logp, g_ent, o, plan, rows_impl, gh, gw, gb):
-    """The chunk loop of backward: GEMM 1 again, the rows' gradient, then dX (GEMM 2), dW and db (GEMM 3)."""
+def _backward_loop(hidden2d, weight, bias, targets1d, lse, mean_s, g_logp, g_ent, o, plan, rows_impl, gh, gw, gb,
+                   kept=None):
+    """The chunk loop of backward: GEMM 1 again (or the logits forward ``kept``), the rows' gradient, then dX
+    (GEMM 2), dW and db (GEMM 3)."""
     cd = compute_dtype(hidden2d.dtype)
-    logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
-    for rows in plan.chunks():
+    logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight) if kept is None else None
+    for i, rows in enumerate(plan.chunks()):
         h = take(hidden2d, rows)
-        z = logits(h, weight, bias)
+        z = logits(h, weight, bias) if kept is None else kept[i]
+        g = z if kept is None else torch.empty_like(z)  # kept: a fresh buffer keeps them for a 2nd backward
         rows_impl.logprob_bwd(z, take(targets1d, rows), take(lse, rows),
                               take(mean_s, rows) if g_ent is not None else None,
                               take(g_logp, rows), take(g_ent, rows) if g_ent is not None else None, o,
-                              grad_out=z)
+                              grad_out=g)
+        z = g
         if gh is not None:
             put(gh, rows, gemm.input_grad(z, weight))
         if gw is not None:

@@ -155,3 +155,48 @@ def test_fast_path_second_backward_reuses_the_kept_logits_intact():
     second = torch.autograd.grad(lp.sum(), (hidden, weight))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------ kept chunk logits (3 GEMMs)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("entropy", [False, True])
+def test_chunk_loop_keeps_small_logits_with_the_same_result(monkeypatch, backend, entropy):
+    """The chunk loop (chunk_size=5) keeps each chunk's logits for backward when they fit KEEP_LOGITS_BYTES:
+    backward runs no GEMM 1; with the budget at 0 it recomputes them. Both agree with float64 and each other, and
+    a second backward finds the kept logits intact."""
+    from ptkernels.ops import token_logprobs as tl
+    from ptkernels.ops.core import gemm
+
+    hidden, weight, bias = rand(N, D), rand(V, D), rand(V)
+    targets = labels_with_mask((N,), V)
+    g = torch.Generator().manual_seed(2)
+    w_lp, w_h = (torch.randn(N, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    calls = []
+    real = gemm.logits
+    monkeypatch.setattr(gemm, "logits", lambda h, w, b, out=None: calls.append(h.shape[0]) or real(h, w, b, out=out))
+
+    def run(fn, **kw):
+        out = fn(hidden, weight, targets, bias=bias, return_entropy=entropy, **kw)
+        lp, h = out if entropy else (out, None)
+        obj = (lp * w_lp).sum() + ((h * w_h).sum() if entropy else 0.0)
+        forward_calls = len(calls)
+        grads = torch.autograd.grad(obj, (hidden, weight, bias), retain_graph=True)
+        again = torch.autograd.grad(obj, (hidden, weight, bias))
+        for a, b in zip(grads, again):
+            assert torch.equal(a, b), "a second backward must see the same logits"
+        return (lp, h), grads, len(calls) - forward_calls
+
+    kept, kept_g, kept_gemm1 = run(ptk.linear_token_logprobs, backend=backend, chunk_size=5)
+    monkeypatch.setattr(tl, "KEEP_LOGITS_BYTES", 0)
+    calls.clear()
+    again, again_g, again_gemm1 = run(ptk.linear_token_logprobs, backend=backend, chunk_size=5)
+    truth, truth_g = run(reference.linear_token_logprobs)[:2]
+    assert kept_gemm1 == 0 and again_gemm1 > 0, (kept_gemm1, again_gemm1)
+    for what, a, b, t in zip(("logp", "entropy", "dh", "dW", "db"), (*kept, *kept_g), (*again, *again_g),
+                             (*truth, *truth_g)):
+        if t is None:
+            continue
+        assert_close_to_truth(a, t, 1e-10 if backend == "torch" else 1e-6, f"kept {what}")
+        assert_close_to_truth(a, b, 1e-12, f"kept vs recomputed {what}")
