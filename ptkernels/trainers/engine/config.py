@@ -366,12 +366,6 @@ def _field_type(cls, f: dataclasses.Field):
     return hint
 
 
-def _optional(cls, f: dataclasses.Field) -> bool:
-    """Whether option ``f`` may be None (``float | None``): run_config.yaml writes it as null."""
-    hint = typing.get_type_hints(cls)[f.name]
-    return type(None) in typing.get_args(hint)
-
-
 def _coerce(value, kind, key: str, where: str):
     """A YAML value checked against the field's type (ints are accepted for floats)."""
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
@@ -498,9 +492,10 @@ def parse_config(cls, argv: list[str], prog: str = "ptk", check_output_dir: bool
                 continue
             if name not in names:
                 raise ValueError(f"{args.config}: unknown option {key!r} for {prog} (see {prog} --help)")
-            kind = _field_type(cls, names[name])
-            if value is not None or not _optional(cls, names[name]):  # null: an optional option left unset
-                value = _coerce(value, kind, key, args.config)
+            # null: an optional option (``float | None``) left unset, as run_config.yaml writes it
+            optional = type(None) in typing.get_args(typing.get_type_hints(cls)[name])
+            if value is not None or not optional:
+                value = _coerce(value, _field_type(cls, names[name]), key, args.config)
             choices = names[name].metadata.get("choices")
             if choices and value not in choices:
                 raise ValueError(f"{args.config}: option {key!r} must be one of {list(choices)}, got {value!r}")

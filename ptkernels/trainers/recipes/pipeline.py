@@ -98,12 +98,11 @@ class Pipeline:
     def continued(self, name: str, cfg, folder: str):
         """``cfg`` set to continue a stage that stopped part way (its latest checkpoint), so --resume loses no
         finished steps. Safety resumes each of its two training stages from its own checkpoints."""
-        if name == "safety":
-            return dataclasses.replace(cfg, resume="latest")
-        found = list_checkpoints(folder)
-        if not found:
-            return cfg
-        print(f"ptk pipeline: {name}: continuing from {found[-1]}")
+        if name != "safety":
+            found = list_checkpoints(folder)
+            if not found:
+                return cfg
+            print(f"ptk pipeline: {name}: continuing from {found[-1]}")
         return dataclasses.replace(cfg, resume="latest")
 
     def stage(self, name: str, run, cfg, folder: str | None = None) -> None:
