@@ -322,13 +322,17 @@ bool bad_sizes(int64_t n_rows, int64_t n_cols, int64_t ls, int64_t gs) {
 
 }  // namespace
 
+// Rows are costly elements (an exp or two each, ~1 ns per element on one core), so they split across threads from
+// fewer elements than threads_for's default grain (a warm pool wakes in a few microseconds).
+constexpr int64_t kRowGrain = 1 << 14;
+
 int64_t ce_rows(const void* logits, int64_t logits_stride, void* grad, int64_t grad_stride, int dtype,
                 const int64_t* labels, const void* grad_scale, int64_t scale_stride, void* loss, void* lse,
                 int64_t n_rows, int64_t n_cols, int64_t ignore_index, double label_smoothing, double z_loss,
                 double softcap, double inv_temperature, int n_threads) {
   if (bad_sizes(n_rows, n_cols, logits_stride, grad_stride) || scale_stride < 0) return kBadShape;
   if (n_rows == 0) return kOk;
-  const int nt = threads_for(n_threads, n_rows, n_cols);
+  const int nt = threads_for(n_threads, n_rows, n_cols, kRowGrain);
   return dispatch(dtype, softcap > 0, [&](auto storage, auto compute, auto cap) -> int64_t {
     using T = typename decltype(storage)::type;
     using C = typename decltype(compute)::type;
@@ -345,7 +349,7 @@ int64_t logprob_fwd(const void* logits, int64_t logits_stride, int dtype, const 
                     double inv_temperature, int n_threads) {
   if (bad_sizes(n_rows, n_cols, logits_stride, 0)) return kBadShape;
   if (n_rows == 0) return kOk;
-  const int nt = threads_for(n_threads, n_rows, n_cols);
+  const int nt = threads_for(n_threads, n_rows, n_cols, kRowGrain);
   return dispatch(dtype, softcap > 0, [&](auto storage, auto compute, auto cap) -> int64_t {
     using T = typename decltype(storage)::type;
     using C = typename decltype(compute)::type;
@@ -365,7 +369,7 @@ int64_t logprob_bwd(const void* logits, int64_t logits_stride, void* grad, int64
   if (grad == nullptr || lse == nullptr || g_logp == nullptr || (g_ent != nullptr && mean_s == nullptr)) {
     return kBadOption;
   }
-  const int nt = threads_for(n_threads, n_rows, n_cols);
+  const int nt = threads_for(n_threads, n_rows, n_cols, kRowGrain);
   return dispatch(dtype, softcap > 0, [&](auto storage, auto compute, auto cap) -> int64_t {
     using T = typename decltype(storage)::type;
     using C = typename decltype(compute)::type;

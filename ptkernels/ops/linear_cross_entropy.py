@@ -13,7 +13,9 @@ Small shapes (``chunking.one_chunk``: every row fits one chunk and the GEMMs are
 take a straight-line path instead of the loop: the three GEMMs over all rows, masked ones included (the row
 kernel gives them loss 0 and a zero gradient, and the mean's 1/n_valid scales the gradient inside the row
 kernel), ``dh = dz @ W`` and ``dW = dz.T @ h`` written once, no ``nonzero``, gather, scatter or zeroed buffers.
-The same formulas in the same order per row; only GEMM 3 sums over a different set of zero rows.
+The same formulas in the same order per row; only GEMM 3 sums over a different set of zero rows. On CPU with
+the native rows in plain eager code (reduction "mean"/"sum"), the same sizes take ``linear_cross_entropy_small``
+instead: the valid rows only, no autograd machinery between the GEMMs (the fixed cost decides there).
 
 ``memory="compact"`` drops GEMM 3 from the loop (which keeps each row's lse instead) and forms dW and db
 afterwards one block of the vocabulary at a time (ops/core/vocab_blocks.py): no fp32 [V, D] accumulator, one
@@ -29,7 +31,7 @@ from ..types import compute_dtype
 from .backends import get_block_rows, get_rows
 from .backends.base import RowOptions
 from .core import gemm, vocab_blocks
-from .core.checks import check_head, check_labels, check_options
+from .core.checks import check_head, check_label_range, check_labels, check_options
 from .core.chunking import (
     ChunkLogits,
     RowPlan,
@@ -43,6 +45,7 @@ from .core.chunking import (
 from .core.dispatch import resolve_backend
 from .core.grad_mode import for_autograd
 from .core.head_loss import head_loss_backward, head_loss_forward
+from .linear_cross_entropy_small import SmallLinearCrossEntropy, takes_small_path
 
 
 def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o: RowOptions, row_scale,
@@ -206,20 +209,26 @@ def linear_cross_entropy(
     check_head(hidden, weight, bias)
     check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                   temperature=temperature, chunk_size=chunk_size, memory=memory)
-    check_labels("labels", labels, hidden.shape[:-1], weight.shape[0], ignore_index, hidden, "hidden")
+    check_labels("labels", labels, hidden.shape[:-1], weight.shape[0], ignore_index, hidden, "hidden",
+                 check_range=False)
     if shift:
         labels = reference.shift_labels(labels, ignore_index)
     name = resolve_backend(backend, hidden.device)
+    o = RowOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                   softcap=None if softcap is None else float(softcap), temperature=float(temperature))
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
+    hidden2d, weight, bias = for_autograd(hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1]),
+                                          weight, bias)
+    labels1d = labels if labels.dim() == 1 else labels.reshape(-1)
+    sync_free = want_sync_free(sync_free, hidden.device)
+    if takes_small_path(name, hidden2d, weight, bias, labels1d, reduction, memory, sync_free, chunk):
+        return SmallLinearCrossEntropy.apply(hidden2d, weight, bias, labels1d, o, reduction)  # its kernel checks
+    check_label_range("labels", labels, weight.shape[0], ignore_index)
     if name == "reference":
         return reference.linear_cross_entropy(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, temperature=temperature)
-    o = RowOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-                   softcap=None if softcap is None else float(softcap), temperature=float(temperature))
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
-    hidden2d, weight, bias = for_autograd(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
-    labels1d = labels.reshape(-1)
     block_rows = get_block_rows(name) if memory == "compact" else None
     out = LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, o, reduction, chunk,
-                                           get_rows(name), want_sync_free(sync_free, hidden.device), block_rows)
+                                           get_rows(name), sync_free, block_rows)
     return out.view(labels.shape) if reduction == "none" else out

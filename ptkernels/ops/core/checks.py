@@ -24,8 +24,9 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, dt
 
 
 def check_labels(name: str, labels: torch.Tensor, expected_shape, num_classes: int, ignore_index: int,
-                 like: torch.Tensor, like_name: str) -> None:
-    """Integer labels of ``expected_shape`` on ``like``'s device, each in [0, V) or ``ignore_index``.
+                 like: torch.Tensor, like_name: str, *, check_range: bool = True) -> None:
+    """Integer labels of ``expected_shape`` on ``like``'s device, each in [0, V) or ``ignore_index``
+    (``check_range=False``: all but the range, for a caller whose kernel counts bad labels itself).
 
     On CPU an out-of-range label raises ValueError right away. On CUDA the range check is
     ``torch._assert_async``: it does not synchronize, and a bad label fails the next synchronizing call.
@@ -40,6 +41,12 @@ def check_labels(name: str, labels: torch.Tensor, expected_shape, num_classes: i
         )
     if labels.device != like.device:
         raise ValueError(f"{name} is on {labels.device} but {like_name} is on {like.device}")
+    if check_range:
+        check_label_range(name, labels, num_classes, ignore_index)
+
+
+def check_label_range(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Each label in [0, num_classes) or ``ignore_index`` (see ``check_labels``)."""
     if labels.numel() == 0:
         return
     if labels.device.type == "cuda":

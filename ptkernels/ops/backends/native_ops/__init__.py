@@ -36,7 +36,8 @@ from . import gae as _gae
 from . import group_advantages as _group_advantages
 from . import rows as _rows
 from . import sequence as _sequence
-from .common import DTYPE_CODES, ROW_DTYPES, SCALE_MODES, VEC_DTYPES, eager_direct, supports
+from .common import DTYPE_CODES, ROW_DTYPES, SCALE_MODES, VEC_DTYPES, eager_direct, plain_eager, supports
+from .rows import launch_ce
 
 # What the backends call: each op, dispatched only when something must see it (common.eager_direct); the ops
 # themselves are torch.ops.ptkernels.* (and the ``op`` attribute of each name here).
@@ -59,9 +60,11 @@ __all__ = [
     "ce_rows_inplace",
     "gae",
     "group_advantages",
+    "launch_ce",
     "logprob_bwd",
     "logprob_bwd_inplace",
     "logprob_fwd",
+    "plain_eager",
     "segment_sums",
     "segment_sums_bwd",
     "supports",

@@ -30,16 +30,20 @@ def eager_direct(op):
     impl = op._init_fn
 
     def call(*args):
-        if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-                or torch._C._len_torch_dispatch_stack() > 0
-                or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)):
-            return op(*args)
-        return impl(*args)
+        return impl(*args) if plain_eager(args) else op(*args)
 
     call.op = op
     call.__doc__ = op._init_fn.__doc__
     call.__name__ = op._init_fn.__name__
     return call
+
+
+def plain_eager(args) -> bool:
+    """Whether a call with ``args`` runs in plain eager code, where nothing but the caller sees the native ops:
+    no torch.compile or export tracing, no functorch transform, no TorchDispatchMode, no tensor subclass."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or torch._C._len_torch_dispatch_stack() > 0
+                or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args))
 
 
 def lib():

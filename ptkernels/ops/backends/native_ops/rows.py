@@ -52,13 +52,25 @@ def _check_ce(logits, labels, grad_scale, grad, ignore_index, label_smoothing, z
 
 def _run_ce(logits, labels, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, inv_temperature):
     n, v, cd = _check_ce(logits, labels, grad_scale, grad, ignore_index, label_smoothing, z_loss, inv_temperature)
+    if n == 0:
+        return torch.empty(n, dtype=cd, device=logits.device), torch.empty(n, dtype=cd, device=logits.device)
+    check_index("labels", labels, v, ignore_index)
+    return launch_ce(logits, labels, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap,
+                     inv_temperature)
+
+
+def launch_ce(logits, labels, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, inv_temperature):
+    """The native call of ``ce_rows`` without its argument checks: for callers that built every tensor
+    themselves in the kernel's layout (``logits`` [n, V] with n >= 1 and unit column stride, int64 ``labels``
+    [n], ``grad_scale`` [n] or [1] (one scale for every row) in the compute dtype, ``grad`` ``logits`` itself or
+    disjoint from the inputs), as the small-shape path of ``linear_cross_entropy`` does. Bad labels still raise
+    (the kernel counts them)."""
+    n, v = logits.shape
+    cd = compute_dtype(logits.dtype)
     loss = torch.empty(n, dtype=cd, device=logits.device)
     lse = torch.empty(n, dtype=cd, device=logits.device)
-    if n == 0:
-        return loss, lse
-    check_index("labels", labels, v, ignore_index)
     ext = lib()
-    scale_stride = grad_scale.stride(0) if grad_scale is not None else 0
+    scale_stride = grad_scale.stride(0) if grad_scale is not None and grad_scale.shape[0] > 1 else 0
     grad_stride = grad.stride(0) if grad is not None else 0
     if logits.device.type == "cuda":
         with torch.cuda.device(logits.device):

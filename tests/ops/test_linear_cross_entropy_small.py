@@ -1,0 +1,152 @@
+"""The CPU small-shape path of linear_cross_entropy (ops/linear_cross_entropy_small.py): where it is taken, and
+that it gives the float64 truth and the general path's numbers with every option, mask and gradient subset."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ptkernels as ptk
+import ptkernels.ops.linear_cross_entropy as lce
+from ptkernels import reference
+from ptkernels.ops.core import chunking, gemm
+from tests.helpers import assert_close_to_truth, labels_with_mask, rand
+
+pytestmark = pytest.mark.skipif("native" not in ptk.backends(torch.device("cpu")),
+                                reason="the native extension is not built")
+
+N, D, V = 37, 19, 251
+OPTIONS = {
+    "plain": {},
+    "all": dict(label_smoothing=0.2, z_loss=1e-2, softcap=4.0, temperature=1.3),
+}
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """A list that gets one entry per call of the small path."""
+    calls = []
+    real = lce.SmallLinearCrossEntropy
+
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            calls.append(args[5])
+            return real.apply(*args)
+
+    monkeypatch.setattr(lce, "SmallLinearCrossEntropy", Spy)
+    return calls
+
+
+def _labels(mask: str) -> torch.Tensor:
+    if mask == "none":
+        return torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(5))
+    return labels_with_mask((N,), V) if mask == "some" else torch.full((N,), -100)
+
+
+def _loss_and_grads(hidden, weight, bias, labels, **kw):
+    loss = ptk.linear_cross_entropy(hidden, weight, labels, bias=bias, **kw)
+    inputs = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    if not inputs:
+        assert not loss.requires_grad
+        return loss, ()
+    return loss, torch.autograd.grad(loss * 3.0, inputs)  # an incoming gradient that is not 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("mask", ["some", "none", "all"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_float64_truth_and_the_chunk_loop(taken, reduction, option, mask, with_bias):
+    hidden, weight = rand(N, D), rand(V, D)
+    bias = rand(V) if with_bias else None
+    labels = _labels(mask)
+    kw = dict(reduction=reduction, **OPTIONS[option])
+    small = _loss_and_grads(hidden, weight, bias, labels, backend="native", **kw)
+    assert taken == [reduction]
+    loop = _loss_and_grads(hidden, weight, bias, labels, backend="native", chunk_size=5, **kw)
+    assert len(taken) == 1, "chunk_size below N takes the chunk loop"
+    truth = _loss_and_grads(hidden, weight, bias, labels, backend="reference", **kw)
+    for what, a, b, t in zip(("loss", "dh", "dW", "db"), (small[0], *small[1]), (loop[0], *loop[1]),
+                             (truth[0], *truth[1])):
+        assert_close_to_truth(a, t, 1e-10, f"small path {what}")
+        assert_close_to_truth(a, b, 1e-10, f"small path vs chunk loop {what}")
+        if mask == "all":
+            assert not a.abs().max() > 0, f"all ignored: {what} must be 0"
+
+
+@pytest.mark.parametrize("wants", ["hidden", "weight", "bias", "nothing"])
+def test_forms_only_the_gradients_asked_for(monkeypatch, taken, wants):
+    gemm_calls = []
+    for name in ("logits", "input_grad", "weight_grad"):
+        real = getattr(gemm, name)
+        monkeypatch.setattr(gemm, name, lambda *a, _real=real, _name=name: gemm_calls.append(_name) or _real(*a))
+    hidden, weight, bias = (rand(*s, requires_grad=wants == w) for s, w in (((N, D), "hidden"),
+                                                                           ((V, D), "weight"), ((V,), "bias")))
+    labels = labels_with_mask((N,), V)
+    loss, grads = _loss_and_grads(hidden, weight, bias, labels, backend="native")
+    assert taken == ["mean"]
+    assert gemm_calls == ["logits"] + {"hidden": ["input_grad"], "weight": ["weight_grad"]}.get(wants, [])
+    truth, truth_grads = _loss_and_grads(hidden, weight, bias, labels, backend="reference")
+    assert_close_to_truth(loss, truth, 1e-10, "loss")
+    for a, t in zip(grads, truth_grads):
+        assert_close_to_truth(a, t, 1e-10, f"grad of {wants}")
+
+
+def test_float32_and_odd_layouts_within_1e5_of_float64_truth(taken):
+    """fp32, a non-contiguous hidden [B, T, D] view, int32 labels with a stride."""
+    base = rand(D, 2, N, requires_grad=False)
+    hidden64 = base.permute(1, 2, 0).requires_grad_()  # [2, N, D], strided
+    weight64 = rand(V, D)
+    labels = torch.stack([labels_with_mask((N,), V), labels_with_mask((N,), V, ignore_every=4)], 1).t()
+    labels = labels.to(torch.int32)
+    assert not hidden64.is_contiguous() and not labels.is_contiguous()
+    h32 = hidden64.detach().float().requires_grad_()
+    w32 = weight64.detach().float().requires_grad_()
+    loss = ptk.linear_cross_entropy(h32, w32, labels)
+    assert taken == ["mean"]
+    g = torch.autograd.grad(loss, (h32, w32))
+    truth = reference.linear_cross_entropy(hidden64, weight64, labels.long())
+    tg = torch.autograd.grad(truth, (hidden64, weight64))
+    assert_close_to_truth(loss, truth, 1e-5, "loss")
+    for a, t in zip(g, tg):
+        assert_close_to_truth(a, t, 1e-5, "grad")
+
+
+def test_bad_label_raises_naming_labels(taken):
+    labels = labels_with_mask((N,), V)
+    labels[4] = V
+    with pytest.raises(ValueError, match=r"labels has 1 value\(s\) outside \[0, 251\)"):
+        ptk.linear_cross_entropy(rand(N, D), rand(V, D), labels)
+    assert taken == ["mean"]
+
+
+class _PassThrough(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["none", "compact", "sync_free", "torch", "big", "dispatch_mode"])
+def test_general_path_elsewhere(monkeypatch, taken, case):
+    """Not taken where its conditions fail; those calls give the same numbers through the general path."""
+    hidden, weight = rand(N, D), rand(V, D)
+    labels = labels_with_mask((N,), V)
+    kw = dict(backend="native")
+    kw.update({"none": dict(reduction="none"), "compact": dict(memory="compact"), "sync_free": dict(sync_free=True),
+               "torch": dict(backend="torch")}.get(case, {}))
+    if case == "big":
+        monkeypatch.setattr(chunking, "ONE_CHUNK_MAX_MACS", 0)
+    mode = _PassThrough()
+    if case == "dispatch_mode":
+        with mode:
+            loss = ptk.linear_cross_entropy(hidden, weight, labels, **kw).sum()
+        assert any("ptkernels.ce_rows" in op for op in mode.ops), "a dispatch mode sees the row op"
+    else:
+        loss = ptk.linear_cross_entropy(hidden, weight, labels, **kw).sum()
+    assert taken == []
+    truth = reference.linear_cross_entropy(hidden, weight, labels, reduction=kw.get("reduction", "mean")).sum()
+    assert_close_to_truth(loss, truth, 1e-10, "loss")
