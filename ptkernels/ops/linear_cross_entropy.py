@@ -31,7 +31,7 @@ from ..types import compute_dtype
 from .backends import get_block_rows, get_rows
 from .backends.base import RowOptions
 from .core import gemm, vocab_blocks
-from .core.checks import check_head, check_label_range, check_labels, check_options
+from .core.checks import check_head, check_labels, check_options
 from .core.chunking import (
     ChunkLogits,
     RowPlan,
@@ -42,7 +42,7 @@ from .core.chunking import (
     take,
     want_sync_free,
 )
-from .core.dispatch import resolve_backend
+from .core.dispatch import kernel_counts_bad_labels, resolve_backend
 from .core.grad_mode import for_autograd
 from .core.head_loss import head_loss_backward, head_loss_forward
 from .linear_cross_entropy_small import SmallLinearCrossEntropy, takes_small_path
@@ -209,11 +209,11 @@ def linear_cross_entropy(
     check_head(hidden, weight, bias)
     check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                   temperature=temperature, chunk_size=chunk_size, memory=memory)
+    name = resolve_backend(backend, hidden.device)
     check_labels("labels", labels, hidden.shape[:-1], weight.shape[0], ignore_index, hidden, "hidden",
-                 check_range=False)
+                 check_range=not kernel_counts_bad_labels(name, hidden.device))
     if shift:
         labels = reference.shift_labels(labels, ignore_index)
-    name = resolve_backend(backend, hidden.device)
     o = RowOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                    softcap=None if softcap is None else float(softcap), temperature=float(temperature))
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
@@ -222,8 +222,7 @@ def linear_cross_entropy(
     labels1d = labels if labels.dim() == 1 else labels.reshape(-1)
     sync_free = want_sync_free(sync_free, hidden.device)
     if takes_small_path(name, hidden2d, weight, bias, labels1d, reduction, memory, sync_free, chunk):
-        return SmallLinearCrossEntropy.apply(hidden2d, weight, bias, labels1d, o, reduction)  # its kernel checks
-    check_label_range("labels", labels, weight.shape[0], ignore_index)
+        return SmallLinearCrossEntropy.apply(hidden2d, weight, bias, labels1d, o, reduction)
     if name == "reference":
         return reference.linear_cross_entropy(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,

@@ -41,13 +41,7 @@ def check_labels(name: str, labels: torch.Tensor, expected_shape, num_classes: i
         )
     if labels.device != like.device:
         raise ValueError(f"{name} is on {labels.device} but {like_name} is on {like.device}")
-    if check_range:
-        check_label_range(name, labels, num_classes, ignore_index)
-
-
-def check_label_range(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Each label in [0, num_classes) or ``ignore_index`` (see ``check_labels``)."""
-    if labels.numel() == 0:
+    if not check_range or labels.numel() == 0:
         return
     if labels.device.type == "cuda":
         bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)

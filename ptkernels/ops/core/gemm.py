@@ -15,12 +15,17 @@ set, reproducible for a given machine (the choice never depends on a timing):
                      1.18x the GEMM floor, on oneDNN 0.99x and 1.39x. That figure is from the issue's Intel host;
                      the development machines (and this rule's tests) are AMD, where the Intel branch is tested
                      with a mocked CPU only.
-    anything else -> "onednn": ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor lowers CPU linears to),
-                     for GEMMs of at least ``ONEDNN_MIN_FLOPS`` multiply-adds (``torch.mm`` below that, where
-                     building oneDNN's primitive for a new shape costs more than oneDNN saves). Why: MKL picks its
-                     code path by CPU vendor and runs its generic AVX2 kernels on AMD, while oneDNN dispatches on
-                     the instruction set (AVX-512 on Zen 4/5). On the 2-core AMD EPYC that CI and
-                     benchmarks/RESULTS.md use, oneDNN runs the CPU benchmark size's GEMMs 1.7-2.3x faster.
+    other vendors with AVX-512 -> "onednn": ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor lowers CPU
+                     linears to), for GEMMs of at least ``ONEDNN_MIN_FLOPS`` multiply-adds (``torch.mm`` below
+                     that, where building oneDNN's primitive for a new shape costs more than oneDNN saves). Why:
+                     MKL picks its code path by CPU vendor and runs its AVX2 kernels on AMD even where the CPU has
+                     AVX-512, while oneDNN dispatches on the instruction set. On a 2-core AMD EPYC Zen 5 (family
+                     26, AVX-512) oneDNN ran the CPU benchmark size's GEMMs 1.4-2.2x faster (benchmarks/RESULTS.md).
+    other vendors without AVX-512 -> "blas": there MKL's AVX2 kernels are the CPU's best and oneDNN has nothing
+                     wider. On a 2-core AMD EPYC Zen 3 (family 25, AVX2 only; 2026-12-04) oneDNN was 1.0-1.5x
+                     slower than torch.mm on GEMMs 2 and 3 at every shape tried, and the fused CE on torch.mm took
+                     0.85x the oneDNN route's time at N=4096, D=512, V=32000, 0.80x at N=1024, V=872, 0.70x at
+                     N=256, V=128256.
 
 ``PTK_CPU_GEMM=auto|blas|onednn`` overrides the rule (read at import); ``torch.backends.mkldnn.flags
 (enabled=False)`` also keeps every GEMM on ``torch.mm``. Both libraries compute in IEEE fp32 with fp32
@@ -67,7 +72,10 @@ def rule_for_cpu(cpu: CPUInfo, blas_is_mkl: bool) -> tuple[str, str]:
         return "blas", f"GenuineIntel ({isa}): MKL runs its own kernels for this CPU"
     if cpu.vendor == "GenuineIntel":
         return "onednn", "GenuineIntel, but the wheel's BLAS is not MKL"
-    return "onednn", f"{cpu.vendor or 'unknown vendor'}: MKL would take its generic path, oneDNN dispatches on the ISA"
+    vendor = cpu.vendor or "unknown vendor"
+    if cpu.avx512:
+        return "onednn", f"{vendor} with AVX-512: MKL would run its AVX2 kernels, oneDNN uses AVX-512"
+    return "blas", f"{vendor} without AVX-512: MKL's AVX2 kernels are as wide as this CPU goes (and were faster)"
 
 
 def choose_cpu_gemm(setting: str, cpu: CPUInfo, blas_is_mkl: bool, onednn_ok: bool) -> tuple[str, str]:

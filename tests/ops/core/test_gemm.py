@@ -228,7 +228,7 @@ UNKNOWN = CPUInfo("", "", frozenset())
 
 @pytest.mark.parametrize("cpu, mkl, want", [
     (INTEL, True, "blas"), (INTEL_AVX2, True, "blas"), (INTEL, False, "onednn"),
-    (AMD, True, "onednn"), (AMD_AVX2, True, "onednn"), (UNKNOWN, True, "onednn")])
+    (AMD, True, "onednn"), (AMD_AVX2, True, "blas"), (UNKNOWN, True, "blas")])
 def test_rule_by_vendor(cpu, mkl, want):
     lib, why = gemm.choose_cpu_gemm("auto", cpu, blas_is_mkl=mkl, onednn_ok=True)
     assert lib == want and why
