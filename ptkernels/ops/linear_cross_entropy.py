@@ -14,7 +14,7 @@ take a straight-line path instead of the loop: the three GEMMs over all rows, ma
 kernel gives them loss 0 and a zero gradient, and the mean's 1/n_valid scales the gradient inside the row
 kernel), ``dh = dz @ W`` and ``dW = dz.T @ h`` written once, no ``nonzero``, gather, scatter or zeroed buffers.
 The same formulas in the same order per row; only GEMM 3 sums over a different set of zero rows. On CPU with
-the native rows in plain eager code (reduction "mean"/"sum"), the same sizes take ``linear_cross_entropy_small``
+the native rows in plain eager code (reduction "mean"/"sum"), the same sizes take ``small_head``
 instead: the valid rows only, no autograd machinery between the GEMMs (the fixed cost decides there).
 
 ``memory="compact"`` drops GEMM 3 from the loop (which keeps each row's lse instead) and forms dW and db
@@ -45,7 +45,7 @@ from .core.chunking import (
 from .core.dispatch import kernel_counts_bad_labels, resolve_backend
 from .core.grad_mode import for_autograd
 from .core.head_loss import head_loss_backward, head_loss_forward
-from .linear_cross_entropy_small import SmallLinearCrossEntropy, takes_small_path
+from .small_head import SmallLinearCrossEntropy, takes_small_path
 
 
 def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o: RowOptions, row_scale,
@@ -216,12 +216,12 @@ def linear_cross_entropy(
         labels = reference.shift_labels(labels, ignore_index)
     o = RowOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                    softcap=None if softcap is None else float(softcap), temperature=float(temperature))
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype, hidden.shape[-1])
     hidden2d, weight, bias = for_autograd(hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1]),
                                           weight, bias)
     labels1d = labels if labels.dim() == 1 else labels.reshape(-1)
     sync_free = want_sync_free(sync_free, hidden.device)
-    if takes_small_path(name, hidden2d, weight, bias, labels1d, reduction, memory, sync_free, chunk):
+    if reduction != "none" and takes_small_path(name, hidden2d, weight, bias, labels1d, memory, sync_free, chunk):
         return SmallLinearCrossEntropy.apply(hidden2d, weight, bias, labels1d, o, reduction)
     if name == "reference":
         return reference.linear_cross_entropy(

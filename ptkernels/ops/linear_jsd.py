@@ -217,7 +217,7 @@ def linear_jsd(
                                     temperature=temperature, reduction=reduction)
     rows_impl = backends.get(name, "JSD_ROWS")
     o = JSDRowOptions(beta=beta, temperature=float(temperature), ignore_index=ignore_index)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype, hidden.shape[-1])
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     ref_hidden2d = ref_hidden.reshape(-1, ref_hidden.shape[-1])
     labels1d = None if labels is None else labels.reshape(-1)

@@ -10,11 +10,11 @@ GEMM 1 again: 3 GEMMs, as eager, for at most half of eager's memory (eager keeps
 log-softmax). The same numbers either way: the kept logits are the ones backward would recompute.
 
 Small shapes (``chunking.one_chunk``: every row fits one chunk, GEMMs below ``ONE_CHUNK_MAX_MACS``) run straight
-through as one chunk, and forward keeps its logits when a gradient is wanted, so backward runs GEMMs 2 and 3 only
-(3 GEMMs in all, as eager; the chunk is at most the chunked path's own, ``default_chunk_size``). On CPU the chunk
-is the valid rows (one ``nonzero``, free there; masked rows skip the GEMMs, ~25% of the work at the benchmarks'
-masking); on CUDA and in sync-free mode it is every row (masked ones get 0 from the row kernels), with no
-``nonzero``, gather or scatter.
+through over all rows (masked ones get 0 from the row kernels): no ``nonzero``, gather or scatter, and forward
+keeps that one chunk of logits when a gradient is wanted, so backward runs GEMMs 2 and 3 only (3 GEMMs in all,
+as eager; the chunk is at most the chunked path's own, ``default_chunk_size``). On CPU with the native rows in
+plain eager code the same sizes take ``small_head.SmallLinearTokenLogprobs``: the valid rows only, with no
+machinery between the GEMMs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .core.chunking import (
 )
 from .core.dispatch import kernel_counts_bad_labels, resolve_backend
 from .core.grad_mode import for_autograd
+from .small_head import SmallLinearTokenLogprobs, takes_small_path
 
 
 def _zeros_like_rows(g, n, cd, device):
@@ -54,16 +55,6 @@ def _head_grads_one_chunk(g, hidden2d, weight, need_dh, need_dw, need_db):
     gw = gemm.weight_grad_result(gemm.weight_grad(g, hidden2d, cd), weight.dtype) if need_dw else None
     gb = g.sum(dim=0, dtype=cd).to(weight.dtype) if need_db else None
     return gh, gw, gb
-
-
-def _valid_index(targets1d: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """The valid rows' index (one ``nonzero``: free on CPU), or None when every row is valid."""
-    index = (targets1d != ignore_index).nonzero().squeeze(1)
-    return None if index.shape[0] == targets1d.shape[0] else index
-
-
-def _scatter_rows(x: torch.Tensor | None, index: torch.Tensor, n: int) -> torch.Tensor | None:
-    return None if x is None else x.new_zeros(n).index_copy_(0, index, x)
 
 
 KEEP_LOGITS_BYTES = 64 << 20  # the chunked path keeps the valid rows' logits for backward up to this size
@@ -83,19 +74,15 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         ctx.args = (o, chunk, rows_impl, sync_free, block_rows)  # block_rows: None unless memory="compact"
         small = block_rows is None and one_chunk(n, chunk, weight.shape[0], hidden2d.shape[1])
         if small:  # the fast path (module docstring)
-            index = _valid_index(targets1d, o.ignore_index) if hidden2d.device.type == "cpu" and not sync_free \
-                else None
-            h, t = (hidden2d, targets1d) if index is None else (take(hidden2d, index), take(targets1d, index))
-            z = gemm.logits(h, weight, bias)
-            logp, lse, mean_s = rows_impl.logprob_fwd(z, t, o, want_entropy)
+            z = gemm.logits(hidden2d, weight, bias)
+            logp, lse, mean_s = rows_impl.logprob_fwd(z, targets1d, o, want_entropy)
             entropy = None
             if want_entropy:  # the rows give lse for ignored rows too (sync-free rows): 0 there
-                entropy = torch.where(t != o.ignore_index, lse - mean_s, torch.zeros((), dtype=cd, device=lse.device))
+                entropy = torch.where(targets1d != o.ignore_index, lse - mean_s,
+                                      torch.zeros((), dtype=cd, device=lse.device))
             ctx.one_chunk = any(ctx.needs_input_grad[:3])
             if ctx.one_chunk:
-                ctx.save_for_backward(hidden2d, weight, bias, t, lse, mean_s, z, index)
-            if index is not None:
-                logp, entropy = (_scatter_rows(x, index, n) for x in (logp, entropy))
+                ctx.save_for_backward(hidden2d, weight, bias, targets1d, lse, mean_s, z)
             return (logp, entropy) if want_entropy else logp
         ctx.one_chunk = False
         plan = RowPlan(targets1d, o.ignore_index, chunk, sync_free)
@@ -135,16 +122,11 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         n = hidden2d.shape[0]
         g_logp = _zeros_like_rows(g_logp, n, cd, hidden2d.device)
         if ctx.one_chunk:  # the fast path: the kept logits; a fresh gradient buffer keeps them for a 2nd backward
-            z, index = kept
-            if index is not None:  # the valid rows only (targets1d holds theirs)
-                g_logp, g_ent = (None if x is None else take(x, index) for x in (g_logp, g_ent))
+            z = kept[0]
             g = torch.empty_like(z)
             rows_impl.logprob_bwd(z, targets1d, lse, mean_s if g_ent is not None else None, g_logp, g_ent, o,
                                   grad_out=g)
-            h = hidden2d if index is None else take(hidden2d, index)
-            gh, gw, gb = _head_grads_one_chunk(g, h, weight, need_dh, need_dw, need_db)
-            if gh is not None and index is not None:
-                gh = torch.zeros_like(hidden2d).index_copy_(0, index, gh)
+            gh, gw, gb = _head_grads_one_chunk(g, hidden2d, weight, need_dh, need_dw, need_db)
             return gh, gw, gb, None, None, None, None, None, None, None
         plan = RowPlan(targets1d, o.ignore_index, chunk, sync_free)
         loop_w = block_rows is None  # compact: dW and db afterwards, one vocabulary block at a time
@@ -275,12 +257,17 @@ def linear_token_logprobs(
         return reference.linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                                temperature=temperature, softcap=softcap,
                                                return_entropy=return_entropy)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype)
-    hidden, weight, bias = for_autograd(hidden, weight, bias)
-    out = LinearTokenLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                            targets.reshape(-1), o, chunk, get_rows(name),
-                                            want_sync_free(sync_free, hidden.device), bool(return_entropy),
-                                            get_block_rows(name) if memory == "compact" else None)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, hidden.dtype, hidden.shape[-1])
+    hidden2d, weight, bias = for_autograd(hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1]),
+                                          weight, bias)
+    targets1d = targets if targets.dim() == 1 else targets.reshape(-1)
+    sync_free = want_sync_free(sync_free, hidden.device)
+    if takes_small_path(name, hidden2d, weight, bias, targets1d, memory, sync_free, chunk):
+        out = SmallLinearTokenLogprobs.apply(hidden2d, weight, bias, targets1d, o, bool(return_entropy))
+    else:
+        out = LinearTokenLogprobsFunction.apply(hidden2d, weight, bias, targets1d, o, chunk, get_rows(name), sync_free,
+                                                bool(return_entropy),
+                                                get_block_rows(name) if memory == "compact" else None)
     return _reshape_out(out, targets.shape, return_entropy)
 
 

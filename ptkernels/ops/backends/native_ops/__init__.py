@@ -37,7 +37,7 @@ from . import group_advantages as _group_advantages
 from . import rows as _rows
 from . import sequence as _sequence
 from .common import DTYPE_CODES, ROW_DTYPES, SCALE_MODES, VEC_DTYPES, eager_direct, plain_eager, supports
-from .rows import launch_ce
+from .rows import launch_ce, launch_logprob_bwd, launch_logprob_fwd
 
 # What the backends call: each op, dispatched only when something must see it (common.eager_direct); the ops
 # themselves are torch.ops.ptkernels.* (and the ``op`` attribute of each name here).
@@ -61,6 +61,8 @@ __all__ = [
     "gae",
     "group_advantages",
     "launch_ce",
+    "launch_logprob_bwd",
+    "launch_logprob_fwd",
     "logprob_bwd",
     "logprob_bwd_inplace",
     "logprob_fwd",

@@ -152,11 +152,20 @@ def logprob_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, 
     if n == 0:
         return logp, lse, mean_s
     check_index("targets", targets, v, ignore_index)
-    bad = lib().cpu_logprob_fwd(logits.data_ptr(), logits.stride(0), DTYPE_CODES[logits.dtype], targets.data_ptr(),
-                                logp.data_ptr(), lse.data_ptr(), mean_s.data_ptr() if want_entropy else 0, n, v,
-                                ignore_index, softcap, inv_temperature, threads())
-    raise_bad_labels(bad, "targets", v, ignore_index)
+    launch_logprob_fwd(logits, targets, logp, lse, mean_s if want_entropy else None, ignore_index, softcap,
+                       inv_temperature)
     return logp, lse, mean_s
+
+
+def launch_logprob_fwd(logits, targets, logp, lse, mean_s, ignore_index, softcap, inv_temperature) -> None:
+    """The native call of ``logprob_fwd`` (CPU) without its argument checks, into ``logp``, ``lse`` and
+    ``mean_s`` (None: no entropy): for callers that built every tensor themselves in the kernel's layout (as
+    ``launch_ce`` says). Bad targets still raise (the kernel counts them)."""
+    n, v = logits.shape
+    bad = lib().cpu_logprob_fwd(logits.data_ptr(), logits.stride(0), DTYPE_CODES[logits.dtype], targets.data_ptr(),
+                                logp.data_ptr(), lse.data_ptr(), ptr(mean_s), n, v, ignore_index, softcap,
+                                inv_temperature, threads())
+    raise_bad_labels(bad, "targets", v, ignore_index)
 
 
 @logprob_fwd.register_fake
@@ -185,6 +194,13 @@ def _run_logprob_bwd(logits, targets, lse, mean_s, g_logp, g_ent, grad, ignore_i
     if n == 0:
         return
     check_index("targets", targets, v, ignore_index)
+    launch_logprob_bwd(logits, targets, lse, mean_s, g_logp, g_ent, grad, ignore_index, softcap, inv_temperature)
+
+
+def launch_logprob_bwd(logits, targets, lse, mean_s, g_logp, g_ent, grad, ignore_index, softcap,
+                       inv_temperature) -> None:
+    """The native call of ``logprob_bwd`` (CPU) without its argument checks (see ``launch_logprob_fwd``)."""
+    n, v = logits.shape
     bad = lib().cpu_logprob_bwd(logits.data_ptr(), logits.stride(0), grad.data_ptr(), grad.stride(0),
                                 DTYPE_CODES[logits.dtype], targets.data_ptr(), lse.data_ptr(),
                                 ptr(mean_s) if g_ent is not None else 0, g_logp.data_ptr(), ptr(g_ent), n, v,

@@ -1,5 +1,6 @@
-"""The CPU small-shape path of linear_cross_entropy (ops/linear_cross_entropy_small.py): where it is taken, and
-that it gives the float64 truth and the general path's numbers with every option, mask and gradient subset."""
+"""The CPU small-shape paths of linear_cross_entropy and linear_token_logprobs (ops/small_head.py): where they
+are taken, and that they give the float64 truth and the general path's numbers with every option, mask and
+gradient subset."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptkernels as ptk
 import ptkernels.ops.linear_cross_entropy as lce
+import ptkernels.ops.token_logprobs as tl
 from ptkernels import reference
 from ptkernels.ops.core import chunking, gemm
 from tests.helpers import assert_close_to_truth, labels_with_mask, rand
@@ -150,3 +152,103 @@ def test_general_path_elsewhere(monkeypatch, taken, case):
     assert taken == []
     truth = reference.linear_cross_entropy(hidden, weight, labels, reduction=kw.get("reduction", "mean")).sum()
     assert_close_to_truth(loss, truth, 1e-10, "loss")
+
+
+# ------------------------------------------------------------------------------------------- token log-probs
+
+
+@pytest.fixture
+def taken_lp(monkeypatch):
+    calls = []
+    real = tl.SmallLinearTokenLogprobs
+
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            calls.append(args[5])
+            return real.apply(*args)
+
+    monkeypatch.setattr(tl, "SmallLinearTokenLogprobs", Spy)
+    return calls
+
+
+def _logprobs_and_grads(hidden, weight, bias, targets, entropy, **kw):
+    out = ptk.linear_token_logprobs(hidden, weight, targets, bias=bias, return_entropy=entropy, **kw)
+    lp, h = out if entropy else (out, None)
+    g = torch.Generator().manual_seed(2)
+    objective = (lp * torch.randn(N, generator=g, dtype=lp.dtype)).sum()
+    if entropy:
+        objective = objective + (h * torch.randn(N, generator=g, dtype=h.dtype)).sum()
+    inputs = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    return (lp, h), (torch.autograd.grad(objective, inputs) if inputs else ())
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("mask", ["some", "none", "all"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_logprobs_match_float64_truth_and_the_chunk_loop(taken_lp, entropy, option, mask, with_bias):
+    hidden, weight = rand(N, D), rand(V, D)
+    bias = rand(V) if with_bias else None
+    targets = _labels(mask)
+    kw = {k: v for k, v in OPTIONS[option].items() if k in ("softcap", "temperature")}
+    small = _logprobs_and_grads(hidden, weight, bias, targets, entropy, backend="native", **kw)
+    assert taken_lp == [entropy]
+    loop = _logprobs_and_grads(hidden, weight, bias, targets, entropy, backend="native", chunk_size=5, **kw)
+    truth = _logprobs_and_grads(hidden, weight, bias, targets, entropy, backend="reference", **kw)
+    assert len(taken_lp) == 1
+    for what, a, b, t in zip(("logp", "entropy", "dh", "dW", "db"), (*small[0], *small[1]), (*loop[0], *loop[1]),
+                             (*truth[0], *truth[1])):
+        if t is None:
+            assert a is None
+            continue
+        assert_close_to_truth(a, t, 1e-10, f"small path {what}")
+        assert_close_to_truth(a, b, 1e-10, f"small path vs chunk loop {what}")
+
+
+@pytest.mark.parametrize("wants", ["hidden", "weight", "bias", "nothing"])
+def test_logprobs_gradient_subsets_and_a_second_backward(taken_lp, wants):
+    hidden, weight, bias = (rand(*s, requires_grad=wants == w) for s, w in (((N, D), "hidden"),
+                                                                           ((V, D), "weight"), ((V,), "bias")))
+    targets = labels_with_mask((N,), V)
+    lp = ptk.linear_token_logprobs(hidden, weight, targets, bias=bias)
+    assert taken_lp == [False]
+    truth = reference.linear_token_logprobs(hidden, weight, targets, bias=bias)
+    assert_close_to_truth(lp, truth, 1e-10, "logp")
+    if wants == "nothing":
+        assert not lp.requires_grad
+        return
+    x = {"hidden": hidden, "weight": weight, "bias": bias}[wants]
+    first = torch.autograd.grad(lp.sum(), x, retain_graph=True)[0]  # an expanded (stride-0) incoming gradient
+    second = torch.autograd.grad((lp * 2.0).sum(), x)[0]  # the kept logits must be unchanged by the first
+    want = torch.autograd.grad(truth.sum(), x)[0]
+    assert_close_to_truth(first, want, 1e-10, f"grad of {wants}")
+    assert_close_to_truth(second, 2.0 * want, 1e-10, f"second backward, grad of {wants}")
+
+
+def test_logprobs_bad_target_raises_naming_targets(taken_lp):
+    targets = labels_with_mask((N,), V)
+    targets[7] = -3
+    with pytest.raises(ValueError, match=r"targets has 1 value\(s\) outside \[0, 251\)"):
+        ptk.linear_token_logprobs(rand(N, D), rand(V, D), targets)
+    assert taken_lp == [False]
+
+
+@pytest.mark.parametrize("case", ["compact", "sync_free", "torch", "big", "dispatch_mode"])
+def test_logprobs_general_path_elsewhere(monkeypatch, taken_lp, case):
+    hidden, weight = rand(N, D), rand(V, D)
+    targets = labels_with_mask((N,), V)
+    kw = dict(backend="native")
+    kw.update({"compact": dict(memory="compact"), "sync_free": dict(sync_free=True),
+               "torch": dict(backend="torch")}.get(case, {}))
+    if case == "big":
+        monkeypatch.setattr(chunking, "ONE_CHUNK_MAX_MACS", 0)
+    mode = _PassThrough()
+    if case == "dispatch_mode":
+        with mode:
+            lp = ptk.linear_token_logprobs(hidden, weight, targets, **kw)
+        assert any("ptkernels.logprob_fwd" in op for op in mode.ops), "a dispatch mode sees the row op"
+    else:
+        lp = ptk.linear_token_logprobs(hidden, weight, targets, **kw)
+    assert taken_lp == []
+    assert_close_to_truth(lp, reference.linear_token_logprobs(hidden, weight, targets), 1e-10, "logp")
