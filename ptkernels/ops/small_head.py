@@ -14,8 +14,10 @@ in backward from the incoming per-token gradient (3 GEMMs either way, as eager).
 Why: at the quick preset's head (N=64, D=128, V=872, fp32) one call is ~0.8 ms, the three GEMMs ~0.5 ms of it
 (each at the single core's peak), so eager's own Python (~0.3 ms) and ours decide the ratio. Through the general
 path's machinery (row plan, precompute-or-recompute skeleton, the row ops' argument checks) the fused CE was
-1.2x eager there; this path is ~0.9x at 25% masked rows (benchmarks/RESULTS.md). Masked rows skip the GEMMs as
-in the chunk loop (eager computes them), so the more rows are masked the more it saves.
+1.2x eager there and token log-probs 1.23x; on this path, 25% of rows masked, one thread: 0.90-0.94x and 1.00x
+(two threads: 1.02-1.07x and 1.14x, since the small GEMMs parallelize poorly and the fixed cost does not;
+benchmarks/RESULTS.md). Masked rows skip the GEMMs as in the chunk loop (eager computes them), so the more rows
+are masked the more it saves.
 
 It is taken only where nothing else must see the ops (``takes_small_path``): CPU tensors the native row kernels
 support, plain eager code (no torch.compile, functorch transform, dispatch mode or tensor subclass: those get
