@@ -23,11 +23,10 @@ OPTIONS = {
 }
 
 
-@pytest.fixture
-def taken(monkeypatch):
-    """A list that gets one entry per call of the small path."""
+def _spy(monkeypatch, module, name: str) -> list:
+    """A list that gets one entry (the Function's 6th argument) per call of ``module.name``'s small path."""
     calls = []
-    real = lce.SmallLinearCrossEntropy
+    real = getattr(module, name)
 
     class Spy:
         @staticmethod
@@ -35,8 +34,18 @@ def taken(monkeypatch):
             calls.append(args[5])
             return real.apply(*args)
 
-    monkeypatch.setattr(lce, "SmallLinearCrossEntropy", Spy)
+    monkeypatch.setattr(module, name, Spy)
     return calls
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    return _spy(monkeypatch, lce, "SmallLinearCrossEntropy")
+
+
+@pytest.fixture
+def taken_lp(monkeypatch):
+    return _spy(monkeypatch, tl, "SmallLinearTokenLogprobs")
 
 
 def _labels(mask: str) -> torch.Tensor:
@@ -132,44 +141,7 @@ class _PassThrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("case", ["none", "compact", "sync_free", "torch", "big", "dispatch_mode"])
-def test_general_path_elsewhere(monkeypatch, taken, case):
-    """Not taken where its conditions fail; those calls give the same numbers through the general path."""
-    hidden, weight = rand(N, D), rand(V, D)
-    labels = labels_with_mask((N,), V)
-    kw = dict(backend="native")
-    kw.update({"none": dict(reduction="none"), "compact": dict(memory="compact"), "sync_free": dict(sync_free=True),
-               "torch": dict(backend="torch")}.get(case, {}))
-    if case == "big":
-        monkeypatch.setattr(chunking, "ONE_CHUNK_MAX_MACS", 0)
-    mode = _PassThrough()
-    if case == "dispatch_mode":
-        with mode:
-            loss = ptk.linear_cross_entropy(hidden, weight, labels, **kw).sum()
-        assert any("ptkernels.ce_rows" in op for op in mode.ops), "a dispatch mode sees the row op"
-    else:
-        loss = ptk.linear_cross_entropy(hidden, weight, labels, **kw).sum()
-    assert taken == []
-    truth = reference.linear_cross_entropy(hidden, weight, labels, reduction=kw.get("reduction", "mean")).sum()
-    assert_close_to_truth(loss, truth, 1e-10, "loss")
-
-
 # ------------------------------------------------------------------------------------------- token log-probs
-
-
-@pytest.fixture
-def taken_lp(monkeypatch):
-    calls = []
-    real = tl.SmallLinearTokenLogprobs
-
-    class Spy:
-        @staticmethod
-        def apply(*args):
-            calls.append(args[5])
-            return real.apply(*args)
-
-    monkeypatch.setattr(tl, "SmallLinearTokenLogprobs", Spy)
-    return calls
 
 
 def _logprobs_and_grads(hidden, weight, bias, targets, entropy, **kw):
@@ -234,21 +206,30 @@ def test_logprobs_bad_target_raises_naming_targets(taken_lp):
     assert taken_lp == [False]
 
 
-@pytest.mark.parametrize("case", ["compact", "sync_free", "torch", "big", "dispatch_mode"])
-def test_logprobs_general_path_elsewhere(monkeypatch, taken_lp, case):
+CASES = ["compact", "sync_free", "torch", "big", "dispatch_mode"]
+
+
+@pytest.mark.parametrize("op, case", [("ce", "none")] + [(op, c) for op in ("ce", "logprobs") for c in CASES])
+def test_general_path_elsewhere(monkeypatch, op, case):
+    """Not taken where its conditions fail; those calls give the same numbers through the general path."""
+    taken = _spy(monkeypatch, lce, "SmallLinearCrossEntropy") if op == "ce" else \
+        _spy(monkeypatch, tl, "SmallLinearTokenLogprobs")
     hidden, weight = rand(N, D), rand(V, D)
-    targets = labels_with_mask((N,), V)
+    labels = labels_with_mask((N,), V)
     kw = dict(backend="native")
-    kw.update({"compact": dict(memory="compact"), "sync_free": dict(sync_free=True),
+    kw.update({"none": dict(reduction="none"), "compact": dict(memory="compact"), "sync_free": dict(sync_free=True),
                "torch": dict(backend="torch")}.get(case, {}))
     if case == "big":
         monkeypatch.setattr(chunking, "ONE_CHUNK_MAX_MACS", 0)
+    fn, ref, row_op = ((ptk.linear_cross_entropy, reference.linear_cross_entropy, "ptkernels.ce_rows") if op == "ce"
+                       else (ptk.linear_token_logprobs, reference.linear_token_logprobs, "ptkernels.logprob_fwd"))
     mode = _PassThrough()
     if case == "dispatch_mode":
         with mode:
-            lp = ptk.linear_token_logprobs(hidden, weight, targets, **kw)
-        assert any("ptkernels.logprob_fwd" in op for op in mode.ops), "a dispatch mode sees the row op"
+            out = fn(hidden, weight, labels, **kw)
+        assert any(row_op in name for name in mode.ops), "a dispatch mode sees the row op"
     else:
-        lp = ptk.linear_token_logprobs(hidden, weight, targets, **kw)
-    assert taken_lp == []
-    assert_close_to_truth(lp, reference.linear_token_logprobs(hidden, weight, targets), 1e-10, "logp")
+        out = fn(hidden, weight, labels, **kw)
+    assert taken == []
+    ref_kw = {"reduction": kw["reduction"]} if "reduction" in kw else {}
+    assert_close_to_truth(out, ref(hidden, weight, labels, **ref_kw), 1e-10, "output")
