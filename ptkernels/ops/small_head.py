@@ -33,6 +33,7 @@ import torch
 from ..types import compute_dtype
 from .backends import native_ops
 from .backends.base import RowOptions
+from .backends.native import index64, kernel_transform
 from .core import gemm
 from .core.chunking import finish_head_grads, one_chunk
 
@@ -52,16 +53,12 @@ def _valid_rows(labels1d: torch.Tensor, ignore_index: int):
     return (None if n_valid == labels1d.shape[0] else index), n_valid
 
 
-def _rows(index, *tensors):
-    """The valid rows of each tensor (as it is when ``index`` is None); labels as contiguous int64."""
-    out = [t if index is None else t.index_select(0, index) for t in tensors]
-    y = out[-1]
-    out[-1] = y if y.dtype == torch.int64 and y.is_contiguous() else y.to(torch.int64).contiguous()
-    return out
-
-
-def _transform(o: RowOptions) -> tuple[float, float]:
-    return (0.0 if o.softcap is None else float(o.softcap)), 1.0 / o.temperature
+def _rows(index, hidden2d: torch.Tensor, labels1d: torch.Tensor):
+    """The valid rows of the hidden states and of the labels (as they are when ``index`` is None), the labels
+    as the kernels take them."""
+    if index is None:
+        return hidden2d, index64(labels1d)
+    return hidden2d.index_select(0, index), index64(labels1d.index_select(0, index))
 
 
 def _head_grads(g, h, hidden2d, weight, index, need_dh, need_dw, need_db):
@@ -93,7 +90,7 @@ class SmallLinearCrossEntropy(torch.autograd.Function):
         grad = any(need)
         scale = torch.full((1,), 1.0 / n_valid, dtype=cd) if grad and reduction == "mean" else None
         loss, _ = native_ops.launch_ce(z, y, scale, z if grad else None, o.ignore_index, o.label_smoothing,
-                                       o.z_loss, *_transform(o))
+                                       o.z_loss, *kernel_transform(o))
         if grad:
             ctx.grads = _head_grads(z, h, hidden2d, weight, index, *need)
         return loss.mean() if reduction == "mean" else loss.sum()  # loss holds exactly the valid rows
@@ -130,7 +127,7 @@ class SmallLinearTokenLogprobs(torch.autograd.Function):
         logp, lse = torch.empty(n_valid, dtype=cd), torch.empty(n_valid, dtype=cd)
         mean_s = torch.empty(n_valid, dtype=cd) if want_entropy else None
         if n_valid:
-            native_ops.launch_logprob_fwd(z, t, logp, lse, mean_s, o.ignore_index, *_transform(o))
+            native_ops.launch_logprob_fwd(z, t, logp, lse, mean_s, o.ignore_index, *kernel_transform(o))
         ctx.o = o
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(hidden2d, weight, bias, h, t, lse, mean_s, z, index)
@@ -149,7 +146,7 @@ class SmallLinearTokenLogprobs(torch.autograd.Function):
             g_logp = _take(g_logp, index) if g_logp is not None else torch.zeros_like(lse)
             g = torch.empty_like(z)  # a fresh buffer keeps z for a second backward
             native_ops.launch_logprob_bwd(z, t, lse, mean_s, g_logp, _take(g_ent, index), g, ctx.o.ignore_index,
-                                          *_transform(ctx.o))
+                                          *kernel_transform(ctx.o))
             grads = _head_grads(g, h, hidden2d, weight, index, *need)
         return (*finish_head_grads(grads, None, hidden2d.dtype, weight.dtype), None, None, None)
 

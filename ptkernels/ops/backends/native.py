@@ -32,7 +32,8 @@ def _row_major(z: torch.Tensor) -> torch.Tensor:
     return z if (z.shape[1] <= 1 or z.stride(1) == 1) else z.contiguous()
 
 
-def _index64(t: torch.Tensor) -> torch.Tensor:
+def index64(t: torch.Tensor) -> torch.Tensor:
+    """Labels as the kernels take them: contiguous int64."""
     return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
 
 
@@ -48,7 +49,8 @@ def _writable(grad_out: torch.Tensor, z: torch.Tensor) -> bool:
             and (v <= 1 or grad_out.stride(1) == 1) and (n <= 1 or grad_out.stride(0) >= v))
 
 
-def _transform(o: RowOptions) -> tuple[float, float]:
+def kernel_transform(o: RowOptions) -> tuple[float, float]:
+    """(softcap, 1 / temperature) as the kernels take them (softcap 0: none)."""
     return (0.0 if o.softcap is None else float(o.softcap)), 1.0 / float(o.temperature)
 
 
@@ -63,8 +65,8 @@ class NativeRows:
         z_in = z
         z = _row_major(z)
         n = z.shape[0]
-        y = _index64(labels)
-        softcap, inv_temp = _transform(o)
+        y = index64(labels)
+        softcap, inv_temp = kernel_transform(o)
         opts = (o.ignore_index, float(o.label_smoothing), float(o.z_loss), softcap, inv_temp)
         if not want_grad:
             loss, lse = native.ce_rows(z, y, None, None, *opts)
@@ -94,8 +96,8 @@ class NativeRows:
         if z.device.type != "cpu" or not native.supports("rows", z.device, z.dtype):
             return _TORCH_ROWS.logprob_fwd(z, targets, o, want_entropy)
         z = _row_major(z)
-        softcap, inv_temp = _transform(o)
-        logp, lse, mean_s = native.logprob_fwd(z, _index64(targets), o.ignore_index, softcap, inv_temp,
+        softcap, inv_temp = kernel_transform(o)
+        logp, lse, mean_s = native.logprob_fwd(z, index64(targets), o.ignore_index, softcap, inv_temp,
                                                bool(want_entropy))
         return logp, lse, (mean_s if want_entropy else None)
 
@@ -106,7 +108,7 @@ class NativeRows:
         z = _row_major(z)
         n = z.shape[0]
         cd = compute_dtype(z.dtype)
-        y = _index64(targets)
+        y = index64(targets)
         lse = lse.to(cd).contiguous()
         g_logp = _per_row(g_logp, n, cd).contiguous()
         if g_ent is not None:
@@ -114,7 +116,7 @@ class NativeRows:
             mean_s = mean_s.to(cd).contiguous()
         else:
             mean_s = None
-        softcap, inv_temp = _transform(o)
+        softcap, inv_temp = kernel_transform(o)
         opts = (o.ignore_index, softcap, inv_temp)
         own_copy = z is not z_in
         if grad_out is z_in and not own_copy:
