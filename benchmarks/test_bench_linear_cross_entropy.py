@@ -6,6 +6,10 @@ Implementations (``impl``):
     torch_chunked  PyTorch's own ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
                    (log-probs: minus its ``reduction="none"`` loss)
     liger          Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA only, when installed)
+    cce            Cut Cross-Entropy's ``linear_cross_entropy`` (``pip install cut-cross-entropy``, when
+                   installed): its Triton kernels (impl="cce") on CUDA, its CPU path (impl="torch_compile", the
+                   logits of the valid rows under torch.compile) on CPU; log-probs: minus its
+                   ``reduction="none"`` loss
     ptk-<backend>  ptkernels on each usable backend except "reference" (the eager oracle) and the Triton
                    interpreter
     ptk-native+blas  the native backend with every GEMM on torch.mm (PTK_CPU_GEMM=blas), where ptkernels
@@ -42,7 +46,7 @@ OPS = ("linear_cross_entropy", "linear_token_logprobs")
 PTK_BACKENDS = ("torch", "triton", "native")
 # memory="compact" on the default backend of each device (triton on CUDA, native on CPU)
 COMPACT_IMPLS = ("ptk-triton+compact", "ptk-native+compact")
-IMPLS = (("eager", "torch_chunked", "liger") + tuple(f"ptk-{b}" for b in PTK_BACKENDS) + ("ptk-native+blas",)
+IMPLS = (("eager", "torch_chunked", "liger", "cce") + tuple(f"ptk-{b}" for b in PTK_BACKENDS) + ("ptk-native+blas",)
          + COMPACT_IMPLS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,6 +88,20 @@ def _liger_loss():
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
 
 
+def cut_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
+    """Cut Cross-Entropy's loss on the path it takes on ``h``'s device (its Triton kernels need CUDA)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if h.device.type == "cuda" else "torch_compile"
+    return linear_cross_entropy(h, w, y, ignore_index=IGNORE, reduction=reduction, impl=impl)
+
+
+def cce_skip_reason() -> str | None:
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return "Cut Cross-Entropy is not installed (pip install cut-cross-entropy)"
+    return None
+
+
 def _objective(op: str, impl: str, p: Problem, chunk_size: int | None = None):
     """A zero-argument function returning the scalar that backward runs from."""
     h, w, y = p.hidden, p.weight, p.labels
@@ -121,6 +139,10 @@ def _objective(op: str, impl: str, p: Problem, chunk_size: int | None = None):
             return out[0] if isinstance(out, tuple) else out
 
         return liger
+    if impl == "cce":
+        if op == "linear_cross_entropy":
+            return lambda: cut_cross_entropy(h, w, y)
+        return lambda: -cut_cross_entropy(h, w, y, reduction="none").sum() * inv_valid
     raise ValueError(f"unknown impl {impl!r}")
 
 
@@ -168,6 +190,8 @@ def skip_reason(op: str, impl: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             return "Liger-Kernel's fused linear cross-entropy runs on CUDA only"
         return None
+    if impl == "cce":
+        return cce_skip_reason()
     if impl.startswith("ptk-"):
         backend, _, library = impl[4:].partition("+")
         if library == "blas" and not (device.type == "cpu" and gemm.cpu_gemm_library() == "onednn"):

@@ -1,5 +1,5 @@
-"""Cost at every size: fused CE and token log-probs vs eager vs torch's ``F.linear_cross_entropy`` vs the GEMM
-floor over N x V x D, round-robin in one process.
+"""Cost at every size: fused CE and token log-probs vs eager vs torch's ``F.linear_cross_entropy`` vs Cut
+Cross-Entropy (when installed) vs the GEMM floor over N x V x D, round-robin in one process.
 
     pytest benchmarks/test_bench_size_sweep.py --benchmark-only                  the default subset (minutes)
     PTK_SWEEP=full pytest benchmarks/test_bench_size_sweep.py --benchmark-only   every cell that fits 24 GiB
@@ -17,8 +17,11 @@ round to round, so the load of a shared machine hits them alike; a call shorter 
 its turn (``_reps``) so the timer's resolution and Python's jitter do not decide a small cell. Ratios are per
 round, their median reported. Public API only: ``ptkernels.linear_cross_entropy`` / ``linear_token_logprobs``
 with ``backend="auto"``. The floor is the three GEMMs of the fused op, unchunked, on the faster of torch.mm and
-ptkernels' CPU GEMM route (benchmarks/_measure.py). Peak memory (CPU: peak RSS growth of a fresh subprocess;
-CUDA: max_memory_allocated) for eager and ptkernels' CE; PTK_SWEEP_MEM=0 skips it.
+ptkernels' CPU GEMM route (benchmarks/_measure.py). Cut Cross-Entropy (``pip install cut-cross-entropy``)
+runs the path it takes on the device: on CPU its torch.compile path (the valid rows' logits, compiled), on
+CUDA its Triton kernels; the first cell pays its compilation in the warm-up call, outside the timed rounds.
+Peak memory (CPU: peak RSS growth of a fresh subprocess; CUDA: max_memory_allocated) for eager and ptkernels'
+CE; PTK_SWEEP_MEM=0 skips it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _measure import cuda_peak_growth, peak_rss_growth, sync, three_gemms, useful_flops
+from test_bench_linear_cross_entropy import cce_skip_reason, cut_cross_entropy
 
 import ptkernels
 
@@ -111,6 +115,8 @@ class Cell:
             opts = torch.nn.LinearCrossEntropyOptions()
             objectives["ce F.linear_cross_entropy"] = lambda: F.linear_cross_entropy(
                 h, w, y, ignore_index=IGNORE, options=opts)
+        if cce_skip_reason() is None:
+            objectives["ce Cut Cross-Entropy"] = lambda: cut_cross_entropy(h, w, y)
         steps = {}
         for name, objective in objectives.items():
             def step(objective=objective):
@@ -250,15 +256,16 @@ def render(path: str) -> str:
     except json.JSONDecodeError:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     rows.sort(key=lambda r: (r["d"], r["v"], r["n"]))
-    out = ["| N | D | V | eager CE (s) | CE × eager | CE × floor | F.lce × eager | logprobs × eager | "
-           "logprobs × floor | peak MiB eager / ptk |", "|" + "---:|" * 10]
+    out = ["| N | D | V | eager CE (s) | CE × eager | CE × floor | F.lce × eager | CCE × eager | logprobs × eager | "
+           "logprobs × floor | peak MiB eager / ptk |", "|" + "---:|" * 11]
     for r in rows:
         xe, xf, m = r["x_eager"], r["x_floor"], r.get("peak_mib", {})
-        lce = xe.get("ce F.linear_cross_entropy")
-        out.append(f"| {r['n']} | {r['d']} | {r['v']} | {r['median_s']['ce eager']:.4f} | "
-                   f"{xe['ce ptkernels']:.2f} | {xf['ce ptkernels']:.2f} | "
-                   f"{'' if lce is None else f'{lce:.2f}'} | {xe['logprobs ptkernels']:.2f} | "
-                   f"{xf['logprobs ptkernels']:.2f} | {m.get('ce eager', '')} / {m.get('ce ptkernels', '')} |")
+        ratios = (xe["ce ptkernels"], xf["ce ptkernels"], xe.get("ce F.linear_cross_entropy"),
+                  xe.get("ce Cut Cross-Entropy"), xe["logprobs ptkernels"], xf["logprobs ptkernels"])
+        cells = [str(r["n"]), str(r["d"]), str(r["v"]), f"{r['median_s']['ce eager']:.4f}"]
+        cells += ["" if x is None else f"{x:.2f}" for x in ratios]
+        cells.append(f"{m.get('ce eager', '')} / {m.get('ce ptkernels', '')}")
+        out.append("| " + " | ".join(cells) + " |")
     out.append("")
     out.append("Fitted growth, time ~ N_valid^a · V^b · D^c (least squares over the cells above):")
     out.append("")
