@@ -19,8 +19,9 @@ def blas(monkeypatch):
     (32000, 512, 512),  # the CPU benchmark size: the logits decide
     (128256, 4096, 256),  # never fewer than 256 rows
     (872, 128, 4096),  # small head: the CPU cap of 4096 rows
-    (872, 2048, 1024),  # D large against V: 2^21 hidden values decide
-    (8192, 2048, 1024),
+    (872, 2048, 512),  # D large against V: 2^20 hidden values decide
+    (8192, 2048, 512),
+    (872, 512, 2048),
     (872, None, 4096),  # ops on logits pass no D
 ])
 def test_cpu_chunk_bounds_logits_and_hidden_values(blas, v, d, rows):
