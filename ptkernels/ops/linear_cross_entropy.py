@@ -14,8 +14,9 @@ take a straight-line path instead of the loop: the three GEMMs over all rows, ma
 kernel gives them loss 0 and a zero gradient, and the mean's 1/n_valid scales the gradient inside the row
 kernel), ``dh = dz @ W`` and ``dW = dz.T @ h`` written once, no ``nonzero``, gather, scatter or zeroed buffers.
 The same formulas in the same order per row; only GEMM 3 sums over a different set of zero rows. On CPU with
-the native rows in plain eager code (reduction "mean"/"sum"), the same sizes take ``small_head``
-instead: the valid rows only, no autograd machinery between the GEMMs (the fixed cost decides there).
+the native rows in plain eager code (reduction "mean"/"sum"), shapes up to ``small_head.SMALL_PATH_MAX_MACS``
+(2^29, every row in one chunk) take ``small_head`` instead: the valid rows only, no autograd machinery between
+the GEMMs (the fixed cost decides there).
 
 ``memory="compact"`` drops GEMM 3 from the loop (which keeps each row's lse instead) and forms dW and db
 afterwards one block of the vocabulary at a time (ops/core/vocab_blocks.py): no fp32 [V, D] accumulator, one

@@ -21,9 +21,10 @@ are masked the more it saves.
 
 It is taken only where nothing else must see the ops (``takes_small_path``): CPU tensors the native row kernels
 support, plain eager code (no torch.compile, functorch transform, dispatch mode or tensor subclass: those get
-the general path and its custom ops), memory "default", not sync-free, and a shape within
-``chunking.one_chunk``. The row kernels get only tensors built here in their layout, so their argument checks
-are skipped; they still count out-of-range labels and the call raises ``ValueError`` for them.
+the general path and its custom ops), memory "default", not sync-free, and a shape within ``small_shape``
+(every row in one chunk, at most ``SMALL_PATH_MAX_MACS`` multiply-adds per GEMM). The row kernels get only
+tensors built here in their layout, so their argument checks are skipped; they still count out-of-range labels
+and the call raises ``ValueError`` for them.
 """
 
 from __future__ import annotations
@@ -35,14 +36,28 @@ from .backends import native_ops
 from .backends.base import RowOptions
 from .backends.native import index64, kernel_transform
 from .core import gemm
-from .core.chunking import finish_head_grads, one_chunk
+from .core.chunking import finish_head_grads
+
+# Up to this many multiply-adds per GEMM (rows x V x D) the straight line beats the chunk loop even with every row
+# in one chunk (it skips the loop's row plan, zeroed accumulators and scatters). Interleaved A/B on the 2-core AMD
+# EPYC Zen 3, 25% masked, fp32, 2 threads, time of this path over the chunk loop's (CE / token log-probs): N=512,
+# D=128, V=872 (2^25.8) 0.78 / 0.70; N=1024 (2^26.8) 0.95 / 0.91; N=2048 (2^27.8) 0.97 / 0.85; N=4096 (2^28.8)
+# 0.98-0.99 / 0.93-0.99; N=256, D=2048, V=872 (2^28.8) 0.99 / 0.97; N=128, D=512, V=8192 (2^29) 0.95-1.00 /
+# 0.98-0.99; N=64, D=2048, V=4096 (2^29) 1.00 / 0.98; and above it N=1024, D=128, V=8192 (2^30) 1.06 / 1.00,
+# N=256, D=512, V=8192 (2^30) 1.00 / 1.00. (The bound of the other backends' one-chunk path,
+# chunking.ONE_CHUNK_MAX_MACS, is lower: that path runs the masked rows through the GEMMs.)
+SMALL_PATH_MAX_MACS = 1 << 29
+
+
+def small_shape(n_rows: int, chunk: int, num_classes: int, dim: int) -> bool:
+    return 0 < n_rows <= chunk and n_rows * num_classes * dim <= SMALL_PATH_MAX_MACS
 
 
 def takes_small_path(backend: str, hidden2d: torch.Tensor, weight: torch.Tensor, bias, labels1d: torch.Tensor,
                      memory: str, sync_free: bool, chunk: int) -> bool:
     return (backend == "native" and hidden2d.device.type == "cpu" and memory == "default" and not sync_free
             and native_ops.supports("rows", hidden2d.device, hidden2d.dtype)
-            and one_chunk(hidden2d.shape[0], chunk, weight.shape[0], hidden2d.shape[1])
+            and small_shape(hidden2d.shape[0], chunk, weight.shape[0], hidden2d.shape[1])
             and native_ops.plain_eager((hidden2d, weight, bias, labels1d)))
 
 

@@ -13,8 +13,8 @@ Small shapes (``chunking.one_chunk``: every row fits one chunk, GEMMs below ``ON
 through over all rows (masked ones get 0 from the row kernels): no ``nonzero``, gather or scatter, and forward
 keeps that one chunk of logits when a gradient is wanted, so backward runs GEMMs 2 and 3 only (3 GEMMs in all,
 as eager; the chunk is at most the chunked path's own, ``default_chunk_size``). On CPU with the native rows in
-plain eager code the same sizes take ``small_head.SmallLinearTokenLogprobs``: the valid rows only, with no
-machinery between the GEMMs.
+plain eager code, shapes up to ``small_head.SMALL_PATH_MAX_MACS`` (2^29, every row in one chunk) take
+``small_head.SmallLinearTokenLogprobs``: the valid rows only, with no machinery between the GEMMs.
 """
 
 from __future__ import annotations

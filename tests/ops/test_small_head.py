@@ -8,9 +8,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptkernels as ptk
 import ptkernels.ops.linear_cross_entropy as lce
+import ptkernels.ops.small_head as small_head
 import ptkernels.ops.token_logprobs as tl
 from ptkernels import reference
-from ptkernels.ops.core import chunking, gemm
+from ptkernels.ops.core import gemm
 from tests.helpers import assert_close_to_truth, labels_with_mask, rand
 
 pytestmark = pytest.mark.skipif("native" not in ptk.backends(torch.device("cpu")),
@@ -206,6 +207,15 @@ def test_logprobs_bad_target_raises_naming_targets(taken_lp):
     assert taken_lp == [False]
 
 
+def test_small_shape_bounds():
+    """Every row in one chunk, and at most 2^29 multiply-adds per GEMM (measured crossover, small_head.py)."""
+    assert small_head.small_shape(4096, 4096, 872, 128)  # 2^28.8: beyond the other backends' one-chunk bound
+    assert small_head.small_shape(128, 512, 8192, 512)  # 2^29 exactly
+    assert not small_head.small_shape(1024, 2048, 8192, 128)  # 2^30: the chunk loop
+    assert not small_head.small_shape(65, 64, 872, 128)  # rows beyond one chunk
+    assert not small_head.small_shape(0, 4096, 872, 128)
+
+
 CASES = ["compact", "sync_free", "torch", "big", "dispatch_mode"]
 
 
@@ -220,7 +230,7 @@ def test_general_path_elsewhere(monkeypatch, op, case):
     kw.update({"none": dict(reduction="none"), "compact": dict(memory="compact"), "sync_free": dict(sync_free=True),
                "torch": dict(backend="torch")}.get(case, {}))
     if case == "big":
-        monkeypatch.setattr(chunking, "ONE_CHUNK_MAX_MACS", 0)
+        monkeypatch.setattr(small_head, "SMALL_PATH_MAX_MACS", 0)
     fn, ref, row_op = ((ptk.linear_cross_entropy, reference.linear_cross_entropy, "ptkernels.ce_rows") if op == "ce"
                        else (ptk.linear_token_logprobs, reference.linear_token_logprobs, "ptkernels.logprob_fwd"))
     mode = _PassThrough()
