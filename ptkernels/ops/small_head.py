@@ -36,7 +36,7 @@ from .backends import native_ops
 from .backends.base import RowOptions
 from .backends.native import index64, kernel_transform
 from .core import gemm
-from .core.chunking import finish_head_grads
+from .core.chunking import finish_head_grads, one_chunk
 
 # Up to this many multiply-adds per GEMM (rows x V x D) the straight line beats the chunk loop even with every row
 # in one chunk (it skips the loop's row plan, zeroed accumulators and scatters). Interleaved A/B on the 2-core AMD
@@ -50,7 +50,7 @@ SMALL_PATH_MAX_MACS = 1 << 29
 
 
 def small_shape(n_rows: int, chunk: int, num_classes: int, dim: int) -> bool:
-    return 0 < n_rows <= chunk and n_rows * num_classes * dim <= SMALL_PATH_MAX_MACS
+    return one_chunk(n_rows, chunk, num_classes, dim, SMALL_PATH_MAX_MACS)
 
 
 def takes_small_path(backend: str, hidden2d: torch.Tensor, weight: torch.Tensor, bias, labels1d: torch.Tensor,

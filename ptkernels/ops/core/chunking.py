@@ -71,11 +71,13 @@ CPU_CHUNK_HIDDEN = 1 << 20  # hidden values per CPU chunk (4 MiB in fp32): see d
 ONE_CHUNK_MAX_MACS = 1 << 26
 
 
-def one_chunk(n_rows: int, chunk: int, num_classes: int, dim: int) -> bool:
+def one_chunk(n_rows: int, chunk: int, num_classes: int, dim: int, max_macs: int | None = None) -> bool:
     """Whether a call of ``n_rows`` rows takes the small-shape fast path: every row in one chunk (no
     ``nonzero``, no gather/scatter, no accumulators), the logits no larger than one chunk of the chunked path,
-    and GEMMs small enough that skipping the masked rows would not pay (``ONE_CHUNK_MAX_MACS``)."""
-    return 0 < n_rows <= chunk and n_rows * num_classes * dim <= ONE_CHUNK_MAX_MACS
+    and GEMMs small enough that skipping the masked rows would not pay (``max_macs``, default
+    ``ONE_CHUNK_MAX_MACS``; the CPU small path passes its own, ``small_head.SMALL_PATH_MAX_MACS``)."""
+    limit = ONE_CHUNK_MAX_MACS if max_macs is None else max_macs
+    return 0 < n_rows <= chunk and n_rows * num_classes * dim <= limit
 
 
 def want_sync_free(sync_free: bool | None, device: torch.device) -> bool:
