@@ -17,6 +17,9 @@ Implementations (``impl``):
     ptk-<backend>+compact  ``memory="compact"``: the weight gradient one vocabulary block at a time, no fp32
                    [V, D] accumulator (ops/core/vocab_blocks.py); its peak memory is the figure to read, against
                    ``grad_floor_bytes`` (dX + dW in the inputs' dtype) as ``mem_x_grad_floor``
+    ptk-<backend>+keep  token log-probs only: forward keeps every chunk's logits for backward whatever their size
+                   (``token_logprobs.KEEP_LOGITS_BYTES`` lifted), so backward runs 2 GEMMs instead of 3: what
+                   3 GEMMs instead of 4 buy, and cost in memory, at sizes above the kept-logits bound
 
 Each case reports in ``extra_info``: peak memory growth of one fwd+bwd (CUDA: max_memory_allocated minus
 baseline; CPU: peak RSS growth of a fresh subprocess, see _measure.py), useful TFLOP/s (6*N_valid*D*V over
@@ -37,6 +40,7 @@ from _measure import cuda_peak_growth, gemm_libraries, peak_rss_growth, sync, th
 from conftest import INTERLEAVED_RESULTS, SESSION_RESULTS, WARMUP_SIZE, bench_rounds, mem_repeats
 
 import ptkernels
+from ptkernels.ops import token_logprobs
 from ptkernels.ops.core import gemm
 from ptkernels.ops.core.chunking import default_chunk_size
 from ptkernels.ops.core.dispatch import resolve_backend, triton_interpreting, unusable_reason
@@ -46,8 +50,9 @@ OPS = ("linear_cross_entropy", "linear_token_logprobs")
 PTK_BACKENDS = ("torch", "triton", "native")
 # memory="compact" on the default backend of each device (triton on CUDA, native on CPU)
 COMPACT_IMPLS = ("ptk-triton+compact", "ptk-native+compact")
+KEEP_IMPLS = ("ptk-triton+keep", "ptk-native+keep")  # token log-probs with every chunk's logits kept
 IMPLS = (("eager", "torch_chunked", "liger", "cce") + tuple(f"ptk-{b}" for b in PTK_BACKENDS) + ("ptk-native+blas",)
-         + COMPACT_IMPLS)
+         + COMPACT_IMPLS + KEEP_IMPLS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -158,6 +163,18 @@ def _on_blas(step):
     return blas_step
 
 
+def _keeping_logits(step):
+    """``step`` with token log-probs keeping every chunk's logits for backward (no size bound)."""
+    def keep_step():
+        saved, token_logprobs.KEEP_LOGITS_BYTES = token_logprobs.KEEP_LOGITS_BYTES, 1 << 62
+        try:
+            return step()
+        finally:
+            token_logprobs.KEEP_LOGITS_BYTES = saved
+
+    return keep_step
+
+
 def make_step(op: str, impl: str, p: Problem, chunk_size: int | None = None):
     """One fwd+bwd (gradients of hidden and weight), synchronized; returns the detached objective."""
     objective = _objective(op, impl, p, chunk_size)
@@ -168,7 +185,9 @@ def make_step(op: str, impl: str, p: Problem, chunk_size: int | None = None):
         sync(p.device)
         return out.detach()
 
-    return _on_blas(step) if impl.endswith("+blas") else step
+    if impl.endswith("+blas"):
+        return _on_blas(step)
+    return _keeping_logits(step) if impl.endswith("+keep") else step
 
 
 def memory_case(op: str, impl: str, n: int, d: int, v: int, masked: float, dtype: str, device: str = "cpu",
@@ -198,6 +217,11 @@ def skip_reason(op: str, impl: str, device: torch.device) -> str | None:
             return "ptkernels' GEMMs are torch.mm here already"
         if library == "compact" and backend != ("triton" if device.type == "cuda" else "native"):
             return "memory='compact' is measured on the device's default backend only"
+        if library == "keep":
+            if op != "linear_token_logprobs":
+                return "kept logits are a token log-probs variant"
+            if backend != ("triton" if device.type == "cuda" else "native"):
+                return "kept logits are measured on the device's default backend only"
         reason = unusable_reason(backend, device)
         if reason is not None:
             return f"ptkernels backend {backend!r} not usable: {reason}"

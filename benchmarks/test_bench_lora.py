@@ -1,4 +1,5 @@
-"""Peak memory and step time of ``ptk dpo`` (live reference) and ``ptk grpo`` (beta > 0) with and without ``--lora``.
+"""Peak memory and step time of ``ptk dpo`` (live reference) and ``ptk grpo`` (beta > 0) with and without ``--lora``
+(and, on CUDA with bitsandbytes installed, QLoRA: ``--lora --load-in-4bit``).
 
 Without LoRA both stages hold a second, frozen copy of the model as the reference (DPO with ``--ref-mode live``,
 GRPO with ``--beta 0.1``) and AdamW state for every weight; with ``--lora`` the reference is the policy with its
@@ -18,6 +19,7 @@ benchmark's own time is the whole subprocess (model build, data, steps).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -76,13 +78,13 @@ def _gpu_model(folder) -> str:
     return path
 
 
-def _args(stage: str, lora: bool, folder) -> list[str]:
+def _args(stage: str, lora: str, folder) -> list[str]:
     gpu = CONFIG == "gpu"
     model = _gpu_model(folder) if gpu else "small"
     common = ["--model", model, "--no-progress", "--max-steps", str(STEPS), "--output-dir",
               os.path.join(folder, f"{stage}-{lora}"), "--overwrite", "--lr", "1e-4", "--save-steps", "0"]
-    if lora:
-        common += ["--lora", "--lora-r", "16"]
+    if lora != "full":
+        common += ["--lora", "--lora-r", "16"] + (["--load-in-4bit"] if lora == "qlora" else [])
     if stage == "dpo":
         data = _write(os.path.join(folder, "pref.jsonl"), _pref_rows(32, 40 if not gpu else 150))
         return ["dpo", "--data", data, "--ref-mode", "live", "--batch-size", "4",
@@ -100,9 +102,11 @@ def _run_child(args: list[str]) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("stage", ["dpo", "grpo"])
 def test_stage_memory_and_step_time(benchmark, tmp_path_factory, stage, lora):
+    if lora == "qlora" and (CONFIG != "gpu" or importlib.util.find_spec("bitsandbytes") is None):
+        pytest.skip("QLoRA is measured in the gpu config (CUDA) with bitsandbytes installed")
     folder = tmp_path_factory.getbasetemp() / "lora_bench"
     folder.mkdir(exist_ok=True)
     args = _args(stage, lora, folder)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU (see README, "GPU checks"): build the native extension with its CUDA part, the
 # GPU-size benchmarks of linear_cross_entropy / token log-probs (issue 2's GPU targets), the tests on CUDA (Triton
-# compiled for real), then the DPO and GRPO benchmarks. Logs and figures land in $OUT (the device tool brings back
-# at most 8 files: this script writes 8).
+# compiled for real), QLoRA on CUDA, the DPO and GRPO benchmarks, LoRA's memory, the trainers' tests. Logs and
+# figures land in $OUT; where they are more than the 8 files the device tool brings back, all but session.log are
+# packed into one archive, ptk-gpu.tgz.
 #
-#   device run:  bash scripts/gpu_session.sh     (carry .whl holding a liger-kernel wheel to benchmark Liger too)
+#   device run:  bash scripts/gpu_session.sh     (carry .whl holding wheels of the peers and of bitsandbytes:
+#                liger-kernel and cut-cross-entropy are benchmarked, bitsandbytes runs QLoRA; none is on the image)
 #
-# PTK_GPU_STAGES says which stages run (default "build bench_lce tests bench_rl trainers bench_vllm"); PTK_CHUNK_SWEEP=0 leaves
+# PTK_GPU_STAGES says which stages run (default "build tests qlora bench_lce bench_rl bench_lora trainers bench_vllm"); PTK_CHUNK_SWEEP=0 leaves
 # the chunk-size sweep out of bench_lce. The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
 # to what is left, so a hang in one still returns the others' logs. Stages run one after another, never two at a
 # time on the GPU, so the timings are undisturbed.
@@ -19,7 +21,7 @@ START=$(date +%s)
 DEADLINE=$((START + ${PTK_GPU_BUDGET_S:-560}))
 SUMMARY="$OUT/session.log"
 
-STAGES=" ${PTK_GPU_STAGES:-build bench_lce tests bench_rl trainers bench_vllm} "
+STAGES=" ${PTK_GPU_STAGES:-build tests qlora bench_lce bench_rl bench_lora trainers bench_vllm} "
 SWEEP=(--chunk-sweep)
 [[ "${PTK_CHUNK_SWEEP:-1}" == 0 ]] && SWEEP=()
 
@@ -60,43 +62,46 @@ fi
 stage build 150 bash -c 'PTK_BUILD_CUDA=1 PTK_CUDA_ARCHS=90 MAX_JOBS="$(nproc)" python3 setup.py build_ext --inplace \
   && python3 -c "import ptkernels as p; from ptkernels.ops.core.dispatch import unusable_reason as u
 print(\"backends on cuda:\", p.backends(\"cuda\"), \"| native:\", u(\"native\", \"cuda\") or \"usable\")"'
-tail -3 "$OUT/build.log" | tee -a "$SUMMARY"
+[[ -f "$OUT/build.log" ]] && tail -3 "$OUT/build.log" | tee -a "$SUMMARY"
 
-# 2. Issue 2's GPU size (N=8192, 25% masked, D=4096, V=128256, bf16): every implementation, the chunk-size
-#    sweep, and the round-robin that gives ratios measured side by side.
-stage bench_lce 240 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_bench_linear_cross_entropy.py \
+# 2. The tests on CUDA (every Triton kernel compiled for sm_90, the CUDA-only tests). The AOT compile checks and the
+#    Hugging Face tests run on CPU in CI (nothing there takes a GPU); the trainers' tests are stages 3 and 7.
+parallel=()
+python3 -c "import xdist" 2>/dev/null && parallel=(-n 12)
+python3 -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout=120)
+stage tests 120 python3 -m pytest tests -q -p no:cacheprovider -rfE "${parallel[@]}" \
+  --ignore=tests/tools/test_aot_compile.py --ignore=tests/ops/backends/test_cuda_compile.py \
+  --ignore=tests/integrations --ignore=tests/trainers
+
+# 3. QLoRA on CUDA (bitsandbytes carried as a wheel): DPO with a live reference on a 4-bit and an 8-bit base.
+stage qlora 90 python3 -m pytest tests/trainers/test_lora.py -v -p no:cacheprovider -rfEs -k qlora
+
+# 4. Issue 2's GPU size (N=8192, 25% masked, D=4096, V=128256, bf16): every implementation (the chunk-size sweep
+#    too unless PTK_CHUNK_SWEEP=0), and the round-robin that gives ratios measured side by side.
+stage bench_lce 200 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_bench_linear_cross_entropy.py \
   --benchmark-only --interleaved "${SWEEP[@]}" -q -p no:cacheprovider --benchmark-json="$OUT/bench_lce.json" \
   --benchmark-columns=median,min,rounds
 # memory="compact" (issue 26 item 5) is among bench_lce's and bench_rl's cases (ptk-triton+compact): its peak
 # against the dX + dW floor (target <= 1.2x) and its share of the matmul rate (target >= 75%; it does 4 GEMMs of
-# work for 3 useful), beside the default path, go to session.log (no file of its own: the device tool brings back 8).
+# work for 3 useful), beside the default path and token log-probs with every chunk's logits kept (+keep, item 6).
 compact_check() {
   python3 - "$1" <<'PY' 2>&1 | tee -a "$SUMMARY"
 import json, sys
 rows = [b["extra_info"] for b in json.load(open(sys.argv[1]))["benchmarks"]
-        if b.get("extra_info", {}).get("impl") in ("ptk-triton", "ptk-triton+compact")
+        if b.get("extra_info", {}).get("impl", "").startswith(("ptk-triton", "cce", "liger"))
         and "grad_floor_bytes" in b["extra_info"]]
 for r in sorted(rows, key=lambda r: (r["op"], r["impl"])):
     share = 1.0 / r["time_over_floor"] if r.get("time_over_floor") else float("nan")
-    print(f"compact check: {r['op']:22s} {r['impl']:20s} peak {r['peak_mem_mib']:8.1f} MiB = "
-          f"{r['mem_x_grad_floor']:.2f}x dX+dW ({r['grad_floor_bytes'] / 2**20:.0f} MiB), "
-          f"median {r['median_s'] * 1e3:.1f} ms, {share:.0%} of the matmul rate")
+    print(f"compact check: {r['op']:22s} {r['impl']:20s} peak {r.get('peak_mem_mib', float('nan')):8.1f} MiB = "
+          f"{r.get('mem_x_grad_floor', float('nan')):.2f}x dX+dW ({r['grad_floor_bytes'] / 2**20:.0f} MiB), "
+          f"median {r.get('median_s', float('nan')) * 1e3:.1f} ms, {share:.0%} of the matmul rate")
 PY
 }
 if [[ "$STAGES" == *" bench_lce "* && -f "$OUT/bench_lce.json" ]]; then
   compact_check "$OUT/bench_lce.json"
 fi
 
-# 3. The tests on CUDA (every Triton kernel compiled for sm_90, the CUDA-only tests). The AOT compile checks and the
-#    Hugging Face tests run on CPU in CI (nothing there takes a GPU); the trainers' tests are stage 5.
-parallel=()
-python3 -c "import xdist" 2>/dev/null && parallel=(-n 12)
-python3 -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout=120)
-stage tests 180 python3 -m pytest tests -q -p no:cacheprovider -rfE "${parallel[@]}" \
-  --ignore=tests/tools/test_aot_compile.py --ignore=tests/ops/backends/test_cuda_compile.py \
-  --ignore=tests/integrations --ignore=tests/trainers
-
-# 4. DPO (4 pairs x T=1024) and GRPO (8 x T=1024) at D=4096, V=128256, bf16.
+# 5. DPO (4 pairs x T=1024) and GRPO (8 x T=1024) at D=4096, V=128256, bf16.
 stage bench_rl 150 env PTK_BENCH_ROUNDS=10 python3 -m pytest benchmarks/test_bench_grpo.py \
   benchmarks/test_bench_preference.py --benchmark-only --interleaved -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench_rl.json" --benchmark-columns=median,min,rounds
@@ -104,7 +109,22 @@ if [[ "$STAGES" == *" bench_rl "* && -f "$OUT/bench_rl.json" ]]; then
   compact_check "$OUT/bench_rl.json"  # the fused DPO and GRPO ops' memory="compact" beside their default path
 fi
 
-# 5. The trainers' tests on CUDA (the stages take the GPU and bf16 autocast there), less the two-process ones (one
+# 6. LoRA and QLoRA vs full fine-tuning: peak memory and step time of ptk dpo (live reference) and ptk grpo (beta
+#    0.1) on a random ~0.7B Llama (benchmarks/test_bench_lora.py, PTK_LORA_BENCH=gpu): the reference copy gone shows
+#    as memory, the 4-bit base too.
+stage bench_lora 200 env PTK_LORA_BENCH=gpu python3 -m pytest benchmarks/test_bench_lora.py --benchmark-only -q \
+  -p no:cacheprovider -rs --benchmark-json="$OUT/bench_lora.json" --benchmark-columns=median,rounds
+if [[ -f "$OUT/bench_lora.json" ]]; then
+  python3 - "$OUT/bench_lora.json" <<'PY' 2>&1 | tee -a "$SUMMARY"
+import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    e = b["extra_info"]
+    print(f"lora check: {e['stage']:5s} {e['lora']:6s} peak {e['peak_mib']:9.1f} MiB, median step {e['step_s']:.3f} s, "
+          f"{e['trainable_params']:,} trainable of {e['params']:,}")
+PY
+fi
+
+# 7. The trainers' tests on CUDA (the stages take the GPU and bf16 autocast there), less the two-process ones (one
 #    GPU here: NCCL wants one per rank) and those that need `datasets` (not on the GPU image).
 #    -v and a 60-s limit per test: the log names each result as it lands, so a stage cut short by its box still
 #    says what failed (the first try, 2026-11-30, ran out at 144 s with one failure it never got to name).
@@ -112,16 +132,9 @@ trainer_parallel=("${parallel[@]/--timeout=120/--timeout=60}")
 stage trainers 240 python3 -m pytest tests/trainers -v -p no:cacheprovider -rfE "${trainer_parallel[@]}" \
   -k "not two_processes and not dataset"
 
-# 6. LoRA vs full fine-tuning: peak memory and step time of ptk dpo (live reference) and ptk grpo (beta 0.1) on a
-#    random ~0.7B Llama (benchmarks/test_bench_lora.py, PTK_LORA_BENCH=gpu): the reference copy gone shows as memory.
-#    Opt-in (PTK_GPU_STAGES="build bench_lora"): its two files would pass the 8 the device tool brings back.
-stage bench_lora 200 env PTK_LORA_BENCH=gpu python3 -m pytest benchmarks/test_bench_lora.py --benchmark-only -q \
-  -p no:cacheprovider --benchmark-json="$OUT/bench_lora.json" --benchmark-columns=median,rounds
-
-# 6. Rollout tokens/s of the vLLM engine beside kv_cache and hf (small preset, 64 prompts x 64 new tokens), where the
-#    image has vllm (no network there: it cannot be installed on the spot); skipped with a line in session.log, and
-#    no file, otherwise (the device tool brings back 8 files; with vllm present this log is a ninth: then run
-#    PTK_GPU_STAGES=bench_vllm on its own).
+# 8. Rollout tokens/s of the vLLM engine beside kv_cache and hf (small preset, 64 prompts x 64 new tokens), where the
+#    image has vllm (no network there: it cannot be installed on the spot); skipped with a line in session.log
+#    otherwise.
 if python3 -c "import vllm" >/dev/null 2>&1; then
   stage bench_vllm 150 env PTK_BENCH_PRESET=small PTK_BENCH_ROUNDS=5 python3 -m pytest \
     benchmarks/test_bench_vllm_rollout.py --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,min,rounds
@@ -130,9 +143,14 @@ elif [[ "$STAGES" == *" bench_vllm "* ]]; then
 fi
 
 # The reply shows the end of the output: the tests' verdict and the benchmarks' summary tables last.
-for name in bench_vllm trainers tests bench_rl bench_lce bench_lora; do
+for name in bench_vllm trainers bench_lora qlora tests bench_rl bench_lce; do
   echo "################ $name"
   [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|crashed|FAILED|^ERROR|^\| |^=+ ptkernels" \
     "$OUT/$name.log" | grep -v "^|---" | tail -n 45
 done
+# The device tool brings back at most 8 files: past that, everything but session.log goes into one archive.
+if (($(find "$OUT" -maxdepth 1 -type f | wc -l) > 8)); then
+  (cd "$OUT" && tar czf ptk-gpu.tgz --exclude=session.log --exclude=ptk-gpu.tgz -- * \
+    && find . -maxdepth 1 -type f ! -name session.log ! -name ptk-gpu.tgz -delete)
+fi
 cat "$SUMMARY"
