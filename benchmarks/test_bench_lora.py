@@ -113,6 +113,7 @@ def test_stage_memory_and_step_time(benchmark, tmp_path_factory, stage, lora):
     result = {}
     benchmark.pedantic(lambda: result.update(_run_child(args)), rounds=1, iterations=1)
     steps = result["step_s"][1:] or result["step_s"]
+    print(f"\nlora case {stage}-{lora}:", json.dumps(result), flush=True)  # lands in the log (-s) as each case ends
     benchmark.extra_info.update(config=CONFIG, stage=stage, lora=lora, step_s=statistics.median(steps),
                                 peak_mib=result["peak_mib"], peak_kind=result["peak_kind"],
                                 trainable_params=result["trainable"], params=result["params"])

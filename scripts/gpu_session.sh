@@ -112,7 +112,7 @@ fi
 # 6. LoRA and QLoRA vs full fine-tuning: peak memory and step time of ptk dpo (live reference) and ptk grpo (beta
 #    0.1) on a random ~0.7B Llama (benchmarks/test_bench_lora.py, PTK_LORA_BENCH=gpu): the reference copy gone shows
 #    as memory, the 4-bit base too.
-stage bench_lora 200 env PTK_LORA_BENCH=gpu python3 -m pytest benchmarks/test_bench_lora.py --benchmark-only -q \
+stage bench_lora 200 env PTK_LORA_BENCH=gpu python3 -m pytest benchmarks/test_bench_lora.py --benchmark-only -q -s \
   -p no:cacheprovider -rs --benchmark-json="$OUT/bench_lora.json" --benchmark-columns=median,rounds
 if [[ -f "$OUT/bench_lora.json" ]]; then
   python3 - "$OUT/bench_lora.json" <<'PY' 2>&1 | tee -a "$SUMMARY"

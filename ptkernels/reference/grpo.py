@@ -68,7 +68,7 @@ def sampler_importance_weights(old_logps, sampler_logps, mask, *, mode="sequence
     else:
         sel = m != 0
         metrics = dict(masked=(outside.to(m.dtype) * m).sum() / count, mean=(ratio * m).sum() / count,
-                       max=ratio[sel].max() if sel.any() else torch.zeros((), dtype=m.dtype))
+                       max=ratio[sel].max() if sel.any() else torch.zeros((), dtype=m.dtype, device=m.device))
     metrics["abs_diff"] = diff.abs().sum() / count
     return ratio, metrics
 
@@ -252,7 +252,7 @@ def grpo_output(loss, mask, per_token_kl, low, high, entropies, is_metrics, seq_
         return (x.expand_as(mask) * mask).sum() / count
 
     with torch.no_grad():
-        zero = torch.zeros((), dtype=loss.dtype)
+        zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
         kl = masked_batch_mean(per_token_kl) if per_token_kl is not None else zero
         low_m = masked_batch_mean(low.to(loss.dtype)) if low is not None else zero
         high_m = masked_batch_mean(high.to(loss.dtype)) if high is not None else zero

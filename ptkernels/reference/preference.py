@@ -125,7 +125,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
             d = cs / lc - rs / lr_
             losses = (d - 1 / (2 * beta)) ** 2 if t == "ipo" else -F.logsigmoid(beta * d)
         elif t == "exo_pair":
-            e = torch.tensor(eps, dtype=pc.dtype)
+            e = torch.tensor(eps, dtype=pc.dtype, device=pc.device)
             losses = torch.sigmoid(u) * (F.logsigmoid(u) - torch.log1p(-e)) + torch.sigmoid(-u) * (
                 F.logsigmoid(-u) - torch.log(e))
         elif t == "nca_pair":

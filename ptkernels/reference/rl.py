@@ -89,7 +89,8 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int, scale: str = "gr
     if scale not in REWARD_SCALES:
         raise ValueError(f"scale must be one of {REWARD_SCALES}, got {scale!r}")
     rpf = rewards.unsqueeze(1) if rewards.dim() == 1 else rewards
-    w = torch.ones(rpf.shape[1], dtype=rpf.dtype) if reward_weights is None else reward_weights.to(rpf.dtype)
+    w = torch.ones(rpf.shape[1], dtype=rpf.dtype) if reward_weights is None else reward_weights
+    w = w.to(device=rpf.device, dtype=rpf.dtype)
     unscorable = torch.isnan(rpf).all(dim=1)
     g = group_size
     if multi_objective_aggregation == "sum_then_normalize":
@@ -144,7 +145,7 @@ def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, *, 
     m = mask.to(token_rewards.dtype)
     r = token_rewards if kl is None else token_rewards - kl_coef * kl * m
     returns = torch.zeros_like(r)
-    running = torch.zeros(r.shape[0], dtype=r.dtype)
+    running = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
     for t in reversed(range(r.shape[1])):
         running = r[:, t] + gamma * running
         returns[:, t] = running

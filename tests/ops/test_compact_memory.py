@@ -141,7 +141,7 @@ def test_token_logprobs_bf16_no_worse_than_eager(small_blocks, backend):
     eager = eager.masked_fill(targets == -100, 0)
     h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
     truth = reference.linear_token_logprobs(h64, w64, targets)
-    go = torch.randn(48, dtype=torch.float64)
+    go = torch.randn(48, dtype=torch.float64, device=hidden.device)
     ours_g = torch.autograd.grad(ours, (hidden, weight), go.float())
     eager_g = torch.autograd.grad(eager, (hidden, weight), go.to(eager.dtype))
     truth_g = torch.autograd.grad(truth, (h64, w64), go)

@@ -296,7 +296,8 @@ def _kto_step(hidden, weight, labels, memory, backend):
 def _grpo_step(hidden, weight, labels, memory, backend):
     n, t = labels.shape
     mask = (labels != -100).long()
-    return ptk.fused_linear_grpo_loss(hidden, weight, labels.clamp(min=0), mask, torch.linspace(-1, 1, n),
+    return ptk.fused_linear_grpo_loss(hidden, weight, labels.clamp(min=0), mask,
+                                      torch.linspace(-1, 1, n, device=hidden.device),
                                       entropy_coef=0.01, chunk_size=16, memory=memory, backend=backend).loss
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ptkernels.ops.fused_grpo import fused_linear_grpo_loss
-from tests.helpers import FUSED_BACKENDS, assert_close_to_truth
+from tests.helpers import DEVICE, FUSED_BACKENDS, assert_close_to_truth
 
 B, T, D, V = 3, 5, 8, 13  # odd sizes; V not a power of two; chunk_size 4 splits sequences at the token level
 
@@ -24,7 +24,7 @@ def _problem(seed=0):
     old = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
     refp = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
     sampler = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
-    return hidden, weight, ids, mask, adv, old, refp, sampler
+    return tuple(t.to(DEVICE) for t in (hidden, weight, ids, mask, adv, old, refp, sampler))
 
 
 CASES = [

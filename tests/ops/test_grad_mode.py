@@ -7,6 +7,7 @@ import torch
 
 import ptkernels as ptk
 from ptkernels.ops.core.grad_mode import for_autograd
+from tests.helpers import DEVICE
 
 from .test_fused_grpo_options import _gemm_count
 
@@ -15,11 +16,11 @@ N, D, V, B, T = 12, 16, 40, 4, 3
 
 def _head(dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(N, D, generator=g, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(V, D, generator=g, dtype=dtype) * 0.3).requires_grad_()
+    hidden = torch.randn(N, D, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
+    weight = (torch.randn(V, D, generator=g, dtype=dtype) * 0.3).to(DEVICE).requires_grad_()
     labels = torch.randint(0, V, (N,), generator=g)
     labels[::5] = -100
-    return hidden, weight, labels
+    return hidden, weight, labels.to(DEVICE)
 
 
 def _calls():
@@ -27,8 +28,9 @@ def _calls():
     hidden, weight, labels = _head()
     ref_hidden = hidden.detach() + 0.1
     ids = labels.clamp(min=0)[: B * T].view(B, T)
-    mask = torch.ones(B, T)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    mask = torch.ones(B, T, device=DEVICE)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64, device=DEVICE)
+    zeros2 = torch.zeros(2, dtype=torch.float64, device=DEVICE)
     pairs = labels[:8].view(4, 2)  # 2 pairs (chosen rows first), 2 tokens each
     return {
         "linear_cross_entropy": lambda b: ptk.linear_cross_entropy(hidden, weight, labels, backend=b),
@@ -37,8 +39,8 @@ def _calls():
         "fused_linear_grpo_loss": lambda b: ptk.fused_linear_grpo_loss(
             hidden[: B * T].view(B, T, D), weight, ids, mask, adv, backend=b).loss,
         "fused_linear_preference_loss": lambda b: ptk.fused_linear_preference_loss(
-            hidden[:8].view(4, 2, D), weight, pairs, ref_chosen_logps=torch.zeros(2, dtype=torch.float64),
-            ref_rejected_logps=torch.zeros(2, dtype=torch.float64), backend=b).loss,
+            hidden[:8].view(4, 2, D), weight, pairs, ref_chosen_logps=zeros2, ref_rejected_logps=zeros2,
+            backend=b).loss,
         "linear_token_logprobs": lambda b: ptk.linear_token_logprobs(hidden, weight, labels, backend=b),
     }
 

@@ -9,14 +9,14 @@ import torch
 import ptkernels as ptk
 from ptkernels.ops.grpo import grpo_loss
 from ptkernels.reference import rl as ref
-from tests.helpers import FUSED_BACKENDS, assert_close_to_truth
+from tests.helpers import DEVICE, FUSED_BACKENDS, assert_close_to_truth
 
 BACKENDS = ["reference", *FUSED_BACKENDS]
 NAN = float("nan")
 
 
 def t(x):
-    return torch.tensor(x, dtype=torch.float64)
+    return torch.tensor(x, dtype=torch.float64, device=DEVICE)
 
 
 MASK = t([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])

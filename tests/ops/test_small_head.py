@@ -12,12 +12,23 @@ import ptkernels.ops.small_head as small_head
 import ptkernels.ops.token_logprobs as tl
 from ptkernels import reference
 from ptkernels.ops.core import gemm
-from tests.helpers import assert_close_to_truth, labels_with_mask, rand
+from tests import helpers
+from tests.helpers import assert_close_to_truth
 
 pytestmark = pytest.mark.skipif("native" not in ptk.backends(torch.device("cpu")),
                                 reason="the native extension is not built")
 
 N, D, V = 37, 19, 251
+CPU = torch.device("cpu")  # the small paths are CPU paths: every tensor here is on the CPU, also where a GPU is
+
+
+def rand(*shape, **kw):
+    return helpers.rand(*shape, device=CPU, **kw)
+
+
+def labels_with_mask(*args, **kw):
+    return helpers.labels_with_mask(*args, **kw).cpu()
+
 OPTIONS = {
     "plain": {},
     "all": dict(label_smoothing=0.2, z_loss=1e-2, softcap=4.0, temperature=1.3),

@@ -230,7 +230,25 @@ def gather_state(module, optimizer, trainable_only: bool = False) -> tuple[dict,
     """Full (unsharded, CPU) state dicts of the training module and its optimizer; a collective under FSDP2:
     every rank calls it. ``trainable_only`` (LoRA: the frozen base is not saved) leaves the frozen weights out."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=_FULL)
+    if trainable_only and _quantized_base(module) and not _sharded(module):
+        # QLoRA: DCP resolves every key of the full state dict as an attribute before it drops the frozen ones, and
+        # bitsandbytes' 8-bit layers hold entries that are not ('SCB'); unsharded, the trainable tensors are read
+        # directly
+        model_state = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
+    else:
+        model_state = get_model_state_dict(module, options=options)
+    return model_state, get_optimizer_state_dict(module, optimizer, options=_FULL)
+
+
+def _sharded(module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _quantized_base(module) -> bool:
+    return any(getattr(m, "is_loaded_in_8bit", False) or getattr(m, "is_loaded_in_4bit", False)
+               for m in module.modules())
 
 
 def substate(state: dict, attr: str) -> dict:
