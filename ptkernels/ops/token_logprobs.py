@@ -4,10 +4,14 @@
 only per-token log p, lse and E_p[s] (O(N)); backward recomputes each chunk of logits (4 GEMMs in all).
 Ignored targets give log p = 0 and entropy = 0, and receive no gradient.
 
-Where the valid rows' logits are small (``KEEP_LOGITS_BYTES``, 64 MiB: e.g. 16k tokens of an 872-word vocabulary
-in fp32, 4k of 8k), forward keeps each chunk's logits when a gradient is wanted and backward uses them instead of
-GEMM 1 again: 3 GEMMs, as eager, for at most half of eager's memory (eager keeps the logits and their
-log-softmax). The same numbers either way: the kept logits are the ones backward would recompute.
+Where the valid rows' logits are small, forward keeps each chunk's logits when a gradient is wanted and backward
+uses them instead of GEMM 1 again: 3 GEMMs, as eager, for at most half of eager's memory (eager keeps the logits
+and their log-softmax). Small means at most ``KEEP_LOGITS_BYTES`` (64 MiB: e.g. 16k tokens of an 872-word vocabulary
+in fp32, 4k of 8k) or, where the head's weight gradient is wanted, at most that gradient's fp32 buffer (V x D x 4
+bytes, which backward allocates anyway): the valid rows number at most D (fp32 logits) or 2 D (bf16). On the H200
+at N_valid = 6144, D = 4096, V = 128256 in bf16 that took the op from 0.88x to 0.68x eager's time (CE's own
+cost) for 1.5 GiB more than the 3.0 GiB peak. The same numbers either way: the kept logits are the ones backward
+would recompute.
 
 Small shapes (``chunking.one_chunk``: every row fits one chunk, GEMMs below ``ONE_CHUNK_MAX_MACS``) run straight
 through over all rows (masked ones get 0 from the row kernels): no ``nonzero``, gather or scatter, and forward
@@ -60,8 +64,10 @@ def _head_grads_one_chunk(g, hidden2d, weight, need_dh, need_dw, need_db):
 KEEP_LOGITS_BYTES = 64 << 20  # the chunked path keeps the valid rows' logits for backward up to this size
 
 
-def _keeps_logits(n_rows: int, weight: torch.Tensor, like: torch.Tensor) -> bool:
-    return n_rows * weight.shape[0] * like.element_size() <= KEEP_LOGITS_BYTES
+def _keeps_logits(n_rows: int, weight: torch.Tensor, like: torch.Tensor, wants_weight_grad: bool) -> bool:
+    """Whether forward keeps the ``n_rows`` valid rows' logits for backward (module docstring)."""
+    budget = max(KEEP_LOGITS_BYTES, weight.numel() * 4 if wants_weight_grad else 0)
+    return n_rows * weight.shape[0] * like.element_size() <= budget
 
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
@@ -91,7 +97,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         mean_s = torch.zeros(n, dtype=cd, device=hidden2d.device) if want_entropy else None
         # kept: each chunk's logits for backward (module docstring), in fresh buffers; else one reused buffer
         kept = [] if any(ctx.needs_input_grad[:3]) and block_rows is None and _keeps_logits(
-            plan.n_process, weight, hidden2d) else None
+            plan.n_process, weight, hidden2d, ctx.needs_input_grad[1]) else None
         logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight) if kept is None else None
         for rows in plan.chunks():
             h = take(hidden2d, rows)

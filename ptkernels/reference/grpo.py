@@ -180,7 +180,8 @@ def clip_cov_selection(logps, old_logps, A, mask, *, epsilon_low, epsilon_high, 
         idx = torch.nonzero((cov < ub) & (cov > lb) & valid)
         sel = torch.zeros_like(mask)
         if len(idx) > 0:
-            perm = torch.randperm(len(idx), generator=generator)
+            perm = torch.randperm(len(idx), generator=generator,  # on the generator's device (CPU without one)
+                                  device=generator.device if generator is not None else "cpu")
             idx = idx[perm[: min(clip_num, len(idx))].to(idx.device)]
             sel[idx[:, 0], idx[:, 1]] = 1.0
         return sel

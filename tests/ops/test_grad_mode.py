@@ -7,7 +7,7 @@ import torch
 
 import ptkernels as ptk
 from ptkernels.ops.core.grad_mode import for_autograd
-from tests.helpers import DEVICE
+from tests.helpers import DEVICE, FUSED_BACKENDS
 
 from .test_fused_grpo_options import _gemm_count
 
@@ -45,7 +45,7 @@ def _calls():
     }
 
 
-CASES = [(name, b) for name in _calls() for b in ("torch", "native", "triton")
+CASES = [(name, b) for name in _calls() for b in FUSED_BACKENDS
          if not (name == "linear_jsd" and b == "native")]  # (native has no JSD rows: the torch ones serve)
 
 

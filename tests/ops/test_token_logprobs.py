@@ -202,3 +202,27 @@ def test_chunk_loop_keeps_small_logits_with_the_same_result(monkeypatch, backend
             continue
         assert_close_to_truth(a, t, 1e-10 if backend == "torch" else 1e-6, f"kept {what}")
         assert_close_to_truth(a, b, 1e-12, f"kept vs recomputed {what}")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_keeps_logits_up_to_the_weight_gradient_buffer(monkeypatch, backend, weight_grad):
+    """Past KEEP_LOGITS_BYTES the chunk loop still keeps logits no larger than the weight gradient's fp32 buffer
+    (V x D x 4 bytes), where that gradient is wanted: D valid rows of fp32 logits are kept, D + 1 are not, and
+    without the weight's gradient neither is."""
+    from ptkernels.ops import token_logprobs as tl
+    from ptkernels.ops.core import gemm
+
+    monkeypatch.setattr(tl, "KEEP_LOGITS_BYTES", 0)
+    calls = []
+    real = gemm.logits
+    monkeypatch.setattr(gemm, "logits", lambda h, w, b, out=None: calls.append(h.shape[0]) or real(h, w, b, out=out))
+    weight = rand(V, D, dtype=torch.float32, requires_grad=weight_grad)
+    for n in (D, D + 1):
+        hidden = rand(n, D, dtype=torch.float32)
+        targets = torch.randint(0, V, (n,)).to(DEVICE)
+        logp = ptk.linear_token_logprobs(hidden, weight, targets, chunk_size=5, backend=backend)
+        forward = len(calls)
+        logp.sum().backward()
+        recomputed = len(calls) > forward
+        assert recomputed == (not weight_grad or n > D), (n, weight_grad, calls)

@@ -14,9 +14,9 @@ import pytest
 from ptkernels.trainers.rewards import sandbox as S
 
 from . import attacks
+from .marks import needs_bwrap
 
-pytestmark = pytest.mark.skipif(S.sandbox_info()["isolation"] != "bubblewrap",
-                                reason="bubblewrap is not installed (CI installs it: .ci/run)")
+pytestmark = needs_bwrap
 REPO = pathlib.Path(__file__).resolve().parents[3]
 
 

@@ -4,9 +4,8 @@ import pytest
 
 from ptkernels.trainers.rewards import code_tests as C
 from ptkernels.trainers.rewards import verifiers as V
-from ptkernels.trainers.rewards.sandbox import sandbox_info
 
-needs_bwrap = pytest.mark.skipif(sandbox_info()["isolation"] != "bubblewrap", reason="bubblewrap not installed")
+from .marks import needs_bwrap
 
 
 @pytest.mark.parametrize(

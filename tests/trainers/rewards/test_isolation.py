@@ -11,7 +11,8 @@ from ptkernels.trainers.rewards import sandbox as S
 from ptkernels.trainers.rewards import seccomp
 from ptkernels.trainers.rewards import verifiers as V
 
-needs_bwrap = pytest.mark.skipif(S.sandbox_info()["isolation"] != "bubblewrap", reason="bubblewrap not installed")
+from .marks import needs_bwrap
+
 HEADER = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"
 
 

@@ -14,7 +14,9 @@ import pytest
 from ptkernels.trainers.rewards import verifiers as V
 from ptkernels.trainers.rewards.sandbox import RUN_UID_BASE, SandboxResult, run_python, sandbox_info
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
+from .marks import needs_bwrap
+
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux"), needs_bwrap]
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 # The run's PID namespace (its inode): every process of the run lives in it, so none may be left afterwards.

@@ -8,6 +8,8 @@ import pytest
 
 from ptkernels.trainers.rewards import verifiers as V
 
+from .marks import needs_bwrap
+
 
 @pytest.mark.parametrize(
     "completion, answer",
@@ -187,6 +189,7 @@ def test_extract_code():
 ADD = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```"
 
 
+@needs_bwrap
 def test_code_string_tests():
     assert V.code(ADD, {"tests": "assert add(1, 2) == 3\nassert add(-1, 1) == 0"}) == 1.0
     assert V.code(ADD.replace("a + b", "a - b"), {"tests": "assert add(1, 2) == 3"}) == 0.0
@@ -198,6 +201,7 @@ def test_code_string_tests():
     assert V.code("print('__ptk_result_0__')", {"tests": "assert False"}) == 0.0
 
 
+@needs_bwrap
 def test_code_list_tests_fraction():
     tests = ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 0) == 1", "raise SystemExit(0)"]
     assert V.code(ADD, {"tests": tests}) == pytest.approx(0.5)
@@ -210,6 +214,7 @@ def test_code_list_tests_fraction():
         V.code(ADD, {"tests": [1, 2]})
 
 
+@needs_bwrap
 def test_model_text_is_never_executed_in_process(tmp_path):
     target = tmp_path / f"pwned-{uuid.uuid4().hex}"
     payload = f"__import__('os').system('touch {target}')"
