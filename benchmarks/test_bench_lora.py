@@ -10,7 +10,7 @@ reports its peak RSS (CPU: ``VmHWM`` of the process) or ``torch.cuda.max_memory_
 Configs (``PTK_LORA_BENCH=cpu`` by default, ``gpu`` in scripts/gpu_session.sh):
     cpu   the ``small`` preset (4 layers, D=128), DPO 4 pairs x up to 256 tokens, GRPO 2 prompts x 8 completions
           of 32 tokens; 4 steps, the median of steps 2-4 reported
-    gpu   a random Llama of ~0.7B parameters (24 layers, D=1536, the shipped tokenizer's vocabulary) written to a
+    gpu   a random Llama of ~0.6B parameters (24 layers, D=1536, the shipped tokenizer's vocabulary) written to a
           temporary folder, bf16 autocast; DPO 4 pairs, GRPO 2 x 8 x 64 tokens
 
 Times are never asserted; ``extra_info`` has ``step_s`` (median step), ``peak_mib`` and the settings. The
@@ -63,7 +63,7 @@ def _write(path, rows) -> str:
 
 
 def _gpu_model(folder) -> str:
-    """A random ~0.7B Llama with the shipped tokenizer, saved once (nothing is downloaded)."""
+    """A random ~0.6B Llama with the shipped tokenizer, saved once (nothing is downloaded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ptkernels.trainers.modeling import load_tokenizer, save_pretrained

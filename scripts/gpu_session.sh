@@ -110,7 +110,7 @@ if [[ "$STAGES" == *" bench_rl "* && -f "$OUT/bench_rl.json" ]]; then
 fi
 
 # 6. LoRA and QLoRA vs full fine-tuning: peak memory and step time of ptk dpo (live reference) and ptk grpo (beta
-#    0.1) on a random ~0.7B Llama (benchmarks/test_bench_lora.py, PTK_LORA_BENCH=gpu): the reference copy gone shows
+#    0.1) on a random ~0.6B Llama (benchmarks/test_bench_lora.py, PTK_LORA_BENCH=gpu): the reference copy gone shows
 #    as memory, the 4-bit base too.
 stage bench_lora 200 env PTK_LORA_BENCH=gpu python3 -m pytest benchmarks/test_bench_lora.py --benchmark-only -q -s \
   -p no:cacheprovider -rs --benchmark-json="$OUT/bench_lora.json" --benchmark-columns=median,rounds
