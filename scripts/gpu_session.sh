@@ -12,6 +12,11 @@
 # the chunk-size sweep out of bench_lce. The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
 # to what is left, so a hang in one still returns the others' logs. Stages run one after another, never two at a
 # time on the GPU, so the timings are undisturbed.
+#
+# Stage times on the H200 (2026-12-04): build 20 s, tests 70 s, qlora 30 s, bench_lce 80 s (PTK_CHUNK_SWEEP=0),
+# bench_rl 95 s, bench_lora ~35 s per case (6 cases, plus ~20 s to write the model), trainers 100-150 s (252
+# tests in its first 36 s). All of them pass one call's 600 s: with 15 device-minutes, split them into two calls,
+# e.g. PTK_GPU_STAGES="build tests qlora bench_lce bench_rl" then "build trainers bench_lora".
 set -uo pipefail
 OUT="${OUT:-/tmp/ptk-gpu-out}"
 mkdir -p "$OUT"

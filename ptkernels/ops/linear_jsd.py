@@ -68,6 +68,7 @@ class _AllRows:
     def __init__(self, n_rows: int, chunk: int):
         self.n_rows = self.n_valid = self.n_process = n_rows
         self.chunk = chunk
+        self.rows_per_chunk = min(chunk, n_rows)
 
     def chunks(self):
         for start in range(0, self.n_rows, self.chunk):
@@ -88,7 +89,7 @@ def _jsd_chunk_loop(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, 
     loss = torch.zeros(n, dtype=cd, device=hidden2d.device)
     grads = row_scale is not None
     gh = torch.zeros_like(hidden2d) if grads and need_dh else None
-    gw = gemm.weight_grad_buffer(weight, hidden2d, cd) if grads and need_dw else None
+    gw = gemm.weight_grad_buffer(weight, hidden2d, cd, plan.rows_per_chunk) if grads and need_dw else None
     gb = torch.zeros(v, dtype=cd, device=weight.device) if grads and need_db else None
     student_logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
     teacher_logits = ChunkLogits(plan.n_process, plan.chunk, ref_hidden2d, ref_weight)

@@ -236,6 +236,18 @@ def test_grpo_with_beta_runs_with_lora(rl_data, tmp_path):
     assert len(rows) == 2 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # reference = the policy, adapter off
 
 
+@needs_bitsandbytes
+def test_qlora_grpo_samples_and_trains_on_a_4bit_base(rl_data, tiny_folder, tmp_path):
+    """The on-policy path on a quantized base: the rollout engine generates from the 4-bit policy with its adapter,
+    the reference is that policy with the adapter off (KL 0 on the first step), the adapter is saved."""
+    out = run("grpo", rl_data, tmp_path / "grpo", "--model", tiny_folder, "--load-in-4bit", *ONPOLICY,
+              "--num-generations", "4", "--beta", "0.1", "--verifier", "math")
+    rows = metrics(out)
+    assert len(rows) == 2 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+
+
 def test_ppo_runs_with_lora(rl_data, tmp_path, reward_adapter):
     out = run("ppo", rl_data, tmp_path / "ppo", *ONPOLICY, "--reward-model", reward_adapter, "--ppo-epochs", "1")
     assert len(metrics(out)) == 2

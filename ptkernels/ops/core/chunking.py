@@ -119,6 +119,11 @@ class RowPlan:
         plan.n_process = plan.n_valid = n_rows if index is None else index.numel()
         return plan
 
+    @property
+    def rows_per_chunk(self) -> int:
+        """The most rows one chunk of ``chunks()`` holds (GEMM 3's inner dimension)."""
+        return min(self.chunk, self.n_process)
+
     def chunks(self, size: int | None = None):
         """Yields row selectors of ``size`` rows (default: the plan's chunk): slices (sync-free) or index tensors
         (valid rows only)."""

@@ -113,6 +113,34 @@ def test_short_weight_grad_chunks_use_addmm_into_the_transposed_buffer(onednn_ca
     assert_close_to_truth(acc, 0.5 * dz64.T @ h64, FP32, "weight grad")
 
 
+def test_weight_grad_buffer_is_transposed_only_where_a_chunk_can_take_onednn(onednn_calls, monkeypatch):
+    """The buffer's layout follows the rows one GEMM 3 gets (the chunk), not the rows in all: with every chunk
+    shorter than ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD no product ever goes to oneDNN, and a transposed buffer would only
+    cost a slower addmm and a transposing copy at the end."""
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD", 8)
+    w, many = torch.empty(V, D), torch.empty(64, D)
+    assert gemm.weight_grad_buffer(w, many, torch.float32).t().is_contiguous()  # all 64 rows in one product
+    assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=8).t().is_contiguous()
+    assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=7).is_contiguous()
+
+
+def test_ce_chunk_loop_of_short_chunks_keeps_a_contiguous_weight_grad(onednn_calls, monkeypatch):
+    """End to end: chunks of 5 rows (below the weight-grad bound) accumulate dW with addmm into a contiguous
+    buffer, which is the gradient itself (no transposing copy); GEMMs 1 and 2 still go to oneDNN."""
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD", 8)
+    made = []
+    real = gemm.weight_grad_buffer
+    monkeypatch.setattr(gemm, "weight_grad_buffer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    h64, w64 = rand(N, D), rand(V, D)
+    y = _labels((N,), V)
+    h, w = _f32(h64, w64)
+    h.requires_grad_(), w.requires_grad_()
+    ptk.linear_cross_entropy(h, w, y, chunk_size=5, backend="torch").backward()
+    assert made and made[0].is_contiguous() and onednn_calls
+    assert_close_to_truth(w.grad, torch.autograd.grad(reference.linear_cross_entropy(h64, w64, y), w64)[0], FP32,
+                          "weight grad")
+
+
 def test_strided_operands_never_reach_onednn(onednn_calls):
     """A column slice is neither dense nor a dense transpose: oneDNN would take a reference path there."""
     h64, w64 = rand(N, 2 * D), rand(V, D)
