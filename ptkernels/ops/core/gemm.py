@@ -21,6 +21,11 @@ set, reproducible for a given machine (the choice never depends on a timing):
                      MKL picks its code path by CPU vendor and runs its AVX2 kernels on AMD even where the CPU has
                      AVX-512, while oneDNN dispatches on the instruction set. On a 2-core AMD EPYC Zen 5 (family
                      26, AVX-512) oneDNN ran the CPU benchmark size's GEMMs 1.4-2.2x faster (benchmarks/RESULTS.md).
+                     On a 2-core Zen 4 (family 25, AVX-512; 2026-12-04) oneDNN ran GEMMs 1 and 2 1.3-2.8x faster
+                     at 48-3072 rows (GEMM 2 at 768 rows excepted: 0.92x); GEMM 3 into the transposed buffer was
+                     faster at 3072 rows (511 against 761 ms at D=512, V=32000) but not below: at 48-1536 rows
+                     addmm into a contiguous buffer took 0.61-1.06x of its time, 0.16-0.80x with the transposing
+                     copy at the end counted. ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD is Zen 5's figure.
     other vendors without AVX-512 -> "blas": there MKL's AVX2 kernels are the CPU's best and oneDNN has nothing
                      wider. On a 2-core AMD EPYC Zen 3 (family 25, AVX2 only; 2026-12-04) oneDNN was 1.0-1.5x
                      slower than torch.mm on GEMMs 2 and 3 at every shape tried, and the fused CE on torch.mm took
