@@ -78,7 +78,8 @@ stage tests 120 python3 -m pytest tests -q -p no:cacheprovider -rfE "${parallel[
   --ignore=tests/tools/test_aot_compile.py --ignore=tests/ops/backends/test_cuda_compile.py \
   --ignore=tests/integrations --ignore=tests/trainers
 
-# 3. QLoRA on CUDA (bitsandbytes carried as a wheel): DPO with a live reference on a 4-bit and an 8-bit base.
+# 3. QLoRA on CUDA (bitsandbytes carried as a wheel): DPO with a live reference on a 4-bit and an 8-bit base, GRPO
+#    (beta 0.1, the built-in rollout engine) on a 4-bit one.
 stage qlora 90 python3 -m pytest tests/trainers/test_lora.py -v -p no:cacheprovider -rfEs -k qlora
 
 # 4. Issue 2's GPU size (N=8192, 25% masked, D=4096, V=128256, bf16): every implementation (the chunk-size sweep

@@ -134,7 +134,8 @@ def test_ce_chunk_loop_of_short_chunks_keeps_a_contiguous_weight_grad(onednn_cal
     h64, w64 = rand(N, D), rand(V, D)
     y = _labels((N,), V)
     h, w = _f32(h64, w64)
-    h.requires_grad_(), w.requires_grad_()
+    h.requires_grad_()
+    w.requires_grad_()
     ptk.linear_cross_entropy(h, w, y, chunk_size=5, backend="torch").backward()
     assert made and made[0].is_contiguous() and onednn_calls
     assert_close_to_truth(w.grad, torch.autograd.grad(reference.linear_cross_entropy(h64, w64, y), w64)[0], FP32,
