@@ -151,28 +151,17 @@ def _objective(op: str, impl: str, p: Problem, chunk_size: int | None = None):
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def _on_blas(step):
-    """``step`` with ptkernels' GEMMs on torch.mm (what PTK_CPU_GEMM=blas sets at import)."""
-    def blas_step():
-        saved, gemm._CPU_GEMM = gemm._CPU_GEMM, "blas"
+def _with_setting(step, module, name: str, value):
+    """``step`` run with ``module.name`` set to ``value`` (restored after each call)."""
+    def set_step():
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             return step()
         finally:
-            gemm._CPU_GEMM = saved
+            setattr(module, name, saved)
 
-    return blas_step
-
-
-def _keeping_logits(step):
-    """``step`` with token log-probs keeping every chunk's logits for backward (no size bound)."""
-    def keep_step():
-        saved, token_logprobs.KEEP_LOGITS_BYTES = token_logprobs.KEEP_LOGITS_BYTES, 1 << 62
-        try:
-            return step()
-        finally:
-            token_logprobs.KEEP_LOGITS_BYTES = saved
-
-    return keep_step
+    return set_step
 
 
 def make_step(op: str, impl: str, p: Problem, chunk_size: int | None = None):
@@ -185,9 +174,11 @@ def make_step(op: str, impl: str, p: Problem, chunk_size: int | None = None):
         sync(p.device)
         return out.detach()
 
-    if impl.endswith("+blas"):
-        return _on_blas(step)
-    return _keeping_logits(step) if impl.endswith("+keep") else step
+    if impl.endswith("+blas"):  # ptkernels' GEMMs on torch.mm (what PTK_CPU_GEMM=blas sets at import)
+        return _with_setting(step, gemm, "_CPU_GEMM", "blas")
+    if impl.endswith("+keep"):  # token log-probs keep every chunk's logits for backward, whatever their size
+        return _with_setting(step, token_logprobs, "KEEP_LOGITS_BYTES", 1 << 62)
+    return step
 
 
 def memory_case(op: str, impl: str, n: int, d: int, v: int, masked: float, dtype: str, device: str = "cpu",
