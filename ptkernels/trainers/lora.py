@@ -14,8 +14,8 @@ adapter's outputs (PEFT format, merged model).
   from the same model inside ``disable_adapter()`` (the LoRA branches and saved copies bypassed: exactly the base
   model's numbers), never from a second copy.
 - **QLoRA**: ``--load-in-4bit`` / ``--load-in-8bit`` load the frozen base through bitsandbytes and run PEFT's
-  ``prepare_model_for_kbit_training``. Only on CUDA: on a machine without a GPU (or without bitsandbytes) it is a
-  clear error, never a silent full-precision run.
+  ``prepare_model_for_kbit_training``. On CUDA, and on CPU through bitsandbytes' CPU backend (>= 0.50): without
+  bitsandbytes (or with an older one on CPU) it is a clear error, never a silent full-precision run.
 - **Outputs**: ``output_dir`` holds the adapter in PEFT's format (``adapter_config.json``,
   ``adapter_model.safetensors``; ``PeftModel.from_pretrained(base, output_dir)``), checkpoints hold the adapter
   and the optimizer state only; ``--merge-adapter`` (or ``ptk merge``) also writes ``output_dir/merged``, a full
@@ -58,29 +58,59 @@ def lora_config(cfg, *, task: str = "CAUSAL_LM"):
                       bias="none", task_type=task)
 
 
+# bitsandbytes runs Linear4bit / Linear8bitLt on CPU tensors through its CPU backend; tested here with 0.50.2
+BNB_CPU_MIN_VERSION = "0.50"
+
+
 def check_quantization(cfg) -> dict:
     """``from_pretrained`` keyword arguments for ``--load-in-4bit`` / ``--load-in-8bit`` (empty without them), or a
-    clear error where bitsandbytes cannot run them."""
+    clear error where bitsandbytes cannot run them. On CUDA the quantized layers compute in bf16 (or fp32 with
+    ``--precision fp32``); on CPU, through bitsandbytes' CPU backend (>= 0.50), in fp32 (bf16 with
+    ``--precision bf16``)."""
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return {}
     flag = "--load-in-4bit" if cfg.load_in_4bit else "--load-in-8bit"
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"{flag} (QLoRA) needs a CUDA GPU: bitsandbytes' quantized layers are not used on CPU "
-                           f"by ptk (drop {flag} to train the LoRA adapter on a full-precision base)")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError as e:
-        raise RuntimeError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from e
+        raise RuntimeError(f"{flag} (QLoRA) needs bitsandbytes: pip install 'bitsandbytes>={BNB_CPU_MIN_VERSION}' "
+                           f"(or drop {flag} to train the LoRA adapter on a full-precision base)") from e
     if is_preset(cfg.model):
         raise ValueError(f"{flag} needs a model folder (--model), not the built-in preset {cfg.model!r}")
+    from packaging.version import Version
+
+    cuda = torch.cuda.is_available()
+    if not cuda and Version(bitsandbytes.__version__) < Version(BNB_CPU_MIN_VERSION):
+        need = BNB_CPU_MIN_VERSION
+        raise RuntimeError(f"{flag} without a CUDA GPU needs bitsandbytes >= {need} (its CPU backend); this one "
+                           f"is {bitsandbytes.__version__}: pip install -U 'bitsandbytes>={need}'")
     from transformers import BitsAndBytesConfig
 
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    compute = torch.bfloat16 if bf16 else torch.float32
     if cfg.load_in_4bit:
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+                               bnb_4bit_compute_dtype=compute)
     else:
         q = BitsAndBytesConfig(load_in_8bit=True)
-    return {"quantization_config": q, "device_map": {"": torch.cuda.current_device()}}
+        _quiet_int8_cast_note()
+    return {"quantization_config": q, "device_map": {"": torch.cuda.current_device() if cuda else "cpu"}}
+
+
+class _DropInt8CastNote:
+    """bitsandbytes logs "inputs will be cast from float32 to float16" on every 8-bit matmul with fp32 inputs (each
+    step on CPU): the cast is LLM.int8's design, said once in --help and the docs, not thousands of times."""
+
+    def filter(self, record) -> bool:
+        return "inputs will be cast from" not in record.getMessage()
+
+
+def _quiet_int8_cast_note() -> None:
+    import logging
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastNote) for f in log.filters):
+        log.addFilter(_DropInt8CastNote())
 
 
 def add_adapter(model, cfg, *, task: str = "CAUSAL_LM"):
@@ -89,6 +119,7 @@ def add_adapter(model, cfg, *, task: str = "CAUSAL_LM"):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        _keep_cpu_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into the checkpoints
@@ -104,6 +135,16 @@ def add_adapter(model, cfg, *, task: str = "CAUSAL_LM"):
     for config in peft_model.peft_config.values():
         config.base_model_name_or_path = base_name(cfg.model)
     return peft_model
+
+
+def _keep_cpu_4bit_weights_trainable(model) -> None:
+    """bitsandbytes' 4-bit layers on a CPU with AVX512-BF16 repack their weight in place for an inference kernel on
+    the first forward in eval mode without grad (a rollout), after which every forward, training ones too, takes
+    that kernel, which passes no gradient to the input (the LoRA layers below would stop learning) and needs
+    output sizes divisible by 32. A trained model keeps the training layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def base_name(model: str) -> str:

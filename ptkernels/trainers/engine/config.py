@@ -87,9 +87,11 @@ class TrainConfig:
     lora_modules_to_save: str = option("", "comma-separated modules trained in full beside the adapter, e.g. "
                                        "'lm_head' (the fused losses then read its trained copy) or 'score'; "
                                        "default: none for causal LMs (head frozen), 'score' for reward / critic")
-    load_in_4bit: bool = option(False, "QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only: on CPU it "
-                                "is an error, not a silent fp32 run); needs --lora and a model folder")
-    load_in_8bit: bool = option(False, "the frozen base in 8-bit (bitsandbytes, CUDA only); needs --lora")
+    load_in_4bit: bool = option(False, "QLoRA: the frozen base in 4-bit NF4 (bitsandbytes; on CPU its CPU backend, "
+                                "bitsandbytes >= 0.50, computing in fp32; without bitsandbytes an error, never a "
+                                "silent full-precision run); needs --lora and a model folder")
+    load_in_8bit: bool = option(False, "the frozen base in 8-bit (bitsandbytes' LLM.int8, inputs cast to fp16 in "
+                                "its matmuls; on CPU as --load-in-4bit); needs --lora and a model folder")
     merge_adapter: bool = option(False, "with --lora, also write the merged full model to output_dir/merged "
                                  "(loads with AutoModelForCausalLM.from_pretrained); same as ptk merge")
     # -- issue 25: epochs as users count them
