@@ -89,7 +89,8 @@ def _jsd_chunk_loop(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, 
     loss = torch.zeros(n, dtype=cd, device=hidden2d.device)
     grads = row_scale is not None
     gh = torch.zeros_like(hidden2d) if grads and need_dh else None
-    gw = gemm.weight_grad_buffer(weight, hidden2d, cd, plan.rows_per_chunk) if grads and need_dw else None
+    gw = (gemm.weight_grad_buffer(weight, hidden2d, cd, plan.rows_per_chunk, plan.n_process)
+          if grads and need_dw else None)
     gb = torch.zeros(v, dtype=cd, device=weight.device) if grads and need_db else None
     student_logits = ChunkLogits(plan.n_process, plan.chunk, hidden2d, weight)
     teacher_logits = ChunkLogits(plan.n_process, plan.chunk, ref_hidden2d, ref_weight)

@@ -137,7 +137,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         plan = RowPlan(targets1d, o.ignore_index, chunk, sync_free)
         loop_w = block_rows is None  # compact: dW and db afterwards, one vocabulary block at a time
         gh = torch.zeros_like(hidden2d) if need_dh else None
-        gw = gemm.weight_grad_buffer(weight, hidden2d, cd, plan.rows_per_chunk) if need_dw and loop_w else None
+        gw = (gemm.weight_grad_buffer(weight, hidden2d, cd, plan.rows_per_chunk, plan.n_process)
+              if need_dw and loop_w else None)
         gb = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_db and loop_w else None
         if gh is not None or gw is not None or gb is not None:
             _backward_loop(hidden2d, weight, bias, targets1d, lse, mean_s, g_logp, g_ent, o, plan, rows_impl,

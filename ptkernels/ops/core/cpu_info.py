@@ -1,4 +1,4 @@
-"""What the CPU GEMM rules key on: the CPU's vendor, model and instruction-set flags (Linux /proc/cpuinfo;
+"""What the CPU GEMM rules key on: the CPU's vendor, family, model and instruction-set flags (Linux /proc/cpuinfo;
 ``platform`` elsewhere). Read once per process."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ class CPUInfo:
     vendor: str  # "GenuineIntel", "AuthenticAMD", ... or "" when unknown
     model: str
     flags: frozenset
+    family: int = -1  # /proc/cpuinfo's "cpu family" (AMD: 25 = Zen 3 / Zen 4, 26 = Zen 5); -1 when unknown
 
     @property
     def avx512(self) -> bool:
@@ -28,8 +29,9 @@ def parse_cpuinfo(text: str) -> CPUInfo:
             continue
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
+    family = fields.get("cpu family", "")
     return CPUInfo(vendor=fields.get("vendor_id", ""), model=fields.get("model name", ""),
-                   flags=frozenset(fields.get("flags", "").split()))
+                   flags=frozenset(fields.get("flags", "").split()), family=int(family) if family.isdigit() else -1)
 
 
 _CACHE: dict[str, CPUInfo] = {}

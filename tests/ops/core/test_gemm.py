@@ -33,11 +33,18 @@ def _route_on(monkeypatch):
     monkeypatch.setattr(gemm, "_CPU_GEMM", "onednn")
 
 
+def _onednn_at_any_size(monkeypatch):
+    """The size thresholds of the oneDNN route off: GEMMs of any size, GEMM 3 of any rows (per product and in
+    all, whatever this CPU's ``transposed_grad_min_rows``)."""
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_FLOPS", 0)
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD", 1)
+    monkeypatch.setattr(gemm, "_GRAD_ROWS", {"rows": 0})
+
+
 @pytest.fixture
 def onednn_calls(monkeypatch):
     """Forces the oneDNN route at any size and counts its calls."""
-    monkeypatch.setattr(gemm, "ONEDNN_MIN_FLOPS", 0)
-    monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD", 1)
+    _onednn_at_any_size(monkeypatch)
     calls = []
     real = gemm._linear
 
@@ -124,6 +131,23 @@ def test_weight_grad_buffer_is_transposed_only_where_a_chunk_can_take_onednn(one
     assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=7).is_contiguous()
 
 
+def test_weight_grad_buffer_is_transposed_only_over_enough_rows_in_all(onednn_calls, monkeypatch):
+    """Where this CPU's rule asks for enough rows to pay for the transposing copy (Zen 4), fewer rows in all keep
+    the buffer contiguous (GEMM 3 on addmm), and the one-chunk GEMM 3 writes a contiguous [V, D] product."""
+    monkeypatch.setattr(gemm, "_GRAD_ROWS", {"rows": 40})
+    w, many = torch.empty(V, D), torch.empty(64, D)
+    assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=8, rows_in_all=39).is_contiguous()
+    assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=8, rows_in_all=40).t().is_contiguous()
+    assert gemm.weight_grad_buffer(w, many, torch.float32).t().is_contiguous()  # rows in all: like's 64
+    for rows, contiguous in ((39, True), (40, False)):
+        h64, dz64 = rand(rows, D), rand(rows, V)
+        h, dz = _f32(h64, dz64)
+        onednn_calls.clear()
+        gw = gemm.weight_grad(dz, h, torch.float32)
+        assert gw.is_contiguous() == contiguous and bool(onednn_calls) != contiguous
+        assert_close_to_truth(gw, dz64.T @ h64, FP32, f"one-chunk weight grad, {rows} rows")
+
+
 def test_ce_chunk_loop_of_short_chunks_keeps_a_contiguous_weight_grad(onednn_calls, monkeypatch):
     """End to end: chunks of 5 rows (below the weight-grad bound) accumulate dW with addmm into a contiguous
     buffer, which is the gradient itself (no transposing copy); GEMMs 1 and 2 still go to oneDNN."""
@@ -190,8 +214,7 @@ def _same_on_both_routes(run, inputs, monkeypatch, what):
     """``run()`` on the oneDNN route equals it on torch.mm (both fp32), loss and gradients."""
     blas_out = run()
     blas_grads = torch.autograd.grad(blas_out, inputs)
-    monkeypatch.setattr(gemm, "ONEDNN_MIN_FLOPS", 0)
-    monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD", 1)
+    _onednn_at_any_size(monkeypatch)
     calls = []
     real = gemm._linear
     monkeypatch.setattr(gemm, "_linear", lambda *a: calls.append(1) or real(*a))
@@ -284,11 +307,23 @@ def test_route_follows_the_mocked_cpu(monkeypatch):
 
 
 def test_parse_cpuinfo_reads_the_first_processor():
-    text = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU\n"
+    text = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel name\t: Intel(R) Xeon(R) CPU\n"
             "flags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nvendor_id\t: Other\n")
     info = parse_cpuinfo(text)
-    assert info == CPUInfo("GenuineIntel", "Intel(R) Xeon(R) CPU", frozenset({"fpu", "avx2", "avx512f"}))
+    assert info == CPUInfo("GenuineIntel", "Intel(R) Xeon(R) CPU", frozenset({"fpu", "avx2", "avx512f"}), 6)
     assert info.avx512
+    assert parse_cpuinfo("vendor_id\t: X\n").family == -1  # no family line: unknown
+
+
+ZEN4 = CPUInfo("AuthenticAMD", "AMD EPYC 9R14", frozenset({"avx2", "fma", "avx512f"}), 25)
+ZEN3 = CPUInfo("AuthenticAMD", "AMD EPYC 7R13", frozenset({"avx2", "fma"}), 25)
+ZEN5 = CPUInfo("AuthenticAMD", "AMD EPYC 9R45", frozenset({"avx2", "fma", "avx512f"}), 26)
+
+
+@pytest.mark.parametrize("cpu, want", [(ZEN4, gemm.ZEN4_TRANSPOSED_GRAD_MIN_ROWS), (ZEN3, 0), (ZEN5, 0),
+                                       (INTEL, 0), (UNKNOWN, 0)])
+def test_transposed_grad_bound_by_cpu(cpu, want):
+    assert gemm.transposed_grad_min_rows(cpu) == want
 
 
 @pytest.mark.parametrize("setting", ["blas", "onednn"])
@@ -296,8 +331,7 @@ def test_both_libraries_within_the_float64_rule_at_a_chunked_size(monkeypatch, s
     """Each library, forced on a size where the oneDNN thresholds are met (and the chunked path runs), against
     float64: fp32 within a few roundings of V-term sums."""
     monkeypatch.setattr(gemm, "_CPU_GEMM", setting)
-    monkeypatch.setattr(gemm, "ONEDNN_MIN_FLOPS", 0)
-    monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD", 1)
+    _onednn_at_any_size(monkeypatch)
     h64, w64 = rand(N, D), rand(V, D)
     y = labels_with_mask((N,), V)
     h, w = (x.requires_grad_() for x in _f32(h64, w64))
