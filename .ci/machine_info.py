@@ -62,6 +62,10 @@ def main() -> None:
     print(f"oneDNN enabled: {torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled} | "
           f"fp32 GEMMs of the fused ops on CPU: {gemm.cpu_gemm_choice()[0]} ({gemm.cpu_gemm_choice()[1]}; "
           f"PTK_CPU_GEMM={os.environ.get('PTK_CPU_GEMM', 'auto')})")
+    cpu = gemm.cpu_info()
+    print(f"CPU vendor {cpu.vendor or 'unknown'}, family {cpu.family} | oneDNN GEMM 3 into a transposed weight "
+          f"gradient from {gemm.ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD} rows per chunk and "
+          f"{gemm.transposed_grad_min_rows(cpu)} rows in all")
     try:
         from ptkernels import _C
         print("ptkernels._C:", _C.build_info())

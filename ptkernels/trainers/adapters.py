@@ -76,3 +76,60 @@ def head_trained(path: str) -> bool:
     with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
         saved = json.load(f).get("modules_to_save") or []
     return "lm_head" in saved
+
+
+def merged_weights(model, full=lambda t: t):
+    """(name, tensor) of an adapted model's weights as the plain model's state dict would have them, one at a time:
+    each LoRA layer's base weight plus its update (``W + scaling * B @ A``, as ``merge_and_unload`` forms it), a
+    ``modules_to_save`` module's trained copy under the module's own name, the adapter matrices and the frozen
+    originals left out. Formed out of place: the model's base stays bit for bit what it was (the reference with
+    the adapter disabled depends on it). ``full``: what makes a stored tensor whole (an FSDP2 shard's
+    ``full_tensor``); it is called on every tensor in the same order on every process. For the vLLM engine's
+    weight sync (it loads the merged model: no adapter support needed there)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    adapter = model.active_adapter
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        owner, sep, leaf = name.partition(".base_layer.")
+        tensor = full(tensor).detach()
+        if sep and leaf == "weight" and owner in layers and adapter in layers[owner].lora_A:
+            tensor = tensor + _lora_delta(layers[owner], adapter, full).to(tensor.dtype)
+        yield name.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", "."), tensor
+
+
+def _lora_delta(layer, adapter: str, full):
+    if getattr(layer, "use_dora", {}).get(adapter, False):
+        raise NotImplementedError("merging a DoRA adapter for weight sync is not supported (ptk trains plain LoRA)")
+    a = full(layer.lora_A[adapter].weight).detach()
+    b = full(layer.lora_B[adapter].weight).detach()
+    delta = (b @ a) * layer.scaling[adapter]
+    return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+
+
+def trains_head(model) -> bool:
+    """Whether an adapted causal LM trains a copy of its output head (``--lora-modules-to-save lm_head``)."""
+    saved = getattr(model.peft_config[model.active_adapter], "modules_to_save", None) or []
+    return "lm_head" in saved
+
+
+def merged_model(model, weights=None):
+    """The plain Hugging Face model an adapted one merges to, built without a second copy of the unmerged weights
+    (on the meta device, then given ``weights``: (name, tensor) pairs, default ``merged_weights(model)``). A
+    trained head copy unties the head from the embeddings, as PEFT's ``merge_and_unload`` does."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.get_base_model().config)
+    if trains_head(model):
+        config.tie_word_embeddings = False
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(dict(merged_weights(model) if weights is None else weights), assign=True)
+    plain.tie_weights()
+    return plain

@@ -93,24 +93,7 @@ def check_quantization(cfg) -> dict:
                                bnb_4bit_compute_dtype=compute)
     else:
         q = BitsAndBytesConfig(load_in_8bit=True)
-        _quiet_int8_cast_note()
     return {"quantization_config": q, "device_map": {"": torch.cuda.current_device() if cuda else "cpu"}}
-
-
-class _DropInt8CastNote:
-    """bitsandbytes logs "inputs will be cast from float32 to float16" on every 8-bit matmul with fp32 inputs (each
-    step on CPU): the cast is LLM.int8's design, said once in --help and the docs, not thousands of times."""
-
-    def filter(self, record) -> bool:
-        return "inputs will be cast from" not in record.getMessage()
-
-
-def _quiet_int8_cast_note() -> None:
-    import logging
-
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropInt8CastNote) for f in log.filters):
-        log.addFilter(_DropInt8CastNote())
 
 
 def add_adapter(model, cfg, *, task: str = "CAUSAL_LM"):

@@ -37,10 +37,31 @@ if TYPE_CHECKING:
 
 
 def quiet_transformers() -> None:
-    """No per-file progress bars from save_pretrained / from_pretrained: the trainer has its own."""
+    """No per-file progress bars from save_pretrained / from_pretrained: the trainer has its own. Two notes of
+    bitsandbytes (imported by PEFT where installed) dropped, see ``_BitsAndBytesNotes``."""
+    import logging as std_logging
+
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    for name in _BitsAndBytesNotes.LOGGERS:
+        log = std_logging.getLogger(name)
+        if not any(isinstance(f, _BitsAndBytesNotes) for f in log.filters):
+            log.addFilter(_BitsAndBytesNotes())
+
+
+class _BitsAndBytesNotes:
+    """bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" (at import, on CPUs with
+    AVX512-BF16: an optional kernel it would fetch from the Hugging Face Hub, which ptk never wants; its own CPU
+    kernel runs instead) and "inputs will be cast from float32 to float16" (on every 8-bit matmul with fp32 inputs:
+    LLM.int8's design, said once in --load-in-8bit's help). Everything else it logs passes."""
+
+    LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions")
+    DROPPED = ("Failed to load CPU gemm_4bit_forward", "inputs will be cast from")
+
+    def filter(self, record) -> bool:
+        text = record.getMessage()
+        return not any(d in text for d in self.DROPPED)
 
 
 PRESETS = {

@@ -321,3 +321,72 @@ def test_two_processes_match_one(data_dir, tmp_path, mode):
     state = torch.load(os.path.join(tmp_path / "two", "checkpoints", "step-000002", "trainer_state.pt"),
                        weights_only=False)
     assert len(state["optimizer"]["state"]) == len(a)  # Adam moments for the adapter's tensors only
+
+
+# ------------------------------------------------------------------ the vLLM engine gets the merged weights
+
+
+def _trained_lora_policy():
+    """A LoRA policy with a trained head copy whose adapter tensors are all non-zero (as after some steps)."""
+    policy, tok = lora.load_policy(config("--lora-modules-to-save", "lm_head"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return policy, tok
+
+
+def test_vllm_weight_sync_streams_the_merged_model():
+    """What ``sync_weights`` pushes for a LoRA policy: the plain model's names, each LoRA layer's W + s B A and the
+    trained head copy, bit for bit what PEFT's ``merge_and_unload`` gives; the policy's own base is left as it
+    was (the reference with the adapter disabled reads it)."""
+    import copy
+
+    from ptkernels.trainers.rollout.vllm_engine import iter_full_weights
+
+    policy, _ = _trained_lora_policy()
+    base_before = {k: v.clone() for k, v in policy.get_base_model().state_dict().items()}
+    streamed = dict(iter_full_weights(policy))
+    merged = copy.deepcopy(policy).merge_and_unload().state_dict()
+    assert streamed.keys() == merged.keys()
+    assert all(torch.equal(streamed[k], merged[k]) for k in merged)
+    assert not torch.equal(streamed["lm_head.weight"], base_before["lm_head.original_module.weight"])
+    after = policy.get_base_model().state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base_before.items())
+
+
+def test_vllm_engine_of_a_lora_policy_loads_its_merged_model(monkeypatch):
+    """Without a plain folder to load (a preset, an adapter folder), the engine is built from the policy saved as
+    its merged model: a plain Hugging Face folder whose logits are the adapted policy's."""
+    from transformers import AutoModelForCausalLM
+
+    from ptkernels.trainers.rollout import engines, vllm_engine
+
+    loaded = {}
+
+    class FolderReader:  # vLLM's engine stand-in: reads the folder it is built from, as the engine would
+        def __init__(self, folder, tokenizer, **options):
+            loaded["model"] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", FolderReader)
+    policy, tok = _trained_lora_policy()
+    engines.make_engine("vllm", policy, tok)
+    ids = torch.tensor([tok("What is 12+30? The answer is 42.")["input_ids"]])
+    with torch.no_grad():
+        want, got = policy(input_ids=ids).logits, loaded["model"](input_ids=ids).logits
+    assert not adapters_in(loaded["model"])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def adapters_in(model) -> bool:
+    return any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_vllm_rollouts_refuse_a_quantized_base():
+    from ptkernels.trainers.engine.config import GRPOConfig
+    from ptkernels.trainers.rollout.onpolicy import check_rollout_options
+
+    cfg = config("--model", "some/folder", "--load-in-4bit", "--rollout-engine", "vllm", cls=GRPOConfig)
+    with pytest.raises(ValueError, match="--rollout-engine vllm does not take --load-in-4bit"):
+        check_rollout_options(cfg)

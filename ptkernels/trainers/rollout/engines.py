@@ -102,7 +102,8 @@ def make_engine(name: str, model, tokenizer, *, model_dir: str | None = None, ma
     each distinct prompt prefilled once; the default) or 'hf' (``HFGenerateEngine``: ``model.generate``), both
     on ``model`` itself, from the same distribution; or 'vllm': a ``vllm_engine.VLLMEngine`` built from
     ``model_dir`` (``model``'s Hugging Face folder; None: ``model`` is saved to a temporary folder the engine
-    loads when built; ``max_model_len`` prompt + completion tokens), or, with ``server`` ("HOST:PORT"), a client
+    loads when built, a LoRA policy as its merged model; ``max_model_len`` prompt + completion tokens), or, with
+    ``server`` ("HOST:PORT"), a client
     of a running ``ptk vllm-serve``. A vLLM engine keeps its own copy of the weights: the caller pushes the
     policy's into it (``engine.sync_weights(model)``) after updating them."""
     if name == "hf":
@@ -117,16 +118,21 @@ def make_engine(name: str, model, tokenizer, *, model_dir: str | None = None, ma
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"--vllm-server must be HOST:PORT, got {server!r}")
             return VLLMServerClient(host, int(port))
-        from .vllm_engine import VLLMEngine
+        from .vllm_engine import VLLMEngine, iter_full_weights
 
         options = dict(max_model_len=max_model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
         if model_dir:
             return VLLMEngine(model_dir, tokenizer, **options)
+        from ..adapters import is_adapted, merged_model
         from ..modeling import save_pretrained
 
         folder = tempfile.mkdtemp(prefix="ptk-vllm-policy-")
         try:  # the engine reads the weights and the tokenizer when it is built
-            save_pretrained(unwrap_model(model), tokenizer, folder)
+            policy = getattr(model, "module", model)  # a DDP wrapper
+            if is_adapted(policy):  # a LoRA policy: its merged model, which the engine loads as a plain one
+                save_pretrained(merged_model(policy, iter_full_weights(policy)), tokenizer, folder)
+            else:
+                save_pretrained(unwrap_model(model), tokenizer, folder)
             return VLLMEngine(folder, tokenizer, **options)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -138,6 +138,11 @@ def check_rollout_options(cfg: OnPolicyConfig) -> None:
         if cfg.vllm_server:
             raise ValueError("--vllm-server is used with --rollout-engine vllm only")
         return
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        flag = "--load-in-4bit" if cfg.load_in_4bit else "--load-in-8bit"
+        raise ValueError(f"--rollout-engine vllm does not take {flag}: the engine is fed the policy's merged "
+                         f"full-precision weights, which a quantized base no longer has; use --rollout-engine "
+                         f"kv_cache (or LoRA on a full-precision base)")
     if cfg.max_prompt_length + cfg.max_new_tokens > cfg.max_length:
         raise ValueError(f"--max-length {cfg.max_length} is the vLLM engine's max_model_len and must hold a prompt "
                          f"(--max-prompt-length {cfg.max_prompt_length}) plus a completion (--max-new-tokens "
@@ -146,6 +151,19 @@ def check_rollout_options(cfg: OnPolicyConfig) -> None:
         from .vllm_engine import require_vllm
 
         require_vllm()  # the server mode needs no vLLM on the trainer's side
+
+
+def _start_folder(model: str, policy) -> bool:
+    """Whether the vLLM engine can load ``--model``'s folder as the policy's start (else it is built from the
+    loaded policy, saved): not an adapter folder (the start is its merged model), and, for a LoRA policy, not one
+    whose tied head gets a trained copy (the engine must be built untied). A fresh adapter adds nothing (B = 0),
+    so a LoRA policy's base folder is its start."""
+    from ..adapters import is_adapted, is_adapter_folder, trains_head
+
+    if not os.path.isdir(model) or is_adapter_folder(model):
+        return False
+    policy = getattr(policy, "module", policy)  # a DDP wrapper
+    return not (is_adapted(policy) and trains_head(policy) and policy.get_base_model().config.tie_word_embeddings)
 
 
 def build_rollout_engine(cfg: OnPolicyConfig, policy, tokenizer, info: DistInfo) -> RolloutEngine | None:
@@ -161,6 +179,6 @@ def build_rollout_engine(cfg: OnPolicyConfig, policy, tokenizer, info: DistInfo)
             raise ValueError(f"--vllm-server: {len(servers)} server(s) for {info.world_size} process(es); give one "
                              f"HOST:PORT per process, comma-separated")
         return make_engine("vllm", policy, tokenizer, server=servers[info.rank])
-    return make_engine("vllm", policy, tokenizer, model_dir=cfg.model if os.path.isdir(cfg.model) else None,
+    return make_engine("vllm", policy, tokenizer, model_dir=cfg.model if _start_folder(cfg.model, policy) else None,
                        max_model_len=cfg.max_length, seed=cfg.seed,
                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)

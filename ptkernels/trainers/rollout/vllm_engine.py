@@ -33,6 +33,9 @@ What it does, and why:
   (``DTensor.full_tensor``) as it is streamed, so at most one full parameter is alive at a time, and every rank
   must call ``sync_weights`` (the gathers are collectives) even where it holds no engine (``engine=None``: use
   the module function ``sync_weights(model, engine)``).
+- **LoRA** (``--lora``): the engine holds the plain model; ``iter_full_weights`` streams the policy's merged
+  weights (``adapters.merged_weights``: W + scaling · B A per LoRA layer, out of place), so no vLLM LoRA support is
+  needed and the adapter's rank does not matter to the engine.
 - **In-process engine.** ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set (unless the caller set it): the engine core
   runs in this process, so the sync hands tensors to the worker by reference (with the default multiprocess
   engine, each tensor would be pickled across a socket). Tensor parallel > 1 runs workers in other processes:
@@ -166,14 +169,21 @@ def _unwrap(model):
 def iter_full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, full tensor) for every entry of ``model``'s state dict, one at a time. An FSDP2 shard
     (a ``DTensor``) is all-gathered when reached, so every rank must consume this in the same order; a DDP
-    wrapper and torch.compile's ``_orig_mod.`` are looked through. Detached, never copied otherwise."""
+    wrapper and torch.compile's ``_orig_mod.`` are looked through. Detached, never copied otherwise. A model
+    with a LoRA adapter (``--lora``) gives its merged weights under the plain model's names
+    (``adapters.merged_weights``): the engine samples from the adapted policy without LoRA support of its own."""
     from torch.distributed.tensor import DTensor
 
-    for name, tensor in _unwrap(model).state_dict().items():
+    from ..adapters import is_adapted, merged_weights
+
+    def full(tensor):
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    model = _unwrap(model)
+    entries = merged_weights(model, full) if is_adapted(model) else model.state_dict().items()
+    for name, tensor in entries:
         name = name.replace("_orig_mod.", "")  # a torch.compile'd module's names, back to the checkpoint's
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        yield name, tensor.detach()
+        yield name, full(tensor).detach()
 
 
 def sync_weights(model, engine: VLLMEngine | None) -> None:

@@ -143,3 +143,26 @@ def test_grpo_steps_sample_from_the_updated_policy(tmp_path):
         assert 0 < row["time_generate_s"] <= row["time_rollout_s"] <= row["step_s"]
     assert rows[0]["time_sync_s"] == 0.0 and all(row["time_sync_s"] > 0 for row in rows[1:])  # built current
     print(f"\nGRPO x {STEPS} steps on vLLM, engine build included: {time.perf_counter() - start:.1f} s")
+
+
+@needs_vllm
+def test_grpo_with_lora_samples_from_the_merged_policy(tmp_path):
+    """``--lora``: the engine loads the base folder (a fresh adapter adds nothing) and every sync streams the
+    merged weights (W + s B A under the plain model's names), so its greedy output equals the adapted policy's."""
+    from ptkernels.trainers import lora
+
+    model, tokenizer = tiny_llama(seed=0)
+    folder = str(tmp_path / "policy")
+    save_pretrained(model, tokenizer, folder)
+    cfg = parse_config(GRPOConfig, _args(tmp_path, folder, "--no-vllm-importance-sampling-correction", "--lora",
+                                         "--lora-r", "8", "--lora-dropout", "0", "--lr", "5e-2"))
+    check_rollout_options(cfg)
+    initial, _ = lora.load_policy(cfg)  # the trainer's starting policy: the same seed, the same adapter
+    engine = build_rollout_engine(cfg, initial, tokenizer, DistInfo())
+    probe = GreedyProbe(engine, initial.eval(), tokenizer)
+    result = grpo.run(cfg, engine=probe)
+    assert result.steps == STEPS and probe.syncs == STEPS - 1
+    for i, (engine_greedy, policy_greedy) in enumerate(probe.records):
+        assert engine_greedy == policy_greedy, f"rollout {i}: the engine does not sample from the adapted policy"
+    assert probe.records[-1][1] != probe.records[0][1], "the adapter's updates must change the greedy output"
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -1,7 +1,8 @@
 """What the vLLM engine's weight sync reads from a distributed trainer (no vLLM needed): 2 processes on gloo, the
 policy under FSDP2 or DDP. ``iter_full_weights`` yields every full tensor, equal to the unsharded model's, under
 the unwrapped Hugging Face names; ``sync_weights(model, None)`` on a rank without an engine takes part in the
-gathers, so the rank with one is not left waiting."""
+gathers, so the rank with one is not left waiting. A LoRA policy under FSDP2 streams its merged weights (adapter
+tensors gathered too), equal to PEFT's ``merge_and_unload``."""
 
 from __future__ import annotations
 
@@ -27,13 +28,36 @@ class _Received:
             self.weights[name] = tensor.clone()
 
 
+def _lora_policy():
+    """The tiny preset with a LoRA adapter and a trained head copy, every adapter tensor non-zero (the same on both
+    ranks), and the merged model's state PEFT's merge_and_unload gives, the truth of the sync."""
+    import copy
+
+    from ptkernels.trainers import lora
+    from ptkernels.trainers.engine.config import GRPOConfig, parse_config
+
+    cfg = parse_config(GRPOConfig, ["--model", "tiny", "--data", "unused.jsonl", "--lora", "--lora-r", "4",
+                                    "--lora-modules-to-save", "lm_head"])
+    policy, _ = lora.load_policy(cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return policy, copy.deepcopy(policy).merge_and_unload().state_dict()
+
+
 def _check_sync(rank: int, mode: str) -> int:
-    model, _ = load_causal_lm("tiny", seed=0)
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
-    if mode == "fsdp":
+    if mode == "fsdp-lora":
+        model, reference = _lora_policy()
+    else:
+        model, _ = load_causal_lm("tiny", seed=0)
+        reference = {k: v.clone() for k, v in model.state_dict().items()}
+    if mode.startswith("fsdp"):
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
+        layers = (model.get_base_model() if mode == "fsdp-lora" else model).model.layers
+        for layer in layers:
             fully_shard(layer)
         fully_shard(model)
     else:
@@ -54,7 +78,7 @@ def _worker(rank: int, port: int, queue) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        counts = {mode: _check_sync(rank, mode) for mode in ("fsdp", "ddp")}
+        counts = {mode: _check_sync(rank, mode) for mode in ("fsdp", "ddp", "fsdp-lora")}
         if rank == 0:
             queue.put(counts)
     finally:
@@ -69,4 +93,4 @@ def test_full_weights_from_two_processes():
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_worker, args=(port, queue), nprocs=2, join=True, start_method="spawn")
     counts = queue.get()
-    assert counts["fsdp"] == counts["ddp"] > 0
+    assert counts["fsdp"] == counts["ddp"] == counts["fsdp-lora"] > 0  # the same names, adapted or not
