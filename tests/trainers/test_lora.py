@@ -304,15 +304,22 @@ def test_every_stage_has_the_lora_options():
                 "load_in_4bit", "load_in_8bit", "merge_adapter"} <= names, cls.__name__
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(data_dir, tmp_path, mode):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-qlora"])
+def test_two_processes_match_one(data_dir, tmp_path, mode, request):
     """torchrun with 2 gloo processes takes the same LoRA steps as 1 process with the same global batch (DDP and
-    FSDP2 with the frozen base: the optimizer holds the adapter's state only)."""
+    FSDP2 with the frozen base: the optimizer holds the adapter's state only; and FSDP2 on a 4-bit base)."""
     from .engine.test_distributed import torchrun
 
-    common = ["--data", data_dir["sft"], "--max-steps", "2", "--lr", "1e-2", "--grad-accum", "2", *COMMON]
-    one = run("sft", data_dir["sft"], tmp_path / "one", "--max-steps", "2", "--lr", "1e-2", "--grad-accum", "2")
-    torchrun(["sft", *common, "--output-dir", str(tmp_path / "two"), "--batch-size", "2", "--distributed", mode])
+    quant = []
+    if mode == "fsdp-qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            pytest.skip("QLoRA needs bitsandbytes (in the dev extras: pip install -e '.[dev]')")
+        quant = ["--model", request.getfixturevalue("tiny_folder"), "--load-in-4bit"]
+    common = ["--data", data_dir["sft"], "--max-steps", "2", "--lr", "1e-2", "--grad-accum", "2", *COMMON, *quant]
+    one = run("sft", data_dir["sft"], tmp_path / "one", "--max-steps", "2", "--lr", "1e-2", "--grad-accum", "2",
+              *quant)
+    torchrun(["sft", *common, "--output-dir", str(tmp_path / "two"), "--batch-size", "2", "--distributed",
+              mode.split("-")[0]])
     a = load_file(os.path.join(one, "adapter_model.safetensors"))
     b = load_file(os.path.join(tmp_path / "two", "adapter_model.safetensors"))
     assert a.keys() == b.keys()
