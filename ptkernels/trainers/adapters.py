@@ -117,9 +117,11 @@ def trains_head(model) -> bool:
 
 
 def merged_model(model, weights=None):
-    """The plain Hugging Face model an adapted one merges to, built without a second copy of the unmerged weights
-    (on the meta device, then given ``weights``: (name, tensor) pairs, default ``merged_weights(model)``). A
-    trained head copy unties the head from the embeddings, as PEFT's ``merge_and_unload`` does."""
+    """The plain Hugging Face model an adapted one merges to, for saving (``save_pretrained``): built on the meta
+    device, without a second copy of the unmerged weights, then given ``weights`` ((name, tensor) pairs, default
+    ``merged_weights(model)``); buffers outside the state dict (rotary tables) stay on the meta device, so it is
+    not for running. A trained head copy unties the head from the embeddings, as PEFT's ``merge_and_unload``
+    does."""
     import copy
 
     import torch

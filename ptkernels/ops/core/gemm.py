@@ -108,6 +108,7 @@ def cpu_gemm_choice() -> tuple[str, str]:
                                              _onednn_available())
     return _CHOICE[_CPU_GEMM]
 
+
 def transposed_grad_min_rows(cpu: CPUInfo) -> int:
     """The fewest rows in all (over one call's chunks) for which the weight-gradient accumulator is stored
     transposed so that GEMM 3 can take oneDNN (``weight_grad_buffer``); 0: no bound beyond the chunk's.

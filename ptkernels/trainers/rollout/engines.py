@@ -103,9 +103,8 @@ def make_engine(name: str, model, tokenizer, *, model_dir: str | None = None, ma
     on ``model`` itself, from the same distribution; or 'vllm': a ``vllm_engine.VLLMEngine`` built from
     ``model_dir`` (``model``'s Hugging Face folder; None: ``model`` is saved to a temporary folder the engine
     loads when built, a LoRA policy as its merged model; ``max_model_len`` prompt + completion tokens), or, with
-    ``server`` ("HOST:PORT"), a client
-    of a running ``ptk vllm-serve``. A vLLM engine keeps its own copy of the weights: the caller pushes the
-    policy's into it (``engine.sync_weights(model)``) after updating them."""
+    ``server`` ("HOST:PORT"), a client of a running ``ptk vllm-serve``. A vLLM engine keeps its own copy of the
+    weights: the caller pushes the policy's into it (``engine.sync_weights(model)``) after updating them."""
     if name == "hf":
         return HFGenerateEngine(model, tokenizer)
     if name == "kv_cache":
@@ -118,7 +117,7 @@ def make_engine(name: str, model, tokenizer, *, model_dir: str | None = None, ma
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"--vllm-server must be HOST:PORT, got {server!r}")
             return VLLMServerClient(host, int(port))
-        from .vllm_engine import VLLMEngine, iter_full_weights
+        from .vllm_engine import VLLMEngine, iter_full_weights, unwrap_ddp
 
         options = dict(max_model_len=max_model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
         if model_dir:
@@ -128,7 +127,7 @@ def make_engine(name: str, model, tokenizer, *, model_dir: str | None = None, ma
 
         folder = tempfile.mkdtemp(prefix="ptk-vllm-policy-")
         try:  # the engine reads the weights and the tokenizer when it is built
-            policy = getattr(model, "module", model)  # a DDP wrapper
+            policy = unwrap_ddp(model)
             if is_adapted(policy):  # a LoRA policy: its merged model, which the engine loads as a plain one
                 save_pretrained(merged_model(policy, iter_full_weights(policy)), tokenizer, folder)
             else:

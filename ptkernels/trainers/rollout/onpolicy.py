@@ -159,10 +159,11 @@ def _start_folder(model: str, policy) -> bool:
     whose tied head gets a trained copy (the engine must be built untied). A fresh adapter adds nothing (B = 0),
     so a LoRA policy's base folder is its start."""
     from ..adapters import is_adapted, is_adapter_folder, trains_head
+    from .vllm_engine import unwrap_ddp
 
     if not os.path.isdir(model) or is_adapter_folder(model):
         return False
-    policy = getattr(policy, "module", policy)  # a DDP wrapper
+    policy = unwrap_ddp(policy)
     return not (is_adapted(policy) and trains_head(policy) and policy.get_base_model().config.tie_word_embeddings)
 
 

