@@ -143,7 +143,7 @@ def test_qlora_dpo_trains_the_adapter_on_a_quantized_base(data_dir, tiny_folder,
     assert trainable and all("lora_" in n for n in trainable)
     del policy
     quant = ["--model", tiny_folder, f"--load-in-{bits}", "--max-steps", "3", "--lr", "1e-2", "--ref-mode", "live"]
-    out = run("dpo", data_dir["pref"], tmp_path / "out", *quant, "--save-steps", "2")
+    out = run("dpo", data_dir["pref"], tmp_path / "out", *quant, "--save-steps", "2", "--merge-adapter")
     rows = metrics(out)
     # the reference is the quantized policy with its adapter off, and LoRA's B starts at 0: the same log-probs on
     # the first step, so the loss is ln 2 up to run-to-run differences of the kernels (none expected)
@@ -151,6 +151,17 @@ def test_qlora_dpo_trains_the_adapter_on_a_quantized_base(data_dir, tiny_folder,
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
     saved = load_file(os.path.join(out, "adapter_model.safetensors"))
     assert saved and all("lora_" in k for k in saved)
+    # the adapter applies to the full-precision base (it was trained on a quantized copy of it) and --merge-adapter
+    # writes exactly that: W + s B A on the base's own weights
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, tok = load_causal_lm(tiny_folder)
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).eval()
+    ids = torch.tensor([tok("What is 12+30? Answer: 42")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     if torch.cuda.is_available():
         return  # on CUDA, bitsandbytes' kernels need not repeat bit for bit; on CPU they do
     # resume from step 2 on the quantized base: the same adapter and loss as the run that never stopped
