@@ -26,8 +26,8 @@ set, reproducible for a given machine (the choice never depends on a timing):
                      faster at 3072 rows (511 against 761 ms at D=512, V=32000) but not below: at 48-1536 rows
                      addmm into a contiguous buffer took 0.61-1.06x of its time, 0.16-0.80x with the transposing
                      copy at the end counted. ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD is Zen 5's figure; on Zen 4 the
-                     buffer is transposed only for calls of at least ``ZEN4_TRANSPOSED_GRAD_MIN_ROWS`` rows
-                     (``transposed_grad_min_rows``: why there).
+                     buffer is transposed only for calls of at least ``ZEN4_TRANSPOSED_GRAD_MIN_ROWS`` rows and
+                     D <= ``ZEN4_TRANSPOSED_GRAD_MAX_DIM`` (``transposed_grad_bounds``: why there).
     other vendors without AVX-512 -> "blas": there MKL's AVX2 kernels are the CPU's best and oneDNN has nothing
                      wider. On a 2-core AMD EPYC Zen 3 (family 25, AVX2 only; 2026-12-04) oneDNN was 1.0-1.5x
                      slower than torch.mm on GEMMs 2 and 3 at every shape tried, and the fused CE on torch.mm took
@@ -64,7 +64,8 @@ from .cpu_info import CPUInfo, cpu_info
 # wins even on a new shape (128 x 872 x ~2000: 1.5 ms against 2.9 ms on torch.mm).
 ONEDNN_MIN_FLOPS = 1 << 27
 ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD = 256  # GEMM 3's inner dimension; shorter ones lose to addmm_ (0.7x at 128)
-ZEN4_TRANSPOSED_GRAD_MIN_ROWS = 2048  # rows in all of one call's GEMM 3s: see transposed_grad_min_rows
+ZEN4_TRANSPOSED_GRAD_MIN_ROWS = 2048  # rows in all of one call's GEMM 3s: see transposed_grad_bounds
+ZEN4_TRANSPOSED_GRAD_MAX_DIM = 512  # hidden sizes above it: never transposed on Zen 4 (transposed_grad_bounds)
 CPU_FRESH_BUFFER_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: larger blocks are mmapped
 
 CPU_GEMM_CHOICES = ("auto", "blas", "onednn")
@@ -109,32 +110,35 @@ def cpu_gemm_choice() -> tuple[str, str]:
     return _CHOICE[_CPU_GEMM]
 
 
-def transposed_grad_min_rows(cpu: CPUInfo) -> int:
-    """The fewest rows in all (over one call's chunks) for which the weight-gradient accumulator is stored
-    transposed so that GEMM 3 can take oneDNN (``weight_grad_buffer``); 0: no bound beyond the chunk's.
+def transposed_grad_bounds(cpu: CPUInfo) -> tuple[int, int | None]:
+    """(fewest rows in all over one call's chunks, largest hidden size D; None: any) for which the weight-gradient
+    accumulator is stored transposed so that GEMM 3 can take oneDNN (``weight_grad_buffer``); (0, None): no
+    bound beyond the chunk's.
 
     The transposed buffer trades a faster GEMM 3 per chunk for one transposing copy of the whole [V, D] gradient
-    at the end, so it pays only over enough rows. AMD family 25 with AVX-512 (Zen 4), 2-core EPYC, fp32, 2026-12-04,
-    medians of 9: oneDNN into the transposed buffer ran GEMM 3 1.14-1.29x faster than addmm at D <= 512 (256-2048
-    rows, V=8192-32000) but 0.89-1.03x at D = 2048 or V = 872 (Zen 4 executes AVX-512 on 256-bit units), and the
-    copy took 0.8 ms per MiB of gradient for 64 MiB (1.3 GB/s; 5 ms for 16 MiB): about 1.3k rows of the D <= 512
-    gain pay for it, at any V x D (both costs grow with V x D). End to end, interleaved (CE time x eager, 7-11
-    rounds; transposed at 256 rows -> this bound): N=1024, D=2048, V=8192 0.77 -> 0.62; N=1024, D=512, V=32000
-    0.61 -> 0.55; N=1024, D=512, V=872 0.80 -> 0.75-0.78; N >= 4096 cells unchanged (their chunks still take
-    the transposed route). Elsewhere (Zen 5, where ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD was set; other CPUs take the
-    BLAS route) no bound is measured, so none is set."""
+    at the end, so it pays only where GEMM 3 gains and over enough rows. AMD family 25 with AVX-512 (Zen 4; its
+    AVX-512 runs on 256-bit units), 2-core EPYC, fp32, 2026-12-04, medians of 9, oneDNN into the transposed buffer
+    against addmm into a contiguous one: 1.14-1.29x faster at D <= 512 (256-2048 rows, V=8192-32000), but
+    0.86-1.03x at D = 1024, 2048 and 4096 (256-2048 rows, V=872-32000) and 0.94-1.02x at V=872; the copy took
+    0.8 ms per MiB of gradient for 64 MiB (1.3 GB/s; 5 ms for 16 MiB): about 1.3k rows of the D <= 512 gain pay
+    for it, at any V x D (both grow with V x D), and nothing pays for it above D=512. End to end, interleaved (CE
+    time x eager, 7-11 rounds, transposed as before -> these bounds): N=1024, D=2048, V=8192 0.76-0.77 -> 0.62-0.65;
+    N=1024, D=512, V=32000 0.61 -> 0.55; N=4096, D=2048, V=8192 0.68 -> 0.65; N >= 4096 at D <= 512 unchanged.
+    Elsewhere (Zen 5, where ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD was set; other CPUs take the BLAS route) no bound is
+    measured, so none is set."""
     if cpu.vendor == "AuthenticAMD" and cpu.family == 25 and cpu.avx512:
-        return ZEN4_TRANSPOSED_GRAD_MIN_ROWS
-    return 0
+        return ZEN4_TRANSPOSED_GRAD_MIN_ROWS, ZEN4_TRANSPOSED_GRAD_MAX_DIM
+    return 0, None
 
 
-_GRAD_ROWS: dict[str, int] = {}  # memoized in a plain dict so torch.compile traces through it
+_GRAD_BOUNDS: dict[str, tuple[int, int | None]] = {}  # memoized in a plain dict so torch.compile traces through it
 
 
-def _transposed_grad_min_rows() -> int:
-    if "rows" not in _GRAD_ROWS:
-        _GRAD_ROWS["rows"] = transposed_grad_min_rows(cpu_info())
-    return _GRAD_ROWS["rows"]
+def _transposed_grad_pays(rows_in_all: int, dim: int) -> bool:
+    if "bounds" not in _GRAD_BOUNDS:
+        _GRAD_BOUNDS["bounds"] = transposed_grad_bounds(cpu_info())
+    min_rows, max_dim = _GRAD_BOUNDS["bounds"]
+    return rows_in_all >= min_rows and (max_dim is None or dim <= max_dim)
 
 
 _ONEDNN: dict[str, bool] = {}  # memoized in a plain dict so torch.compile traces through it
@@ -206,7 +210,7 @@ def weight_grad_buffer(weight: torch.Tensor, like: torch.Tensor, acc_dtype: torc
                        rows_per_gemm: int | None = None, rows_in_all: int | None = None) -> torch.Tensor:
     """A zeroed ``[V, D]`` accumulator in ``acc_dtype`` for GEMM 3 over ``rows_in_all`` rows (default: those of
     ``like``, [N, D]), at most ``rows_per_gemm`` per product (default: all of them). Where GEMM 3 can take the
-    oneDNN route, over enough rows to pay for the transposing copy at the end (``transposed_grad_min_rows``), it
+    oneDNN route, where its gain pays for the transposing copy at the end (``transposed_grad_bounds``), it
     is stored transposed (a ``[D, V]`` contiguous tensor seen as ``[V, D]``); hand it back through
     ``weight_grad_result``. Only then: a transposed buffer no oneDNN product is added into costs a slower addmm
     per chunk and that copy (70 ms at V=8192, D=2048 on a Zen 4 EPYC)."""
@@ -214,7 +218,7 @@ def weight_grad_buffer(weight: torch.Tensor, like: torch.Tensor, acc_dtype: torc
     total = like.shape[0] if rows_in_all is None else rows_in_all
     rows = total if rows_per_gemm is None else rows_per_gemm
     if (like.dtype == acc_dtype and rows >= ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD and rows * v * d >= ONEDNN_MIN_FLOPS
-            and onednn_route(like.device, like.dtype) and total >= _transposed_grad_min_rows()):
+            and onednn_route(like.device, like.dtype) and _transposed_grad_pays(total, d)):
         return torch.zeros(d, v, dtype=acc_dtype, device=weight.device).t()
     return torch.zeros(v, d, dtype=acc_dtype, device=weight.device)
 
@@ -248,7 +252,7 @@ def weight_grad(dz: torch.Tensor, h: torch.Tensor, acc_dtype: torch.dtype) -> to
     if dz.dtype == acc_dtype:
         rows = h.shape[0]
         if (_use_onednn(dz, h, dz.shape[1], h.shape[1], rows) and rows >= ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD
-                and rows >= _transposed_grad_min_rows()):
+                and _transposed_grad_pays(rows, h.shape[1])):
             return _linear(h.t().contiguous(), dz.t()).t()  # [D, V] product, seen as [V, D]
         return torch.mm(dz.t(), h)
     acc = torch.zeros(dz.shape[1], h.shape[1], dtype=acc_dtype, device=dz.device)

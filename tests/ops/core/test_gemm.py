@@ -35,10 +35,10 @@ def _route_on(monkeypatch):
 
 def _onednn_at_any_size(monkeypatch):
     """The size thresholds of the oneDNN route off: GEMMs of any size, GEMM 3 of any rows (per product and in
-    all, whatever this CPU's ``transposed_grad_min_rows``)."""
+    all and at any D, whatever this CPU's ``transposed_grad_bounds``)."""
     monkeypatch.setattr(gemm, "ONEDNN_MIN_FLOPS", 0)
     monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD", 1)
-    monkeypatch.setattr(gemm, "_GRAD_ROWS", {"rows": 0})
+    monkeypatch.setattr(gemm, "_GRAD_BOUNDS", {"bounds": (0, None)})
 
 
 @pytest.fixture
@@ -131,21 +131,24 @@ def test_weight_grad_buffer_is_transposed_only_where_a_chunk_can_take_onednn(one
     assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=7).is_contiguous()
 
 
-def test_weight_grad_buffer_is_transposed_only_over_enough_rows_in_all(onednn_calls, monkeypatch):
-    """Where this CPU's rule asks for enough rows to pay for the transposing copy (Zen 4), fewer rows in all keep
-    the buffer contiguous (GEMM 3 on addmm), and the one-chunk GEMM 3 writes a contiguous [V, D] product."""
-    monkeypatch.setattr(gemm, "_GRAD_ROWS", {"rows": 40})
+def test_weight_grad_buffer_is_transposed_only_where_the_rule_says_it_pays(onednn_calls, monkeypatch):
+    """Where this CPU's rule bounds the transposed layout (Zen 4: rows in all, hidden size), fewer rows in all or a
+    larger D keep the buffer contiguous (GEMM 3 on addmm), and the one-chunk GEMM 3 writes a contiguous [V, D]
+    product."""
+    monkeypatch.setattr(gemm, "_GRAD_BOUNDS", {"bounds": (40, D)})
     w, many = torch.empty(V, D), torch.empty(64, D)
     assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=8, rows_in_all=39).is_contiguous()
     assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=8, rows_in_all=40).t().is_contiguous()
     assert gemm.weight_grad_buffer(w, many, torch.float32).t().is_contiguous()  # rows in all: like's 64
-    for rows, contiguous in ((39, True), (40, False)):
-        h64, dz64 = rand(rows, D), rand(rows, V)
+    wide_w, wide = torch.empty(V, D + 1), torch.empty(64, D + 1)
+    assert gemm.weight_grad_buffer(wide_w, wide, torch.float32, rows_per_gemm=8).is_contiguous()  # D above the bound
+    for rows, d, contiguous in ((39, D, True), (40, D, False), (40, D + 1, True)):
+        h64, dz64 = rand(rows, d), rand(rows, V)
         h, dz = _f32(h64, dz64)
         onednn_calls.clear()
         gw = gemm.weight_grad(dz, h, torch.float32)
         assert gw.is_contiguous() == contiguous and bool(onednn_calls) != contiguous
-        assert_close_to_truth(gw, dz64.T @ h64, FP32, f"one-chunk weight grad, {rows} rows")
+        assert_close_to_truth(gw, dz64.T @ h64, FP32, f"one-chunk weight grad, {rows} rows, D={d}")
 
 
 def test_ce_chunk_loop_of_short_chunks_keeps_a_contiguous_weight_grad(onednn_calls, monkeypatch):
@@ -320,10 +323,11 @@ ZEN3 = CPUInfo("AuthenticAMD", "AMD EPYC 7R13", frozenset({"avx2", "fma"}), 25)
 ZEN5 = CPUInfo("AuthenticAMD", "AMD EPYC 9R45", frozenset({"avx2", "fma", "avx512f"}), 26)
 
 
-@pytest.mark.parametrize("cpu, want", [(ZEN4, gemm.ZEN4_TRANSPOSED_GRAD_MIN_ROWS), (ZEN3, 0), (ZEN5, 0),
-                                       (INTEL, 0), (UNKNOWN, 0)])
-def test_transposed_grad_bound_by_cpu(cpu, want):
-    assert gemm.transposed_grad_min_rows(cpu) == want
+@pytest.mark.parametrize("cpu, want", [
+    (ZEN4, (gemm.ZEN4_TRANSPOSED_GRAD_MIN_ROWS, gemm.ZEN4_TRANSPOSED_GRAD_MAX_DIM)), (ZEN3, (0, None)),
+    (ZEN5, (0, None)), (INTEL, (0, None)), (UNKNOWN, (0, None))])
+def test_transposed_grad_bounds_by_cpu(cpu, want):
+    assert gemm.transposed_grad_bounds(cpu) == want
 
 
 @pytest.mark.parametrize("setting", ["blas", "onednn"])
