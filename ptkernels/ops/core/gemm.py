@@ -119,7 +119,7 @@ def transposed_grad_bounds(cpu: CPUInfo) -> tuple[int, int | None]:
     at the end, so it pays only where GEMM 3 gains and over enough rows. AMD family 25 with AVX-512 (Zen 4; its
     AVX-512 runs on 256-bit units), 2-core EPYC, fp32, 2026-12-04, medians of 9, oneDNN into the transposed buffer
     against addmm into a contiguous one: 1.14-1.29x faster at D <= 512 (256-2048 rows, V=8192-32000), but
-    0.86-1.03x at D = 1024, 2048 and 4096 (256-2048 rows, V=872-32000) and 0.94-1.02x at V=872; the copy took
+    0.68-1.03x at D = 1024, 2048 and 4096 (256-2048 rows, V=872-32000) and 0.89-1.02x at V=872; the copy took
     0.8 ms per MiB of gradient for 64 MiB (1.3 GB/s; 5 ms for 16 MiB): about 1.3k rows of the D <= 512 gain pay
     for it, at any V x D (both grow with V x D), and nothing pays for it above D=512. End to end, interleaved (CE
     time x eager, 7-11 rounds, transposed as before -> these bounds): N=1024, D=2048, V=8192 0.76-0.77 -> 0.62-0.65;
