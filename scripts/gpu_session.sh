@@ -8,6 +8,9 @@
 #   device run:  bash scripts/gpu_session.sh     (carry .whl holding wheels of the peers and of bitsandbytes:
 #                liger-kernel and cut-cross-entropy are benchmarked, bitsandbytes runs QLoRA; none is on the image)
 #
+# The build reads pyproject.toml, whose SPDX license string needs setuptools >= 77: the session log prints the
+# image's; if it is older, carry a setuptools wheel in .whl too (the carried wheels come first on PYTHONPATH).
+#
 # PTK_GPU_STAGES says which stages run (default "build tests qlora bench_lce bench_rl bench_lora trainers bench_vllm"); PTK_CHUNK_SWEEP=0 leaves
 # the chunk-size sweep out of bench_lce. The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
 # to what is left, so a hang in one still returns the others' logs. Stages run one after another, never two at a
@@ -52,15 +55,16 @@ stage() {
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
-  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
-'| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
+  python3 -c "import sys, torch, triton, setuptools; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'| triton', triton.__version__, '| cuda', torch.version.cuda, '| setuptools', setuptools.__version__, '|',
+torch.cuda.get_device_name())"
   nproc
   date -u
 } 2>&1 | tee "$SUMMARY"
 
 if ls .whl/*.whl >/dev/null 2>&1; then # peers (Liger-Kernel) carried as wheels: no network there
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site" && echo "carried wheels: $(ls .whl)" | tee -a "$SUMMARY"
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH" && echo "carried wheels: $(ls .whl)" | tee -a "$SUMMARY"
 fi
 
 # 1. The native extension with its CUDA part, for sm_90 only (pybind11, ninja and nvcc are on the GPU image).
