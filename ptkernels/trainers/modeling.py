@@ -141,7 +141,7 @@ def load_causal_lm(name: str, *, seed: int = 0, trust_remote_code: bool = False,
 
     quiet_transformers()
     if not is_preset(name) and adapters.is_adapter_folder(name):
-        return _load_adapter_folder(name, "CAUSAL_LM", max_length)
+        return _load_adapter_folder(name, "CAUSAL_LM", max_length, **load_kwargs)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     if is_preset(name):
         with torch.random.fork_rng(devices=[]):
@@ -175,7 +175,7 @@ def load_sequence_classifier(name: str, *, seed: int = 0, trust_remote_code: boo
 
     quiet_transformers()
     if not is_preset(name) and adapters.is_adapter_folder(name):
-        return _load_adapter_folder(name, "SEQ_CLS", max_length)
+        return _load_adapter_folder(name, "SEQ_CLS", max_length, **load_kwargs)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -192,13 +192,18 @@ def load_sequence_classifier(name: str, *, seed: int = 0, trust_remote_code: boo
     return model, tokenizer
 
 
-def _load_adapter_folder(name: str, task: str, max_length: int):
+def _load_adapter_folder(name: str, task: str, max_length: int, **load_kwargs):
     """A stage's LoRA output as a plain model: its ``merged/`` folder when --merge-adapter wrote one, else the
-    adapter merged into its base now."""
+    adapter merged into its base now. ``load_kwargs`` (QLoRA's quantization) need the merged folder: a model is
+    quantized as it is read from a folder, not after merging in memory."""
     load = load_sequence_classifier if task == "SEQ_CLS" else load_causal_lm
     merged = os.path.join(name, adapters.MERGED)
     if os.path.isfile(os.path.join(merged, "config.json")):
-        return load(merged, max_length=max_length)
+        return load(merged, max_length=max_length, **load_kwargs)
+    if load_kwargs:
+        raise ValueError(f"{name} is a LoRA adapter folder without its merged model ({adapters.MERGED}/), and a "
+                         f"quantized base (--load-in-4bit / --load-in-8bit) is read from a model folder: write it "
+                         f"with `ptk merge {name}` (or train that stage with --merge-adapter), or drop the flag")
     return load_merged_adapter(name, task=task, max_length=max_length)
 
 

@@ -305,6 +305,25 @@ def test_ppo_runs_with_lora(rl_data, tmp_path, reward_adapter):
     assert os.path.exists(os.path.join(out, "value_model", "adapter_model.safetensors"))
 
 
+@needs_bitsandbytes
+def test_qlora_ppo_trains_on_4bit_policy_and_critic(rl_data, tmp_path, reward_adapter, tiny_folder):
+    """PPO with --load-in-4bit: the policy on the 4-bit base, the critic on the 4-bit reward model, each with its
+    adapter. The reward model is a LoRA reward run's adapter folder: quantizing needs its merged model, so without
+    merged/ it is a clear error naming ptk merge, and with it the run trains."""
+    import shutil
+
+    reward = str(tmp_path / "reward")
+    shutil.copytree(reward_adapter, reward)
+    args = [*ONPOLICY, "--model", tiny_folder, "--load-in-4bit", "--reward-model", reward, "--ppo-epochs", "1"]
+    with pytest.raises(ValueError, match="ptk merge"):
+        run("ppo", rl_data, tmp_path / "refused", *args)
+    assert ptk(["merge", reward]) == 0
+    out = run("ppo", rl_data, tmp_path / "ppo", *args)
+    rows = metrics(out)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert os.path.exists(os.path.join(out, "value_model", "adapter_model.safetensors"))
+
+
 def test_every_stage_has_the_lora_options():
     from ptkernels.trainers.engine import config as c
 
