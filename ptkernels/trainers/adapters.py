@@ -73,9 +73,13 @@ def adapter_base(path: str) -> tuple[str, int, str, bool]:
 
 
 def head_trained(path: str) -> bool:
+    """Whether the adapter saved in ``path`` trained a copy of the output head (``--lora-modules-to-save lm_head``)."""
     with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
-        saved = json.load(f).get("modules_to_save") or []
-    return "lm_head" in saved
+        return _saves_head(json.load(f).get("modules_to_save"))
+
+
+def _saves_head(modules_to_save) -> bool:
+    return "lm_head" in (modules_to_save or [])
 
 
 def merged_weights(model, full=lambda t: t):
@@ -111,9 +115,8 @@ def _lora_delta(layer, adapter: str, full):
 
 
 def trains_head(model) -> bool:
-    """Whether an adapted causal LM trains a copy of its output head (``--lora-modules-to-save lm_head``)."""
-    saved = getattr(model.peft_config[model.active_adapter], "modules_to_save", None) or []
-    return "lm_head" in saved
+    """``head_trained`` of an adapted model in memory."""
+    return _saves_head(getattr(model.peft_config[model.active_adapter], "modules_to_save", None))
 
 
 def merged_model(model, weights=None):

@@ -18,6 +18,7 @@ from ptkernels.trainers.modeling import CausalLMLoss, ReferenceModel, load_causa
 from ptkernels.trainers.rollout.scoring import completion_batch
 
 from .conftest import write_jsonl
+from .lora_helpers import trained_lora_policy
 
 COMMON = ["--model", "tiny", "--no-progress", "--batch-size", "4", "--max-length", "48", "--lora", "--lora-r", "4",
           "--lora-dropout", "0"]
@@ -334,7 +335,7 @@ def test_every_stage_has_the_lora_options():
                 "load_in_4bit", "load_in_8bit", "merge_adapter"} <= names, cls.__name__
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-qlora"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", pytest.param("fsdp-qlora", marks=needs_bitsandbytes)])
 def test_two_processes_match_one(data_dir, tmp_path, mode, request):
     """torchrun with 2 gloo processes takes the same LoRA steps as 1 process with the same global batch (DDP and
     FSDP2 with the frozen base: the optimizer holds the adapter's state only; and FSDP2 on a 4-bit base)."""
@@ -342,8 +343,6 @@ def test_two_processes_match_one(data_dir, tmp_path, mode, request):
 
     quant = []
     if mode == "fsdp-qlora":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            pytest.skip("QLoRA needs bitsandbytes (in the dev extras: pip install -e '.[dev]')")
         quant = ["--model", request.getfixturevalue("tiny_folder"), "--load-in-4bit"]
     common = ["--data", data_dir["sft"], "--max-steps", "2", "--lr", "1e-2", "--grad-accum", "2", *COMMON, *quant]
     one = run("sft", data_dir["sft"], tmp_path / "one", "--max-steps", "2", "--lr", "1e-2", "--grad-accum", "2",
@@ -363,17 +362,6 @@ def test_two_processes_match_one(data_dir, tmp_path, mode, request):
 # ------------------------------------------------------------------ the vLLM engine gets the merged weights
 
 
-def _trained_lora_policy():
-    """A LoRA policy with a trained head copy whose adapter tensors are all non-zero (as after some steps)."""
-    policy, tok = lora.load_policy(config("--lora-modules-to-save", "lm_head"))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in policy.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return policy, tok
-
-
 def test_vllm_weight_sync_streams_the_merged_model():
     """What ``sync_weights`` pushes for a LoRA policy: the plain model's names, each LoRA layer's W + s B A and the
     trained head copy, bit for bit what PEFT's ``merge_and_unload`` gives; the policy's own base is left as it
@@ -382,7 +370,7 @@ def test_vllm_weight_sync_streams_the_merged_model():
 
     from ptkernels.trainers.rollout.vllm_engine import iter_full_weights
 
-    policy, _ = _trained_lora_policy()
+    policy, _ = trained_lora_policy()
     base_before = {k: v.clone() for k, v in policy.get_base_model().state_dict().items()}
     streamed = dict(iter_full_weights(policy))
     merged = copy.deepcopy(policy).merge_and_unload().state_dict()
@@ -407,17 +395,13 @@ def test_vllm_engine_of_a_lora_policy_loads_its_merged_model(monkeypatch):
             loaded["model"] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
     monkeypatch.setattr(vllm_engine, "VLLMEngine", FolderReader)
-    policy, tok = _trained_lora_policy()
+    policy, tok = trained_lora_policy()
     engines.make_engine("vllm", policy, tok)
     ids = torch.tensor([tok("What is 12+30? The answer is 42.")["input_ids"]])
     with torch.no_grad():
         want, got = policy(input_ids=ids).logits, loaded["model"](input_ids=ids).logits
-    assert not adapters_in(loaded["model"])
+    assert not any("lora_" in n for n, _ in loaded["model"].named_parameters())
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
-
-
-def adapters_in(model) -> bool:
-    return any("lora_" in n for n, _ in model.named_parameters())
 
 
 def test_vllm_rollouts_refuse_a_quantized_base():

@@ -29,21 +29,13 @@ class _Received:
 
 
 def _lora_policy():
-    """The tiny preset with a LoRA adapter and a trained head copy, every adapter tensor non-zero (the same on both
-    ranks), and the merged model's state PEFT's merge_and_unload gives, the truth of the sync."""
+    """A trained-looking LoRA policy and the merged model's state PEFT's merge_and_unload gives, the truth of the
+    sync."""
     import copy
 
-    from ptkernels.trainers import lora
-    from ptkernels.trainers.engine.config import GRPOConfig, parse_config
+    from ..lora_helpers import trained_lora_policy
 
-    cfg = parse_config(GRPOConfig, ["--model", "tiny", "--data", "unused.jsonl", "--lora", "--lora-r", "4",
-                                    "--lora-modules-to-save", "lm_head"])
-    policy, _ = lora.load_policy(cfg)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in policy.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    policy, _ = trained_lora_policy()
     return policy, copy.deepcopy(policy).merge_and_unload().state_dict()
 
 
