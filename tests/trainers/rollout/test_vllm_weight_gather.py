@@ -72,9 +72,13 @@ def _worker(rank: int, port: int, queue) -> None:
     try:
         counts = {mode: _check_sync(rank, mode) for mode in ("fsdp", "ddp", "fsdp-lora")}
         if rank == 0:
-            queue.put(counts)
+            queue.put(counts)  # a SimpleQueue writes to its pipe here: nothing is left to flush at exit
+        dist.barrier()  # both ranks done checking before either tears the group down
     finally:
         dist.destroy_process_group()
+    # Past the checks, skip the interpreter's teardown: once in CI (2026-12-04) a worker aborted there
+    # ("terminate called without an active exception", SIGABRT) after passing, failing the test; 11 reruns passed.
+    os._exit(0)
 
 
 def test_full_weights_from_two_processes():
