@@ -23,39 +23,48 @@ def default_chunk_size(num_classes: int, device: torch.device, dtype: torch.dtyp
     reads and writes the whole fp32 [V, D] accumulator once per chunk, so few, tall chunks keep the tensor cores
     busy. On an H200 at N=8192 (25% masked), D=4096, V=128256, bf16, fwd+bwd ran at 1.56x the 3-GEMM floor with
     512-row chunks, 1.22x with 2048 and 1.19x with 4096, the peak memory unchanged up to 2048 (the fp32
-    accumulator and the bf16 dW outweigh a chunk; benchmarks/RESULTS.md). CPU: about
-    2^24 logits (64 MiB in fp32; 512 rows at V=32000) on ``torch.mm``, whose GEMM 2 (``dz @ W``, K = V) packs
-    all of W again for every chunk (at 256 rows that cost ~5% at the benchmark CPU size); about 2^23 (32 MiB,
-    256 rows) where the GEMMs run on oneDNN (``gemm.onednn_route``), which returns a fresh chunk of logits
-    every time: one above glibc's largest mmap threshold (``gemm.CPU_FRESH_BUFFER_BYTES``) is mapped,
-    zero-filled by page faults and unmapped again per chunk (GEMM 1 over the benchmark CPU size: 0.32 s at 512
-    rows, 0.22 s at 256). Never fewer than 256 rows: below that the GEMMs' short dimension costs more than the
-    page faults (CPU, N=1024, D=512, V=128256: 2.09 s at 64 rows, 1.46 s at 256). The row kernels work one row
-    at a time (a row sits in L2), so the chunk need not fit a cache.
+    accumulator and the bf16 dW outweigh a chunk; benchmarks/RESULTS.md).
 
-    CPU, also at most ``CPU_CHUNK_HIDDEN`` hidden values per chunk (512 rows at D=2048): a chunk gathers its
-    rows of the hidden states and forms their dX before scattering it, two [rows, D] temporaries that outweigh
-    the logits where D is large against V. Peak memory against eager's (fp32, 2-core AMD EPYC Zen 3): at
-    N=4096, D=2048, V=872, one 4096-row chunk took 103.8 MiB against 62.9, 2^21 values (1024 rows) 63.8-65.1,
-    2^20 61.5; at N=1024, D=2048, V=8192, 118.1 at 2^21 and 105.7 at 2^20 against 113.9; time unchanged within
-    the noise (0.73-0.81x eager at both). It changes the chunk only where D is large against V (at D=2048 below
-    V=32000, at D=512 below V=8192): elsewhere the logits bound is the smaller.
+    CPU on ``torch.mm``: about 2^24 logits (64 MiB in fp32; 512 rows at V=32000), a power of two; its GEMM 2
+    (``dz @ W``, K = V) packs all of W again for every chunk (at 256 rows that cost ~5% at the benchmark CPU
+    size), and GEMM 1 writes into one buffer reused by every chunk (``ChunkLogits``).
+
+    CPU on oneDNN (``gemm.onednn_route``), which returns a fresh chunk of logits every time: as many rows as keep
+    it below glibc's largest mmap threshold (``gemm.CPU_FRESH_BUFFER_BYTES``), a multiple of 32. A chunk above it
+    is mapped, zero-filled by page faults and unmapped again per chunk (GEMM 1 over the benchmark CPU size: 0.32
+    s at 512 rows, 0.22 s at 256), and so was one of exactly 32 MiB, which the earlier power-of-two rule made at
+    every power-of-two vocabulary: fused CE against the 3-GEMM floor, interleaved, Zen 4 EPYC, N=16384, D=128,
+    V=8192: 1.12x at 1024 rows, 0.93-0.98x at 512-1000; N=8192, D=128, V=16384: 1.10x at 512, 0.92-0.97x at
+    256-500; V=32768, N=4096, D=128 / N=2048, D=512: 1.12x / 1.09x at 256, 1.05x / 0.99x at 224. Where fewer
+    than ``CPU_MIN_FRESH_CHUNK_ROWS`` rows fit (V above ~43k), 256 rows all the same: there the GEMMs' short
+    dimension costs more than the page faults (N=1024, V=128256, D=128 / 512: 1.13x / 1.07x the floor at 256
+    rows, 1.22x / 1.15x at 128, 1.37x / 1.26x at 64). The row kernels work one row at a time (a row sits in
+    L2), so the chunk need not fit a cache.
+
+    CPU, also at most ``CPU_CHUNK_HIDDEN`` hidden values per chunk (512 rows at D=2048), never fewer than 256: a
+    chunk gathers its rows of the hidden states and forms their dX before scattering it, two [rows, D]
+    temporaries that outweigh the logits where D is large against V. Peak memory against eager's (fp32, 2-core
+    AMD EPYC Zen 3): at N=4096, D=2048, V=872, one 4096-row chunk took 103.8 MiB against 62.9, 2^21 values
+    (1024 rows) 63.8-65.1, 2^20 61.5; at N=1024, D=2048, V=8192, 118.1 at 2^21 and 105.7 at 2^20 against 113.9;
+    time unchanged within the noise (0.73-0.81x eager at both). It changes the chunk only where D is large
+    against V (at D=2048 below V=32000, at D=512 below V=8192): elsewhere the logits bound is the smaller.
     """
+    v = max(num_classes, 1)
     if device.type == "cuda":
-        budget = 1 << 28
-    elif dtype is not None and gemm.onednn_route(device, dtype):
-        budget = gemm.CPU_FRESH_BUFFER_BYTES // 4
+        rows = max((1 << 28) // v, 256)
+        return min(1 << (rows.bit_length() - 1), 8192)  # a power of two: fewer shapes for the GEMM heuristics
+    by_hidden = max(CPU_CHUNK_HIDDEN // dim, 256) if dim else 4096
+    if dtype is not None and gemm.onednn_route(device, dtype):
+        fit = gemm.CPU_FRESH_BUFFER_BYTES // (4 * v)
+        rows = min(fit, by_hidden) // 32 * 32 if fit >= CPU_MIN_FRESH_CHUNK_ROWS else 256
     else:
-        budget = 1 << 24
-    rows = budget // max(num_classes, 1)
-    if device.type != "cuda" and dim:
-        rows = min(rows, CPU_CHUNK_HIDDEN // dim)
-    rows = max(rows, 256)
-    rows = 1 << (rows.bit_length() - 1)  # a power of two: fewer distinct shapes for the GEMM heuristics
-    return min(rows, 8192 if device.type == "cuda" else 4096)
+        rows = max(min((1 << 24) // v, by_hidden), 256)
+        rows = 1 << (rows.bit_length() - 1)
+    return min(rows, 4096)
 
 
 CPU_CHUNK_HIDDEN = 1 << 20  # hidden values per CPU chunk (4 MiB in fp32): see default_chunk_size
+CPU_MIN_FRESH_CHUNK_ROWS = 192  # fewest rows a oneDNN chunk is cut to to stay off mmap: see default_chunk_size
 
 
 # The small-shape fast path (``one_chunk``): below this many multiply-adds per GEMM (rows x V x D) a call runs
