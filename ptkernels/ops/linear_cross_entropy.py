@@ -74,6 +74,7 @@ def _ce_chunk_loop(hidden2d, weight, bias, labels1d, plan: RowPlan, rows_impl, o
             put(lse_out, rows, lse_c)
         if grads:
             apply_head_grads(g, h, weight, rows, row_scale(rows, h.shape[0]), gh, gw, gb)
+        del z, g  # dead: freed before the next chunk's GEMM 1 allocates its logits (one chunk alive, not two)
     return loss, gh, gw, gb
 
 

@@ -110,6 +110,7 @@ def _jsd_chunk_loop(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, 
         put(loss, rows, loss_c)
         if grads:
             apply_head_grads(g, h, weight, rows, 1.0 if per_row else scale, gh, gw, gb)
+        del zs, g  # dead: freed before the next chunk's GEMM 1 (one chunk alive, not two)
     return loss, gh, gw, gb
 
 

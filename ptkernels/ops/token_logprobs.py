@@ -109,6 +109,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             put(lse, rows, ls)
             if want_entropy:
                 put(mean_s, rows, ms)
+            del z  # dead unless kept: freed before the next chunk's GEMM 1 (one chunk alive, not two)
         entropy = lse - mean_s if want_entropy else None
         if want_entropy:
             entropy = torch.where(plan.valid, entropy, torch.zeros((), dtype=cd, device=entropy.device))
@@ -172,6 +173,7 @@ def _backward_loop(hidden2d, weight, bias, targets1d, lse, mean_s, g_logp, g_ent
             gemm.accumulate_weight_grad(gw, z, h)
         if gb is not None:
             gb += z.sum(dim=0, dtype=cd)
+        del z, g  # dead: freed before the next chunk's GEMM 1 (one chunk alive, not two)
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
