@@ -239,7 +239,7 @@ class _ChunkLoop:
                 seq, _ = sequence_sums(self.policy, layout, g0, g1, self.labels1d, self.rows_impl, o, keep=False,
                                        token_weights1d=self.tw, extra=extra)
             cnt = layout.chunk_counts(g0, g1)
-            scatter(layout, s_all, averaged(cfg, layout, seq, g0, g1) if False else seq, g0, g1)
+            scatter(layout, s_all, seq, g0, g1)
             scatter(layout, raw_all, extra["raw"], g0, g1)
             w = _wpo_weights(extra, cnt)
             if w is not None:
