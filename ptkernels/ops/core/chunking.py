@@ -39,7 +39,10 @@ def default_chunk_size(num_classes: int, device: torch.device, dtype: torch.dtyp
     than ``CPU_MIN_FRESH_CHUNK_ROWS`` rows fit (V above ~43k), 256 rows all the same: there the GEMMs' short
     dimension costs more than the page faults (N=1024, V=128256, D=128 / 512: 1.13x / 1.07x the floor at 256
     rows, 1.22x / 1.15x at 128, 1.37x / 1.26x at 64). The row kernels work one row at a time (a row sits in
-    L2), so the chunk need not fit a cache.
+    L2), so the chunk need not fit a cache. The price: a heap block freed by one chunk is not always reused by the
+    next (smaller allocations between them split it), so the peak may hold two chunks' logits where a mapped
+    chunk held one (CE at N=16384, D=128, V=8192: 64-95 MiB over runs, against 64 with mapped chunks and 1542
+    for eager).
 
     CPU, also at most ``CPU_CHUNK_HIDDEN`` hidden values per chunk (512 rows at D=2048), never fewer than 256: a
     chunk gathers its rows of the hidden states and forms their dX before scattering it, two [rows, D]
