@@ -81,14 +81,36 @@ class MatmulRate:
 
 def three_gemms(h: torch.Tensor, w: torch.Tensor, dz: torch.Tensor, library: str) -> dict:
     """The three products as zero-argument calls on ``library``: "torch.mm", or "ptkernels" (the GEMMs of
-    ptkernels/ops/core/gemm.py, which take oneDNN for large fp32 CPU GEMMs and ``torch.mm`` elsewhere)."""
+    ptkernels/ops/core/gemm.py, which take oneDNN for large fp32 CPU GEMMs and ``torch.mm`` elsewhere).
+
+    The arithmetic only, not the allocation of its results: "torch.mm" writes into buffers allocated here once;
+    oneDNN returns fresh products, so on CPU "ptkernels" forms GEMMs 1 and 2 in blocks of rows whose products
+    stay below glibc's mmap threshold (``gemm.CPU_FRESH_BUFFER_BYTES``). A fresh [N, V] product above it is
+    mapped and zero-filled on every call: at N=12288 valid rows, D=128, V=8192 (Zen 4 EPYC) that put ~75 ms of
+    page faults into a 226 ms GEMM 1 and made the floor ~15% slower than the GEMMs."""
+    n, v = dz.shape
     if library == "torch.mm":
-        return {"h@W.T": lambda: torch.mm(h, w.t()), "dz@W": lambda: torch.mm(dz, w),
-                "dz.T@h": lambda: torch.mm(dz.t(), h)}
+        z, dh, dw = h.new_empty(n, v), h.new_empty(n, h.shape[1]), h.new_empty(v, h.shape[1])
+        return {"h@W.T": lambda: torch.mm(h, w.t(), out=z), "dz@W": lambda: torch.mm(dz, w, out=dh),
+                "dz.T@h": lambda: torch.mm(dz.t(), h, out=dw)}
     from ptkernels.ops.core import gemm
 
     acc = gemm.weight_grad_buffer(w, h, h.dtype)
-    return {"h@W.T": lambda: gemm.logits(h, w), "dz@W": lambda: gemm.input_grad(dz, w),
+    if h.device.type != "cpu":
+        return {"h@W.T": lambda: gemm.logits(h, w), "dz@W": lambda: gemm.input_grad(dz, w),
+                "dz.T@h": lambda: gemm.accumulate_weight_grad(acc, dz, h)}
+
+    def in_blocks(product, columns: int):
+        rows_fit = gemm.CPU_FRESH_BUFFER_BYTES // (columns * h.element_size())
+        step = max(1, rows_fit // 32 * 32 or rows_fit)
+
+        def run():  # each block's product is dropped before the next is formed: one block's memory, reused
+            for r in range(0, n, step):
+                product(slice(r, r + step))
+        return run
+
+    return {"h@W.T": in_blocks(lambda rows: gemm.logits(h[rows], w), v),
+            "dz@W": in_blocks(lambda rows: gemm.input_grad(dz[rows], w), h.shape[1]),
             "dz.T@h": lambda: gemm.accumulate_weight_grad(acc, dz, h)}
 
 
