@@ -33,7 +33,8 @@ def default_chunk_size(num_classes: int, device: torch.device, dtype: torch.dtyp
     it below glibc's largest mmap threshold (``gemm.CPU_FRESH_BUFFER_BYTES``), a multiple of 32. A chunk above it
     is mapped, zero-filled by page faults and unmapped again per chunk (GEMM 1 over the benchmark CPU size: 0.32
     s at 512 rows, 0.22 s at 256), and so was one of exactly 32 MiB, which the earlier power-of-two rule made at
-    every power-of-two vocabulary: fused CE against the 3-GEMM floor, interleaved, Zen 4 EPYC, N=16384, D=128,
+    every power-of-two vocabulary: fused CE against the 3-GEMM floor (as measured then: with its own page
+    faults, benchmarks/_measure.py), interleaved, Zen 4 EPYC, N=16384, D=128,
     V=8192: 1.12x at 1024 rows, 0.93-0.98x at 512-1000; N=8192, D=128, V=16384: 1.10x at 512, 0.92-0.97x at
     256-500; V=32768, N=4096, D=128 / N=2048, D=512: 1.12x / 1.09x at 256, 1.05x / 0.99x at 224. Where fewer
     than ``CPU_MIN_FRESH_CHUNK_ROWS`` rows fit (V above ~43k), 256 rows all the same: there the GEMMs' short
@@ -67,7 +68,7 @@ def default_chunk_size(num_classes: int, device: torch.device, dtype: torch.dtyp
 
 
 CPU_CHUNK_HIDDEN = 1 << 20  # hidden values per CPU chunk (4 MiB in fp32): see default_chunk_size
-CPU_MIN_FRESH_CHUNK_ROWS = 192  # fewest rows a oneDNN chunk is cut to to stay off mmap: see default_chunk_size
+CPU_MIN_FRESH_CHUNK_ROWS = 192  # a oneDNN chunk is cut to fit below the mmap threshold down to this: default_chunk_size
 
 
 # The small-shape fast path (``one_chunk``): below this many multiply-adds per GEMM (rows x V x D) a call runs
