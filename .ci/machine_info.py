@@ -63,9 +63,9 @@ def main() -> None:
           f"fp32 GEMMs of the fused ops on CPU: {gemm.cpu_gemm_choice()[0]} ({gemm.cpu_gemm_choice()[1]}; "
           f"PTK_CPU_GEMM={os.environ.get('PTK_CPU_GEMM', 'auto')})")
     cpu = gemm.cpu_info()
-    rows, dim = gemm.transposed_grad_bounds(cpu)
+    chunk_rows, rows, dim = gemm.transposed_grad_bounds(cpu)
     print(f"CPU vendor {cpu.vendor or 'unknown'}, family {cpu.family} | oneDNN GEMM 3 into a transposed weight "
-          f"gradient from {gemm.ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD} rows per chunk and {rows} rows in all, "
+          f"gradient from {max(chunk_rows, gemm.ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD)} rows per chunk and {rows} rows in all, "
           f"D {'any' if dim is None else f'<= {dim}'}")
     try:
         from ptkernels import _C

@@ -26,8 +26,9 @@ set, reproducible for a given machine (the choice never depends on a timing):
                      faster at 3072 rows (511 against 761 ms at D=512, V=32000) but not below: at 48-1536 rows
                      addmm into a contiguous buffer took 0.61-1.06x of its time, 0.16-0.80x with the transposing
                      copy at the end counted. ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD is Zen 5's figure; on Zen 4 the
-                     buffer is transposed only for calls of at least ``ZEN4_TRANSPOSED_GRAD_MIN_ROWS`` rows and
-                     D <= ``ZEN4_TRANSPOSED_GRAD_MAX_DIM`` (``transposed_grad_bounds``: why there).
+                     buffer is transposed only for chunks of at least ``ZEN4_TRANSPOSED_GRAD_MIN_CHUNK_ROWS``
+                     rows, calls of at least ``ZEN4_TRANSPOSED_GRAD_MIN_ROWS`` and D <=
+                     ``ZEN4_TRANSPOSED_GRAD_MAX_DIM`` (``transposed_grad_bounds``: why there).
     other vendors without AVX-512 -> "blas": there MKL's AVX2 kernels are the CPU's best and oneDNN has nothing
                      wider. On a 2-core AMD EPYC Zen 3 (family 25, AVX2 only; 2026-12-04) oneDNN was 1.0-1.5x
                      slower than torch.mm on GEMMs 2 and 3 at every shape tried, and the fused CE on torch.mm took
@@ -67,6 +68,7 @@ from .cpu_info import CPUInfo, cpu_info
 # wins even on a new shape (128 x 872 x ~2000: 1.5 ms against 2.9 ms on torch.mm).
 ONEDNN_MIN_FLOPS = 1 << 27
 ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD = 256  # GEMM 3's inner dimension; shorter ones lose to addmm_ (0.7x at 128)
+ZEN4_TRANSPOSED_GRAD_MIN_CHUNK_ROWS = 512  # rows of one GEMM 3 (a chunk): see transposed_grad_bounds
 ZEN4_TRANSPOSED_GRAD_MIN_ROWS = 2048  # rows in all of one call's GEMM 3s: see transposed_grad_bounds
 ZEN4_TRANSPOSED_GRAD_MAX_DIM = 512  # hidden sizes above it: never transposed on Zen 4 (transposed_grad_bounds)
 # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (32 MiB), less a margin: larger blocks are mmapped (docstring)
@@ -114,10 +116,10 @@ def cpu_gemm_choice() -> tuple[str, str]:
     return _CHOICE[_CPU_GEMM]
 
 
-def transposed_grad_bounds(cpu: CPUInfo) -> tuple[int, int | None]:
-    """(fewest rows in all over one call's chunks, largest hidden size D; None: any) for which the weight-gradient
-    accumulator is stored transposed so that GEMM 3 can take oneDNN (``weight_grad_buffer``); (0, None): no
-    bound beyond the chunk's.
+def transposed_grad_bounds(cpu: CPUInfo) -> tuple[int, int, int | None]:
+    """(fewest rows per chunk, fewest rows in all over one call's chunks, largest hidden size D; None: any) for
+    which the weight-gradient accumulator is stored transposed so that GEMM 3 can take oneDNN
+    (``weight_grad_buffer``); (0, 0, None): no bound beyond ``ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD`` per chunk.
 
     The transposed buffer trades a faster GEMM 3 per chunk for one transposing copy of the whole [V, D] gradient
     at the end, so it pays only where GEMM 3 gains and over enough rows. AMD family 25 with AVX-512 (Zen 4; its
@@ -129,20 +131,26 @@ def transposed_grad_bounds(cpu: CPUInfo) -> tuple[int, int | None]:
     time x eager, 7-11 rounds, transposed as before -> these bounds): N=1024, D=2048, V=8192 0.76-0.77 -> 0.62-0.65;
     N=1024, D=512, V=32000 0.61 -> 0.55; N=4096, D=2048, V=8192 0.68 -> 0.65; N >= 4096 at D <= 512 unchanged.
     Elsewhere (Zen 5, where ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD was set; other CPUs take the BLAS route) no bound is
-    measured, so none is set."""
+    measured, so none is set.
+
+    Rows per chunk on Zen 4 (later the same day, medians of 9, addmm into a contiguous buffer over oneDNN into the
+    transposed one, per chunk, before the copy): 0.83-0.96x at 256 rows (D=128-512, V=8192-128256), 1.00-1.02x
+    at 384, 1.04-1.18x at 512-992; and at 256 rows the copy is pure loss (49 ms for the 62 MiB gradient at D=512,
+    V=32000, whose CPU chunks hold 256 rows; the 1.14-1.29x above at 256 rows did not repeat). So on Zen 4 a chunk
+    must also hold 512 rows."""
     if cpu.vendor == "AuthenticAMD" and cpu.family == 25 and cpu.avx512:
-        return ZEN4_TRANSPOSED_GRAD_MIN_ROWS, ZEN4_TRANSPOSED_GRAD_MAX_DIM
-    return 0, None
+        return ZEN4_TRANSPOSED_GRAD_MIN_CHUNK_ROWS, ZEN4_TRANSPOSED_GRAD_MIN_ROWS, ZEN4_TRANSPOSED_GRAD_MAX_DIM
+    return 0, 0, None
 
 
-_GRAD_BOUNDS: dict[str, tuple[int, int | None]] = {}  # memoized in a plain dict so torch.compile traces through it
+_GRAD_BOUNDS: dict[str, tuple[int, int, int | None]] = {}  # memoized in a plain dict so torch.compile traces through it
 
 
-def _transposed_grad_pays(rows_in_all: int, dim: int) -> bool:
+def _transposed_grad_pays(rows_per_gemm: int, rows_in_all: int, dim: int) -> bool:
     if "bounds" not in _GRAD_BOUNDS:
         _GRAD_BOUNDS["bounds"] = transposed_grad_bounds(cpu_info())
-    min_rows, max_dim = _GRAD_BOUNDS["bounds"]
-    return rows_in_all >= min_rows and (max_dim is None or dim <= max_dim)
+    min_chunk_rows, min_rows, max_dim = _GRAD_BOUNDS["bounds"]
+    return rows_per_gemm >= min_chunk_rows and rows_in_all >= min_rows and (max_dim is None or dim <= max_dim)
 
 
 _ONEDNN: dict[str, bool] = {}  # memoized in a plain dict so torch.compile traces through it
@@ -222,7 +230,7 @@ def weight_grad_buffer(weight: torch.Tensor, like: torch.Tensor, acc_dtype: torc
     total = like.shape[0] if rows_in_all is None else rows_in_all
     rows = total if rows_per_gemm is None else rows_per_gemm
     if (like.dtype == acc_dtype and rows >= ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD and rows * v * d >= ONEDNN_MIN_FLOPS
-            and onednn_route(like.device, like.dtype) and _transposed_grad_pays(total, d)):
+            and onednn_route(like.device, like.dtype) and _transposed_grad_pays(rows, total, d)):
         return torch.zeros(d, v, dtype=acc_dtype, device=weight.device).t()
     return torch.zeros(v, d, dtype=acc_dtype, device=weight.device)
 
@@ -256,7 +264,7 @@ def weight_grad(dz: torch.Tensor, h: torch.Tensor, acc_dtype: torch.dtype) -> to
     if dz.dtype == acc_dtype:
         rows = h.shape[0]
         if (_use_onednn(dz, h, dz.shape[1], h.shape[1], rows) and rows >= ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD
-                and _transposed_grad_pays(rows, h.shape[1])):
+                and _transposed_grad_pays(rows, rows, h.shape[1])):
             return _linear(h.t().contiguous(), dz.t()).t()  # [D, V] product, seen as [V, D]
         return torch.mm(dz.t(), h)
     acc = torch.zeros(dz.shape[1], h.shape[1], dtype=acc_dtype, device=dz.device)

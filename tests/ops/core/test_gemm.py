@@ -38,7 +38,7 @@ def _onednn_at_any_size(monkeypatch):
     all and at any D, whatever this CPU's ``transposed_grad_bounds``)."""
     monkeypatch.setattr(gemm, "ONEDNN_MIN_FLOPS", 0)
     monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD", 1)
-    monkeypatch.setattr(gemm, "_GRAD_BOUNDS", {"bounds": (0, None)})
+    monkeypatch.setattr(gemm, "_GRAD_BOUNDS", {"bounds": (0, 0, None)})
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_weight_grad_buffer_is_transposed_only_where_the_rule_says_it_pays(onedn
     """Where this CPU's rule bounds the transposed layout (Zen 4: rows in all, hidden size), fewer rows in all or a
     larger D keep the buffer contiguous (GEMM 3 on addmm), and the one-chunk GEMM 3 writes a contiguous [V, D]
     product."""
-    monkeypatch.setattr(gemm, "_GRAD_BOUNDS", {"bounds": (40, D)})
+    monkeypatch.setattr(gemm, "_GRAD_BOUNDS", {"bounds": (0, 40, D)})
     w, many = torch.empty(V, D), torch.empty(64, D)
     assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=8, rows_in_all=39).is_contiguous()
     assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=8, rows_in_all=40).t().is_contiguous()
@@ -149,6 +149,16 @@ def test_weight_grad_buffer_is_transposed_only_where_the_rule_says_it_pays(onedn
         gw = gemm.weight_grad(dz, h, torch.float32)
         assert gw.is_contiguous() == contiguous and bool(onednn_calls) != contiguous
         assert_close_to_truth(gw, dz64.T @ h64, FP32, f"one-chunk weight grad, {rows} rows, D={d}")
+
+
+def test_weight_grad_buffer_is_transposed_only_for_chunks_of_enough_rows(onednn_calls, monkeypatch):
+    """The per-chunk bound (Zen 4: 512 rows, where oneDNN's GEMM 3 into the transposed buffer starts to beat
+    addmm): shorter chunks keep the buffer contiguous whatever the rows in all."""
+    monkeypatch.setattr(gemm, "_GRAD_BOUNDS", {"bounds": (16, 40, D)})
+    w, many = torch.empty(V, D), torch.empty(64, D)
+    assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=15, rows_in_all=64).is_contiguous()
+    assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=16, rows_in_all=64).t().is_contiguous()
+    assert gemm.weight_grad_buffer(w, many, torch.float32, rows_per_gemm=16, rows_in_all=39).is_contiguous()
 
 
 def test_ce_chunk_loop_of_short_chunks_keeps_a_contiguous_weight_grad(onednn_calls, monkeypatch):
@@ -324,8 +334,9 @@ ZEN5 = CPUInfo("AuthenticAMD", "AMD EPYC 9R45", frozenset({"avx2", "fma", "avx51
 
 
 @pytest.mark.parametrize("cpu, want", [
-    (ZEN4, (gemm.ZEN4_TRANSPOSED_GRAD_MIN_ROWS, gemm.ZEN4_TRANSPOSED_GRAD_MAX_DIM)), (ZEN3, (0, None)),
-    (ZEN5, (0, None)), (INTEL, (0, None)), (UNKNOWN, (0, None))])
+    (ZEN4, (gemm.ZEN4_TRANSPOSED_GRAD_MIN_CHUNK_ROWS, gemm.ZEN4_TRANSPOSED_GRAD_MIN_ROWS,
+            gemm.ZEN4_TRANSPOSED_GRAD_MAX_DIM)),
+    (ZEN3, (0, 0, None)), (ZEN5, (0, 0, None)), (INTEL, (0, 0, None)), (UNKNOWN, (0, 0, None))])
 def test_transposed_grad_bounds_by_cpu(cpu, want):
     assert gemm.transposed_grad_bounds(cpu) == want
 
