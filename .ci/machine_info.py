@@ -64,8 +64,9 @@ def main() -> None:
           f"PTK_CPU_GEMM={os.environ.get('PTK_CPU_GEMM', 'auto')})")
     cpu = gemm.cpu_info()
     chunk_rows, rows, dim = gemm.transposed_grad_bounds(cpu)
+    chunk_rows = max(chunk_rows, gemm.ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD)
     print(f"CPU vendor {cpu.vendor or 'unknown'}, family {cpu.family} | oneDNN GEMM 3 into a transposed weight "
-          f"gradient from {max(chunk_rows, gemm.ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD)} rows per chunk and {rows} rows in all, "
+          f"gradient from {chunk_rows} rows per chunk and {rows} rows in all, "
           f"D {'any' if dim is None else f'<= {dim}'}")
     try:
         from ptkernels import _C

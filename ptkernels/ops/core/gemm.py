@@ -147,10 +147,13 @@ _GRAD_BOUNDS: dict[str, tuple[int, int, int | None]] = {}  # memoized in a plain
 
 
 def _transposed_grad_pays(rows_per_gemm: int, rows_in_all: int, dim: int) -> bool:
+    """The one check of the transposed layout: ``ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD`` per product and this CPU's
+    ``transposed_grad_bounds``."""
     if "bounds" not in _GRAD_BOUNDS:
         _GRAD_BOUNDS["bounds"] = transposed_grad_bounds(cpu_info())
     min_chunk_rows, min_rows, max_dim = _GRAD_BOUNDS["bounds"]
-    return rows_per_gemm >= min_chunk_rows and rows_in_all >= min_rows and (max_dim is None or dim <= max_dim)
+    return (rows_per_gemm >= max(min_chunk_rows, ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD) and rows_in_all >= min_rows
+            and (max_dim is None or dim <= max_dim))
 
 
 _ONEDNN: dict[str, bool] = {}  # memoized in a plain dict so torch.compile traces through it
@@ -229,7 +232,7 @@ def weight_grad_buffer(weight: torch.Tensor, like: torch.Tensor, acc_dtype: torc
     v, d = weight.shape
     total = like.shape[0] if rows_in_all is None else rows_in_all
     rows = total if rows_per_gemm is None else rows_per_gemm
-    if (like.dtype == acc_dtype and rows >= ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD and rows * v * d >= ONEDNN_MIN_FLOPS
+    if (like.dtype == acc_dtype and rows * v * d >= ONEDNN_MIN_FLOPS
             and onednn_route(like.device, like.dtype) and _transposed_grad_pays(rows, total, d)):
         return torch.zeros(d, v, dtype=acc_dtype, device=weight.device).t()
     return torch.zeros(v, d, dtype=acc_dtype, device=weight.device)
@@ -263,8 +266,7 @@ def weight_grad(dz: torch.Tensor, h: torch.Tensor, acc_dtype: torch.dtype) -> to
     into zeros (fp32 accumulation inside the GEMM, one rounding to ``acc_dtype``)."""
     if dz.dtype == acc_dtype:
         rows = h.shape[0]
-        if (_use_onednn(dz, h, dz.shape[1], h.shape[1], rows) and rows >= ONEDNN_MIN_ROWS_FOR_WEIGHT_GRAD
-                and _transposed_grad_pays(rows, rows, h.shape[1])):
+        if (_use_onednn(dz, h, dz.shape[1], h.shape[1], rows) and _transposed_grad_pays(rows, rows, h.shape[1])):
             return _linear(h.t().contiguous(), dz.t()).t()  # [D, V] product, seen as [V, D]
         return torch.mm(dz.t(), h)
     acc = torch.zeros(dz.shape[1], h.shape[1], dtype=acc_dtype, device=dz.device)
