@@ -38,7 +38,7 @@ set, reproducible for a given machine (the choice never depends on a timing):
 ``PTK_CPU_GEMM=auto|blas|onednn`` overrides the rule (read at import); ``torch.backends.mkldnn.flags
 (enabled=False)`` also keeps every GEMM on ``torch.mm``. Both libraries compute in IEEE fp32 with fp32
 accumulation (oneDNN follows ``torch.backends.mkldnn.matmul.fp32_precision`` like the rest of PyTorch), so the
-tests' float64 bounds hold on either (they run on both: tests/ops/core/test_gemm.py, and .ci/run's blas pass).
+tests' float64 bounds hold on either (they run on both: tests/ops/core/test_gemm.py, and .ci/run's second suite pass).
 
 oneDNN is only handed operands that are contiguous or the transpose of a contiguous matrix: other strides
 (a column slice, say) send it down a reference path thousands of times slower. GEMM 3 on this route
