@@ -3,6 +3,8 @@ Cross-Entropy (when installed) vs the GEMM floor over N x V x D, round-robin in 
 
     pytest benchmarks/test_bench_size_sweep.py --benchmark-only                  the default subset (minutes)
     PTK_SWEEP=full pytest benchmarks/test_bench_size_sweep.py --benchmark-only   every cell that fits 24 GiB
+    PTK_SWEEP=ci pytest benchmarks/test_bench_size_sweep.py --benchmark-only     seven cells, no peers (~2 min:
+                                                                .ci/run, so every CI log has the figures of its CPU)
     python benchmarks/test_bench_size_sweep.py BENCH.json      the markdown table and fitted growth from a
                                                                 pytest-benchmark JSON (--benchmark-json) or
                                                                 the JSON lines of PTK_SWEEP_OUT=FILE
@@ -55,8 +57,20 @@ HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "Linear
 BENCH_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_bench_linear_cross_entropy.py")
 
 
+# PTK_SWEEP=ci: cells that span the grid's regimes (the fixed per-call cost at the quick preset's head, a mid-size
+# call at each hidden size, Llama 3's vocabulary over few rows, and N·V >= 2^26 where the GEMM floor decides), each
+# under ~2 s of eager fwd+bwd on 2 cores; ptkernels against eager and the floor only, the peers' figures being in
+# benchmarks/RESULTS.md (F.linear_cross_entropy alone takes ~19 s a call at N=256, D=512, V=128256 there).
+CI_CELLS = ((64, 128, 872), (1024, 128, 8192), (16384, 128, 8192), (4096, 512, 8192), (1024, 512, 32000),
+            (256, 512, 128256), (256, 2048, 32000))
+
+
+def sweep_mode() -> str:
+    return os.environ.get("PTK_SWEEP", "").strip().lower()
+
+
 def full_sweep() -> bool:
-    return os.environ.get("PTK_SWEEP", "").strip().lower() == "full"
+    return sweep_mode() == "full"
 
 
 def n_valid(n: int) -> int:
@@ -77,7 +91,8 @@ def cell_skip_reason(n: int, d: int, v: int) -> str | None:
     return None
 
 
-CELLS = [(n, d, v) for d, v, n in itertools.product(D_GRID, V_GRID, N_GRID)]
+CELLS = (list(CI_CELLS) if sweep_mode() == "ci" else
+         [(n, d, v) for d, v, n in itertools.product(D_GRID, V_GRID, N_GRID)])
 
 
 class Cell:
@@ -111,11 +126,12 @@ class Cell:
             "logprobs eager": eager_lp,
             "logprobs ptkernels": lambda: ptkernels.linear_token_logprobs(h, w, y, ignore_index=IGNORE).sum() * inv,
         }
-        if HAS_TORCH_LCE:
+        peers = sweep_mode() != "ci"
+        if peers and HAS_TORCH_LCE:
             opts = torch.nn.LinearCrossEntropyOptions()
             objectives["ce F.linear_cross_entropy"] = lambda: F.linear_cross_entropy(
                 h, w, y, ignore_index=IGNORE, options=opts)
-        if cce_skip_reason() is None:
+        if peers and cce_skip_reason() is None:
             objectives["ce Cut Cross-Entropy"] = lambda: cut_cross_entropy(h, w, y)
         steps = {}
         for name, objective in objectives.items():
@@ -264,7 +280,7 @@ def render(path: str) -> str:
                   xe.get("ce Cut Cross-Entropy"), xe["logprobs ptkernels"], xf["logprobs ptkernels"])
         cells = [str(r["n"]), str(r["d"]), str(r["v"]), f"{r['median_s']['ce eager']:.4f}"]
         cells += ["" if x is None else f"{x:.2f}" for x in ratios]
-        cells.append(f"{m.get('ce eager', '')} / {m.get('ce ptkernels', '')}")
+        cells.append(f"{m['ce eager']} / {m['ce ptkernels']}" if len(m) == 2 else "")
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     out.append("Fitted growth, time ~ N_valid^a · V^b · D^c (least squares over the cells above):")

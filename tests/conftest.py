@@ -17,7 +17,7 @@ def _share_cores_between_xdist_workers() -> None:
     the processes its tests start inherit it through OMP_NUM_THREADS), unless the user set OMP_NUM_THREADS.
 
     Why: every worker defaults to all the cores, so K workers oversubscribe them K-fold and OpenMP's pools spin
-    against each other. On a 2-core CI machine (2026-12-05) the whole suite took 10.5 min under ``-n 2`` with
+    against each other. On a 2-core CI machine (2026-12-04) the whole suite took 10.5 min under ``-n 2`` with
     two threads per worker, 4.7 min with one, against ~7 min serially with two."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2 or "OMP_NUM_THREADS" in os.environ:
