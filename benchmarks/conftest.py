@@ -67,6 +67,7 @@ def mem_repeats() -> int:
 OPT_IN = {  # marker -> command-line flag that enables it
     "chunk_sweep": "--chunk-sweep",
     "interleaved": "--interleaved",
+    "compact_blocks": "--compact-blocks",
 }
 
 
@@ -74,6 +75,8 @@ def pytest_addoption(parser):
     parser.addoption("--chunk-sweep", action="store_true", default=False,
                      help="also time ptkernels over several chunk_size values (with --interleaved: in the "
                           "round-robin too)")
+    parser.addoption("--compact-blocks", action="store_true", default=False,
+                     help="time memory='compact' over a grid of block shapes (test_bench_compact_blocks.py)")
     parser.addoption("--interleaved", action="store_true", default=False,
                      help="also time every implementation round-robin (one of each per round, rotating "
                           "order) for ratios a shared machine cannot skew")
@@ -82,6 +85,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "chunk_sweep: chunk-size sweep (runs only with --chunk-sweep)")
     config.addinivalue_line("markers", "interleaved: round-robin timing (runs only with --interleaved)")
+    config.addinivalue_line("markers", "compact_blocks: compact mode's block shapes (runs only with --compact-blocks)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,8 @@
 # The build reads pyproject.toml, whose SPDX license string needs setuptools >= 77: the session log prints the
 # image's; if it is older, carry a setuptools wheel in .whl too (the carried wheels come first on PYTHONPATH).
 #
-# PTK_GPU_STAGES says which stages run (default "build tests qlora bench_lce bench_rl bench_lora trainers bench_vllm"); PTK_CHUNK_SWEEP=0 leaves
+# PTK_GPU_STAGES says which stages run (default "build tests qlora bench_lce bench_rl compact_blocks bench_lora trainers
+# bench_vllm"); PTK_CHUNK_SWEEP=0 leaves
 # the chunk-size sweep out of bench_lce. The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
 # to what is left, so a hang in one still returns the others' logs. Stages run one after another, never two at a
 # time on the GPU, so the timings are undisturbed.
@@ -19,7 +20,8 @@
 # Stage times on the H200 (2026-12-04): build 20 s, tests 70 s, qlora 30 s, bench_lce 80 s (PTK_CHUNK_SWEEP=0),
 # bench_rl 95 s, bench_lora ~35 s per case (6 cases, plus ~20 s to write the model), trainers 100-150 s (252
 # tests in its first 36 s). All of them pass one call's 600 s: with 15 device-minutes, split them into two calls,
-# e.g. PTK_GPU_STAGES="build tests qlora bench_lce bench_rl" then "build trainers bench_lora".
+# e.g. PTK_GPU_STAGES="build tests qlora bench_lce bench_rl" then "build compact_blocks trainers bench_lora".
+# compact_blocks (memory="compact" over 12 block shapes, issue 26 item 5) has not run on a GPU yet: limit 120 s.
 set -uo pipefail
 OUT="${OUT:-/tmp/ptk-gpu-out}"
 mkdir -p "$OUT"
@@ -29,7 +31,7 @@ START=$(date +%s)
 DEADLINE=$((START + ${PTK_GPU_BUDGET_S:-560}))
 SUMMARY="$OUT/session.log"
 
-STAGES=" ${PTK_GPU_STAGES:-build tests qlora bench_lce bench_rl bench_lora trainers bench_vllm} "
+STAGES=" ${PTK_GPU_STAGES:-build tests qlora bench_lce bench_rl compact_blocks bench_lora trainers bench_vllm} "
 SWEEP=(--chunk-sweep)
 [[ "${PTK_CHUNK_SWEEP:-1}" == 0 ]] && SWEEP=()
 
@@ -119,6 +121,23 @@ if [[ "$STAGES" == *" bench_rl "* && -f "$OUT/bench_rl.json" ]]; then
   compact_check "$OUT/bench_rl.json"  # the fused DPO and GRPO ops' memory="compact" beside their default path
 fi
 
+# 5b. memory="compact"'s block shape (benchmarks/test_bench_compact_blocks.py): time as a share of the matmul rate
+#     (the 3 useful GEMMs' rate; 4 GEMMs cap it at 75%, the target) and peak over dX + dW (target <= 1.2)
+#     for accumulator sizes 16-128 MiB x 2^23-2^25 logits per tile; the best shape goes into vocab_blocks.py.
+stage compact_blocks 120 env PTK_BENCH_ROUNDS=5 python3 -m pytest benchmarks/test_bench_compact_blocks.py \
+  --benchmark-only --compact-blocks -q -p no:cacheprovider --benchmark-json="$OUT/compact_blocks.json" \
+  --benchmark-columns=median,min,rounds
+if [[ -f "$OUT/compact_blocks.json" ]]; then
+  python3 - "$OUT/compact_blocks.json" <<'PY' 2>&1 | tee -a "$SUMMARY"
+import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    e = b["extra_info"]
+    print(f"compact blocks: {e['vocab_block']:6d} columns x {e['rows_per_tile']:5d} rows, median "
+          f"{e['median_s'] * 1e3:7.1f} ms, {e['share_of_matmul_rate']:.0%} of the matmul rate, "
+          f"{e.get('mem_x_grad_floor', float('nan')):.2f}x dX+dW")
+PY
+fi
+
 # 6. LoRA and QLoRA vs full fine-tuning: peak memory and step time of ptk dpo (live reference) and ptk grpo (beta
 #    0.1) on a random ~0.6B Llama (benchmarks/test_bench_lora.py, PTK_LORA_BENCH=gpu): the reference copy gone shows
 #    as memory, the 4-bit base too.
@@ -153,7 +172,7 @@ elif [[ "$STAGES" == *" bench_vllm "* ]]; then
 fi
 
 # The reply shows the end of the output: the tests' verdict and the benchmarks' summary tables last.
-for name in bench_vllm trainers bench_lora qlora tests bench_rl bench_lce; do
+for name in bench_vllm trainers bench_lora compact_blocks qlora tests bench_rl bench_lce; do
   echo "################ $name"
   [[ -f "$OUT/$name.log" ]] && grep -E "passed|failed|error|crashed|FAILED|^ERROR|^\| |^=+ ptkernels" \
     "$OUT/$name.log" | grep -v "^|---" | tail -n 45
