@@ -44,6 +44,9 @@ def _case_id(case) -> str:
 
 @pytest.fixture(scope="module")
 def problem(size, device):
+    reason = ptk_skip_reason(BACKEND, device)
+    if reason:
+        pytest.skip(reason)
     return Problem(size.n, size.d, size.v, size.masked, size.dtype, device)
 
 
@@ -61,9 +64,6 @@ def reference(problem):
 
 @pytest.mark.parametrize("case", GRID[DEVICE.type], ids=[_case_id(c) for c in GRID[DEVICE.type]])
 def test_compact_block_shape(benchmark, case, problem, reference, size, device, matmul_rate, monkeypatch):
-    reason = ptk_skip_reason(BACKEND, device)
-    if reason:
-        pytest.skip(reason)
     acc_mib, tile = case
     kind = "cuda" if device.type == "cuda" else "cpu"
     monkeypatch.setitem(vocab_blocks.ACC_BYTES, kind, acc_mib * MIB)

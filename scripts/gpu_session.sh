@@ -11,11 +11,11 @@
 # The build reads pyproject.toml, whose SPDX license string needs setuptools >= 77: the session log prints the
 # image's; if it is older, carry a setuptools wheel in .whl too (the carried wheels come first on PYTHONPATH).
 #
-# PTK_GPU_STAGES says which stages run (default "build tests qlora bench_lce bench_rl compact_blocks bench_lora trainers
-# bench_vllm"); PTK_CHUNK_SWEEP=0 leaves
-# the chunk-size sweep out of bench_lce. The whole run ends within PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and
-# to what is left, so a hang in one still returns the others' logs. Stages run one after another, never two at a
-# time on the GPU, so the timings are undisturbed.
+# PTK_GPU_STAGES says which stages run (default "build tests qlora bench_lce bench_rl compact_blocks bench_lora
+# trainers bench_vllm"); PTK_CHUNK_SWEEP=0 leaves the chunk-size sweep out of bench_lce. The whole run ends within
+# PTK_GPU_BUDGET_S seconds (default 560): every stage is time-boxed to its own limit and to what is left, so a
+# hang in one still returns the others' logs. Stages run one after another, never two at a time on the GPU, so
+# the timings are undisturbed.
 #
 # Stage times on the H200 (2026-12-04): build 20 s, tests 70 s, qlora 30 s, bench_lce 80 s (PTK_CHUNK_SWEEP=0),
 # bench_rl 95 s, bench_lora ~35 s per case (6 cases, plus ~20 s to write the model), trainers 100-150 s (252
