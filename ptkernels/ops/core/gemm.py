@@ -266,7 +266,7 @@ def weight_grad(dz: torch.Tensor, h: torch.Tensor, acc_dtype: torch.dtype) -> to
     into zeros (fp32 accumulation inside the GEMM, one rounding to ``acc_dtype``)."""
     if dz.dtype == acc_dtype:
         rows = h.shape[0]
-        if (_use_onednn(dz, h, dz.shape[1], h.shape[1], rows) and _transposed_grad_pays(rows, rows, h.shape[1])):
+        if _use_onednn(dz, h, dz.shape[1], h.shape[1], rows) and _transposed_grad_pays(rows, rows, h.shape[1]):
             return _linear(h.t().contiguous(), dz.t()).t()  # [D, V] product, seen as [V, D]
         return torch.mm(dz.t(), h)
     acc = torch.zeros(dz.shape[1], h.shape[1], dtype=acc_dtype, device=dz.device)
