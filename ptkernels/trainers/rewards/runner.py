@@ -1,24 +1,29 @@
 """The trusted first code of every sandboxed run (its source is passed to ``python -I -S -B -c``; never imported).
 
-It runs inside the sandbox, before the model's code, in this order: read its configuration (``argv[1]``, a
-Python literal the trainer wrote),
-drop to the per-run uid when started as root, set the resource limits (soft = hard, so they cannot be raised),
-read the job from an inherited descriptor, install the audit hook (an extra layer: the operating system's
-namespaces, seccomp filter and limits are what the sandbox rests on), then run the model's ``main.py``:
+It runs inside the sandbox, in this order: read its configuration (``argv[1]``, a Python literal the trainer
+wrote), drop to the per-run uid when started as root, set the resource limits (soft = hard, so they cannot be
+raised), read the job from an inherited descriptor, install the audit hook (an extra layer: the operating system's
+namespaces, seccomp filter and limits are what the sandbox rests on), then one of three jobs:
 
-* ``main``: as ``__main__``, nothing else (``run_python``; stdin/stdout tests);
-* ``checks``: then, for each test, its statements in order: setup statements are executed, check expressions
-  are evaluated and their values written to the report descriptor as plain data, one Python literal per line
-  that the trainer reads with ``ast.literal_eval`` (exact built-in types only: an object with a custom ``__eq__``
-  cannot be encoded, so it cannot cross). The expected values never enter the sandbox: the trainer compares;
-* ``script``: then the test source; ``done`` is reported only when it finished without raising (tests the
-  splitter cannot parse).
+* ``main``: run the model's ``main.py`` as ``__main__``, nothing else (``run_python``; stdin/stdout tests);
+* ``serve``: run the model's ``main.py``, then answer requests from the test process on the channel (two
+  inherited pipe descriptors): call a function of the model, read an attribute, iterate, ``len``, index. Every
+  answer is plain data (``_encoder``: exact built-in types, so nothing with a custom ``__eq__`` crosses) or a
+  reference to an object that stays here;
+* ``tests``: no model code at all. Run each test's source with genuine builtins, the model's top-level names
+  bound to the values or references the serving process announced (``Remote``: calls, attributes, iteration
+  and indexing go over the channel; comparing, hashing or testing the truth of a reference raises), and report
+  ``(test, "pass")`` on its own descriptor for each test that finished without raising.
 
-Startup cost matters (one run per completion and test): no ``json``/``re`` imports; the job arrives in
-``marshal`` form (trusted: the trainer wrote it). Everything the harness calls is bound here before the
-model's code runs, so shadowing ``exec``/``compile`` or patching modules does not change what the harness does
-(and in ``checks`` mode a forged report is harmless: it would have to contain the expected values, which the
-sandbox never sees).
+So the model's code and the tests never share a process: every comparison, ``assert`` and builtin a test uses
+runs where the model cannot reach it, on plain data parsed with ``ast.literal_eval``; the expected values never
+enter the model's sandbox, and what the model's process writes can only be the values it answers with.
+
+Startup cost matters (one run per completion): the job arrives in ``marshal`` form (trusted: the trainer wrote
+it); the serving process parses requests with a builtins-free ``eval`` (they come from the test process, and
+the serving process is the model's own anyway), the test process parses answers with ``ast.literal_eval``.
+Everything the harness calls is bound before the model's code runs, so shadowing ``exec``/``compile`` or patching
+modules does not change what the serving harness does.
 """
 
 import builtins
@@ -95,8 +100,11 @@ def _audit_hook(write_roots):
         if event in deny_exact or event.startswith("socket.") or event.startswith("ctypes."):
             raise _err("sandbox: " + event + " is not allowed")
         if event == "import":
-            if args[0] in deny_imports:
-                raise _err("sandbox: import " + args[0] + " is not allowed")
+            # the last component: _imp.create_dynamic loads _posixsubprocess as "x._posixsubprocess" as well
+            name, filename = args[0], args[1]
+            base = filename.rpartition("/")[2].partition(".")[0] if _type(filename) is _str else ""
+            if (_type(name) is not _str or name.rpartition(".")[2] in deny_imports or base in deny_imports):
+                raise _err("sandbox: import " + _str(name) + " is not allowed")
         elif event == "open":
             path, mode, flags = args
             if _type(path) is _int:
@@ -125,11 +133,11 @@ def _audit_hook(write_roots):
     sys.addaudithook(hook)
 
 
-def _encoder():
+def _encoder(ref=None):
     """value -> nested tuples of str/int/bool/None tags that ``repr`` writes and ``ast.literal_eval`` reads back
-    (``rewards/code_tests.decode``). Exact built-in types only: subclasses are refused, since they could answer
-    ``==`` as they like."""
-    _type, _frepr = type, float.__repr__
+    (``_decoder``). Exact built-in types only: subclasses are refused, since they could answer ``==`` as they
+    like. Anything else becomes ``ref(x)`` (a ``("ref", n)`` tag) when ``ref`` is given, else raises TypeError."""
+    _type, _frepr, _tuple, _items = type, float.__repr__, tuple, dict.items
     plain = (type(None), bool, int, str)
 
     def enc(x, depth=0):
@@ -145,12 +153,286 @@ def _encoder():
         if t is bytes:
             return ("bytes", bytes.hex(x))
         if t is list or t is tuple or t is set or t is frozenset:
-            return (t.__name__, tuple(enc(v, depth + 1) for v in x))
+            return (t.__name__, _tuple(enc(v, depth + 1) for v in x))
         if t is dict:
-            return ("dict", tuple((enc(k, depth + 1), enc(v, depth + 1)) for k, v in dict.items(x)))
+            return ("dict", _tuple((enc(k, depth + 1), enc(v, depth + 1)) for k, v in _items(x)))
+        if ref is not None:
+            return ref(x)
         raise TypeError("not plain data: " + t.__name__)
 
     return enc
+
+
+def _decoder(ref):
+    """The inverse of ``_encoder``: nested tags -> values, ``("ref", n)`` -> ``ref(n)``; raises ValueError on
+    anything else (a message from the other process is data, never code)."""
+    _type, _float, _str, _int = type, float, str, int
+    kinds = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+
+    def dec(x, depth=0):
+        if depth > 100:
+            raise ValueError("nested too deeply")
+        t = _type(x)
+        if x is None or t is bool or t is _int or t is _str:
+            return x
+        if t is not tuple or not x or _type(x[0]) is not _str:
+            raise ValueError("not an encoded value")
+        tag, n = x[0], len(x)
+        if tag == "float" and n == 2 and _type(x[1]) is _str:
+            return _float(x[1])
+        if tag == "complex" and n == 3 and _type(x[1]) is _str and _type(x[2]) is _str:
+            return complex(_float(x[1]), _float(x[2]))
+        if tag == "bytes" and n == 2 and _type(x[1]) is _str:
+            return bytes.fromhex(x[1])
+        if tag in kinds and n == 2 and _type(x[1]) is tuple:
+            return kinds[tag](dec(v, depth + 1) for v in x[1])
+        if tag == "dict" and n == 2 and _type(x[1]) is tuple:
+            out = {}
+            for pair in x[1]:
+                if _type(pair) is not tuple or len(pair) != 2:
+                    raise ValueError("not an encoded dict item")
+                out[dec(pair[0], depth + 1)] = dec(pair[1], depth + 1)
+            return out
+        if tag == "ref" and n == 2 and _type(x[1]) is _int:
+            return ref(x[1])
+        raise ValueError("not an encoded value")
+
+    return dec
+
+
+def _channel(fds, parse):
+    """(send(obj), receive() -> obj) over two pipe descriptors, one ``repr`` line per message (``repr`` escapes
+    newlines inside strings). ``receive`` raises EOFError when the other process is gone."""
+    read_fd, write_fd = fds
+    _read, _write, _repr = os.read, os.write, repr
+    pending = [b""]
+
+    def send(obj):
+        data = (_repr(obj) + "\n").encode("utf-8", "surrogatepass")
+        while data:
+            data = data[_write(write_fd, data):]
+
+    def receive():
+        parts, chunk = [pending[0]], pending[0]
+        while b"\n" not in chunk:
+            chunk = _read(read_fd, 1 << 16)
+            if not chunk:
+                raise EOFError("the other sandboxed process is gone")
+            parts.append(chunk)
+        line, _, pending[0] = b"".join(parts).partition(b"\n")
+        return parse(line.decode("utf-8", "surrogatepass"))
+
+    return send, receive
+
+
+def _serve(g, fds, finish):
+    """Answer the test process's requests about the model's globals ``g`` until it closes the channel."""
+    _type, _len, _iter, _next, _getattr, _base_exc, _str = type, len, iter, next, getattr, BaseException, str
+    _tuple, _isinstance, _list, _dict, _set = tuple, isinstance, list, dict, set
+    objects = {}
+
+    def ref(x):
+        n = _len(objects) + 1
+        objects[n] = x
+        return ("ref", n)
+
+    enc = _encoder(ref)
+    dec = _decoder(lambda n: objects[n])
+    send, receive = _channel(fds, lambda line: eval(line, {"__builtins__": {}}))  # the test process's own repr
+    module = _type(sys)
+    names = {}
+    for k, v in _list(g.items()):
+        if _type(k) is not _str or k.startswith("__"):
+            continue
+        if _type(v) is module:  # the tests' process imports its own copy (of a standard module only)
+            names[k] = ("module", _getattr(v, "__name__", ""))
+            continue
+        try:
+            names[k] = enc(v)
+        except _base_exc:  # nested too deeply: a reference instead
+            names[k] = ref(v)
+    send(names)
+    while True:
+        try:
+            request = receive()
+        except EOFError:
+            finish()
+        op, target = request[0], objects.get(request[1])
+        try:
+            if op == "call":
+                args, kwargs = dec(request[2]), dec(request[3])
+                value = target(*args, **kwargs)
+                # in-place changes to list/dict/set arguments go back too (a test may check them)
+                changed = _tuple((i, enc(a)) for i, a in enumerate(args) if _type(a) in (_list, _dict, _set))
+                send(("value", enc(value), changed))
+            elif op == "getattr":
+                send(("value", enc(_getattr(target, request[2])), ()))
+            elif op == "iter":
+                send(("value", enc(_iter(target)), ()))
+            elif op == "next":
+                try:
+                    value = _next(target)
+                except StopIteration:
+                    send(("stop",))
+                    continue
+                send(("value", enc(value), ()))
+            elif op == "len":
+                send(("value", enc(_len(target)), ()))
+            elif op == "getitem":
+                send(("value", enc(target[dec(request[2])]), ()))
+            else:
+                send(("error", "TypeError", "unknown request"))
+        except _base_exc as e:
+            try:
+                message = _str(e)[:200]
+            except _base_exc:
+                message = ""
+            send(("error", _type(e).__name__, message))
+
+
+def _remote_class(send, receive, dec_holder, pristine):
+    """``Remote``: the test process's stand-in for an object of the model's code (see the module docstring)."""
+    exceptions = {k: v for k, v in pristine.items() if isinstance(v, type) and issubclass(v, Exception)}
+
+    class RemoteError(Exception):
+        """An exception of a type the model's code defined (its name and message only)."""
+
+    def ask(*request):
+        send(request)
+        answer = receive()
+        if type(answer) is not tuple or not answer:
+            raise RemoteError("malformed answer")
+        if answer[0] == "stop":
+            raise StopIteration
+        if answer[0] == "error" and len(answer) == 3 and type(answer[1]) is str and type(answer[2]) is str:
+            try:  # a built-in exception as itself (a test may expect ValueError), any other by name
+                error = exceptions[answer[1]](answer[2])
+            except (KeyError, TypeError):
+                error = RemoteError(answer[1] + ": " + answer[2])
+            raise error
+        if answer[0] != "value" or len(answer) != 3 or type(answer[2]) is not tuple:
+            raise RemoteError("malformed answer")
+        return dec_holder[0](answer[1]), answer[2]
+
+    def refuse(op):
+        def method(self, *args):
+            raise TypeError(op + " on an object of the model's code: tests compare plain data (int, float, str, "
+                            "bytes, list, tuple, dict, set, None) only")
+        return method
+
+    class Remote:
+        __slots__ = ("_ref",)
+
+        def __init__(self, ref):
+            object.__setattr__(self, "_ref", ref)
+
+        def __call__(self, *args, **kwargs):
+            value, changed = ask("call", self._ref, enc(args), enc(kwargs))
+            for i, new in changed:  # the model's in-place changes to list/dict/set arguments
+                if type(i) is int and 0 <= i < len(args):
+                    _update(args[i], dec_holder[0](new))
+            return value
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return ask("getattr", self._ref, name)[0]
+
+        def __iter__(self):
+            it = ask("iter", self._ref)[0]
+            if type(it) is not Remote:
+                raise TypeError("iter() of an object of the model's code returned plain data")
+            return it
+
+        def __next__(self):
+            return ask("next", self._ref)[0]
+
+        def __len__(self):
+            n = ask("len", self._ref)[0]
+            if type(n) is not int or n < 0:
+                raise TypeError("len() of an object of the model's code is not a non-negative int")
+            return n
+
+        def __getitem__(self, key):
+            return ask("getitem", self._ref, enc(key))[0]
+
+        def __repr__(self):
+            return "<object of the model's code #" + str(self._ref) + ">"
+
+        __setattr__ = __delattr__ = refuse("setting attributes")
+        __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = refuse("comparing")
+        __bool__ = refuse("truth value")
+        __hash__ = refuse("hashing")
+        __contains__ = refuse("'in'")
+
+    def _update(target, new):
+        t = type(target)
+        if t is list and type(new) is list:
+            target[:] = new
+        elif (t is dict and type(new) is dict) or (t is set and type(new) is set):
+            target.clear()
+            target.update(new)
+
+    def ref_of(x):
+        if type(x) is Remote:
+            return ("ref", x._ref)
+        raise TypeError("only plain data and objects of the model's code can be passed to the model's code, not "
+                        + type(x).__name__)
+
+    enc = _encoder(ref_of)
+    return Remote
+
+
+def _standard_module(name):
+    """This process's own copy of a standard-library module, or None (another module, or one the hook refuses)."""
+    if type(name) is not str or name.partition(".")[0] not in sys.stdlib_module_names:
+        return None
+    try:
+        __import__(name)
+        return sys.modules[name]
+    except BaseException:
+        return None
+
+
+def _run_tests(sources, fds, report, finish, pristine):
+    """The ``tests`` job: each test with genuine builtins and the model's names as announced; verdicts reported."""
+    import ast
+
+    send, receive = _channel(fds, ast.literal_eval)
+    dec_holder = [None]
+    Remote = _remote_class(send, receive, dec_holder, pristine)
+    dec_holder[0] = _decoder(Remote)
+    try:
+        announced = receive()
+        if type(announced) is not dict or not all(type(k) is str for k in announced):
+            raise ValueError("malformed list of names")
+    except BaseException as e:  # the model's code failed before serving (or never started): nothing passes
+        report(("error", type(e).__name__))
+        finish()
+    # Never the model's stand-ins for builtins or standard modules: `abs = lambda x: 0` at its top level would
+    # answer a test's `abs(f(3) - expected) < tol` (a test imports the modules it uses).
+    shadowing = set(pristine) | set(sys.stdlib_module_names)
+    for ti, source in enumerate(sources):
+        try:
+            scope = {"__name__": "__main__", "__builtins__": pristine}
+            for name, encoded in announced.items():
+                if type(encoded) is tuple and len(encoded) == 2 and encoded[0] == "module":
+                    module = _standard_module(encoded[1])
+                    if module is not None:
+                        scope[name] = module  # the model's `import math`, as the tests' own genuine copy
+                    continue
+                if name in shadowing:
+                    continue
+                try:
+                    scope[name] = dec_holder[0](encoded)
+                except ValueError:
+                    pass
+            exec(compile(source, f"<test {ti}>", "exec"), scope)
+        except BaseException as e:
+            report((ti, "fail", type(e).__name__))
+            continue
+        report((ti, "pass"))
+    finish()
 
 
 def main():
@@ -166,9 +448,9 @@ def main():
     if cfg.get("job_fd") is not None:
         with os.fdopen(cfg["job_fd"], "rb") as f:
             job = marshal.loads(f.read())
-    report_fd = cfg.get("report_fd")
+    report_fd, channel = cfg.get("report_fd"), cfg.get("channel")
     # Bound now: the model's code may shadow or patch any name after this point.
-    _exec, _eval, _compile, _write, _repr = builtins.exec, builtins.eval, builtins.compile, os.write, repr
+    _exec, _compile, _write, _repr = builtins.exec, builtins.compile, os.write, repr
     _type, _base_exc, _print_exc = type, BaseException, sys.excepthook
     streams = (sys.stdout, sys.stderr)
 
@@ -181,7 +463,6 @@ def main():
         os._exit(0)
 
     pristine_builtins = dict(builtins.__dict__)
-    enc = _encoder()
 
     def report(obj):
         if report_fd is not None:
@@ -192,6 +473,10 @@ def main():
     builtins.exit = builtins.quit = sys.exit  # -S leaves them undefined; solutions call exit()
     if cfg.get("audit_hook", True):
         _audit_hook(cfg["write_roots"])
+    mode = job["mode"]
+    del cfg
+    if mode == "tests":  # trusted test code only: the model's code runs in the serving process
+        _run_tests(job["tests"], channel, report, finish, pristine_builtins)
     source_name = "main.py"
     with open(source_name, "rb") as f:
         code = _compile(f.read(), source_name, "exec")
@@ -200,9 +485,8 @@ def main():
     module.__builtins__ = builtins
     sys.modules["__main__"] = module
     sys.argv = [source_name]
-    del f, cfg
+    del f
     g = module.__dict__
-    mode = job["mode"]
     if mode == "main":
         _exec(code, g)
         return
@@ -211,31 +495,7 @@ def main():
     except _base_exc as e:
         _print_exc(_type(e), e, e.__traceback__)
         os._exit(1)
-    if mode == "script":
-        try:
-            _exec(_compile(job["source"], "<tests>", "exec"), g)
-        except _base_exc as e:
-            _print_exc(_type(e), e, e.__traceback__)
-            os._exit(1)
-        report("done")
-        finish()
-    # checks: names in a check expression resolve to the model's globals, builtins to the originals.
-    check_globals = dict(g)
-    for ti, statements in enumerate(job["tests"]):
-        for si, (kind, src) in enumerate(statements):
-            try:
-                if kind == "exec":
-                    _exec(_compile(src, f"<test {ti}>", "exec"), g)
-                    continue
-                check_globals.clear()
-                check_globals.update(g)
-                check_globals["__builtins__"] = pristine_builtins
-                value = enc(_eval(_compile(src, f"<test {ti}>", "eval"), check_globals))
-                report((ti, si, "value", value))
-            except _base_exc as e:
-                report((ti, si, "error", _type(e).__name__))
-                break
-    finish()
+    _serve(g, channel, finish)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ kernel, none undoable by the child:
   services too) before use, no groups and no capabilities; as an ordinary user, a user namespace in which further
   user namespaces are disabled. ``no_new_privs`` either way; a new session (no terminal); dies with its parent.
 * **seccomp**: ptrace, process_vm_*, pidfd_*, mount and namespace calls, kexec, modules, bpf, perf_event_open,
-  keyctl/add_key, io_uring, userfaultfd ... are refused (``rewards/seccomp.py``).
+  keyctl/add_key, io_uring, userfaultfd ... are refused, and so are new processes (threads only) and memory
+  that the limits below do not count: memfd files, System V shared memory (``rewards/seccomp.py``).
 * **Resource limits** (soft = hard): ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_CPU``, ``RLIMIT_NPROC`` (per run:
-  the uid or user namespace is the run's own), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0, plus a
-  wall-clock ``timeout_s`` and ``max_output_bytes`` per stream. Memory therefore stays under ``memory_mb +
-  tmpfs_mb`` (cgroup v2 is not used: it needs a delegated, writable cgroup tree).
+  the uid or user namespace is the run's own; threads), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0,
+  plus a wall-clock ``timeout_s`` and ``max_output_bytes`` per stream. A run being one process, its memory stays
+  under ``memory_mb + tmpfs_mb`` (cgroup v2 is not used: it needs a delegated, writable cgroup tree).
 
 A Python audit hook (sockets, process creation, writes outside the writable tmpfs, introspection) remains as an
 extra layer inside; nothing rests on it.
@@ -238,6 +239,7 @@ def run_python(
     tmpfs_mb: int = 32,
     stdin: str | bytes | None = None,
     job: dict | None = None,
+    channel: tuple[int, int] | None = None,
     unsafe: bool = False,
     audit_hook: bool = True,
 ) -> SandboxResult:
@@ -247,7 +249,9 @@ def run_python(
     ``SandboxUnavailable`` when bubblewrap is missing or unusable and ``unsafe`` is False. ``cpu_s`` defaults to
     ``ceil(timeout_s) + 1`` CPU seconds. ``max_output_bytes`` caps each of stdout/stderr; going over kills the
     child (``killed_reason="output_limit"``). ``stdin`` is the child's standard input (default: empty).
-    ``job`` is the runner's protocol (``rewards/runner.py``), used by the code verifier. ``audit_hook=False``
+    ``job`` is the runner's protocol (``rewards/runner.py``), used by the code verifier: ``{"mode": "serve"}`` or
+    ``{"mode": "tests", "tests": [source, ...]}``, with ``channel`` = (read fd, write fd) of two pipes joining the
+    two runs (this call takes them over and closes them once the child has them). ``audit_hook=False``
     leaves out the in-process hook (tests use it to show that the OS layers hold on their own).
     """
     if not isinstance(source, str):
@@ -264,23 +268,43 @@ def run_python(
     _check_positive("tmpfs_mb", tmpfs_mb, integer=True, minimum=1)
     if stdin is not None and not isinstance(stdin, (str, bytes)):
         raise ValueError(f"stdin must be a str, bytes or None, got {type(stdin).__name__}")
-    if job is not None and (not isinstance(job, dict) or job.get("mode") not in ("main", "checks", "script")):
-        raise ValueError(f"job must be a dict with mode main, checks or script, got {job!r}")
+    if job is not None and (not isinstance(job, dict) or job.get("mode") not in ("main", "serve", "tests")):
+        raise ValueError(f"job must be a dict with mode main, serve or tests, got {job!r}")
+    if (job is not None and job["mode"] != "main") != (channel is not None):
+        raise ValueError("channel: the serve and tests jobs need one (a pair of pipe descriptors), others none")
+    if channel is not None and (not isinstance(channel, tuple) or len(channel) != 2
+                                or not all(isinstance(fd, int) and fd >= 0 for fd in channel)):
+        raise ValueError(f"channel must be a (read fd, write fd) pair, got {channel!r}")
     limits = {
         "RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(cpu_s), "RLIMIT_NPROC": max_processes,
         "RLIMIT_FSIZE": max_file_bytes, "RLIMIT_NOFILE": max_open_files, "RLIMIT_CORE": 0,
     }
     data_in = stdin.encode("utf-8", "surrogateescape") if isinstance(stdin, str) else stdin
     info = sandbox_info()
-    if info["isolation"] == "bubblewrap":
-        return _run_bwrap(source, info, limits, timeout_s, max_output_bytes, tmpfs_mb << 20, data_in, job,
-                          audit_hook)
-    if not unsafe:
-        raise SandboxUnavailable(f"sandbox: {info['problem']}; {_bwrap.INSTALL_HINT}")
-    _warn_unsafe(info["problem"])
-    uid = _run_uid() if info["dropped_privileges"] else None
-    return _run_legacy(source, info["python"], uid, limits, timeout_s, max_output_bytes, data_in, job,
-                       audit_hook)
+    channel = list(channel) if channel is not None else None  # emptied once closed: never closed twice
+    try:
+        if info["isolation"] == "bubblewrap":
+            return _run_bwrap(source, info, limits, timeout_s, max_output_bytes, tmpfs_mb << 20, data_in, job,
+                              audit_hook, channel)
+        if not unsafe:
+            raise SandboxUnavailable(f"sandbox: {info['problem']}; {_bwrap.INSTALL_HINT}")
+        _warn_unsafe(info["problem"])
+        uid = _run_uid() if info["dropped_privileges"] else None
+        return _run_legacy(source, info["python"], uid, limits, timeout_s, max_output_bytes, data_in, job,
+                           audit_hook, channel)
+    finally:
+        _close_channel(channel)
+
+
+def _close_channel(channel: list[int] | None) -> None:
+    """Close our copies of the channel's descriptors (once the child holds its own, or when it never started), so
+    that the other run reads end-of-file when this one ends. Empties the list: a second call closes nothing (the
+    numbers may belong to another thread's descriptors by then)."""
+    while channel:
+        try:
+            os.close(channel.pop())
+        except OSError:
+            pass
 
 
 @functools.lru_cache(maxsize=1)
@@ -290,9 +314,10 @@ def _warn_unsafe(problem: str) -> None:
                   stacklevel=3)
 
 
-def _runner_cfg(uid, limits, job_fd, report_fd, write_roots, audit_hook, legacy_unshare=0) -> str:
+def _runner_cfg(uid, limits, job_fd, report_fd, write_roots, audit_hook, legacy_unshare=0, channel=None) -> str:
     return repr({"uid": uid, "limits": limits, "job_fd": job_fd, "report_fd": report_fd,
-                       "write_roots": write_roots, "audit_hook": audit_hook, "legacy_unshare": legacy_unshare})
+                 "write_roots": write_roots, "audit_hook": audit_hook, "legacy_unshare": legacy_unshare,
+                 "channel": channel})
 
 
 def _signal_reason(returncode: int) -> str:
@@ -302,7 +327,8 @@ def _signal_reason(returncode: int) -> str:
         return f"signal:{-returncode}"
 
 
-def _run_bwrap(source, info, limits, timeout_s, max_output_bytes, tmpfs_bytes, data_in, job, audit_hook):
+def _run_bwrap(source, info, limits, timeout_s, max_output_bytes, tmpfs_bytes, data_in, job, audit_hook,
+               channel=None):
     privileged = os.geteuid() == 0
     uid = _run_uid() if privileged else None
     fds = []
@@ -325,11 +351,13 @@ def _run_bwrap(source, info, limits, timeout_s, max_output_bytes, tmpfs_bytes, d
         write_roots = [_bwrap.WORKDIR, "/tmp", "/dev/shm"]
         python = info["python"]
         command = [python, "-I", "-S", "-B", "-c", _RUNNER_SOURCE,
-                   _runner_cfg(uid, limits, job_fd, report_w, write_roots, audit_hook)]
+                   _runner_cfg(uid, limits, job_fd, report_w, write_roots, audit_hook,
+                               channel=tuple(channel) if channel else None)]
         argv = _bwrap.bwrap_argv(info["bwrap"], python, privileged=privileged, tmpfs_bytes=tmpfs_bytes,
                                  source_fd=source_fd, seccomp_fd=seccomp_fd, command=command)
         argv[1:1] = ["--json-status-fd", str(status_w)]
         passed = tuple(fd for fd in (source_fd, seccomp_fd, job_fd, report_w, status_w) if fd is not None)
+        passed += tuple(channel or ())
         try:
             proc = subprocess.Popen(argv, cwd="/", env=dict(_MINIMAL_ENV), stdin=stdin_fd, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, pass_fds=passed, start_new_session=True)
@@ -339,6 +367,7 @@ def _run_bwrap(source, info, limits, timeout_s, max_output_bytes, tmpfs_bytes, d
             if fd is not None:
                 os.close(fd)
                 fds.remove(fd)
+        _close_channel(channel)
         pipes = {"out": proc.stdout.fileno(), "err": proc.stderr.fileno(), "report": report_r, "status": status_r}
         caps = {pipes["out"]: max_output_bytes, pipes["err"]: max_output_bytes, report_r: max_output_bytes,
                 status_r: 1 << 16}
@@ -401,7 +430,7 @@ def _wait_sandbox_gone(status: bytes, grace_s: float = 2.0) -> None:
 
 
 # ------------------------------------------------------------------------ the unsafe fallback (no bubblewrap)
-def _run_legacy(source, python, uid, limits, timeout_s, max_output_bytes, data_in, job, audit_hook):
+def _run_legacy(source, python, uid, limits, timeout_s, max_output_bytes, data_in, job, audit_hook, channel=None):
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="ptk-sandbox-"))
     fds = []
     try:
@@ -416,8 +445,9 @@ def _run_legacy(source, python, uid, limits, timeout_s, max_output_bytes, data_i
         report_r, report_w = os.pipe()
         fds += [fd for fd in (job_fd, report_r, report_w) if fd is not None] + ([stdin_fd] if data_in else [])
         flags = _CLONE_NEWNET if os.geteuid() == 0 else _CLONE_NEWUSER | _CLONE_NEWNET
-        cfg = _runner_cfg(uid, limits, job_fd, report_w, [workdir], audit_hook, flags)
-        passed = tuple(fd for fd in (job_fd, report_w) if fd is not None)
+        cfg = _runner_cfg(uid, limits, job_fd, report_w, [workdir], audit_hook, flags,
+                          tuple(channel) if channel else None)
+        passed = tuple(fd for fd in (job_fd, report_w) if fd is not None) + tuple(channel or ())
         try:
             proc = subprocess.Popen([python, "-I", "-S", "-B", "-c", _RUNNER_SOURCE, cfg], cwd=workdir,
                                     env=dict(_MINIMAL_ENV), stdin=stdin_fd, stdout=subprocess.PIPE,
@@ -426,6 +456,7 @@ def _run_legacy(source, python, uid, limits, timeout_s, max_output_bytes, data_i
             return SandboxResult(None, "", f"sandbox: could not start the child: {e}", False, "start_failed")
         os.close(report_w)
         fds.remove(report_w)
+        _close_channel(channel)
         pipes = {"out": proc.stdout.fileno(), "err": proc.stderr.fileno(), "report": report_r}
         caps = dict.fromkeys(pipes.values(), max_output_bytes)
         try:

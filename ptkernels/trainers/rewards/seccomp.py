@@ -6,6 +6,11 @@ on top of the namespaces and the dropped privileges. Every denied call answers `
 so the C library falls back to ``clone``, whose flags a filter can read); a call from another ABI (x32, i386)
 kills the process, since its numbers mean other calls.
 
+Memory is bounded by ``RLIMIT_AS`` per address space and by the capped tmpfs, so the filter closes the ways
+around both: new processes (``fork``, ``vfork``, ``clone`` without ``CLONE_THREAD``: each would get its own
+``RLIMIT_AS``; threads share one), anonymous files (``memfd_create``, ``memfd_secret``: shared memory counted by
+neither limit) and System V shared memory (``shmget``: a segment keeps its pages after it is detached).
+
 Only x86-64 has a table (the numbers differ per architecture); elsewhere ``filter_program()`` is ``None`` and
 ``sandbox_info()`` reports that no seccomp filter is active.
 """
@@ -16,7 +21,7 @@ import functools
 import platform
 import struct
 
-__all__ = ["DENIED", "DENIED_CLONE_FLAGS", "filter_program", "syscall_numbers"]
+__all__ = ["DENIED", "DENIED_CLONE_FLAGS", "REQUIRED_CLONE_FLAGS", "filter_program", "syscall_numbers"]
 
 # Calls the sandboxed code never needs and the kernel's most attacked or most powerful interfaces: debugging and
 # reading other processes, mounts and namespaces, kernel modules and kexec, eBPF and perf, the kernel keyring,
@@ -33,9 +38,12 @@ DENIED = (
     "swapon", "swapoff", "acct", "syslog", "uselib", "vhangup", "iopl", "ioperm",
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
     "fanotify_init",
+    "fork", "vfork", "memfd_create", "memfd_secret", "shmget",
 )
 # clone() may not make namespaces: NEWNS NEWCGROUP NEWUTS NEWIPC NEWUSER NEWPID NEWNET.
 DENIED_CLONE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
+# ... and it must make a thread (CLONE_THREAD), not a process.
+REQUIRED_CLONE_FLAGS = 0x00010000
 
 _X86_64 = {  # from asm/unistd_64.h (tests compare this table with the header when it is installed)
     "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "process_madvise": 440, "kcmp": 312,
@@ -49,6 +57,7 @@ _X86_64 = {  # from asm/unistd_64.h (tests compare this table with the header wh
     "quotactl": 179, "quotactl_fd": 443, "swapon": 167, "swapoff": 168, "acct": 163, "syslog": 103,
     "uselib": 134, "vhangup": 153, "iopl": 172, "ioperm": 173, "settimeofday": 164, "clock_settime": 227,
     "clock_adjtime": 305, "adjtimex": 159, "sethostname": 170, "setdomainname": 171, "fanotify_init": 300,
+    "fork": 57, "vfork": 58, "memfd_create": 319, "memfd_secret": 447, "shmget": 29,
     "clone": 56, "clone3": 435,
 }
 _ARCHES = {"x86_64": (0xC000003E, _X86_64, 0x40000000)}  # machine -> (AUDIT_ARCH, table, x32 syscall bit)
@@ -85,7 +94,8 @@ def filter_program(machine: str | None = None) -> bytes | None:
     labels = {"allow": len(prog)}
     prog.append((_RET, None, None, _RET_ALLOW))
     labels["clone"] = len(prog)
-    prog += [(_LD_ABS_W, None, None, _ARG0_LO), (_JSET, "deny", "allow_clone", DENIED_CLONE_FLAGS)]
+    prog += [(_LD_ABS_W, None, None, _ARG0_LO), (_JSET, "deny", None, DENIED_CLONE_FLAGS),
+             (_JSET, "allow_clone", "deny", REQUIRED_CLONE_FLAGS)]
     labels["allow_clone"] = len(prog)
     prog.append((_RET, None, None, _RET_ALLOW))
     labels["deny"] = len(prog)

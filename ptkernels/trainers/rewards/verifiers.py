@@ -11,6 +11,7 @@ or ``get_verifier("math:0.8,format:0.2")``.
 
 from __future__ import annotations
 
+import ast
 import math as _math
 import os
 import re
@@ -21,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 from ptkernels.trainers.rewards import code_tests
-from ptkernels.trainers.rewards.code_tests import SplitTest
 from ptkernels.trainers.rewards.gold import final_gold_answer, gold_value
 from ptkernels.trainers.rewards.gold import last_boxed as _last_boxed
 from ptkernels.trainers.rewards.sandbox import SandboxResult, run_python
@@ -342,25 +342,19 @@ def extract_code(completion: str) -> str:
     return text
 
 
-def _passed_split(split: list[SplitTest], reports: str) -> list[bool]:
-    """Per split test: every check reported a plain value that passes here, and nothing raised."""
-    got = code_tests.read_reports(reports)
-    passed = []
-    for ti, test in enumerate(split):
-        ok, ci = True, 0
-        for si, (kind, _) in enumerate(test.statements):
-            if kind != "check":
-                if got.get((ti, si), ("value",))[0] == "error":
-                    ok = False
-                continue
-            status, encoded = got.get((ti, si), ("missing", None))
-            try:
-                ok = ok and status == "value" and code_tests.verdict(test.checks[ci], code_tests.decode(encoded))
-            except ValueError:
-                ok = False
-            ci += 1
-        passed.append(ok)
-    return passed
+def _passed(reports: str, n_tests: int) -> list[bool]:
+    """Per test: the tests' process reported it passed, exactly once (on its own descriptor, which the model's
+    process does not have)."""
+    passes = [0] * n_tests
+    for line in reports.splitlines():
+        try:
+            rec = ast.literal_eval(line)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if type(rec) is tuple and len(rec) == 2 and rec[1] == "pass" and type(rec[0]) is int:
+            if 0 <= rec[0] < n_tests:
+                passes[rec[0]] += 1
+    return [p == 1 for p in passes]
 
 
 def make_code_verifier(*, timeout_s: float = 5.0, memory_mb: int = 256, unsafe_sandbox: bool = False,
@@ -385,8 +379,10 @@ def make_code_verifier(*, timeout_s: float = 5.0, memory_mb: int = 256, unsafe_s
 
         ``tests`` a string: 1.0 when it passes as a whole, else 0.0. A list of strings: the fraction that pass.
         A list of ``{"input", "output"}`` (or APPS' ``{"inputs", "outputs"}``): the fraction of cases whose
-        stdout matches, each run in a fresh process that must exit 0. Asserts against literals are split: the
-        call runs in the sandbox, the comparison here; the rest run whole, one fresh process per test.
+        stdout matches, each run in a fresh process that must exit 0. Test sources (any Python: asserts,
+        loops, ``def check(candidate)`` and its call) run in a sandboxed process of their own, in order, and
+        reach the model's functions and classes over a pipe that carries plain data only; the model's code runs
+        in a second sandboxed process. A test passes when its source finishes without raising.
         """
         tests = _require(row, "tests")
         program = extract_code(completion)
@@ -403,25 +399,17 @@ def make_code_verifier(*, timeout_s: float = 5.0, memory_mb: int = 256, unsafe_s
             raise ValueError("code verifier: row['tests'] must be a str, a list of str or stdin/stdout cases")
         if not items:
             raise ValueError("code verifier: row['tests'] is empty")
-        splits = [code_tests.split_test(t) for t in items]
-        split_idx = [i for i, s in enumerate(splits) if s is not None]
-        whole_idx = [i for i, s in enumerate(splits) if s is None]
-        calls = [{"program": program, "job": {"mode": "script", "source": items[i]}} for i in whole_idx]
-        if split_idx:
-            job = {"mode": "checks", "tests": [splits[i].statements for i in split_idx]}
-            calls.append({"program": program, "job": job})
-        results = run_all(calls)
-        passed = [False] * len(items)
-        for i, r in zip(whole_idx, results):
-            passed[i] = r.ok and r.reports.splitlines() == ["'done'"]
-        if split_idx:
-            for i, ok in zip(split_idx, _passed_split([splits[i] for i in split_idx], results[-1].reports)):
-                passed[i] = ok
-        # As when the tests ran in turn in one process: a test that runs out of time ends the run, so the tests
-        # after it earn nothing (a hang costs the whole remaining budget, whatever order the processes ran in).
-        hung = [i for i, r in zip(whole_idx, results) if r.timed_out]
-        if hung:
-            passed[min(hung) + 1:] = [False] * (len(items) - min(hung) - 1)
+        # Two sandboxed processes joined by two pipes: the model's code serves, the tests run apart from it.
+        requests_r, requests_w = os.pipe()
+        answers_r, answers_w = os.pipe()
+        serve = {"program": program, "job": {"mode": "serve"}, "channel": (requests_r, answers_w)}
+        check = {"program": "", "job": {"mode": "tests", "tests": items}, "channel": (answers_r, requests_w)}
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            served = pool.submit(run, **serve)
+            results = pool.submit(run, **check).result()
+            served.result()
+        # A test that runs out of time ends the run: the tests after it are never reported, so they earn nothing.
+        passed = _passed(results.reports, len(items))
         if isinstance(tests, str):
             return float(passed[0])
         return sum(passed) / len(items)

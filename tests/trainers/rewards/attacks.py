@@ -45,7 +45,7 @@ def _processes_mentioning(token: str) -> list[int]:
 
 class Outside:
     """Checks that a run left no trace: nothing new in /tmp or /dev/shm that the run made (names carrying the
-    token, or the sandbox's own prefix), no process mentioning the token, the victim process alive."""
+    token), no process mentioning the token, the victim process alive."""
 
     def __init__(self, token: str):
         self.token = token
@@ -56,7 +56,9 @@ class Outside:
         try:
             time.sleep(0.05)
             assert self.victim.poll() is None, "the victim (standing for the trainer) was killed"
-            new = [p for p in _snapshot() - self.before if self.token in p or "ptk-sandbox" in p]
+            # Only names carrying the token: bwrap runs write nothing on the host, and under pytest-xdist other
+            # tests' own files (the unsafe fallback's ptk-sandbox-* work dirs) come and go meanwhile.
+            new = [p for p in _snapshot() - self.before if self.token in p]
             assert not new, f"left behind on the host: {new}"
             left = [p for p in _processes_mentioning(self.token) if p != self.victim.pid]
             assert not left, f"processes left behind: {left}"
@@ -239,9 +241,54 @@ def read_secrets(scratch: str) -> None:
         os.unlink(secret_file)
 
 
+def exhaust_host_memory(scratch: str) -> None:
+    """Memory past RLIMIT_AS and the capped tmpfs: anonymous files (memfd), System V shared memory, more processes
+    (each with an RLIMIT_AS of its own), also through _posixsubprocess loaded under another dotted name."""
+    token = uuid.uuid4().hex
+    out = Outside(token)
+    body = (
+        "import os, sys\ngot = []\n"
+        "try:\n    fd = os.memfd_create('x')\n    os.write(fd, b'x' * (1 << 20))\n    got.append('memfd')\n"
+        "except OSError:\n    pass\n"
+        "try:\n    if os.fork() == 0:\n        os._exit(0)\n    got.append('fork')\nexcept OSError:\n    pass\n"
+        "try:\n    import _imp, importlib.machinery as M\n"
+        "    for d in sys.path:\n"
+        "        so = [f for f in (os.listdir(d) if os.path.isdir(d) else []) if f.startswith('_posixsubprocess.')]\n"
+        "        if so:\n"
+        "            spec = M.ModuleSpec('x._posixsubprocess', None, origin=os.path.join(d, so[0]))\n"
+        "            ps = _imp.create_dynamic(spec)\n"
+        "            got.append('loaded')\n"
+        f"            args = [sys.executable.encode(), b'-c', b'import time; time.sleep(600) # {token}']\n"
+        "            ps.fork_exec(args, [args[0]], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False,"
+        " True, -1, None, None, None, -1, None, False)\n"
+        "            got.append('spawned')\n"
+        "except BaseException:\n    pass\n"
+        "try:\n    import ctypes\n    libc = ctypes.CDLL(None, use_errno=True)\n"
+        "    if libc.shmget(0, 1 << 20, 0o1600) >= 0:\n        got.append('shmget')\n"
+        "except BaseException:\n    pass\n"
+        "print(got)\n"
+    )
+    for hook in (True, False):
+        res = run_python(body, audit_hook=hook, timeout_s=5.0)
+        assert res.ok, res
+        assert res.stdout.strip() in ("[]", "['loaded']"), f"hook={hook}: got past the limits: {res.stdout}"
+        assert hook is False or res.stdout.strip() == "[]", "the audit hook let _posixsubprocess load"
+    _zero(body + "\ndef f():\n    return 0\n", "assert f() == 1")
+    out.check()
+
+
 # ------------------------------------------------------------------------------------------- forging the verdict
 EXPECTED = 9876543211  # what f(3) must return; no trivial program guesses it
-SPLIT_TESTS = ["assert f(3) == 9876543211", "assert 9876543211 == f(3)"]
+TESTS = [  # every shape a data set uses: asserts, HumanEval's check(candidate), loops, tolerances, no assert
+    "assert f(3) == 9876543211", "assert 9876543211 == f(3)",
+    "def check(candidate):\n    assert candidate(3) == 9876543211\n\ncheck(f)\n",
+    "for x, y in [(3, 9876543211)]:\n    assert f(x) == y\n",
+    "assert f(3) == 9876543211 and f(3) == 9876543211",
+    "assert all(f(x) == y for x, y in [(3, 9876543211)])",
+    "import math\nassert math.isclose(f(3), 9876543211)",
+    "assert abs(f(3) - 9876543211) < 0.5",
+    "if f(3) != 9876543211:\n    raise AssertionError\n",
+]
 FORGERS = {
     # the old harness wrote a nonce into main.py; now look for the expected value anywhere it could be
     "read_expected": (
@@ -283,6 +330,25 @@ FORGERS = {
         "atexit.register(forge)\ndef f(x):\n    raise SystemExit(0)\n"
     ),
     "exit_before_tests": "import os\ndef f(x):\n    return 0\nos._exit(0)\n",
+    "write_every_descriptor": (
+        "import os\ndef f(x):\n    return 0\n"
+        "lines = b\"'done'\\n\" + b''.join(b'(%d, \\'pass\\')\\n' % i for i in range(16))\n"
+        "for fd in range(3, 64):\n    try:\n        os.write(fd, lines)\n    except OSError:\n        pass\n"
+    ),
+    "harness_frames": (
+        "import sys\ndef f(x):\n    return 0\nframe = sys._getframe(1)\n"
+        "for name in ('report', 'send'):\n"
+        "    fn = frame.f_locals.get(name)\n"
+        "    if fn:\n        fn('done')\n        [fn((i, 'pass')) for i in range(16)]\n"
+        "fin = frame.f_locals.get('finish')\nif fin:\n    fin()\n"
+    ),
+    "patch_math_and_operators": (
+        "import math\nclass A(int):\n    __eq__ = lambda s, o: True\n    __ne__ = lambda s, o: False\n"
+        "    __hash__ = int.__hash__\n    __sub__ = lambda s, o: 0.0\n    __float__ = lambda s: 9876543211.0\n"
+        "def f(x):\n    return A(0)\nmath.isclose = lambda *a, **k: True\n"
+        "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.all = lambda x: True\n"
+        "abs = lambda x: 0\nall = lambda x: True\n"  # top-level stand-ins for the builtins a test calls
+    ),
     "exit_status_only": "import sys\ndef f(x):\n    sys.exit(0)\n",
 }
 
@@ -291,9 +357,9 @@ def forge_verdicts(scratch: str) -> None:
     token = uuid.uuid4().hex
     out = Outside(token)
     good = "def f(x):\n    return 9876543208 + x\n"
-    assert V.code(f"```python\n{good}```", {"tests": SPLIT_TESTS}) == 1.0  # the tests can be passed
+    assert V.code(f"```python\n{good}```", {"tests": TESTS}) == 1.0  # the tests can be passed
     for name, program in FORGERS.items():
-        for tests in (SPLIT_TESTS, SPLIT_TESTS[0], "\n".join(SPLIT_TESTS),
+        for tests in (TESTS, TESTS[2], "\n".join(TESTS[:2] + TESTS[3:]),
                       ["assert f(3) == 9876543211"] * 2 + ["y = f(3)\nassert y == 9876543211"]):
             got = V.code(f"```python\n{program}```", {"tests": tests})
             assert got == 0.0, f"{name} scored {got} on {tests!r}"
@@ -305,7 +371,7 @@ def forge_verdicts(scratch: str) -> None:
 
 
 ALL = [kill_the_trainer, overwrite_the_checkpoint, daemons_and_fork_bombs, fill_tmp_and_shm, reach_host_sockets,
-       read_secrets, forge_verdicts]
+       read_secrets, exhaust_host_memory, forge_verdicts]
 
 
 def main() -> None:

@@ -1,55 +1,84 @@
-"""Splitting asserts into call + literal, plain values back, verdicts here; stdin/stdout cases."""
+"""The code verifier end to end: tests apart from the model's code, plain data between them; stdin/stdout cases."""
+
+import ast
 
 import pytest
 
 from ptkernels.trainers.rewards import code_tests as C
+from ptkernels.trainers.rewards import runner as R
 from ptkernels.trainers.rewards import verifiers as V
 
 from .marks import needs_bwrap
 
 
-@pytest.mark.parametrize(
-    "source, op, expected, swapped",
-    [
-        ("assert f(1) == 2", "Eq", 2, False),
-        ("assert [1, (2, 3)] == f(x=1)", "Eq", [1, (2, 3)], True),
-        ("assert f('a') != -3.5", "NotEq", -3.5, False),
-        ("assert f() in {1, 2}", "In", {1, 2}, False),
-        ("assert f() is None", "Is", None, False),
-        ("assert abs(f(1) - 3.14) < 1e-6, 'close'", "Lt", 1e-6, False),
-    ],
-)
-def test_split_compare(source, op, expected, swapped):
-    split = C.split_test(source)
-    (check,) = split.checks
-    assert (check.op, check.expected, check.swapped) == (op, expected, swapped)
-    assert repr(expected) not in check.expr  # the expected value stays here
+class _Ref:
+    def __init__(self, n):
+        self.n = n
 
 
-def test_split_shapes():
-    split = C.split_test("import math\nx = [3, 1, 2]\nassert sort(x) == [1, 2, 3]\nassert is_ok(x)\nassert not bad()")
-    assert [k for k, _ in split.statements] == ["exec", "exec", "check", "check", "check"]
-    assert [c.op for c in split.checks] == ["Eq", "truthy", "falsy"]
-    for whole in ("def check(c):\n    assert c(1) == 2\ncheck(f)", "for i in range(3):\n    assert f(i) == i",
-                  "assert f(1) == f(2)", "assert 0 < f(1) < 3", "assert f() is 3", "f(1)", "raise SystemExit(0)",
-                  "while True: pass", "def (:"):
-        assert C.split_test(whole) is None, whole
+def test_plain_data_round_trip_and_refusals():
+    enc, dec = R._encoder(), R._decoder(_Ref)
+    value = [1, float("nan"), ("a", b"\xff"), {1}, {frozenset({2}): None}, 1 - 2j, True, -0.0, "x\ny"]
+    back = dec(ast.literal_eval(repr(enc(value))))
+    assert back[0] == 1 and back[1] != back[1] and back[2:] == value[2:] and str(back[7]) == "-0.0"
+    assert type(back[2]) is tuple and type(back[3]) is set
+
+    class Anything(int):
+        def __eq__(self, other):
+            return True
+    with pytest.raises(TypeError):
+        enc(Anything(0))  # a subclass could answer == as it likes: refused, never sent
+    with pytest.raises(ValueError):
+        deep = []
+        deep.append(deep)
+        enc(deep)
+    for bad in (("object", ()), ("list", [1]), ["list"], ("dict", ((1,),)), 1.5, ("float", 1.5), ("ref", "1")):
+        with pytest.raises((ValueError, TypeError)):
+            dec(bad)
+    assert dec(("list", (("ref", 3),)))[0].n == 3  # references only where a tag says so
+    assert R._encoder(lambda x: ("ref", 7))(object()) == ("ref", 7)
 
 
-def test_decode_and_verdict():
-    enc = ("list", (1, ("float", "nan"), ("tuple", ("a", ("bytes", "ff"))), ("set", (1,)),
-                    ("dict", ((("frozenset", (2,)), None),)), ("complex", "1.0", "-2.0"), True))
-    value = C.decode(enc)
-    assert value[0] == 1 and value[1] != value[1] and value[2:] == [("a", b"\xff"), {1}, {frozenset({2}): None},
-                                                                        1 - 2j, True]
-    for bad in (("object", ()), ("list", [1]), ["list"], ("dict", ((1,),)), 1.5, ("float", 1.5)):
-        with pytest.raises(ValueError):
-            C.decode(bad)
-    check = C.split_test("assert f() == 3").checks[0]
-    assert C.verdict(check, 3) and C.verdict(check, 3.0) and not C.verdict(check, "3")
-    assert not C.verdict(C.split_test("assert f() < 3").checks[0], None)  # TypeError: a failed test
-    assert C.read_reports("(0, 0, 'value', 1)\n(0, 0, 'value', 2)\n(1, 0, 'error', 'X')\n__import__('os')\n") == {
-        (1, 0): ("error", "X")}
+@needs_bwrap
+def test_tests_reach_functions_classes_and_generators_but_compare_only_plain_data():
+    program = (
+        "```python\nclass Stack:\n    def __init__(self):\n        self.items = []\n"
+        "    def push(self, v):\n        self.items.append(v)\n    def pop(self):\n        return self.items.pop()\n"
+        "    def __len__(self):\n        return len(self.items)\n"
+        "def count(n):\n    yield from range(n)\n"
+        "def sort_in_place(xs):\n    xs.sort()\n"
+        "def boom(x):\n    raise ValueError('negative')\n"
+        "class Custom(Exception):\n    pass\n"
+        "def custom():\n    raise Custom('mine')\n"
+        "def identity(x):\n    return x\n```"
+    )
+    passing = [
+        "s = Stack()\ns.push(1)\ns.push(2)\nassert s.pop() == 2 and len(s) == 1",
+        "assert list(count(3)) == [0, 1, 2] and sum(count(4)) == 6",
+        "xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]",  # in-place changes come back
+        "try:\n    boom(1)\nexcept ValueError as e:\n    assert str(e) == 'negative'\nelse:\n    raise AssertionError",
+        "try:\n    custom()\nexcept Exception as e:\n    assert 'Custom' in str(e)",
+        "s = Stack()\nassert identity(s) is not None",  # a reference goes back and forth
+    ]
+    failing = [
+        "assert Stack() == Stack()",  # comparing objects of the model's code: refused
+        "assert Stack()",  # their truth value too
+        "s = Stack()\ns.push(1)\nassert 1 in s",
+        "assert identity(lambda: 0) is not None",  # the test's own functions do not cross
+        "assert boom(1) == 0",
+        "assert undefined_name(1) == 1",
+    ]
+    assert V.code(program, {"tests": passing}) == 1.0
+    assert V.code(program, {"tests": failing}) == 0.0
+    # the model's imports of standard modules reach the tests as the tests' own copies; its stand-ins for builtins
+    # or standard modules never do
+    imports = "```python\nimport math\ndef area(r):\n    return math.pi * r * r\n```"
+    assert V.code(imports, {"tests": "assert math.isclose(area(2), 12.566, rel_tol=1e-3)"}) == 1.0
+    fakes = ("```python\ndef f(x):\n    return 0\nabs = lambda x: 0\nclass M:\n    def isclose(self, *a):\n"
+             "        return True\nmath = M()\n```")
+    assert V.code(fakes, {"tests": ["assert abs(f(3) - 7) < 0.5", "assert math.isclose(f(3), 7)"]}) == 0.0
+    # the model's code failing before it serves: nothing passes, quickly
+    assert V.code("```python\ndef f():\n    return 1\nraise SystemExit(0)\n```", {"tests": "assert f() == 1"}) == 0.0
 
 
 def test_stdio_cases_and_output_compare():
@@ -66,7 +95,7 @@ def test_code_verifier_end_to_end():
     sol = "```python\nimport sys\ndef add(a, b):\n    return a + b\n```"
     assert V.code(sol, {"tests": ["assert add(1, 2) == 3", "assert add((1,), (2,)) == (1, 2)",
                                   "assert add(1, 2) == 4", "x = add('a', 'b')\nassert x == 'ab'"]}) == 0.75
-    # Unsplittable tests run whole, one fresh process each, exit status required.
+    # HumanEval's form: the check function and its call.
     assert V.code(sol, {"tests": ["def check(c):\n    assert c(2, 2) == 4\ncheck(add)",
                                   "def check(c):\n    assert c(2, 2) == 5\ncheck(add)"]}) == 0.5
     io = "```python\nimport sys\na, b = map(int, sys.stdin.read().split())\nprint(a + b)\n```"

@@ -39,7 +39,8 @@ def test_denied_syscalls_fail_with_eperm(audit_hook):
         pytest.skip("no seccomp table for this architecture")
     calls = {name: table[name] for name in ("ptrace", "unshare", "setns", "mount", "bpf", "perf_event_open",
                                               "keyctl", "add_key", "kexec_load", "process_vm_readv",
-                                              "pidfd_open", "io_uring_setup", "userfaultfd")}
+                                              "pidfd_open", "io_uring_setup", "userfaultfd", "fork", "vfork",
+                                              "memfd_create", "memfd_secret", "shmget")}
     body = (
         "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         f"for name, nr in {calls!r}.items():\n"
@@ -47,6 +48,7 @@ def test_denied_syscalls_fail_with_eperm(audit_hook):
         "    print(name, r, ctypes.get_errno())\n"
         f"print('clone_newuser', libc.syscall({table['clone']}, 0x10000000 | 17, 0, 0, 0, 0), ctypes.get_errno())\n"
         f"print('clone3', libc.syscall({table['clone3']}, 0, 0), ctypes.get_errno())\n"
+        f"print('clone_process', libc.syscall({table['clone']}, 17, 0, 0, 0, 0), ctypes.get_errno())\n"
         "print('seccomp', [l for l in open('/proc/self/status') if l.startswith('Seccomp:')][0].split()[1])\n"
     )
     res = S.run_python(body, audit_hook=audit_hook)
@@ -55,9 +57,11 @@ def test_denied_syscalls_fail_with_eperm(audit_hook):
     for name in calls:
         assert lines[name] == "-1 1", (name, lines[name])  # EPERM
     assert lines["clone_newuser"] == "-1 1" and lines["clone3"] == "-1 38" and lines["seccomp"] == "2"
-    # Ordinary process creation still works (clone without namespace flags).
-    assert S.run_python("import os\npid = os.fork()\nos._exit(0) if pid == 0 else print(os.waitpid(pid, 0)[1])",
-                        audit_hook=False).stdout == "0\n"
+    # No new processes (each would get its own RLIMIT_AS); threads (clone with CLONE_THREAD) still work.
+    assert lines["clone_process"] == "-1 1"
+    threads = S.run_python("import threading\nt = threading.Thread(target=print, args=('thread',))\nt.start()\n"
+                           "t.join()", audit_hook=False)
+    assert threads.stdout == "thread\n", threads
 
 
 @needs_bwrap
