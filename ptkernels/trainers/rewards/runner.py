@@ -12,8 +12,9 @@ namespaces, seccomp filter and limits are what the sandbox rests on), then one o
   reference to an object that stays here;
 * ``tests``: no model code at all. Run each test's source with genuine builtins, the model's top-level names
   bound to the values or references the serving process announced (``Remote``: calls, attributes, iteration
-  and indexing go over the channel; comparing, hashing or testing the truth of a reference raises), and report
-  ``(test, "pass")`` on its own descriptor for each test that finished without raising.
+  and indexing go over the channel; comparing, hashing or testing the truth of a reference raises; a test's own
+  function passed in a call runs here when the model's code calls it), and report ``(test, "pass")`` on its own
+  descriptor for each test that finished without raising.
 
 So the model's code and the tests never share a process: every comparison, ``assert`` and builtin a test uses
 runs where the model cannot reach it, on plain data parsed with ``ast.literal_eval``; the expected values never
@@ -139,6 +140,13 @@ def _encoder(ref=None):
     like. Anything else becomes ``ref(x)`` (a ``("ref", n)`` tag) when ``ref`` is given, else raises TypeError."""
     _type, _frepr, _tuple, _items = type, float.__repr__, tuple, dict.items
     plain = (type(None), bool, int, str)
+    # A subclass's own __eq__ must not cross, but its value may: read through the base type's own slots.
+    subclass_values = (
+        (int, int.__int__), (float, float.__float__), (str, str.__str__), (bytes, bytes), (complex, complex),
+        (list, lambda x: list(list.__iter__(x))), (tuple, lambda x: tuple(tuple.__iter__(x))),
+        (dict, lambda x: dict(dict.items(x))), (frozenset, lambda x: frozenset(frozenset.__iter__(x))),
+        (set, lambda x: set(set.__iter__(x))),
+    )
 
     def enc(x, depth=0):
         if depth > 100:
@@ -156,6 +164,9 @@ def _encoder(ref=None):
             return (t.__name__, _tuple(enc(v, depth + 1) for v in x))
         if t is dict:
             return ("dict", _tuple((enc(k, depth + 1), enc(v, depth + 1)) for k, v in _items(x)))
+        for base, plain_value in subclass_values:  # Counter, namedtuple, IntEnum ...: their plain value
+            if isinstance(x, base):
+                return enc(plain_value(x), depth + 1)
         if ref is not None:
             return ref(x)
         raise TypeError("not plain data: " + t.__name__)
@@ -163,9 +174,10 @@ def _encoder(ref=None):
     return enc
 
 
-def _decoder(ref):
-    """The inverse of ``_encoder``: nested tags -> values, ``("ref", n)`` -> ``ref(n)``; raises ValueError on
-    anything else (a message from the other process is data, never code)."""
+def _decoder(ref, callback=None):
+    """The inverse of ``_encoder``: nested tags -> values, ``("ref", n)`` -> ``ref(n)``, ``("callback", n)`` ->
+    ``callback(n)`` where one is given; raises ValueError on anything else (a message from the other process is
+    data, never code)."""
     _type, _float, _str, _int = type, float, str, int
     kinds = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
 
@@ -195,6 +207,8 @@ def _decoder(ref):
             return out
         if tag == "ref" and n == 2 and _type(x[1]) is _int:
             return ref(x[1])
+        if tag == "callback" and n == 2 and _type(x[1]) is _int and callback is not None:
+            return callback(x[1])
         raise ValueError("not an encoded value")
 
     return dec
@@ -228,7 +242,7 @@ def _channel(fds, parse):
 def _serve(g, fds, finish):
     """Answer the test process's requests about the model's globals ``g`` until it closes the channel."""
     _type, _len, _iter, _next, _getattr, _base_exc, _str = type, len, iter, next, getattr, BaseException, str
-    _tuple, _isinstance, _list, _dict, _set = tuple, isinstance, list, dict, set
+    _tuple, _list, _dict, _set = tuple, list, dict, set
     objects = {}
 
     def ref(x):
@@ -237,8 +251,61 @@ def _serve(g, fds, finish):
         return ("ref", n)
 
     enc = _encoder(ref)
-    dec = _decoder(lambda n: objects[n])
     send, receive = _channel(fds, lambda line: eval(line, {"__builtins__": {}}))  # the test process's own repr
+
+    def callback(n):
+        """A function of the test passed to the model's code: calling it asks the tests' process to run it
+        (requests of the tests' process meanwhile, from inside it, are answered in turn)."""
+        def call(*args, **kwargs):
+            send(("callback", n, enc(args), enc(kwargs)))
+            while True:
+                answer = next_message()
+                if answer[0] == "value":
+                    return dec(answer[1])
+                if answer[0] == "error":
+                    raise RuntimeError("the test's function raised " + _str(answer[1]) + ": " + _str(answer[2]))
+                send(handle(answer))
+        return call
+
+    dec = _decoder(lambda n: objects[n], callback)
+
+    def next_message():
+        try:
+            return receive()
+        except EOFError:
+            finish()
+
+    def handle(request):
+        op, target = request[0], objects.get(request[1])
+        try:
+            if op == "call":
+                args, kwargs = dec(request[2]), dec(request[3])
+                value = target(*args, **kwargs)
+                # in-place changes to list/dict/set arguments go back too (a test may check them)
+                changed = _tuple((i, enc(a)) for i, a in enumerate(args) if _type(a) in (_list, _dict, _set))
+                return ("value", enc(value), changed)
+            if op == "getattr":
+                return ("value", enc(_getattr(target, request[2])), ())
+            if op == "iter":
+                return ("value", enc(_iter(target)), ())
+            if op == "next":
+                try:
+                    value = _next(target)
+                except StopIteration:
+                    return ("stop",)
+                return ("value", enc(value), ())
+            if op == "len":
+                return ("value", enc(_len(target)), ())
+            if op == "getitem":
+                return ("value", enc(target[dec(request[2])]), ())
+            return ("error", "TypeError", "unknown request")
+        except _base_exc as e:
+            try:
+                message = _str(e)[:200]
+            except _base_exc:
+                message = ""
+            return ("error", _type(e).__name__, message)
+
     module = _type(sys)
     names = {}
     for k, v in _list(g.items()):
@@ -247,67 +314,61 @@ def _serve(g, fds, finish):
         if _type(v) is module:  # the tests' process imports its own copy (of a standard module only)
             names[k] = ("module", _getattr(v, "__name__", ""))
             continue
+        if isinstance(v, type) and issubclass(v, BaseException):  # the tests' process makes a stand-in class
+            names[k] = ("exception", _tuple(_str(c.__name__) for c in v.__mro__ if c is not object))
+            continue
         try:
             names[k] = enc(v)
         except _base_exc:  # nested too deeply: a reference instead
             names[k] = ref(v)
     send(names)
     while True:
+        send(handle(next_message()))
+
+
+class RemoteError(Exception):
+    """In the tests' process: an exception of the model's code whose class the tests cannot name (its type name
+    and message only)."""
+
+
+def _remote_class(send, receive, dec_holder, exceptions):
+    """``Remote``: the test process's stand-in for an object of the model's code (see the module docstring).
+    ``exceptions``: name -> the class an error of that name is raised as here (built-in exceptions, and the
+    stand-ins made for the model's own exception classes)."""
+
+    def run_callback(message, callbacks):
+        """The serving process calls a function the test passed in this call: run it here, answer with its
+        value (plain data or a reference)."""
+        fn = callbacks.get(message[1]) if len(message) == 4 and type(message[1]) is int else None
         try:
-            request = receive()
-        except EOFError:
-            finish()
-        op, target = request[0], objects.get(request[1])
-        try:
-            if op == "call":
-                args, kwargs = dec(request[2]), dec(request[3])
-                value = target(*args, **kwargs)
-                # in-place changes to list/dict/set arguments go back too (a test may check them)
-                changed = _tuple((i, enc(a)) for i, a in enumerate(args) if _type(a) in (_list, _dict, _set))
-                send(("value", enc(value), changed))
-            elif op == "getattr":
-                send(("value", enc(_getattr(target, request[2])), ()))
-            elif op == "iter":
-                send(("value", enc(_iter(target)), ()))
-            elif op == "next":
-                try:
-                    value = _next(target)
-                except StopIteration:
-                    send(("stop",))
-                    continue
-                send(("value", enc(value), ()))
-            elif op == "len":
-                send(("value", enc(_len(target)), ()))
-            elif op == "getitem":
-                send(("value", enc(target[dec(request[2])]), ()))
-            else:
-                send(("error", "TypeError", "unknown request"))
-        except _base_exc as e:
-            try:
-                message = _str(e)[:200]
-            except _base_exc:
-                message = ""
-            send(("error", _type(e).__name__, message))
+            if fn is None:
+                raise TypeError("no such function of the test")
+            result = fn(*dec_holder[0](message[2]), **dec_holder[0](message[3]))
+            return ("value", plain_or_ref(result), ())
+        except BaseException as e:
+            return ("error", type(e).__name__, str(e)[:200])
 
-
-def _remote_class(send, receive, dec_holder, pristine):
-    """``Remote``: the test process's stand-in for an object of the model's code (see the module docstring)."""
-    exceptions = {k: v for k, v in pristine.items() if isinstance(v, type) and issubclass(v, Exception)}
-
-    class RemoteError(Exception):
-        """An exception of a type the model's code defined (its name and message only)."""
-
-    def ask(*request):
+    def ask(*request, callbacks=None):
         send(request)
-        answer = receive()
+        while True:
+            answer = receive()
+            if type(answer) is tuple and answer and answer[0] == "callback":
+                send(run_callback(answer, callbacks or {}))
+                continue
+            break
         if type(answer) is not tuple or not answer:
             raise RemoteError("malformed answer")
         if answer[0] == "stop":
+            if request[0] != "next":  # StopIteration out of a call would end the test's own map()/zip() early
+                raise RemoteError("StopIteration")
             raise StopIteration
         if answer[0] == "error" and len(answer) == 3 and type(answer[1]) is str and type(answer[2]) is str:
+            cls = exceptions.get(answer[1])
             try:  # a built-in exception as itself (a test may expect ValueError), any other by name
-                error = exceptions[answer[1]](answer[2])
-            except (KeyError, TypeError):
+                if cls is None or issubclass(cls, (StopIteration, StopAsyncIteration)):
+                    raise TypeError
+                error = cls(answer[2])
+            except TypeError:
                 error = RemoteError(answer[1] + ": " + answer[2])
             raise error
         if answer[0] != "value" or len(answer) != 3 or type(answer[2]) is not tuple:
@@ -327,7 +388,19 @@ def _remote_class(send, receive, dec_holder, pristine):
             object.__setattr__(self, "_ref", ref)
 
         def __call__(self, *args, **kwargs):
-            value, changed = ask("call", self._ref, enc(args), enc(kwargs))
+            callbacks = {}  # the test's own functions among the arguments: callable from the model's code, here
+
+            def ref_or_callback(x):
+                if type(x) is Remote:
+                    return ("ref", x._ref)
+                if callable(x):
+                    callbacks[len(callbacks) + 1] = x
+                    return ("callback", len(callbacks))
+                raise TypeError("only plain data, functions and objects of the model's code can be passed to the "
+                                "model's code, not " + type(x).__name__)
+
+            encode = _encoder(ref_or_callback)
+            value, changed = ask("call", self._ref, encode(args), encode(kwargs), callbacks=callbacks)
             for i, new in changed:  # the model's in-place changes to list/dict/set arguments
                 if type(i) is int and 0 <= i < len(args):
                     _update(args[i], dec_holder[0](new))
@@ -380,12 +453,19 @@ def _remote_class(send, receive, dec_holder, pristine):
                         + type(x).__name__)
 
     enc = _encoder(ref_of)
+    plain_or_ref = enc  # what a test's function hands back to the model's code
     return Remote
+
+
+# standard modules whose import does something (prints, opens a browser, starts Tk): never imported for the model
+_NOISY_MODULES = frozenset(("this", "antigravity", "__hello__", "__phello__", "idlelib", "tkinter", "turtle",
+                            "turtledemo", "webbrowser"))
 
 
 def _standard_module(name):
     """This process's own copy of a standard-library module, or None (another module, or one the hook refuses)."""
-    if type(name) is not str or name.partition(".")[0] not in sys.stdlib_module_names:
+    if (type(name) is not str or name.partition(".")[0] not in sys.stdlib_module_names
+            or name.partition(".")[0] in _NOISY_MODULES or "__main__" in name.split(".")):
         return None
     try:
         __import__(name)
@@ -397,10 +477,12 @@ def _standard_module(name):
 def _run_tests(sources, fds, report, finish, pristine):
     """The ``tests`` job: each test with genuine builtins and the model's names as announced; verdicts reported."""
     import ast
+    import keyword
 
     send, receive = _channel(fds, ast.literal_eval)
+    exceptions = {k: v for k, v in pristine.items() if isinstance(v, type) and issubclass(v, BaseException)}
     dec_holder = [None]
-    Remote = _remote_class(send, receive, dec_holder, pristine)
+    Remote = _remote_class(send, receive, dec_holder, exceptions)
     dec_holder[0] = _decoder(Remote)
     try:
         announced = receive()
@@ -409,24 +491,45 @@ def _run_tests(sources, fds, report, finish, pristine):
     except BaseException as e:  # the model's code failed before serving (or never started): nothing passes
         report(("error", type(e).__name__))
         finish()
-    # Never the model's stand-ins for builtins or standard modules: `abs = lambda x: 0` at its top level would
-    # answer a test's `abs(f(3) - expected) < tol` (a test imports the modules it uses).
+    # Only public identifiers (never __builtins__, which would hand every builtin lookup to the model), and never
+    # a stand-in for a builtin or a standard module: `abs = lambda x: 0` at the model's top level would answer a
+    # test's `abs(f(3) - expected) < tol`. A module binds only under its own name or a name no builtin has.
     shadowing = set(pristine) | set(sys.stdlib_module_names)
+    names, fixed, model_exceptions = {}, {}, {}
+    for name, encoded in announced.items():
+        if not name.isidentifier() or name.startswith("_") or keyword.iskeyword(name):
+            continue
+        tagged = type(encoded) is tuple and len(encoded) == 2
+        if tagged and encoded[0] == "module":
+            if name not in shadowing or name == encoded[1]:
+                module = _standard_module(encoded[1])
+                if module is not None:
+                    fixed[name] = module  # the model's `import math`, as the tests' own genuine copy
+        elif tagged and encoded[0] == "exception" and type(encoded[1]) is tuple and encoded[1]:
+            model_exceptions[name] = encoded[1]
+        elif name not in shadowing:
+            names[name] = encoded
+    # Stand-ins for the model's exception classes (bases first): a test's `except ModelError` catches them.
+    for name, ancestry in sorted(model_exceptions.items(), key=lambda item: len(item[1])):
+        if name in shadowing or not all(type(a) is str for a in ancestry):
+            continue
+        base = next((exceptions[a] for a in ancestry[1:] if a in exceptions), Exception)
+        if not issubclass(base, Exception):
+            base = Exception
+        try:
+            exceptions[ancestry[0]] = fixed[name] = type(ancestry[0], (base,), {})
+        except TypeError:  # a base that cannot be subclassed
+            continue
     for ti, source in enumerate(sources):
         try:
-            scope = {"__name__": "__main__", "__builtins__": pristine}
-            for name, encoded in announced.items():
-                if type(encoded) is tuple and len(encoded) == 2 and encoded[0] == "module":
-                    module = _standard_module(encoded[1])
-                    if module is not None:
-                        scope[name] = module  # the model's `import math`, as the tests' own genuine copy
-                    continue
-                if name in shadowing:
-                    continue
+            scope = {"__name__": "__main__"}
+            scope.update(fixed)
+            for name, encoded in names.items():
                 try:
                     scope[name] = dec_holder[0](encoded)
                 except ValueError:
                     pass
+            scope["__builtins__"] = pristine  # last: nothing announced can replace it
             exec(compile(source, f"<test {ti}>", "exec"), scope)
         except BaseException as e:
             report((ti, "fail", type(e).__name__))
@@ -442,6 +545,8 @@ def main():
     if cfg.get("uid") is not None:
         _drop_privileges(cfg["uid"])
     os.environ.pop("PWD", None)  # bwrap sets it; the environment is PATH and LC_ALL only
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)  # an answer may be a large int (repr and literal_eval both convert it)
     for name, value in cfg["limits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
     job = {"mode": "main"}

@@ -288,7 +288,37 @@ TESTS = [  # every shape a data set uses: asserts, HumanEval's check(candidate),
     "import math\nassert math.isclose(f(3), 9876543211)",
     "assert abs(f(3) - 9876543211) < 0.5",
     "if f(3) != 9876543211:\n    raise AssertionError\n",
+    "from math import isclose\nfor i in range(1):\n    assert isclose(f(3 + i), 9876543211)\n",
+    "for got, want in zip(map(f, [3]), [9876543211]):\n    assert got == want\n",
 ]
+# The model's program speaks the channel's protocol itself: it announces __builtins__ (every builtin and
+# __import__ its own) and answers every call with 0, True or an empty tuple.
+SERVE_OWN_PROTOCOL = (
+    "import os, ast\n"
+    "cfg = ast.literal_eval(open('/proc/self/cmdline', 'rb').read().split(b'\\0')[-2].decode())\n"
+    "rfd, wfd = cfg['channel']\nbuf = [b'']\n"
+    "def recv():\n"
+    "    while b'\\n' not in buf[0]:\n"
+    "        chunk = os.read(rfd, 65536)\n"
+    "        if not chunk:\n            os._exit(0)\n"
+    "        buf[0] += chunk\n"
+    "    line, _, buf[0] = buf[0].partition(b'\\n')\n"
+    "    return ast.literal_eval(line.decode())\n"
+    "def send(o):\n    os.write(wfd, (repr(o) + '\\n').encode())\n"
+    "names = ['abs', 'all', 'any', 'zip', 'range', 'enumerate', 'sorted', 'set', 'isinstance', '__import__', 'map',"
+    " 'len', 'isclose']\n"
+    "answers = {1: 0}\n"
+    "answers.update({10 + i: (True if n in ('all', 'any', 'isinstance', 'isclose') else 0) for i, n in"
+    " enumerate(names)})\n"
+    "send({'f': ('ref', 1), 'abs': ('ref', 10), '__builtins__': ('dict', tuple((n, ('ref', 10 + i)) for i, n in"
+    " enumerate(names)))})\n"
+    "while True:\n"
+    "    req = recv()\n"
+    "    if req[0] == 'call':\n"
+    "        send(('value', answers.get(req[1], ('tuple', ())), ()))\n"
+    "    else:\n"
+    "        send(('value', ('ref', 13), ()))\n"
+)
 FORGERS = {
     # the old harness wrote a nonce into main.py; now look for the expected value anywhere it could be
     "read_expected": (
@@ -330,6 +360,8 @@ FORGERS = {
         "atexit.register(forge)\ndef f(x):\n    raise SystemExit(0)\n"
     ),
     "exit_before_tests": "import os\ndef f(x):\n    return 0\nos._exit(0)\n",
+    "serve_own_protocol": SERVE_OWN_PROTOCOL,
+    "raise_stop_iteration": "def f(x):\n    raise StopIteration\n",
     "write_every_descriptor": (
         "import os\ndef f(x):\n    return 0\n"
         "lines = b\"'done'\\n\" + b''.join(b'(%d, \\'pass\\')\\n' % i for i in range(16))\n"
