@@ -17,6 +17,7 @@ old one's checkpoints and metrics where they can be recovered.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import random
@@ -38,9 +39,12 @@ from .. import adapters
 from ..modeling import save_pretrained
 
 STATE_FILE = "trainer_state.pt"
+LOCK_FILE = ".lock"
+ROLLED_BACK_PREFIX = ".rolled-back-"
 MANIFEST = "checkpoint.json"
 RUN_FILE = "run.json"
 ASIDE_PREFIX = ".overwritten-"
+REPLACED_PREFIX = ".replaced-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -92,6 +96,7 @@ def list_checkpoints(output_dir: str, run_id: str | None = "current") -> list[st
     root = checkpoint_dir(output_dir)
     if not os.path.isdir(root):
         return []
+    _recover_replaced(root)
     if run_id == "current":
         run_id = current_run_id(output_dir)
     found = [(int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_DIR.match(n))
@@ -100,6 +105,19 @@ def list_checkpoints(output_dir: str, run_id: str | None = "current") -> list[st
     if run_id is None:
         return paths
     return [p for p in paths if checkpoint_run_id(p) in (run_id, None)]
+
+
+def _recover_replaced(root: str) -> None:
+    """A checkpoint renamed aside by ``save_checkpoint`` whose successor never took its name (a crash between the
+    two renames) goes back under its own name."""
+    for name in os.listdir(root):
+        if name.startswith(REPLACED_PREFIX) and _STEP_DIR.match(name[len(REPLACED_PREFIX):]):
+            final = os.path.join(root, name[len(REPLACED_PREFIX):])
+            if not os.path.exists(final):
+                try:
+                    os.replace(os.path.join(root, name), final)
+                except OSError:
+                    pass
 
 
 def verify_checkpoint(path: str) -> str | None:
@@ -172,6 +190,24 @@ def earlier_run_message(output_dir: str) -> str:
             f"--output-dir")
 
 
+def lock_output_dir(output_dir: str) -> int:
+    """An exclusive lock on ``output_dir`` for this process (main process only; released when the descriptor
+    closes, at the latest when the process ends): two runs writing one folder would interleave their metrics and
+    delete each other's temporary checkpoints."""
+    os.makedirs(output_dir, exist_ok=True)
+    fd = os.open(os.path.join(output_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(f"--output-dir {output_dir!r} is in use by another run (process {holder}); wait for it "
+                           f"to end or choose another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def preflight(output_dir: str, resume: str, overwrite: bool) -> None:
     """The output-folder checks, before anything heavy: raise with the right advice when the run cannot start."""
     if resume == "latest":
@@ -180,15 +216,21 @@ def preflight(output_dir: str, resume: str, overwrite: bool) -> None:
     elif resume:
         if not os.path.exists(os.path.join(resume, STATE_FILE)):
             raise FileNotFoundError(f"--resume: {resume!r} is not a checkpoint folder (no {STATE_FILE})")
+        here = current_run_id(output_dir)
+        if not overwrite and holds_earlier_run(output_dir) and here != checkpoint_run_id(resume):
+            raise FileExistsError(f"--resume {resume!r}: --output-dir {output_dir!r} holds another run (run id "
+                                  f"{here}); continuing this checkpoint there would mix the two: choose another "
+                                  f"--output-dir, or pass --overwrite to move that run aside")
     elif holds_earlier_run(output_dir) and not overwrite:
         raise FileExistsError(earlier_run_message(output_dir))
 
 
-def start_new_run(output_dir: str, stage: str) -> str:
-    """A fresh run in ``output_dir`` (main process only): a new run id written first (so whatever of an earlier
-    run is still here is no longer the current run's), then the earlier run's checkpoints and metrics moved
-    aside until ``discard_overwritten`` (after the new run's first complete checkpoint)."""
-    run_id = new_run_id()
+def start_new_run(output_dir: str, stage: str, run_id: str | None = None) -> str:
+    """A fresh run in ``output_dir`` (main process only): a new run id (or ``run_id``: a checkpoint's from
+    another folder, resumed here with --overwrite) written first (so whatever of an earlier run is still here is
+    no longer the current run's), then the earlier run's checkpoints and metrics moved aside until
+    ``discard_overwritten`` (after the new run's first complete checkpoint)."""
+    run_id = run_id or new_run_id()
     earlier = holds_earlier_run(output_dir)
     write_run_file(output_dir, run_id, stage)
     if earlier:
@@ -198,6 +240,21 @@ def start_new_run(output_dir: str, stage: str) -> str:
             if os.path.exists(os.path.join(output_dir, name)):
                 os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
     return run_id
+
+
+def set_aside_later_checkpoints(output_dir: str, resumed: str) -> str | None:
+    """When a run resumes from a checkpoint of its own that is not its newest (a rollback), its later checkpoints
+    belong to the abandoned branch: they move to ``output_dir/.rolled-back-STEP-ID/`` (kept, never deleted
+    here), so that the next ``--resume`` continues the new branch. Returns that folder, or None."""
+    step = step_of(resumed)
+    later = [p for p in list_checkpoints(output_dir) if step_of(p) > step]
+    if step < 0 or not later:
+        return None
+    aside = os.path.join(output_dir, f"{ROLLED_BACK_PREFIX}{step:06d}-{new_run_id()}")
+    os.makedirs(aside)
+    for path in later:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    return aside
 
 
 def discard_overwritten(output_dir: str) -> None:
@@ -271,14 +328,26 @@ class DiskFullError(OSError):
 
 
 _SPACE_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# Below this much free space a failed write is taken for a full disk whatever the writer said: torch.save's C++
+# stream reports "basic_ios::clear: iostream error" or "unexpected pos", safetensors a SafetensorError.
+LOW_SPACE_BYTES = 64 << 20
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC / EDQUOT, also when torch.save's C++ writer reports it as a RuntimeError ('file write failed')."""
+def is_disk_full(exc: BaseException, path: str | None = None) -> bool:
+    """ENOSPC / EDQUOT in any writer's words, or (``path`` given) a write failure with the file system at ``path``
+    nearly full. Call it before removing what the failed write left, which frees the space."""
     if isinstance(exc, OSError) and exc.errno in _SPACE_ERRNOS:
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("No space left" in text or "write failed" in text)
+    if "No space left" in text or "StorageFull" in text or "Disk quota exceeded" in text or "write failed" in text:
+        return True
+    if path is None:
+        return False
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE_BYTES
 
 
 def save_checkpoint(output_dir: str, step: int, models: dict, tokenizer, trainer_state: dict, config: dict,
@@ -291,7 +360,7 @@ def save_checkpoint(output_dir: str, step: int, models: dict, tokenizer, trainer
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
     previous = list_checkpoints(output_dir)
-    try:
+    try:  # any failure (safetensors raises its own error type) removes the partial folder
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         _save_models(models, tokenizer, tmp)
@@ -302,17 +371,25 @@ def save_checkpoint(output_dir: str, step: int, models: dict, tokenizer, trainer
         _atomic_write(os.path.join(tmp, MANIFEST), json.dumps(
             {"run_id": trainer_state.get("run_id"), "step": step, "files": files}, indent=1) + "\n")
         _fsync_dir(tmp)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
+        full = is_disk_full(e, root if os.path.isdir(root) else output_dir)
         shutil.rmtree(tmp, ignore_errors=True)
-        if not is_disk_full(e):
+        if not full:
             raise
         kept = [p for p in previous if p != final]
         intact = f"the previous checkpoint step {step_of(kept[-1])} is intact" if kept else "no earlier checkpoint"
         raise DiskFullError(errno.ENOSPC, f"no space left on device while saving checkpoint step {step} to "
                                           f"{final}; {intact}") from None
-    if os.path.exists(final):  # the same step written again (a resumed run): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if os.path.exists(final):
+        # The same step written again (a resumed run): the old folder is renamed aside before the new one takes
+        # its name, so a crash in between leaves one of the two under a name list_checkpoints recovers.
+        replaced = os.path.join(root, REPLACED_PREFIX + os.path.basename(final))
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -375,9 +452,10 @@ def save_final(output_dir: str, models: dict, tokenizer, config: dict) -> None:
     try:
         _save_models(models, tokenizer, tmp)
         _write_yaml(os.path.join(tmp, "run_config.yaml"), config)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
+        full = is_disk_full(e, output_dir)
         shutil.rmtree(tmp, ignore_errors=True)
-        if not is_disk_full(e):
+        if not full:
             raise
         raise DiskFullError(errno.ENOSPC, f"no space left on device while saving the final model to {output_dir}; "
                                           f"the last checkpoint is intact (continue with --resume)") from None

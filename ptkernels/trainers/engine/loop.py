@@ -239,6 +239,7 @@ class Trainer:
         new run id); returns the step to start from."""
         cfg, module, info = self.cfg, self.module, self.info
         say = print if info.is_main else (lambda *a, **k: None)
+        self.lock = ckpt.lock_output_dir(cfg.output_dir) if info.is_main else None
         ckpt.preflight(cfg.output_dir, cfg.resume, cfg.overwrite)
         resume_dir = ckpt.resolve_resume(cfg.output_dir, cfg.resume, report=say)
         self.identity = resume_mod.identity(cfg, info.world_size)
@@ -273,7 +274,13 @@ class Trainer:
         self.needs_discard = False
         barrier(info)  # every process has read run.json before the main one may rewrite it
         if info.is_main and ckpt.current_run_id(cfg.output_dir) != self.run_id:
-            ckpt.write_run_file(cfg.output_dir, self.run_id, self.stage)  # resumed from a folder elsewhere
+            # resumed from a folder elsewhere (preflight: into an empty folder, or --overwrite moves one aside)
+            ckpt.start_new_run(cfg.output_dir, self.stage, run_id=self.run_id)
+            self.needs_discard = True
+        elif info.is_main:
+            aside = ckpt.set_aside_later_checkpoints(cfg.output_dir, resume_dir)
+            if aside:
+                say(f"ptk {self.stage}: resuming an earlier checkpoint: the later ones moved to {aside}")
         ckpt.load_optimizer_state(module, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
@@ -286,6 +293,12 @@ class Trainer:
         shown = "".join(f"; {resume_mod.flag(k)} {v[0]!r} -> {v[1]!r} (applied)" for k, v in changed.items())
         say(f"ptk {self.stage}: resuming from step {state['step']} ({resume_dir}){shown}")
         return state["step"]
+
+    def release(self) -> None:
+        """Lets another run use the output folder (``lock_output_dir``)."""
+        if getattr(self, "lock", None) is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def step(self, step: int, stop: _StopFlag) -> tuple[dict, int, bool]:
         """Optimizer step ``step``: every micro-batch's forward and backward, clipping, one reduction over the
@@ -330,8 +343,14 @@ class Trainer:
         return loss_sum, sums, tokens
 
     def clip_gradients(self) -> torch.Tensor:
+        """The gradient norm, clipped to ``max_grad_norm`` (0: not clipped, but still measured: it is what the
+        step's non-finite check sees, so a NaN gradient with a finite loss stops the run before a save)."""
         max_norm = self.cfg.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm) if max_norm > 0 else torch.zeros(())
+        if max_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = _total_norm(grads) if grads else torch.zeros(())
         return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
 
     def reduce(self, loss_sum: torch.Tensor, sums: dict, stop_requested: bool):
@@ -380,6 +399,14 @@ class Trainer:
         if failed:
             raise ckpt.DiskFullError(28, f"the main process could not save step {step} (no space left on device)")
 
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together, as ``clip_grad_norm_`` measures it (``get_total_norm`` from PyTorch
+    2.6 on, the same formula before)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
+
+
 def _progress_bar(cfg: TrainConfig, info: DistInfo, start: int, stage: str):
     """tqdm on the main process; in a log file (stderr not a terminal) one plain line every 30 s at most, not a
     carriage-return animation."""
@@ -426,7 +453,11 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
             print(f"ptk {stage}: --num-epochs {cfg.num_epochs:g} is {cfg.max_steps} steps")
     t_start = time.perf_counter()
     trainer = Trainer(cfg, module, data, tokenizer, info, stage)
-    step = start = trainer.start()
+    try:
+        step = start = trainer.start()
+    except BaseException:
+        trainer.release()
+        raise
     log = _MetricsLog(cfg, info, resumed_step=step if trainer.resumed else None)
     bar = _progress_bar(cfg, info, step, stage)
     history: list[dict] = []
@@ -459,11 +490,12 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
                                       f"{ckpt.checkpoint_dir(cfg.output_dir)} (continue with --resume)", signum)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
                     trainer.save(step)
+        trainer.save(step, final=True)
     finally:
         if bar is not None:
             bar.close()
         log.close()
-    trainer.save(step, final=True)
+        trainer.release()
     if info.is_main:
         print(_summary(stage, cfg, start, step, history, time.perf_counter() - t_start))
     return TrainResult(steps=step, metrics=history, output_dir=cfg.output_dir)

@@ -2,7 +2,9 @@
 
 A checkpoint records the run's *identity*: what gives the step counter and the data order their meaning (the
 number of processes, the global batch, the seed, the data files and a hash of their content, and the options
-that decide which examples exist or how rollouts are cut). Resuming with any of them changed would continue a
+that decide which examples exist or how rollouts are cut), and the models it starts from (``--model``: a LoRA
+checkpoint holds only the adapter, so the frozen base comes from it; the reference and reward models): a name
+or path, and for a local folder a fingerprint of its weights. Resuming with any of them changed would continue a
 different run under the old one's step numbers, so it refuses with an error naming each difference, unless
 ``--allow-config-change`` is given.
 
@@ -22,6 +24,8 @@ from .validate import flag
 IDENTITY_OPTIONS = ("seed", "max_length", "truncation", "packing", "max_prompt_length", "prompts_per_step",
                     "num_generations", "num_iterations", "generation_batch_size", "dynamic_sampling", "ptx_batch_size")
 DATA_OPTIONS = ("data", "ptx_data")
+MODEL_OPTIONS = ("model", "ref_model", "reward_model")
+FINGERPRINT_BYTES = 1 << 20  # read from each end of each weight file
 # options that may change on resume: applied from the resumed step on
 CHANGEABLE = ("lr", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "adam_betas", "max_grad_norm")
 
@@ -39,6 +43,30 @@ def file_hash(path: str) -> str:
     return h.hexdigest()
 
 
+def model_fingerprint(path: str) -> str:
+    """sha256 over each weight file of a model folder (its top level, where the model loads from; not a run's
+    checkpoints/): its name, size and first and last MiB (different weights differ there; reading whole
+    multi-GB files at every start would not pay)."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not name.endswith((".safetensors", ".bin", ".pt", ".gguf")) or not os.path.isfile(full):
+            continue
+        size = os.path.getsize(full)
+        h.update(f"{name}:{size}:".encode())
+        with open(full, "rb") as f:
+            h.update(f.read(FINGERPRINT_BYTES))
+            f.seek(max(size - FINGERPRINT_BYTES, 0))
+            h.update(f.read(FINGERPRINT_BYTES))
+    return h.hexdigest()
+
+
+def _model_identity(value: str):
+    if os.path.isdir(value):
+        return {"path": os.path.abspath(value), "sha256": model_fingerprint(value)}
+    return value  # a preset or a Hub id: its name
+
+
 def identity(cfg, world_size: int) -> dict:
     out = {"world_size": world_size, "global_batch": cfg.batch_size * cfg.grad_accum * world_size}
     for name in IDENTITY_OPTIONS:
@@ -48,6 +76,10 @@ def identity(cfg, world_size: int) -> dict:
         path = getattr(cfg, name, "")
         if path and os.path.exists(path):
             out[name] = {"path": os.path.abspath(path), "sha256": file_hash(path)}
+    for name in MODEL_OPTIONS:
+        value = getattr(cfg, name, "")
+        if isinstance(value, str) and value:
+            out[name] = _model_identity(value)
     return out
 
 
@@ -60,6 +92,8 @@ def _show(name: str, value) -> str:
 def differences(saved: dict, now: dict) -> list[str]:
     out = []
     for name in sorted(set(saved) | set(now)):
+        if name in MODEL_OPTIONS and name not in saved and "world_size" in saved and "model" not in saved:
+            continue  # a checkpoint written before the models were part of the identity
         a, b = saved.get(name), now.get(name)
         if a == b:
             continue

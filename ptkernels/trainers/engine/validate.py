@@ -140,7 +140,8 @@ def validate_config(cfg, sources: dict | None = None) -> None:
 
 
 def _cross_checks(cfg, names: set, sources) -> None:
-    if getattr(cfg, "resume", "") and getattr(cfg, "overwrite", False):
+    # --resume PATH --overwrite is meaningful: continue a checkpoint from elsewhere, moving the run there aside
+    if getattr(cfg, "resume", "") == "latest" and getattr(cfg, "overwrite", False):
         raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
                           "--output-dir, --overwrite starts a new one there")
 
