@@ -134,15 +134,23 @@ def _audit_hook(write_roots):
     sys.addaudithook(hook)
 
 
+_BUILTIN_TYPES = (int, float, complex, str, bytes, bool, list, tuple, dict, set, frozenset, type(None), range,
+                  bytearray)
+
+
 def _encoder(ref=None):
     """value -> nested tuples of str/int/bool/None tags that ``repr`` writes and ``ast.literal_eval`` reads back
-    (``_decoder``). Exact built-in types only: subclasses are refused, since they could answer ``==`` as they
-    like. Anything else becomes ``ref(x)`` (a ``("ref", n)`` tag) when ``ref`` is given, else raises TypeError."""
-    _type, _frepr, _tuple, _items = type, float.__repr__, tuple, dict.items
+    (``_decoder``): built-in values, ranges, the built-in types themselves, and by value ``Fraction``, ``Decimal``
+    and named tuples (rebuilt on the other side from its own classes). A subclass of a built-in type crosses as
+    its plain value (never with its own ``__eq__``). Anything else becomes ``ref(x)`` (a ``("ref", n)`` tag)
+    when ``ref`` is given, else raises TypeError."""
+    _type, _frepr, _tuple, _items, _str, _getattr = type, float.__repr__, tuple, dict.items, str, getattr
     plain = (type(None), bool, int, str)
+    types = {t: t.__name__ for t in _BUILTIN_TYPES}
     # A subclass's own __eq__ must not cross, but its value may: read through the base type's own slots.
     subclass_values = (
-        (int, int.__int__), (float, float.__float__), (str, str.__str__), (bytes, bytes), (complex, complex),
+        (int, int.__int__), (float, float.__float__), (str, str.__str__), (bytes, bytes), (bytearray, bytes),
+        (complex, complex),
         (list, lambda x: list(list.__iter__(x))), (tuple, lambda x: tuple(tuple.__iter__(x))),
         (dict, lambda x: dict(dict.items(x))), (frozenset, lambda x: frozenset(frozenset.__iter__(x))),
         (set, lambda x: set(set.__iter__(x))),
@@ -164,6 +172,18 @@ def _encoder(ref=None):
             return (t.__name__, _tuple(enc(v, depth + 1) for v in x))
         if t is dict:
             return ("dict", _tuple((enc(k, depth + 1), enc(v, depth + 1)) for k, v in _items(x)))
+        if t is range:
+            return ("range", x.start, x.stop, x.step)
+        if t is type and x in types:  # a built-in type itself: `int` passed as an argument
+            return ("type", types[x])
+        fields = _getattr(t, "_fields", None) if isinstance(x, tuple) else None
+        if _type(fields) is tuple and all(_type(f) is _str for f in fields):  # a named tuple: .x works there too
+            return ("namedtuple", _str(t.__name__), fields, _tuple(enc(v, depth + 1) for v in tuple.__iter__(x)))
+        module = _getattr(t, "__module__", None)
+        if module == "fractions" and t.__name__ == "Fraction":
+            return ("fraction", int.__int__(x.numerator), int.__int__(x.denominator))
+        if module in ("decimal", "_decimal", "_pydecimal") and t.__name__ == "Decimal":
+            return ("decimal", _str(x))
         for base, plain_value in subclass_values:  # Counter, namedtuple, IntEnum ...: their plain value
             if isinstance(x, base):
                 return enc(plain_value(x), depth + 1)
@@ -180,6 +200,8 @@ def _decoder(ref, callback=None):
     data, never code)."""
     _type, _float, _str, _int = type, float, str, int
     kinds = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+    types = {t.__name__: t for t in _BUILTIN_TYPES}
+    named = {}  # (name, fields) -> this side's namedtuple class
 
     def dec(x, depth=0):
         if depth > 100:
@@ -205,6 +227,20 @@ def _decoder(ref, callback=None):
                     raise ValueError("not an encoded dict item")
                 out[dec(pair[0], depth + 1)] = dec(pair[1], depth + 1)
             return out
+        if tag == "range" and n == 4 and all(_type(v) is _int for v in x[1:]):
+            return range(x[1], x[2], x[3])
+        if tag == "type" and n == 2 and x[1] in types:
+            return types[x[1]]
+        if (tag == "namedtuple" and n == 4 and _type(x[1]) is _str and _type(x[2]) is tuple
+                and _type(x[3]) is tuple and len(x[2]) == len(x[3]) and all(_type(f) is _str for f in x[2])):
+            key = (x[1], x[2])
+            if key not in named:
+                named[key] = __import__("collections").namedtuple(x[1], x[2], rename=True)
+            return named[key](*(dec(v, depth + 1) for v in x[3]))
+        if tag == "fraction" and n == 3 and _type(x[1]) is _int and _type(x[2]) is _int and x[2] != 0:
+            return __import__("fractions").Fraction(x[1], x[2])
+        if tag == "decimal" and n == 2 and _type(x[1]) is _str and len(x[1]) < 10_000:
+            return __import__("decimal").Decimal(x[1])
         if tag == "ref" and n == 2 and _type(x[1]) is _int:
             return ref(x[1])
         if tag == "callback" and n == 2 and _type(x[1]) is _int and callback is not None:
@@ -301,10 +337,13 @@ def _serve(g, fds, finish):
             return ("error", "TypeError", "unknown request")
         except _base_exc as e:
             try:
-                message = _str(e)[:200]
+                args = e.args
+                message = args[0] if len(args) == 1 and _type(args[0]) is _str else _str(e)
+                message = message[:200]
+                ancestry = _tuple(_str(c.__name__) for c in _type(e).__mro__ if c is not object)
             except _base_exc:
-                message = ""
-            return ("error", _type(e).__name__, message)
+                message, ancestry = "", ()
+            return ("error", _type(e).__name__, message, ancestry)
 
     module = _type(sys)
     names = {}
@@ -348,6 +387,12 @@ def _remote_class(send, receive, dec_holder, exceptions):
         except BaseException as e:
             return ("error", type(e).__name__, str(e)[:200])
 
+    # Builtins that would run or reach code by name: never callable from the model's code, even when a test
+    # passes one (eval("...") in this process could write a verdict).
+    unsafe = {id(getattr(builtins, n)) for n in ("eval", "exec", "compile", "open", "__import__", "globals", "locals",
+                                                 "vars", "getattr", "setattr", "delattr", "breakpoint", "input",
+                                                 "type", "object", "super", "memoryview") if hasattr(builtins, n)}
+
     def ask(*request, callbacks=None):
         send(request)
         while True:
@@ -362,14 +407,21 @@ def _remote_class(send, receive, dec_holder, exceptions):
             if request[0] != "next":  # StopIteration out of a call would end the test's own map()/zip() early
                 raise RemoteError("StopIteration")
             raise StopIteration
-        if answer[0] == "error" and len(answer) == 3 and type(answer[1]) is str and type(answer[2]) is str:
-            cls = exceptions.get(answer[1])
-            try:  # a built-in exception as itself (a test may expect ValueError), any other by name
-                if cls is None or issubclass(cls, (StopIteration, StopAsyncIteration)):
-                    raise TypeError
-                error = cls(answer[2])
-            except TypeError:
-                error = RemoteError(answer[1] + ": " + answer[2])
+        if answer[0] == "error" and len(answer) >= 3 and type(answer[1]) is str and type(answer[2]) is str:
+            # As the nearest class the tests know: a built-in one (a test may expect ValueError, JSONDecodeError
+            # is one) or a stand-in; never SystemExit & co. (the test's own exit decides), never StopIteration.
+            ancestry = answer[3] if len(answer) == 4 and type(answer[3]) is tuple else (answer[1],)
+            error = RemoteError(answer[1] + ": " + answer[2])
+            for name in ancestry:
+                cls = exceptions.get(name) if type(name) is str else None
+                if cls is None:
+                    continue
+                if issubclass(cls, Exception) and not issubclass(cls, (StopIteration, StopAsyncIteration)):
+                    try:
+                        error = cls(answer[2])
+                    except TypeError:  # a constructor that wants more than a message
+                        pass
+                break
             raise error
         if answer[0] != "value" or len(answer) != 3 or type(answer[2]) is not tuple:
             raise RemoteError("malformed answer")
@@ -393,7 +445,7 @@ def _remote_class(send, receive, dec_holder, exceptions):
             def ref_or_callback(x):
                 if type(x) is Remote:
                     return ("ref", x._ref)
-                if callable(x):
+                if callable(x) and id(x) not in unsafe:
                     callbacks[len(callbacks) + 1] = x
                     return ("callback", len(callbacks))
                 raise TypeError("only plain data, functions and objects of the model's code can be passed to the "
@@ -474,11 +526,50 @@ def _standard_module(name):
         return None
 
 
+class _Redefined:
+    """Bound in the tests' process where the model's code defined a name that a builtin or a standard module has:
+    any use fails the test. Neither the builtin (which would answer for a model that defines `pow` wrongly) nor
+    the model's object (`abs = lambda x: 0` would answer a test's tolerance check) may stand there."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name):
+        object.__setattr__(self, "_name", name)
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("the program redefines " + self._name + ", a name of Python's own; a test cannot tell "
+                        "which one it means")
+
+    __call__ = __getattr__ = __getitem__ = __iter__ = __len__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = \
+        __ge__ = __bool__ = __hash__ = __contains__ = __add__ = __sub__ = __mul__ = __index__ = _refuse
+
+
+def _run_defined_tests(scope, before):
+    """What pytest or unittest would run of a test source that only defines its tests: each top-level ``test*``
+    function and ``unittest.TestCase`` that this source defined (not in ``before``, the ids of what the module
+    held before it ran), the functions called without arguments."""
+    function = type(_run_defined_tests)
+    for name, obj in list(scope.items()):
+        if id(obj) in before:
+            continue
+        if type(obj) is function and name.startswith("test") and obj.__globals__ is scope:
+            obj()
+        elif "unittest" in sys.modules and isinstance(obj, type) and obj.__module__ == "__main__":
+            unittest = sys.modules["unittest"]
+            if issubclass(obj, unittest.TestCase):
+                result = unittest.TestResult()
+                unittest.defaultTestLoader.loadTestsFromTestCase(obj).run(result)
+                if not result.wasSuccessful():
+                    raise AssertionError(f"{name}: {len(result.failures)} failed, {len(result.errors)} errors")
+
+
 def _run_tests(sources, fds, report, finish, pristine):
-    """The ``tests`` job: each test with genuine builtins and the model's names as announced; verdicts reported."""
+    """The ``tests`` job: the tests in order in one ``__main__`` module (so ``unittest.main()`` finds its cases),
+    with genuine builtins and the model's names as announced; verdicts reported."""
     import ast
     import keyword
 
+    pristine = dict(pristine, exit=sys.exit, quit=sys.exit)  # -S leaves them undefined; tests call exit()
     send, receive = _channel(fds, ast.literal_eval)
     exceptions = {k: v for k, v in pristine.items() if isinstance(v, type) and issubclass(v, BaseException)}
     dec_holder = [None]
@@ -491,46 +582,55 @@ def _run_tests(sources, fds, report, finish, pristine):
     except BaseException as e:  # the model's code failed before serving (or never started): nothing passes
         report(("error", type(e).__name__))
         finish()
-    # Only public identifiers (never __builtins__, which would hand every builtin lookup to the model), and never
-    # a stand-in for a builtin or a standard module: `abs = lambda x: 0` at the model's top level would answer a
-    # test's `abs(f(3) - expected) < tol`. A module binds only under its own name or a name no builtin has.
+    # Only public identifiers (never __builtins__, which would hand every builtin lookup to the model); a name a
+    # builtin or a standard module has is _Redefined, unless it is the model's `import math` (the tests' own copy).
     shadowing = set(pristine) | set(sys.stdlib_module_names)
-    names, fixed, model_exceptions = {}, {}, {}
+    bound, model_exceptions = {}, {}
     for name, encoded in announced.items():
         if not name.isidentifier() or name.startswith("_") or keyword.iskeyword(name):
             continue
         tagged = type(encoded) is tuple and len(encoded) == 2
-        if tagged and encoded[0] == "module":
-            if name not in shadowing or name == encoded[1]:
-                module = _standard_module(encoded[1])
-                if module is not None:
-                    fixed[name] = module  # the model's `import math`, as the tests' own genuine copy
+        if tagged and encoded[0] == "module" and (name not in shadowing or name == encoded[1]):
+            module = _standard_module(encoded[1])
+            if module is not None:
+                bound[name] = module
+        elif name in shadowing:
+            bound[name] = _Redefined(name)
         elif tagged and encoded[0] == "exception" and type(encoded[1]) is tuple and encoded[1]:
             model_exceptions[name] = encoded[1]
-        elif name not in shadowing:
-            names[name] = encoded
+        else:
+            try:
+                bound[name] = dec_holder[0](encoded)
+            except ValueError:
+                pass
     # Stand-ins for the model's exception classes (bases first): a test's `except ModelError` catches them.
     for name, ancestry in sorted(model_exceptions.items(), key=lambda item: len(item[1])):
-        if name in shadowing or not all(type(a) is str for a in ancestry):
+        if not all(type(a) is str for a in ancestry):
             continue
         base = next((exceptions[a] for a in ancestry[1:] if a in exceptions), Exception)
         if not issubclass(base, Exception):
             base = Exception
         try:
-            exceptions[ancestry[0]] = fixed[name] = type(ancestry[0], (base,), {})
+            exceptions[ancestry[0]] = bound[name] = type(ancestry[0], (base,), {})
         except TypeError:  # a base that cannot be subclassed
             continue
-    for ti, source in enumerate(sources):
+    main = type(sys)("__main__")
+    solution = type(sys)("solution")  # `from solution import f`, as some data sets write their tests
+    solution.__dict__.update(bound)
+    sys.modules["__main__"], sys.modules["solution"] = main, solution
+    sys.argv = ["tests.py"]  # unittest.main() reads its options from it
+    scope = main.__dict__
+    scope.update(bound)
+    scope["__builtins__"] = pristine  # last: nothing announced can replace it
+    for ti, source in enumerate(sources):  # in turn, sharing one module, as in one file
         try:
-            scope = {"__name__": "__main__"}
-            scope.update(fixed)
-            for name, encoded in names.items():
-                try:
-                    scope[name] = dec_holder[0](encoded)
-                except ValueError:
-                    pass
-            scope["__builtins__"] = pristine  # last: nothing announced can replace it
-            exec(compile(source, f"<test {ti}>", "exec"), scope)
+            try:
+                before = {id(v): v for v in scope.values()}  # holding them: no new object takes their ids
+                exec(compile(source, f"<test {ti}>", "exec"), scope)
+                _run_defined_tests(scope, before)
+            except SystemExit as e:  # the test's own exit (the model's code cannot raise one here): 0 passes
+                if e.code not in (None, 0, False):
+                    raise
         except BaseException as e:
             report((ti, "fail", type(e).__name__))
             continue

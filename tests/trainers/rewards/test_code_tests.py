@@ -41,6 +41,14 @@ def test_plain_data_round_trip_and_refusals():
         with pytest.raises((ValueError, TypeError)):
             dec(bad)
     assert dec(("list", (("ref", 3),)))[0].n == 3  # references only where a tag says so
+    import collections
+    import decimal
+    import fractions
+    pair = collections.namedtuple("Pair", "x y")
+    for v in (range(1, 9, 3), int, type(None), pair(1, [2]), fractions.Fraction(1, 3), decimal.Decimal("1.10")):
+        back = dec(ast.literal_eval(repr(enc(v))))
+        assert back == v and type(back).__name__ == type(v).__name__
+    assert dec(enc(pair(1, 2))).y == 2 and dec(enc(bytearray(b"ab"))) == b"ab"
     assert R._encoder(lambda x: ("ref", 7))(object()) == ("ref", 7)
 
 
@@ -63,7 +71,9 @@ def test_tests_reach_functions_classes_and_generators_but_compare_only_plain_dat
         "def big():\n    return 7 ** 20000\n"
         "def stops():\n    raise StopIteration\n"
         "def sort_by(xs, key):\n    return sorted(xs, key=key)\n"
-        "def call_with(fn):\n    return fn(identity)\n```"
+        "def call_with(fn):\n    return fn(identity)\n"
+        "from fractions import Fraction\ndef half():\n    return Fraction(1, 2)\n"
+        "def keep_type(xs, t):\n    return [x for x in xs if isinstance(x, t)]\n```"
     )
     passing = [
         "s = Stack()\ns.push(1)\ns.push(2)\nassert s.pop() == 2 and len(s) == 1",
@@ -78,6 +88,8 @@ def test_tests_reach_functions_classes_and_generators_but_compare_only_plain_dat
         # the test's own functions run in the tests' process when the model's code calls them, also nested
         "assert sort_by([3, 1, 2], key=lambda v: -v) == [3, 2, 1] and sort_by(['bb', 'a'], len) == ['a', 'bb']",
         "assert call_with(lambda g: g(4) + 1) == 5",
+        "assert point().x == 1 and half() == 0.5 and keep_type([1, 'a', 2.0], int) == [1]",
+        "assert sum(identity(range(4))) == 6",
     ]
     failing = [
         "assert Stack() == Stack()",  # comparing objects of the model's code: refused
@@ -86,6 +98,7 @@ def test_tests_reach_functions_classes_and_generators_but_compare_only_plain_dat
         "assert boom(1) == 0",
         "assert undefined_name(1) == 1",
         "for x in map(lambda _: stops(), [1]):\n    pass",  # StopIteration out of a call must not end map() quietly
+        "assert sort_by(['1'], key=eval) == ['1']",  # builtins that run code are never callable from the model
     ]
     assert V.code(program, {"tests": passing}) == 1.0
     assert V.code(program, {"tests": failing}) == 0.0
@@ -98,6 +111,31 @@ def test_tests_reach_functions_classes_and_generators_but_compare_only_plain_dat
     assert V.code(fakes, {"tests": ["assert abs(f(3) - 7) < 0.5", "assert math.isclose(f(3), 7)"]}) == 0.0
     # the model's code failing before it serves: nothing passes, quickly
     assert V.code("```python\ndef f():\n    return 1\nraise SystemExit(0)\n```", {"tests": "assert f() == 1"}) == 0.0
+
+
+@needs_bwrap
+def test_unittest_and_pytest_style_tests_run_their_cases():
+    right = "```python\ndef add(a, b):\n    return a + b\n```"
+    wrong = "```python\ndef add(a, b):\n    return 0\n```"
+    tests = [
+        "import unittest\nclass T(unittest.TestCase):\n    def test_add(self):\n"
+        "        self.assertEqual(add(2, 3), 5)\nunittest.main()",  # exits with 0 on success: its own exit decides
+        "import unittest\nclass U(unittest.TestCase):\n    def test_add(self):\n"
+        "        self.assertEqual(add(1, 1), 2)\nunittest.main(exit=False)",  # returns even on failures: judged here
+        "def test_add():\n    assert add(4, 5) == 9",  # pytest style, never called by the source: called here
+        "from solution import add as plus\nassert plus(1, 2) == 3",
+        "def helper(x):\n    return x * 2",  # a helper defined by one test ...
+        "assert add(helper(1), 0) == 2",  # ... is there for the next (the tests share one module, as one file)
+    ]
+    assert V.code(right, {"tests": tests}) == 1.0
+    assert V.code(wrong, {"tests": tests}) == pytest.approx(1 / 6)  # only the helper's definition passes
+    # the model's functions named like builtins or standard modules: neither the builtin nor the model's answers
+    redefines = "```python\ndef pow(a, b):\n    return 0\ndef copy(x):\n    return x\n```"
+    assert V.code(redefines, {"tests": ["assert pow(2, 10) == 1024", "assert copy([1]) == [1]"]}) == 0.0
+    # an exception's ancestry comes back: the test's `except ValueError` catches a JSONDecodeError
+    program = "```python\nimport json\ndef parse(s):\n    return json.loads(s)\n```"
+    assert V.code(program, {"tests": "try:\n    parse('{')\nexcept ValueError:\n    pass\nelse:\n"
+                                     "    raise AssertionError"}) == 1.0
 
 
 def test_stdio_cases_and_output_compare():
