@@ -23,9 +23,6 @@ FUNCTION_ALLOWLIST = {
     # maxima and sums, their logs, beta's logs, the loss, KL(q || m)); a @triton.jit helper per pass would take
     # and return them all, which reads no better than the one body with its pass comments.
     "kernels/jsd.py:jsd_rows_kernel": "@triton.jit kernel whose passes share a dozen row scalars",
-    # The sandbox's trusted startup (passed to `python -c` inside bubblewrap): uid switch, limits, audit hook and
-    # the candidate's run, in the one order the threat model (docs/sandbox.md) depends on; it reads as a checklist.
-    "trainers/rewards/runner.py:main": "the sandbox's trusted startup sequence, order is the security argument",
 }
 
 

@@ -345,24 +345,31 @@ def _serve(g, fds, finish):
                 message, ancestry = "", ()
             return ("error", _type(e).__name__, message, ancestry)
 
+    send(_announce(g, enc, ref))
+    while True:
+        send(handle(next_message()))
+
+
+def _announce(g, enc, ref):
+    """The model's top-level names for the tests' process: plain values, references, modules by name (the tests
+    import their own copy) and exception classes by ancestry (the tests make stand-ins)."""
+    _type, _str, _getattr, _tuple, _base_exc = type, str, getattr, tuple, BaseException
     module = _type(sys)
     names = {}
-    for k, v in _list(g.items()):
+    for k, v in list(g.items()):
         if _type(k) is not _str or k.startswith("__"):
             continue
-        if _type(v) is module:  # the tests' process imports its own copy (of a standard module only)
+        if _type(v) is module:
             names[k] = ("module", _getattr(v, "__name__", ""))
             continue
-        if isinstance(v, type) and issubclass(v, BaseException):  # the tests' process makes a stand-in class
+        if isinstance(v, type) and issubclass(v, BaseException):
             names[k] = ("exception", _tuple(_str(c.__name__) for c in v.__mro__ if c is not object))
             continue
         try:
             names[k] = enc(v)
         except _base_exc:  # nested too deeply: a reference instead
             names[k] = ref(v)
-    send(names)
-    while True:
-        send(handle(next_message()))
+    return names
 
 
 class RemoteError(Exception):
@@ -370,28 +377,20 @@ class RemoteError(Exception):
     and message only)."""
 
 
-def _remote_class(send, receive, dec_holder, exceptions):
-    """``Remote``: the test process's stand-in for an object of the model's code (see the module docstring).
+def _asker(send, receive, decode, encode_reply, exceptions):
+    """``ask(*request, callbacks=None) -> (value, changed)``: one request to the serving process and its answer,
+    decoded; the test's functions of ``callbacks`` run here when the serving process calls them meanwhile.
     ``exceptions``: name -> the class an error of that name is raised as here (built-in exceptions, and the
     stand-ins made for the model's own exception classes)."""
 
     def run_callback(message, callbacks):
-        """The serving process calls a function the test passed in this call: run it here, answer with its
-        value (plain data or a reference)."""
         fn = callbacks.get(message[1]) if len(message) == 4 and type(message[1]) is int else None
         try:
             if fn is None:
                 raise TypeError("no such function of the test")
-            result = fn(*dec_holder[0](message[2]), **dec_holder[0](message[3]))
-            return ("value", plain_or_ref(result), ())
+            return ("value", encode_reply(fn(*decode(message[2]), **decode(message[3]))), ())
         except BaseException as e:
             return ("error", type(e).__name__, str(e)[:200])
-
-    # Builtins that would run or reach code by name: never callable from the model's code, even when a test
-    # passes one (eval("...") in this process could write a verdict).
-    unsafe = {id(getattr(builtins, n)) for n in ("eval", "exec", "compile", "open", "__import__", "globals", "locals",
-                                                 "vars", "getattr", "setattr", "delattr", "breakpoint", "input",
-                                                 "type", "object", "super", "memoryview") if hasattr(builtins, n)}
 
     def ask(*request, callbacks=None):
         send(request)
@@ -408,30 +407,59 @@ def _remote_class(send, receive, dec_holder, exceptions):
                 raise RemoteError("StopIteration")
             raise StopIteration
         if answer[0] == "error" and len(answer) >= 3 and type(answer[1]) is str and type(answer[2]) is str:
-            # As the nearest class the tests know: a built-in one (a test may expect ValueError, JSONDecodeError
-            # is one) or a stand-in; never SystemExit & co. (the test's own exit decides), never StopIteration.
-            ancestry = answer[3] if len(answer) == 4 and type(answer[3]) is tuple else (answer[1],)
-            error = RemoteError(answer[1] + ": " + answer[2])
-            for name in ancestry:
-                cls = exceptions.get(name) if type(name) is str else None
-                if cls is None:
-                    continue
-                if issubclass(cls, Exception) and not issubclass(cls, (StopIteration, StopAsyncIteration)):
-                    try:
-                        error = cls(answer[2])
-                    except TypeError:  # a constructor that wants more than a message
-                        pass
-                break
-            raise error
+            raise _as_exception(answer, exceptions)
         if answer[0] != "value" or len(answer) != 3 or type(answer[2]) is not tuple:
             raise RemoteError("malformed answer")
-        return dec_holder[0](answer[1]), answer[2]
+        return decode(answer[1]), answer[2]
 
-    def refuse(op):
-        def method(self, *args):
-            raise TypeError(op + " on an object of the model's code: tests compare plain data (int, float, str, "
-                            "bytes, list, tuple, dict, set, None) only")
-        return method
+    return ask
+
+
+def _as_exception(answer, exceptions):
+    """An error answer as the nearest class of its ancestry the tests know: a built-in one (a test may expect
+    ValueError; JSONDecodeError is one) or a stand-in; never SystemExit & co. (the test's own exit decides),
+    never StopIteration."""
+    ancestry = answer[3] if len(answer) == 4 and type(answer[3]) is tuple else (answer[1],)
+    for name in ancestry:
+        cls = exceptions.get(name) if type(name) is str else None
+        if cls is None:
+            continue
+        if issubclass(cls, Exception) and not issubclass(cls, (StopIteration, StopAsyncIteration)):
+            try:
+                return cls(answer[2])
+            except TypeError:  # a constructor that wants more than a message
+                pass
+        break
+    return RemoteError(answer[1] + ": " + answer[2])
+
+
+# Builtins that would run or reach code by name: never callable from the model's code, even when a test passes
+# one (eval("...") in the tests' process could write a verdict).
+_UNSAFE_CALLBACKS = ("eval", "exec", "compile", "open", "__import__", "globals", "locals", "vars", "getattr",
+                     "setattr", "delattr", "breakpoint", "input", "type", "object", "super", "memoryview")
+
+
+def _refuse(op):
+    def method(self, *args):
+        raise TypeError(op + " on an object of the model's code: tests compare plain data (int, float, str, bytes, "
+                        "list, tuple, dict, set, None) only")
+    return method
+
+
+def _update(target, new):
+    """The model's in-place change to a list/dict/set argument, applied to the test's own object."""
+    t = type(target)
+    if t is list and type(new) is list:
+        target[:] = new
+    elif (t is dict and type(new) is dict) or (t is set and type(new) is set):
+        target.clear()
+        target.update(new)
+
+
+def _remote_class(ask, decode):
+    """(``Remote``, its encoder hook): the test process's stand-in for an object of the model's code (see the
+    module docstring), and ``x -> ("ref", n)`` for one of them."""
+    unsafe = {id(getattr(builtins, n)) for n in _UNSAFE_CALLBACKS if hasattr(builtins, n)}
 
     class Remote:
         __slots__ = ("_ref",)
@@ -455,7 +483,7 @@ def _remote_class(send, receive, dec_holder, exceptions):
             value, changed = ask("call", self._ref, encode(args), encode(kwargs), callbacks=callbacks)
             for i, new in changed:  # the model's in-place changes to list/dict/set arguments
                 if type(i) is int and 0 <= i < len(args):
-                    _update(args[i], dec_holder[0](new))
+                    _update(args[i], decode(new))
             return value
 
         def __getattr__(self, name):
@@ -479,34 +507,24 @@ def _remote_class(send, receive, dec_holder, exceptions):
             return n
 
         def __getitem__(self, key):
-            return ask("getitem", self._ref, enc(key))[0]
+            return ask("getitem", self._ref, _encoder(_remote_ref)(key))[0]
 
         def __repr__(self):
             return "<object of the model's code #" + str(self._ref) + ">"
 
-        __setattr__ = __delattr__ = refuse("setting attributes")
-        __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = refuse("comparing")
-        __bool__ = refuse("truth value")
-        __hash__ = refuse("hashing")
-        __contains__ = refuse("'in'")
+        __setattr__ = __delattr__ = _refuse("setting attributes")
+        __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse("comparing")
+        __bool__ = _refuse("truth value")
+        __hash__ = _refuse("hashing")
+        __contains__ = _refuse("'in'")
 
-    def _update(target, new):
-        t = type(target)
-        if t is list and type(new) is list:
-            target[:] = new
-        elif (t is dict and type(new) is dict) or (t is set and type(new) is set):
-            target.clear()
-            target.update(new)
-
-    def ref_of(x):
+    def _remote_ref(x):
         if type(x) is Remote:
             return ("ref", x._ref)
         raise TypeError("only plain data and objects of the model's code can be passed to the model's code, not "
                         + type(x).__name__)
 
-    enc = _encoder(ref_of)
-    plain_or_ref = enc  # what a test's function hands back to the model's code
-    return Remote
+    return Remote, _remote_ref
 
 
 # standard modules whose import does something (prints, opens a browser, starts Tk): never imported for the model
@@ -572,9 +590,10 @@ def _run_tests(sources, fds, report, finish, pristine):
     pristine = dict(pristine, exit=sys.exit, quit=sys.exit)  # -S leaves them undefined; tests call exit()
     send, receive = _channel(fds, ast.literal_eval)
     exceptions = {k: v for k, v in pristine.items() if isinstance(v, type) and issubclass(v, BaseException)}
-    dec_holder = [None]
-    Remote = _remote_class(send, receive, dec_holder, exceptions)
-    dec_holder[0] = _decoder(Remote)
+    codec = {}
+    ask = _asker(send, receive, lambda v: codec["dec"](v), lambda v: codec["enc"](v), exceptions)
+    Remote, remote_ref = _remote_class(ask, lambda v: codec["dec"](v))
+    codec["dec"], codec["enc"] = _decoder(Remote), _encoder(remote_ref)  # enc: what a test's function hands back
     try:
         announced = receive()
         if type(announced) is not dict or not all(type(k) is str for k in announced):
@@ -600,7 +619,7 @@ def _run_tests(sources, fds, report, finish, pristine):
             model_exceptions[name] = encoded[1]
         else:
             try:
-                bound[name] = dec_holder[0](encoded)
+                bound[name] = codec["dec"](encoded)
             except ValueError:
                 pass
     # Stand-ins for the model's exception classes (bases first): a test's `except ModelError` catches them.
