@@ -332,6 +332,8 @@ def _serve(g, fds, finish):
                 return ("value", enc(value), ())
             if op == "len":
                 return ("value", enc(_len(target)), ())
+            if op == "bool":
+                return ("value", enc(not not target), ())
             if op == "getitem":
                 return ("value", enc(target[dec(request[2])]), ())
             return ("error", "TypeError", "unknown request")
@@ -513,8 +515,13 @@ def _remote_class(ask, decode):
             return "<object of the model's code #" + str(self._ref) + ">"
 
         __setattr__ = __delattr__ = _refuse("setting attributes")
+        def __bool__(self):  # the model's own answer, as in one process (`while node:`); it could return True anyway
+            value = ask("bool", self._ref)[0]
+            if type(value) is not bool:
+                raise TypeError("bool() of an object of the model's code is not a bool")
+            return value
+
         __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse("comparing")
-        __bool__ = _refuse("truth value")
         __hash__ = _refuse("hashing")
         __contains__ = _refuse("'in'")
 
@@ -562,23 +569,71 @@ class _Redefined:
         __ge__ = __bool__ = __hash__ = __contains__ = __add__ = __sub__ = __mul__ = __index__ = _refuse
 
 
-def _run_defined_tests(scope, before):
-    """What pytest or unittest would run of a test source that only defines its tests: each top-level ``test*``
-    function and ``unittest.TestCase`` that this source defined (not in ``before``, the ids of what the module
-    held before it ran), the functions called without arguments."""
-    function = type(_run_defined_tests)
+def _run_defined_tests(scope, before, called):
+    """What pytest and unittest would collect of a test source and run: the top-level ``test*`` functions and
+    ``Test*`` classes it defined (not in ``before``) and does not call itself (``called``). Returns how many ran.
+    Something named like a test that cannot be run here (fixtures, a generator) fails: it must not pass unrun."""
+    ran = 0
     for name, obj in list(scope.items()):
-        if id(obj) in before:
+        if id(obj) in before or name in called:
             continue
-        if type(obj) is function and name.startswith("test") and obj.__globals__ is scope:
-            obj()
-        elif "unittest" in sys.modules and isinstance(obj, type) and obj.__module__ == "__main__":
-            unittest = sys.modules["unittest"]
-            if issubclass(obj, unittest.TestCase):
-                result = unittest.TestResult()
-                unittest.defaultTestLoader.loadTestsFromTestCase(obj).run(result)
-                if not result.wasSuccessful():
-                    raise AssertionError(f"{name}: {len(result.failures)} failed, {len(result.errors)} errors")
+        if name.startswith("test") and callable(obj) and not isinstance(obj, type):
+            _run_test_function(obj, name)
+            ran += 1
+        elif isinstance(obj, type) and obj.__module__ == "__main__" and (name.startswith("Test") or _is_case(obj)):
+            ran += _run_test_class(obj, name)
+    return ran
+
+
+def _is_case(cls):
+    unittest = sys.modules.get("unittest")
+    return unittest is not None and issubclass(cls, unittest.TestCase)
+
+
+def _run_test_function(fn, name):
+    import inspect
+
+    inner = inspect.unwrap(fn)
+    inner = inner.__func__ if inspect.ismethod(inner) else inner
+    if not inspect.isfunction(inner) or inspect.isgeneratorfunction(inner) or inspect.isasyncgenfunction(inner):
+        raise TypeError(f"{name}: a test this harness cannot run")
+    required = [p for p in inspect.signature(fn).parameters.values()
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise TypeError(f"{name} takes {', '.join(p.name for p in required)} (pytest fixtures are not available)")
+    result = fn()
+    if inspect.iscoroutine(result):  # driven here: asyncio's event loop wants a socket pair, which is refused
+        for _ in range(1_000_000):
+            try:
+                result.send(None)
+            except StopIteration:
+                return
+        raise TimeoutError(f"{name}: the coroutine kept waiting (no event loop here)")
+
+
+def _run_test_class(cls, name):
+    """A unittest.TestCase, or pytest's plain ``Test*`` class (an instance per ``test*`` method, its
+    setup_method/teardown_method around it). Returns how many tests ran."""
+    if _is_case(cls):
+        unittest = sys.modules["unittest"]
+        result = unittest.TestResult()
+        unittest.defaultTestLoader.loadTestsFromTestCase(cls).run(result)
+        if not result.wasSuccessful():
+            raise AssertionError(f"{name}: {len(result.failures)} failed, {len(result.errors)} errors")
+        return result.testsRun
+    methods = [m for m in dir(cls) if m.startswith("test") and callable(getattr(cls, m))]
+    if methods and "__init__" in cls.__dict__:
+        raise TypeError(f"{name} has an __init__: pytest would not collect it")
+    for method in methods:
+        instance = cls()
+        if hasattr(instance, "setup_method"):
+            instance.setup_method(getattr(instance, method))
+        try:
+            _run_test_function(getattr(instance, method), f"{name}.{method}")
+        finally:
+            if hasattr(instance, "teardown_method"):
+                instance.teardown_method(getattr(instance, method))
+    return len(methods)
 
 
 def _run_tests(sources, fds, report, finish, pristine):
@@ -643,13 +698,16 @@ def _run_tests(sources, fds, report, finish, pristine):
     scope["__builtins__"] = pristine  # last: nothing announced can replace it
     for ti, source in enumerate(sources):  # in turn, sharing one module, as in one file
         try:
+            tree = ast.parse(source)
+            called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+            before = {id(v): v for v in scope.values()}  # holding them: no new object takes their ids
             try:
-                before = {id(v): v for v in scope.values()}  # holding them: no new object takes their ids
-                exec(compile(source, f"<test {ti}>", "exec"), scope)
-                _run_defined_tests(scope, before)
-            except SystemExit as e:  # the test's own exit (the model's code cannot raise one here): 0 passes
-                if e.code not in (None, 0, False):
-                    raise
+                exec(compile(tree, f"<test {ti}>", "exec"), scope)
+                stopped = False
+            except SystemExit:  # unittest.main() ends so: whatever its status, the cases are judged below
+                stopped = True
+            if not _run_defined_tests(scope, before, called) and stopped:
+                raise AssertionError("the test exited before any check ran")
         except BaseException as e:
             report((ti, "fail", type(e).__name__))
             continue

@@ -90,10 +90,10 @@ def test_tests_reach_functions_classes_and_generators_but_compare_only_plain_dat
         "assert call_with(lambda g: g(4) + 1) == 5",
         "assert point().x == 1 and half() == 0.5 and keep_type([1, 'a', 2.0], int) == [1]",
         "assert sum(identity(range(4))) == 6",
+        "s = Stack()\nassert not s\ns.push(1)\nassert s",  # truth value: the model's own __len__, as in one process
     ]
     failing = [
         "assert Stack() == Stack()",  # comparing objects of the model's code: refused
-        "assert Stack()",  # their truth value too
         "s = Stack()\ns.push(1)\nassert 1 in s",
         "assert boom(1) == 0",
         "assert undefined_name(1) == 1",
@@ -126,9 +126,19 @@ def test_unittest_and_pytest_style_tests_run_their_cases():
         "from solution import add as plus\nassert plus(1, 2) == 3",
         "def helper(x):\n    return x * 2",  # a helper defined by one test ...
         "assert add(helper(1), 0) == 2",  # ... is there for the next (the tests share one module, as one file)
+        "class TestAdd:\n    def setup_method(self, method):\n        self.n = 2\n"
+        "    def test_add(self):\n        assert add(self.n, 1) == 3",  # pytest's plain test classes
+        "async def test_async():\n    assert add(1, 1) == 2",
+        "def test_helper(x, y):\n    assert add(x, y) == x + y\ntest_helper(1, 2)",  # called by the source: once
     ]
     assert V.code(right, {"tests": tests}) == 1.0
-    assert V.code(wrong, {"tests": tests}) == pytest.approx(1 / 6)  # only the helper's definition passes
+    assert V.code(wrong, {"tests": tests}) == pytest.approx(1 / 9)  # only the helper's definition passes
+    # named like a test but not runnable here: fails rather than passing unrun
+    for unrunnable in ("def test_gen():\n    yield\n    assert add(1, 1) == 3",
+                       "def test_fixture(capsys):\n    assert add(1, 1) == 3",
+                       "class TestInit:\n    def __init__(self):\n        pass\n    def test_a(self):\n        pass",
+                       "import unittest\nunittest.main()"):  # exits before any check
+        assert V.code(right, {"tests": unrunnable}) == 0.0, unrunnable
     # the model's functions named like builtins or standard modules: neither the builtin nor the model's answers
     redefines = "```python\ndef pow(a, b):\n    return 0\ndef copy(x):\n    return x\n```"
     assert V.code(redefines, {"tests": ["assert pow(2, 10) == 1024", "assert copy([1]) == [1]"]}) == 0.0

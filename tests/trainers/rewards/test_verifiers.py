@@ -203,10 +203,11 @@ def test_code_string_tests():
 
 @needs_bwrap
 def test_code_list_tests_fraction():
-    # A test's own exit decides as a script's would: status 0 passes, any other fails.
-    tests = ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 0) == 1", "raise SystemExit(1)",
+    # A test's exit never passes it by itself (a function of the model's choosing could exit): only checks that
+    # ran do (unittest.main()'s cases are run and judged after it exits).
+    tests = ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 0) == 1", "raise SystemExit(0)",
              "assert add(1, 1) == 2\nexit(0)"]
-    assert V.code(ADD, {"tests": tests}) == pytest.approx(0.6)
+    assert V.code(ADD, {"tests": tests}) == pytest.approx(0.4)
     # A hanging test times out; the tests that passed before it still count.
     slow = V.make_code_verifier(timeout_s=1.5)
     assert slow(ADD, {"tests": ["assert add(1, 1) == 2", "while True: pass", "assert True"]}) == pytest.approx(1 / 3)
