@@ -459,8 +459,8 @@ def _update(target, new):
 
 
 def _remote_class(ask, decode):
-    """(``Remote``, its encoder hook): the test process's stand-in for an object of the model's code (see the
-    module docstring), and ``x -> ("ref", n)`` for one of them."""
+    """(``Remote``, ``encode``): the test process's stand-in for an object of the model's code (see the module
+    docstring), and the encoder of plain data and Remotes (what a test's function hands back, an index)."""
     unsafe = {id(getattr(builtins, n)) for n in _UNSAFE_CALLBACKS if hasattr(builtins, n)}
 
     class Remote:
@@ -473,13 +473,10 @@ def _remote_class(ask, decode):
             callbacks = {}  # the test's own functions among the arguments: callable from the model's code, here
 
             def ref_or_callback(x):
-                if type(x) is Remote:
-                    return ("ref", x._ref)
-                if callable(x) and id(x) not in unsafe:
+                if type(x) is not Remote and callable(x) and id(x) not in unsafe:
                     callbacks[len(callbacks) + 1] = x
                     return ("callback", len(callbacks))
-                raise TypeError("only plain data, functions and objects of the model's code can be passed to the "
-                                "model's code, not " + type(x).__name__)
+                return _remote_ref(x)
 
             encode = _encoder(ref_or_callback)
             value, changed = ask("call", self._ref, encode(args), encode(kwargs), callbacks=callbacks)
@@ -509,7 +506,7 @@ def _remote_class(ask, decode):
             return n
 
         def __getitem__(self, key):
-            return ask("getitem", self._ref, _encoder(_remote_ref)(key))[0]
+            return ask("getitem", self._ref, encode(key))[0]
 
         def __repr__(self):
             return "<object of the model's code #" + str(self._ref) + ">"
@@ -528,10 +525,11 @@ def _remote_class(ask, decode):
     def _remote_ref(x):
         if type(x) is Remote:
             return ("ref", x._ref)
-        raise TypeError("only plain data and objects of the model's code can be passed to the model's code, not "
-                        + type(x).__name__)
+        raise TypeError("only plain data, the test's functions and objects of the model's code can be passed to the "
+                        "model's code, not " + type(x).__name__)
 
-    return Remote, _remote_ref
+    encode = _encoder(_remote_ref)
+    return Remote, encode
 
 
 # standard modules whose import does something (prints, opens a browser, starts Tk): never imported for the model
@@ -647,8 +645,8 @@ def _run_tests(sources, fds, report, finish, pristine):
     exceptions = {k: v for k, v in pristine.items() if isinstance(v, type) and issubclass(v, BaseException)}
     codec = {}
     ask = _asker(send, receive, lambda v: codec["dec"](v), lambda v: codec["enc"](v), exceptions)
-    Remote, remote_ref = _remote_class(ask, lambda v: codec["dec"](v))
-    codec["dec"], codec["enc"] = _decoder(Remote), _encoder(remote_ref)  # enc: what a test's function hands back
+    Remote, codec["enc"] = _remote_class(ask, lambda v: codec["dec"](v))
+    codec["dec"] = _decoder(Remote)
     try:
         announced = receive()
         if type(announced) is not dict or not all(type(k) is str for k in announced):
