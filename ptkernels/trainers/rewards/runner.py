@@ -55,7 +55,7 @@ def _legacy_unshare(flags):
 def _audit_hook(write_roots):
     """A hook raising PermissionError for sockets, process creation and signals, writes outside ``write_roots``
     and introspection that could reach the hook. Everything it uses is bound here, at install time."""
-    _type, _str, _bytes, _int, _err = type, str, bytes, int, PermissionError
+    _type, _str, _bytes, _int, _len, _err = type, str, bytes, int, len, PermissionError
     wflags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     ok_dir_fd = (None, -1, -100)  # "no dir_fd" as the audit events report it (-100 = AT_FDCWD)
     deny_exact = frozenset((
@@ -97,6 +97,21 @@ def _audit_hook(write_roots):
                 return True
         return False
 
+    # Extension modules only from the interpreter's own read-only folders, named plainly: never from the tmpfs
+    # (a program can write a shared object there), /proc (/proc/self/fd/N, /proc/self/cwd reach it) or via "..".
+    native_dirs = tuple(d.rstrip("/") + "/" for d in sys.path
+                        if _type(d) is _str and d.startswith("/") and not d.startswith("/proc") and not inside(d))
+
+    def native_ok(p):
+        if _type(p) is not _str or "/./" in p or "/../" in p or p.endswith(("/.", "/..")) or "//" in p:
+            return False
+        if inside(p):
+            return False
+        for d in native_dirs:
+            if p.startswith(d):
+                return True
+        return False
+
     def hook(event, args):
         if event in deny_exact or event.startswith("socket.") or event.startswith("ctypes."):
             raise _err("sandbox: " + event + " is not allowed")
@@ -106,6 +121,8 @@ def _audit_hook(write_roots):
             base = filename.rpartition("/")[2].partition(".")[0] if _type(filename) is _str else ""
             if (_type(name) is not _str or name.rpartition(".")[2] in deny_imports or base in deny_imports):
                 raise _err("sandbox: import " + _str(name) + " is not allowed")
+            if filename is not None and not native_ok(filename):  # an extension module: machine code
+                raise _err("sandbox: loading machine code from " + _str(filename) + " is not allowed")
         elif event == "open":
             path, mode, flags = args
             if _type(path) is _int:
@@ -123,7 +140,7 @@ def _audit_hook(write_roots):
         elif event in path_events:
             paths, fds = path_events[event]
             for i in fds:
-                if i < len(args) and args[i] not in ok_dir_fd:
+                if i < _len(args) and args[i] not in ok_dir_fd:
                     raise _err("sandbox: dir_fd is not allowed for " + event)
             for i in paths:
                 if event == "os.truncate" and _type(args[i]) is _int:

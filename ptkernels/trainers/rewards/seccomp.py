@@ -25,7 +25,11 @@ __all__ = ["DENIED", "DENIED_CLONE_FLAGS", "REQUIRED_CLONE_FLAGS", "filter_progr
 
 # Calls the sandboxed code never needs and the kernel's most attacked or most powerful interfaces: debugging and
 # reading other processes, mounts and namespaces, kernel modules and kexec, eBPF and perf, the kernel keyring,
-# io_uring, userfaultfd, handles that bypass path permissions, process fds, clock and host settings.
+# io_uring, userfaultfd, handles that bypass path permissions, process fds, clock and host settings. Then what
+# holds kernel memory that neither RLIMIT_AS nor the tmpfs cap counts (extended attributes on the tmpfs, System V
+# message queues and semaphores, POSIX message queues) or uses a quota the whole host or user shares (the
+# asynchronous I/O contexts of fs.aio-max-nr, inotify instances): native code loaded from the tmpfs reaches any
+# call left open, so this list, not the audit hook, is what bounds it.
 DENIED = (
     "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "kcmp",
     "pidfd_open", "pidfd_send_signal", "pidfd_getfd",
@@ -39,6 +43,8 @@ DENIED = (
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
     "fanotify_init",
     "fork", "vfork", "memfd_create", "memfd_secret", "shmget",
+    "setxattr", "lsetxattr", "fsetxattr", "setxattrat", "msgget", "semget", "mq_open",
+    "io_setup", "inotify_init", "inotify_init1",
 )
 # clone() may not make namespaces: NEWNS NEWCGROUP NEWUTS NEWIPC NEWUSER NEWPID NEWNET.
 DENIED_CLONE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
@@ -58,6 +64,8 @@ _X86_64 = {  # from asm/unistd_64.h (tests compare this table with the header wh
     "uselib": 134, "vhangup": 153, "iopl": 172, "ioperm": 173, "settimeofday": 164, "clock_settime": 227,
     "clock_adjtime": 305, "adjtimex": 159, "sethostname": 170, "setdomainname": 171, "fanotify_init": 300,
     "fork": 57, "vfork": 58, "memfd_create": 319, "memfd_secret": 447, "shmget": 29,
+    "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "setxattrat": 463, "msgget": 68, "semget": 64,
+    "mq_open": 240, "io_setup": 206, "inotify_init": 253, "inotify_init1": 294,
     "clone": 56, "clone3": 435,
 }
 _ARCHES = {"x86_64": (0xC000003E, _X86_64, 0x40000000)}  # machine -> (AUDIT_ARCH, table, x32 syscall bit)
