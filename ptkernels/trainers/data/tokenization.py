@@ -1,8 +1,10 @@
-"""Rows (see ``rows.py``) to token ids, with the labels that say which tokens are trained.
+"""Rows (see ``rows.py``) to token ids, with the labels that say which tokens are trained, as TRL 1.16 does.
 
 Labels are aligned with ``input_ids`` (the Hugging Face convention; the loss shifts them): the token id where
-the model is trained, ``-100`` elsewhere (prompt, system and user turns, padding). Truncation always slices ids
-and labels together, so a label can never drift onto the wrong token.
+the model is trained, ``-100`` elsewhere (the prompt, padding; with ``assistant_only_loss`` the system and user
+turns). A prompt and its completion are tokenized together and the completion starts where that diverges from
+the prompt tokenized alone (TRL's ``common_prefix_length``); plain text gets the eos token unless it already ends
+with it. Truncation always slices ids and labels together, so a label can never drift onto the wrong token.
 
 Works with any Hugging Face tokenizer: conversational rows need a chat template, plain rows do not.
 """
@@ -10,6 +12,7 @@ Works with any Hugging Face tokenizer: conversational rows need a chat template,
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -89,51 +92,92 @@ def _chat(tokenizer, messages: list, row: Row, *, add_generation_prompt: bool = 
     return (ids, list(out["assistant_masks"])) if assistant_mask else ids
 
 
+def common_prefix_length(ids: list[int], other: list[int]) -> int:
+    """How many leading tokens two sequences share (TRL 1.16's ``common_prefix_length``)."""
+    n = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _completion_start(prompt_ids: list[int], ids: list[int], tokenizer) -> int:
+    """Where the completion starts in ``ids``: after the longest prefix it shares with the prompt rendered alone.
+    As in TRL 1.16, that is the whole prompt unless the chat template renders the prompt differently when an
+    answer follows or tokens merge across the boundary ("The ca" + "t sat": " cat" is one token); then the
+    completion starts where they diverge, with a warning (one per call site: the message does not vary)."""
+    n = common_prefix_length(prompt_ids, ids)
+    if n < len(prompt_ids):
+        warnings.warn("the tokenized prompt is not a prefix of the tokenized prompt + completion (the chat template "
+                      "renders the prompt alone differently, or tokens merge across the boundary): the completion "
+                      "starts where they diverge and the end of the prompt is trained as part of it (as in TRL); "
+                      "end prompts on a token boundary to avoid it", stacklevel=3)
+    return n
+
+
 def _check_prefix(prefix: list[int], ids: list[int], row: Row) -> None:
     if ids[:len(prefix)] != prefix:
         raise DataError(f"{row.source}: the chat template renders the start of this conversation differently "
-                        "when more messages follow, so the prompt's tokens cannot be told from the answer's")
+                        "when more messages follow, so the assistant turns' tokens cannot be told apart")
 
 
-def _messages_labels(row: Row, messages: list, tokenizer) -> tuple[list[int], list[int]]:
-    """A conversation with only its assistant turns trained."""
+def _assistant_mask(row: Row, messages: list, tokenizer) -> tuple[list[int], list[int]]:
+    """A conversation's ids and a 1 on each assistant token (TRL's ``assistant_only_loss``)."""
     if _has_generation_markers(tokenizer):
-        ids, mask = _chat(tokenizer, messages, row, assistant_mask=True)
-    else:
-        # No markers: each assistant turn is what rendering messages[:i + 1] adds to rendering messages[:i]
-        # with the generation prompt (the turn's content, end-of-turn token and whatever the template puts
-        # after it).
-        ids = _chat(tokenizer, messages, row)
-        mask = [0] * len(ids)
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = _chat(tokenizer, messages[:i], row, add_generation_prompt=True) if i else []
-            end = _chat(tokenizer, messages[:i + 1], row)
-            _check_prefix(start, end, row)
-            _check_prefix(end, ids, row)
-            mask[len(start):len(end)] = [1] * (len(end) - len(start))
-    return ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, mask)]
+        return _chat(tokenizer, messages, row, assistant_mask=True)
+    # No markers: each assistant turn is what rendering messages[:i + 1] adds to rendering messages[:i] with the
+    # generation prompt (the turn's content, end-of-turn token and whatever the template puts after it).
+    ids = _chat(tokenizer, messages, row)
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = _chat(tokenizer, messages[:i], row, add_generation_prompt=True) if i else []
+        end = _chat(tokenizer, messages[:i + 1], row)
+        _check_prefix(start, end, row)
+        _check_prefix(end, ids, row)
+        mask[len(start):len(end)] = [1] * (len(end) - len(start))
+    return ids, mask
 
 
-def _prompt_completion_labels(row: Row, prompt, completion, tokenizer) -> tuple[list[int], list[int]]:
-    """``prompt`` + ``completion`` with only the completion trained."""
+def _with_eos(text: str, tokenizer) -> str:
+    """TRL's ``add_eos``: plain text gets the eos token's text unless it already ends with it."""
+    _eos(tokenizer)
+    return text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+
+
+def _plain_ids(tokenizer, text: str) -> list[int]:
+    return _bos_prefix(tokenizer) + _plain(tokenizer, text)
+
+
+@dataclass
+class _PromptCompletion:
+    ids: list[int]  # prompt + completion, tokenized together
+    start: int  # where the completion starts (``_completion_start``)
+    assistant: list[int] | None  # 1 on assistant tokens, when asked for (conversational rows only)
+
+
+def _prompt_completion(row: Row, prompt, completion, tokenizer, assistant_only: bool = False) -> _PromptCompletion:
+    """``prompt`` + ``completion`` as TRL 1.16 tokenizes them: conversational rows are the whole conversation
+    rendered with the chat template, the prompt rendered with the generation prompt; plain rows are the text
+    ``prompt + completion + eos`` tokenized as one string (so a token spanning the boundary is the one the model
+    would see), the prompt alone beside it."""
     if isinstance(prompt, list):
-        # the completion's tokens are what the whole conversation adds to the prompt rendered with the
-        # generation prompt (TRL's rule); with {% generation %} markers, only the assistant tokens of those
-        # (as TRL's assistant_only_loss), so what follows an end-of-turn token is not trained
         prompt_ids = _chat(tokenizer, prompt, row, add_generation_prompt=True) if prompt else []
-        if _has_generation_markers(tokenizer):
-            ids, labels = _messages_labels(row, prompt + completion, tokenizer)
+        if assistant_only:
+            ids, mask = _assistant_mask(row, prompt + completion, tokenizer)
         else:
-            ids = _chat(tokenizer, prompt + completion, row)
-            labels = list(ids)
-        _check_prefix(prompt_ids, ids, row)
-        labels[:len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
-        return ids, labels
-    prompt_ids = _bos_prefix(tokenizer) + _plain(tokenizer, prompt)
-    completion_ids = _plain(tokenizer, completion) + [_eos(tokenizer)]
-    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+            ids, mask = _chat(tokenizer, prompt + completion, row), None
+    else:
+        prompt_ids = _plain_ids(tokenizer, prompt)
+        ids, mask = _plain_ids(tokenizer, prompt + _with_eos(completion, tokenizer)), None
+    return _PromptCompletion(ids, _completion_start(prompt_ids, ids, tokenizer), mask)
+
+
+def _labels(ids: list[int], start: int = 0, mask: list[int] | None = None) -> list[int]:
+    """``ids`` as labels, ``IGNORE_INDEX`` before ``start`` and wherever ``mask`` is 0."""
+    return [IGNORE_INDEX if i < start or (mask is not None and not mask[i]) else t for i, t in enumerate(ids)]
 
 
 def _check_truncation(truncation: str, max_length: int) -> None:
@@ -158,21 +202,30 @@ def _finish(ids: list[int], labels: list[int], max_length: int, truncation: str)
 # ---------------------------------------------------------------------------------------------- encoders
 
 
-def encode_sft(row: Row, tokenizer, *, max_length: int, truncation: str = "left",
-               fmt: str | None = None) -> Encoded | None:
-    """A ``text``, ``messages`` or ``prompt_completion`` row for supervised fine-tuning; ``None`` when it is too
-    long and ``truncation="drop"``, or when no trained token is left."""
+def encode_sft(row: Row, tokenizer, *, max_length: int, truncation: str = "left", fmt: str | None = None,
+               assistant_only_loss: bool = False, completion_only_loss: bool = True) -> Encoded | None:
+    """A ``text``, ``messages`` or ``prompt_completion`` row for supervised fine-tuning, with TRL 1.16's SFT
+    semantics: ``text`` and ``messages`` train every token, a prompt_completion row its completion
+    (``completion_only_loss``); ``assistant_only_loss`` trains only the assistant tokens of conversational rows.
+    ``None`` when the row is too long and ``truncation="drop"``, or when no trained token is left."""
     _check_truncation(truncation, max_length)
     row = _as_row(row)
     fmt = fmt or detect_format(row)
     d = row.data
     if fmt == "text":
-        ids = _bos_prefix(tokenizer) + _plain(tokenizer, d["text"]) + [_eos(tokenizer)]
+        ids = _plain_ids(tokenizer, _with_eos(d["text"], tokenizer))
         labels = list(ids)
     elif fmt == "messages":
-        ids, labels = _messages_labels(row, d["messages"], tokenizer)
+        if assistant_only_loss:
+            ids, mask = _assistant_mask(row, d["messages"], tokenizer)
+            labels = _labels(ids, mask=mask)
+        else:
+            ids = _chat(tokenizer, d["messages"], row)
+            labels = list(ids)
     elif fmt == "prompt_completion":
-        ids, labels = _prompt_completion_labels(row, d["prompt"], d["completion"], tokenizer)
+        pc = _prompt_completion(row, d["prompt"], d["completion"], tokenizer,
+                                assistant_only_loss and isinstance(d["prompt"], list))
+        ids, labels = pc.ids, _labels(pc.ids, pc.start if completion_only_loss else 0, pc.assistant)
     else:
         raise DataError(f"{row.source}: SFT takes text, messages or prompt_completion rows, not {fmt!r}")
     return _finish(ids, labels, max_length, truncation)
@@ -197,24 +250,27 @@ def encode_pretrain_stream(rows, tokenizer, *, block_size: int) -> list[Encoded]
 
 
 def encode_preference(row: Row, tokenizer, *, max_length: int, truncation: str = "left") -> EncodedPair | None:
-    """prompt + chosen and prompt + rejected, each encoded (and truncated) like a prompt_completion row;
-    ``None`` if either is dropped."""
+    """prompt + chosen and prompt + rejected as TRL 1.16's DPO tokenizes them (``_prompt_completion``); both
+    completions start where the earlier of the two diverges from the prompt, and every token after it is
+    trained. ``None`` if either is dropped."""
     _check_truncation(truncation, max_length)
     row = _as_row(row)
     prompt, chosen, rejected = preference_parts(row)
-    encoded = [_finish(*_prompt_completion_labels(row, prompt, answer, tokenizer), max_length, truncation)
-               for answer in (chosen, rejected)]
+    both = [_prompt_completion(row, prompt, answer, tokenizer) for answer in (chosen, rejected)]
+    start = min(pc.start for pc in both)
+    encoded = [_finish(pc.ids, _labels(pc.ids, start), max_length, truncation) for pc in both]
     return None if None in encoded else EncodedPair(*encoded)
 
 
 def encode_unpaired(row: Row, tokenizer, *, max_length: int,
                     truncation: str = "left") -> tuple[Encoded, bool] | None:
-    """A KTO row: prompt + completion encoded like prompt_completion, and its desirability label."""
+    """A KTO row: prompt + completion tokenized as TRL 1.16's KTO does (every token of the completion trained),
+    and its desirability label."""
     _check_truncation(truncation, max_length)
     row = _as_row(row)
     d = row.data
-    encoded = _finish(*_prompt_completion_labels(row, d["prompt"], d["completion"], tokenizer), max_length,
-                      truncation)
+    pc = _prompt_completion(row, d["prompt"], d["completion"], tokenizer)
+    encoded = _finish(pc.ids, _labels(pc.ids, pc.start), max_length, truncation)
     return None if encoded is None else (encoded, bool(d["label"]))
 
 

@@ -114,6 +114,10 @@ class SFTConfig(TrainConfig):
     output_dir: str = option("runs/sft", OUTPUT_HELP)
     packing: bool = option(False, "pack several examples per row (attention and positions restart per example)")
     lr: float = option(3e-4, "peak learning rate (AdamW)")
+    completion_only_loss: bool = option(True, "prompt/completion rows: train the completion only (TRL's default); "
+                                        "false trains the prompt too")
+    assistant_only_loss: bool = option(False, "conversational rows: train the assistant tokens only (off: every "
+                                       "token of 'messages' rows, as TRL 1.16's default)")
 
 
 @dataclass

@@ -325,8 +325,10 @@ def run(cfg: GRPOConfig, engine: RolloutEngine | None = None) -> TrainResult:
         ref = load_reference(cfg, info, policy=model) if cfg.beta > 0 else None  # --lora: the policy
         source = GRPORollouts(rows, prompts, model, tokenizer, cfg, info, reward=reward, ref_model=ref, engine=engine)
         if ptx_rows:
-            examples = encode_all(ptx_rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length,
-                                                                  fmt=ptx_fmt), "--ptx-data examples", info)
+            # the answers of conversations only: the policy keeps its SFT behaviour, not the users' turns
+            examples = encode_all(ptx_rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length, fmt=ptx_fmt,
+                                                                  assistant_only_loss=True),
+                                  "--ptx-data examples", info)
             source.add_ptx(examples, tokenizer.pad_token_id, cfg.ptx_batch_size)
         return train(cfg, GRPOLoss(model, cfg), source, tokenizer, info, stage="grpo", evaluate=evaluate,
                      eval_steps=cfg.eval_steps or cfg.max_steps)

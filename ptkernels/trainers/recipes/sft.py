@@ -1,7 +1,8 @@
 """``ptk sft``: supervised fine-tuning with prompt masking.
 
-Rows in TRL's formats: ``text`` (every token trained), ``messages`` (the assistant turns trained) or
-``prompt``/``completion`` (the completion trained), conversational or plain. ``--packing`` packs several
+Rows in TRL's formats, trained as TRL 1.16's SFTTrainer trains them: ``text`` and ``messages`` (every token;
+``--assistant-only-loss``: the assistant turns) or ``prompt``/``completion`` (the completion; all of it with
+``--no-completion-only-loss``), conversational or plain. ``--packing`` packs several
 examples per row with position ids restarting per example (Transformers then masks attention per example for
 every attention implementation, see tokenization.collate). The loss is ptkernels' fused linear cross-entropy.
 """
@@ -25,7 +26,10 @@ def run(cfg: SFTConfig) -> TrainResult:
         rows, fmt = load_data(cfg, SFT_FORMATS, info)
         model, tokenizer = load_policy(cfg)
         examples = encode_all(rows, lambda r: encode_sft(r, tokenizer, max_length=cfg.max_length,
-                                                          truncation=cfg.truncation, fmt=fmt), "examples", info)
+                                                          truncation=cfg.truncation, fmt=fmt,
+                                                          assistant_only_loss=cfg.assistant_only_loss,
+                                                          completion_only_loss=cfg.completion_only_loss),
+                              "examples", info)
         if cfg.packing:
             examples = pack(examples, cfg.max_length)
         data = Dataset(examples, lambda ex: collate(ex, tokenizer.pad_token_id), cfg.seed)

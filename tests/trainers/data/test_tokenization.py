@@ -60,11 +60,20 @@ def test_text(tok):
     e = encode_sft(Row({"text": "Once upon a time"}, "x"), tok, max_length=64)
     assert e.labels == e.input_ids
     assert e.input_ids == tok("Once upon a time", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # TRL's add_eos: text that already ends with the eos token does not get a second one
+    assert encode_sft(Row({"text": "Once upon a time" + EOS}, "x"), tok, max_length=64) == e
 
 
-def test_messages_trains_only_assistant_turns(tok):
+def test_messages_train_every_token_by_default(tok):
+    """TRL 1.16's SFT default (assistant_only_loss=False): a conversation is language modelling."""
     messages = [SYSTEM, USER, ANSWER, USER2, ANSWER2]
     e = encode_sft(Row({"messages": messages}, "x"), tok, max_length=256)
+    assert e.input_ids == chat_ids(tok, messages) and e.labels == e.input_ids
+
+
+def test_messages_assistant_only_loss(tok):
+    messages = [SYSTEM, USER, ANSWER, USER2, ANSWER2]
+    e = encode_sft(Row({"messages": messages}, "x"), tok, max_length=256, assistant_only_loss=True)
     assert e.input_ids == chat_ids(tok, messages)
     assert trained(tok, e) == "It is four." + EOS + "Six." + EOS
     # the trained tokens are exactly the two answers' spans, in place
@@ -77,26 +86,51 @@ def test_messages_without_generation_markers(tok):
     """A template without {% generation %}: each assistant turn is what rendering it adds (here with the '\\n'
     ChatML puts after the end-of-turn token)."""
     plain = clone(tok, chat_template=CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
-    e = encode_sft(Row({"messages": [SYSTEM, USER, ANSWER, USER2, ANSWER2]}, "x"), plain, max_length=256)
+    e = encode_sft(Row({"messages": [SYSTEM, USER, ANSWER, USER2, ANSWER2]}, "x"), plain, max_length=256,
+                   assistant_only_loss=True)
     assert trained(plain, e) == "It is four." + EOS + "\n" + "Six." + EOS + "\n"
 
 
 def test_prompt_completion_conversational(tok):
+    """TRL 1.16: everything after the prompt (rendered with the generation prompt) is the completion, ChatML's
+    newline after the end-of-turn token included; assistant_only_loss keeps the assistant tokens of that."""
     row = Row({"prompt": [SYSTEM, USER], "completion": [ANSWER]}, "x")
     e = encode_sft(row, tok, max_length=256)
     prompt_ids = chat_ids(tok, [SYSTEM, USER], add_generation_prompt=True)
     assert e.input_ids == chat_ids(tok, [SYSTEM, USER, ANSWER])
     assert e.input_ids[:len(prompt_ids)] == prompt_ids
-    assert set(e.labels[:len(prompt_ids)]) == {-100}
-    assert trained(tok, e) == "It is four." + EOS
+    assert e.labels == [-100] * len(prompt_ids) + e.input_ids[len(prompt_ids):]
+    assert trained(tok, e) == "It is four." + EOS + "\n"
+    only = encode_sft(row, tok, max_length=256, assistant_only_loss=True)
+    assert only.input_ids == e.input_ids and trained(tok, only) == "It is four." + EOS
+    everything = encode_sft(row, tok, max_length=256, completion_only_loss=False)
+    assert everything.labels == everything.input_ids
 
 
 def test_prompt_completion_plain(tok):
     e = encode_sft(Row({"prompt": "2+2=", "completion": " 4"}, "x"), tok, max_length=64)
     prompt_ids = tok("2+2=", add_special_tokens=False)["input_ids"]
-    assert e.input_ids[:len(prompt_ids)] == prompt_ids
+    assert e.input_ids == tok("2+2= 4" + EOS, add_special_tokens=False)["input_ids"]
     assert e.labels == [-100] * len(prompt_ids) + e.input_ids[len(prompt_ids):]
     assert trained(tok, e) == " 4" + EOS
+    # a completion that already ends with eos keeps one; completion_only_loss=False trains the prompt too
+    assert encode_sft(Row({"prompt": "2+2=", "completion": " 4" + EOS}, "x"), tok, max_length=64) == e
+    everything = encode_sft(Row({"prompt": "2+2=", "completion": " 4"}, "x"), tok, max_length=64,
+                            completion_only_loss=False)
+    assert everything.input_ids == e.input_ids and everything.labels == e.input_ids
+
+
+@pytest.mark.parametrize("prompt, completion", [("The ca", "t sat."), ("Answer: ", "yes")])
+def test_plain_tokens_merging_across_the_boundary(tok, prompt, completion):
+    """TRL 1.16 tokenizes prompt + completion as one string: a token spanning the boundary is the one the model
+    sees, and the completion starts where that diverges from the prompt tokenized alone (with a warning)."""
+    whole = tok(prompt + completion + EOS, add_special_tokens=False)["input_ids"]
+    alone = tok(prompt, add_special_tokens=False)["input_ids"]
+    n = next(i for i, (a, b) in enumerate(zip(alone, whole)) if a != b)  # these two do merge
+    with pytest.warns(UserWarning, match="not a prefix"):
+        e = encode_sft(Row({"prompt": prompt, "completion": completion}, "x"), tok, max_length=64)
+    assert e.input_ids == whole and e.labels == [-100] * n + whole[n:]
+    assert trained(tok, e).endswith(completion + EOS) and len(trained(tok, e)) > len(completion + EOS)
 
 
 def test_plain_with_a_bos_adding_tokenizer(tok):
@@ -118,10 +152,21 @@ def test_no_chat_template(tok):
 
 
 def test_template_breaking_the_prefix_property(tok):
-    """A template that renders the first messages differently when more follow: the prompt cannot be masked."""
+    """A template that renders the first messages differently when more follow: as in TRL, the completion
+    starts where the two renderings diverge (a warning says so); the assistant turns of a template without
+    generation markers cannot be found that way, so assistant_only_loss refuses the row."""
     broken = clone(tok, chat_template="{{ messages | length }}" + CHAT_TEMPLATE)
+    row = Row({"prompt": [USER], "completion": [ANSWER]}, "d.jsonl:3")
+    with pytest.warns(UserWarning, match="not a prefix"):
+        e = encode_sft(row, broken, max_length=256)
+    whole = chat_ids(broken, [USER, ANSWER])
+    alone = chat_ids(broken, [USER], add_generation_prompt=True)
+    n = next(i for i, (a, b) in enumerate(zip(alone, whole)) if a != b)
+    assert e.input_ids == whole and e.labels == [-100] * n + whole[n:]
+    no_markers = clone(tok, chat_template="{{ messages | length }}" + CHAT_TEMPLATE.replace(
+        "{% generation %}", "").replace("{% endgeneration %}", ""))
     with pytest.raises(DataError, match=r"d\.jsonl:3: the chat template renders"):
-        encode_sft(Row({"prompt": [USER], "completion": [ANSWER]}, "d.jsonl:3"), broken, max_length=256)
+        encode_sft(row, no_markers, max_length=256, assistant_only_loss=True)
 
 
 def test_sft_rejects_other_formats(tok):
@@ -137,7 +182,7 @@ def test_truncation_left_keeps_the_completion_and_alignment(tok, conversational)
     long_prompt = "Tell me a long story about numbers and letters " * 6
     if conversational:
         data = {"prompt": [{"role": "user", "content": long_prompt}], "completion": [ANSWER]}
-        answer = "It is four." + EOS
+        answer = "It is four." + EOS + "\n"
     else:
         data = {"prompt": long_prompt, "completion": " It is four."}
         answer = " It is four." + EOS
@@ -163,12 +208,12 @@ def test_truncation_drop_and_nothing_left(tok):
     assert cut.labels[-1] == tok.eos_token_id
     # a conversation ending with a user turn, cut to that turn, has nothing left to train
     no_answer = Row({"messages": [USER, ANSWER, USER2]}, "x")
-    assert encode_sft(no_answer, tok, max_length=4) is None
+    assert encode_sft(no_answer, tok, max_length=4, assistant_only_loss=True) is None
     # ... and so does one whose only trained label is at position 0 (never a target after the shift)
-    full = encode_sft(no_answer, tok, max_length=200)
+    full = encode_sft(no_answer, tok, max_length=200, assistant_only_loss=True)
     k = max(i for i, t in enumerate(full.labels) if t != -100)
-    assert encode_sft(no_answer, tok, max_length=len(full.labels) - k) is None
-    assert encode_sft(no_answer, tok, max_length=len(full.labels) - k + 1) is not None
+    for cut_to, left in ((len(full.labels) - k, False), (len(full.labels) - k + 1, True)):
+        assert (encode_sft(no_answer, tok, max_length=cut_to, assistant_only_loss=True) is not None) is left
 
 
 def test_truncation_argument_is_checked(tok):
@@ -196,10 +241,10 @@ def test_pretrain_stream(tok):
 def test_preference_explicit_and_implicit_prompt(tok):
     explicit = Row({"prompt": [USER], "chosen": [ANSWER], "rejected": [WRONG]}, "x")
     implicit = Row({"chosen": [USER, ANSWER], "rejected": [USER, WRONG]}, "x")
-    for row in (explicit, implicit):
+    for row in (explicit, implicit):  # TRL 1.16's DPO: every token after the prompt, ChatML's newline included
         pair = encode_preference(row, tok, max_length=256)
-        assert trained(tok, pair.chosen) == "It is four." + EOS
-        assert trained(tok, pair.rejected) == "It is five." + EOS
+        assert trained(tok, pair.chosen) == "It is four." + EOS + "\n"
+        assert trained(tok, pair.rejected) == "It is five." + EOS + "\n"
         n = len(chat_ids(tok, [USER], add_generation_prompt=True))
         assert pair.chosen.input_ids[:n] == pair.rejected.input_ids[:n]
     plain = encode_preference(Row({"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}, "x"), tok, max_length=64)
@@ -208,9 +253,26 @@ def test_preference_explicit_and_implicit_prompt(tok):
     assert encode_preference(long, tok, max_length=20, truncation="drop") is None
 
 
+def test_preference_completions_start_together(tok):
+    """TRL 1.16's DPO: both completions start where the earlier of the two diverges from the prompt, so a token
+    merging across the boundary on one side moves the start of the other side too."""
+    prompt, chosen, rejected = "The ca", "t sat.", " dog."
+    alone = tok(prompt, add_special_tokens=False)["input_ids"]
+    sides = [tok(prompt + answer + EOS, add_special_tokens=False)["input_ids"] for answer in (chosen, rejected)]
+    starts = [next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), len(alone)) for ids in sides]
+    assert starts[0] < starts[1]  # only the chosen side merges
+    with pytest.warns(UserWarning, match="not a prefix"):
+        pair = encode_preference(Row({"prompt": prompt, "chosen": chosen, "rejected": rejected}, "x"), tok,
+                                 max_length=64)
+    for e, ids in zip((pair.chosen, pair.rejected), sides):
+        assert e.input_ids == ids and e.labels == [-100] * starts[0] + ids[starts[0]:]
+
+
 def test_unpaired(tok):
     e, label = encode_unpaired(Row({"prompt": "2+2=", "completion": " 5", "label": False}, "x"), tok, max_length=64)
     assert label is False and trained(tok, e) == " 5" + EOS
+    e, _ = encode_unpaired(Row({"prompt": [USER], "completion": [WRONG], "label": True}, "x"), tok, max_length=64)
+    assert trained(tok, e) == "It is five." + EOS + "\n"
 
 
 def test_encode_prompt(tok):
