@@ -7,14 +7,19 @@ row before training starts: a bad row found at step 9000 costs hours, one found 
 Formats (TRL's names and rules):
 
 - ``text``: ``{"text": str}``
-- ``messages``: ``{"messages": [{"role", "content"}, ...]}``
+- ``messages``: ``{"messages": [{"role", "content"}, ...]}`` (an assistant turn may carry ``tool_calls`` instead of
+  content; a ``tools`` field reaches the chat template)
 - ``prompt_completion``: ``{"prompt", "completion"}``
 - ``preference``: ``{"prompt", "chosen", "rejected"}``, or ``{"chosen", "rejected"}`` (implicit prompt)
 - ``unpaired_preference``: ``{"prompt", "completion", "label": bool}`` (KTO)
 - ``prompt_only``: ``{"prompt", ...ground-truth fields for the verifiers}``
 
 ``prompt`` / ``completion`` / ``chosen`` / ``rejected`` are either all strings (plain) or all message lists
-(conversational) within a row.
+(conversational) within a row. A row with the fields of several formats is read as the first of them in TRL's
+order that the stage takes (``FORMAT_ORDER``): a prompt/completion row with an extra ``text`` column is
+prompt/completion for ``ptk sft``, as in TRL's SFTTrainer, and a prompt row with one is a prompt for ``ptk grpo``.
+
+Files: JSON Lines, a JSON array, Parquet or CSV (through ``datasets``), or a ``save_to_disk`` folder.
 """
 
 from __future__ import annotations
@@ -47,18 +52,28 @@ class Row:
     source: str  # "path/to/file.jsonl:12" (1-based line) or "path/to/dataset_dir[12]" (0-based index)
 
 
-def load_rows(path: str, *, split: str = "train") -> list[Row]:
-    """Rows of a JSON Lines file, a JSON array file, or a folder written by ``datasets``' ``save_to_disk`` (a
-    ``Dataset``, or a ``DatasetDict`` of which ``split`` is taken)."""
+TRAIN_SPLITS = ("train",)
+EVAL_SPLITS = ("test", "validation", "valid", "eval", "dev")  # the held-out split of a DatasetDict, first found
+
+
+def load_rows(path: str, *, splits: tuple[str, ...] = TRAIN_SPLITS) -> list[Row]:
+    """Rows of a JSON Lines file, a JSON array file, a Parquet or CSV file, or a folder written by ``datasets``'
+    ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` of which the first of ``splits`` it has is taken)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
-    rows = _load_dataset_dir(path, split) if os.path.isdir(path) else _load_jsonl(path)
+    if os.path.isdir(path):
+        rows = _load_dataset_dir(path, splits)
+    elif path.lower().endswith((".parquet", ".csv", ".tsv")):
+        rows = _load_table(path)
+    else:
+        rows = _load_jsonl(path)
     if not rows:
         raise DataError(f"{path}: the data set is empty")
     return rows
 
 
 MAX_REPORTED = 10  # malformed rows listed in one error (the count says how many more)
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 
 
 def _load_jsonl(path: str) -> list[Row]:
@@ -66,13 +81,15 @@ def _load_jsonl(path: str) -> list[Row]:
     decoded and parsed; every malformed one (not UTF-8, invalid JSON, nesting too deep, a number too long to read,
     a lone surrogate) collected as ``file:line: what`` and reported together."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(_BOM).lstrip()
     if head.startswith(b"["):
         return _load_json_array(path)
     rows, errors = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             source = f"{path}:{lineno}"
+            if lineno == 1:
+                raw = raw.removeprefix(_BOM)  # a byte order mark, as some Windows editors write
             try:
                 data = _parse_line(raw, source)
             except DataError as e:
@@ -149,7 +166,7 @@ def _check_string(text: str, source: str, path: str) -> None:
 def _load_json_array(path: str) -> list[Row]:
     """A JSON array of objects; each row's source is ``file.json:LINE`` (the line its object starts on)."""
     with open(path, "rb") as f:
-        raw = f.read()
+        raw = f.read().removeprefix(_BOM)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -190,7 +207,7 @@ def _load_json_array(path: str) -> list[Row]:
     return rows
 
 
-def _load_dataset_dir(path: str, split: str) -> list[Row]:
+def _load_dataset_dir(path: str, splits: tuple[str, ...]) -> list[Row]:
     import datasets
 
     try:
@@ -198,29 +215,65 @@ def _load_dataset_dir(path: str, split: str) -> list[Row]:
     except FileNotFoundError as e:
         raise DataError(f"{path}: not a folder saved with datasets' save_to_disk ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"{path}: no split {split!r}; the splits are {sorted(ds)}")
+        split = next((s for s in splits if s in ds), None)
+        if split is None:
+            wanted = " or ".join(repr(s) for s in splits)
+            raise DataError(f"{path}: no split {wanted}; the splits are {sorted(ds)} (pass the split's own folder "
+                            f"{os.path.join(path, sorted(ds)[0]) if ds else path!r} to take another)")
         ds = ds[split]
-    # Arrow gives every row every column, filling the ones a row lacks with None: drop them so that the row
-    # looks like the JSON object it came from (and detect_format sees the fields the row really has).
-    return [Row({k: v for k, v in data.items() if v is not None}, f"{path}[{i}]") for i, data in enumerate(ds)]
+    return [Row(_without_nones(data), f"{path}[{i}]") for i, data in enumerate(ds)]
 
 
-def detect_format(row: Row) -> str:
-    """Which of ``FORMATS`` the row is in, by TRL's rules (extra fields are allowed)."""
+def _without_nones(value):
+    """Arrow gives every row (and every message of a list column) every column, filling the ones it lacks with
+    None: drop those, so that the row looks like the JSON object it came from (and detect_format sees the fields
+    the row really has)."""
+    if isinstance(value, dict):
+        return {k: _without_nones(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nones(v) for v in value]
+    return value
+
+
+def _load_table(path: str) -> list[Row]:
+    """A Parquet or CSV/TSV file through ``datasets``; sources are ``file.csv:LINE`` (the header is line 1; a cell
+    spanning lines shifts the count) or ``file.parquet[i]``."""
+    import datasets
+
+    kind = "parquet" if path.lower().endswith(".parquet") else "csv"
+    kwargs = {}
+    if kind == "csv":  # text: every cell a string, an empty cell "" (pandas would type "4" as a number, "" as NaN)
+        import csv
+
+        delimiter = "\t" if path.lower().endswith(".tsv") else ","
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            header = next(csv.reader(f, delimiter=delimiter), [])
+        kwargs = {"delimiter": delimiter, "keep_default_na": False, "encoding": "utf-8-sig",
+                  "features": datasets.Features({name: datasets.Value("string") for name in header})}
+    try:
+        ds = datasets.load_dataset(kind, data_files=path, split="train", **kwargs)
+    except Exception as e:  # pyarrow's and pandas' parse errors have no common base
+        raise DataError(f"{path}: cannot read it as {kind.upper()}: {str(e).splitlines()[0][:200]}") from None
+    source = (lambda i: f"{path}:{i + 2}") if kind == "csv" else (lambda i: f"{path}[{i}]")
+    return [Row(_without_nones(data), source(i)) for i, data in enumerate(ds)]
+
+
+# TRL's order when a row has the fields of several formats (its SFTTrainer checks prompt, then messages, then text)
+FORMAT_ORDER = ("preference", "unpaired_preference", "prompt_completion", "messages", "text", "prompt_only")
+_REQUIRED = {"preference": ("chosen", "rejected"), "unpaired_preference": ("prompt", "completion", "label"),
+             "prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",),
+             "prompt_only": ("prompt",)}
+
+
+def detect_format(row: Row, allowed: tuple[str, ...] = FORMATS) -> str:
+    """Which of ``FORMATS`` the row is in (extra fields are allowed): the first in ``FORMAT_ORDER`` whose fields
+    it has and that ``allowed`` takes, else the first whose fields it has (the caller reports it)."""
     keys = row.data.keys()
-    if "text" in keys:
-        return "text"
-    if "messages" in keys:
-        return "messages"
-    if "chosen" in keys and "rejected" in keys:
-        return "preference"
-    if "prompt" in keys and "completion" in keys:
-        return "unpaired_preference" if "label" in keys else "prompt_completion"
-    if "prompt" in keys:
-        return "prompt_only"
-    raise DataError(f"{row.source}: no known format in fields {sorted(keys)}; expected one of: text; messages; "
-                    "prompt+completion; prompt+chosen+rejected; prompt+completion+label; prompt")
+    matching = [f for f in FORMAT_ORDER if all(k in keys for k in _REQUIRED[f])]
+    if not matching:
+        raise DataError(f"{row.source}: no known format in fields {sorted(keys)}; expected one of: text; messages; "
+                        "prompt+completion; prompt+chosen+rejected; prompt+completion+label; prompt")
+    return next((f for f in matching if f in allowed), matching[0])
 
 
 def is_conversational(row: Row) -> bool:
@@ -252,7 +305,7 @@ def validate_rows(rows: list[Row], allowed: tuple[str, ...]) -> str:
     first_fmt, first_source, errors = None, None, []
     for row in rows:
         try:
-            fmt = detect_format(row)
+            fmt = detect_format(row, allowed)
             if fmt not in allowed:
                 raise DataError(f"{row.source}: the row is in {fmt!r} format (fields {sorted(row.data)}) but this "
                                 f"stage needs {' or '.join(repr(a) for a in allowed)}")
@@ -284,6 +337,8 @@ def _check_row(row: Row, fmt: str) -> None:
         if len(kinds) > 1:
             shown = ", ".join(f"{f}: {'messages' if isinstance(d[f], list) else 'string'}" for f in present)
             raise DataError(f"{src}: conversational and plain fields mixed in one row ({shown})")
+    if fmt == "prompt_only" and d["prompt"] == "":
+        raise DataError(f"{src}: field 'prompt' is empty (generation needs something to condition on)")
     if fmt == "unpaired_preference" and not isinstance(d["label"], bool):
         raise DataError(f"{src}: field 'label' must be true or false, got {d['label']!r}")
     if fmt == "messages":
@@ -306,8 +361,11 @@ def _check_text(value, where: str) -> None:
     if not value:
         raise DataError(f"{where} is an empty list of messages")
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}[{i}] must be a message {{'role': str, 'content': str}}, got {m!r}")
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list)
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
+            raise DataError(f"{where}[{i}] must be a message {{'role': str, 'content': str}} (or an assistant "
+                            f"message with 'tool_calls'), got {m!r}")
 
 
 def _check_answer(value, where: str) -> None:
@@ -315,7 +373,8 @@ def _check_answer(value, where: str) -> None:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where} is empty")
-    elif not any(m["role"] == "assistant" and m["content"].strip() for m in value):
+    elif not any(m["role"] == "assistant" and ((m.get("content") or "").strip() or m.get("tool_calls"))
+                 for m in value):
         raise DataError(f"{where} has no assistant message with content (nothing to train on)")
 
 

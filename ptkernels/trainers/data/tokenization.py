@@ -11,6 +11,7 @@ Works with any Hugging Face tokenizer: conversational rows need a chat template,
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -85,7 +86,13 @@ def _chat(tokenizer, messages: list, row: Row, *, add_generation_prompt: bool = 
     """Token ids of ``messages`` rendered with the chat template (and the assistant-token mask if asked)."""
     if _template_text(tokenizer) is None:
         raise DataError(f"{row.source}: the row is conversational but the tokenizer has no chat template")
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+    tools = row.data.get("tools")
+    if isinstance(tools, str):  # TRL's datasets store the tool schemas as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{row.source}: field 'tools' is not JSON: {e.msg}") from None
+    out = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=True, return_dict=True,
                                         add_generation_prompt=add_generation_prompt,
                                         return_assistant_tokens_mask=assistant_mask)
     ids = list(out["input_ids"])
@@ -287,6 +294,8 @@ def encode_prompt(row: Row, tokenizer, *, max_prompt_length: int) -> list[int]:
         ids = _chat(tokenizer, prompt, row, add_generation_prompt=True)
     else:
         ids = _bos_prefix(tokenizer) + _plain(tokenizer, prompt)
+    if not ids:
+        raise DataError(f"{row.source}: field 'prompt' gives no tokens (generation needs something to condition on)")
     return ids[-max_prompt_length:]
 
 

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..data.rows import load_rows, validate_rows
+from ..data.rows import EVAL_SPLITS, load_rows, validate_rows
 from ..data.tokenization import encode_prompt
 from ..rewards.reward_funcs import RewardFuncs, auto_verifier, check_rows
 from ..rewards.verifiers import format as format_verifier
@@ -46,7 +46,7 @@ def make_eval_rewards(rows, verifier: str = "auto", reward_funcs: str = "", rewa
 
 
 def load_eval_data(path: str):
-    rows = load_rows(path)
+    rows = load_rows(path, splits=EVAL_SPLITS)  # a DatasetDict's held-out split, never its training one
     validate_rows(rows, ("prompt_only", "prompt_completion"))
     return rows
 

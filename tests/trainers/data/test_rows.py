@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ptkernels.trainers.data.rows import (
+    EVAL_SPLITS,
     FORMATS,
     DataError,
     Row,
@@ -85,9 +86,84 @@ def test_load_dataset_dict_split(tmp_path):
                                "test": datasets.Dataset.from_list([{"text": "b"}, {"text": "c"}])})
     dd.save_to_disk(str(tmp_path / "dd"))
     assert [r.data["text"] for r in load_rows(str(tmp_path / "dd"))] == ["a"]
-    assert [r.data["text"] for r in load_rows(str(tmp_path / "dd"), split="test")] == ["b", "c"]
+    assert [r.data["text"] for r in load_rows(str(tmp_path / "dd"), splits=EVAL_SPLITS)] == ["b", "c"]
     with pytest.raises(DataError, match=r"no split 'validation'.*\['test', 'train'\]"):
-        load_rows(str(tmp_path / "dd"), split="validation")
+        load_rows(str(tmp_path / "dd"), splits=("validation",))
+    # held-out prompts (ptk eval --data, --eval-data) come from the held-out split, never the training one
+    from ptkernels.trainers.recipes.eval_data import load_eval_data
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "train q", "answer": "1"}]),
+                          "test": datasets.Dataset.from_list([{"prompt": "test q", "answer": "2"}])}
+                         ).save_to_disk(str(tmp_path / "rl"))
+    assert [r.data["prompt"] for r in load_eval_data(str(tmp_path / "rl"))] == ["test q"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "q", "answer": "1"}])}
+                         ).save_to_disk(str(tmp_path / "train_only"))
+    with pytest.raises(DataError, match="no split 'test' or 'validation'"):
+        load_eval_data(str(tmp_path / "train_only"))
+
+
+def test_byte_order_mark(tmp_path):
+    """Some Windows editors start UTF-8 files with a byte order mark; datasets' json loader reads them."""
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n{"text": "b"}\n')
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + b'[\n{"text": "a"},\n{"text": "b"}\n]\n')
+    for path in (lines, array):
+        rows = load_rows(str(path))
+        assert [r.data for r in rows] == [{"text": "a"}, {"text": "b"}]
+        assert rows[0].source == f"{path}:{1 if path == lines else 2}"
+
+
+def test_parquet_and_csv(tmp_path):
+    import datasets
+
+    # CSV is text: every cell a string (no number typing: an answer "4" or a prompt "12" stays a string)
+    ds = datasets.Dataset.from_list([{"prompt": "2+2=", "completion": "4"}, {"prompt": "12", "completion": " six"}])
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.to_csv(str(tmp_path / "d.csv"), index=False)
+    for name, sources in (("d.parquet", ["[0]", "[1]"]), ("d.csv", [":2", ":3"])):
+        rows = load_rows(str(tmp_path / name))
+        assert [r.data for r in rows] == ds.to_list()
+        assert [r.source for r in rows] == [str(tmp_path / name) + s for s in sources]
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: cannot read it as PARQUET"):
+        load_rows(str(tmp_path / "bad.parquet"))
+
+
+def test_rows_with_several_formats_read_as_the_stage_needs():
+    """TRL's SFTTrainer checks prompt, then messages, then text: an extra 'text' column is just a column."""
+    pc = Row({"prompt": "Translate: cat", "completion": " chat", "text": "source: wiktionary"}, "x")
+    assert validate_rows([pc], ("text", "messages", "prompt_completion")) == "prompt_completion"
+    convo = Row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                 "text": "meta"}, "x")
+    assert validate_rows([convo], ("text", "messages", "prompt_completion")) == "messages"
+    rl = Row({"prompt": "What is 2+2?", "answer": "4", "text": "source text"}, "x")
+    assert validate_rows([rl], ("prompt_only",)) == "prompt_only"
+    assert validate_rows([Row({"text": "plain"}, "x")], ("text", "messages", "prompt_completion")) == "text"
+    with pytest.raises(DataError, match="x: field 'prompt' is empty"):
+        validate_rows([Row({"prompt": "", "answer": "4"}, "x")], ("prompt_only",))
+
+
+def test_tool_calls_and_tools(tmp_path):
+    """TRL's tool-calling rows: an assistant turn with tool_calls and no content; the row's tools reach the
+    chat template."""
+    from ptkernels.trainers.data.tiny_tokenizer import load_tiny_tokenizer
+    from ptkernels.trainers.data.tokenization import encode_sft
+
+    call = {"role": "assistant", "tool_calls": [{"type": "function",
+                                                  "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]}
+    messages = [{"role": "user", "content": "2+2?"}, call, {"role": "tool", "content": "4"},
+                {"role": "assistant", "content": "It is 4."}]
+    tools = '[{"type": "function", "function": {"name": "add", "description": "adds two numbers"}}]'
+    row = Row({"messages": messages, "tools": tools}, "x")
+    assert validate_rows([row], ("messages",)) == "messages"
+    tok = load_tiny_tokenizer()
+    tok.chat_template = ("{% if tools %}TOOLS:{{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m.role }}: "
+                         "{{ m.content if m.content is defined else m.tool_calls | tojson }}\n{% endfor %}")
+    text = tok.decode(encode_sft(row, tok, max_length=512).input_ids)
+    assert text.startswith('TOOLS:[{"type": "function"') and '"name": "add"' in text.split("assistant: ")[1]
+    with pytest.raises(DataError, match=r"x: field 'messages'\[1\] must be a message"):
+        validate_rows([Row({"messages": [messages[0], {"role": "assistant"}]}, "x")], ("messages",))
 
 
 def test_load_dataset_folder_drops_missing_columns(tmp_path):
