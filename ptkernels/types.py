@@ -41,7 +41,8 @@ class GRPOOutput:
     clip_ratio_high  TRL's ``clip_ratio/high_mean``: coef_1 > 1 + epsilon_high and A > 0
     entropy          mean per-token entropy over completion tokens (when computed or given), else None
     (with ``sampler_logps``, the sampler/trainer mismatch metrics, else None:)
-    sampler_abs_logp_diff  mean |old_logps - sampler_logps| over completion tokens (NaN sampler log-probs: 0)
+    sampler_abs_logp_diff  mean |old_logps - sampler_logps| over the completion tokens the sampler scored: a NaN
+                           sampler log-prob is left out of the sum and the count (TRL 1.16); 0 if none is left
     is_masked_fraction     fraction of tokens (sequence modes: sequences) whose ratio left [clip_min, clip_max]
                            (set to 0 by the mask modes, truncated by the truncate modes)
     is_weight_mean         mean importance weight over tokens (sequences), after truncation / masking

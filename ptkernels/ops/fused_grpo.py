@@ -325,8 +325,8 @@ def fused_linear_grpo_loss(
     ``H[b, t]`` the entropy of the same tempered distribution, and the loss is
     ``grpo_loss(logp, old_logps, advantages, completion_mask, entropies=H, ...)``: every loss type and option of
     ``ptkernels.grpo_loss`` (TRL 1.16.0's ``GRPOTrainer._compute_loss``), including the entropy bonus
-    ``loss -= entropy_coef * sum(H m e) / max(sum(m e), 1)`` (TRL 1.16: a token mean for every loss type; e is
-    the top-entropy mask or 1). ``old_logps=None`` uses the detached current log-probs (TRL with
+    ``loss -= entropy_coef * sum(H m e) / max(sum(m e), 1)`` (TRL 1.16: a token mean for every loss type but gmpo,
+    which refuses it, e the top-entropy mask or 1). ``old_logps=None`` uses the detached current log-probs (TRL with
     num_iterations=1: ratio 1). ``ref_logps`` is required when ``beta != 0``.
 
     Cost: three GEMMs (logits, d hidden, d weight) for every loss type and option, except

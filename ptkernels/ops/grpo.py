@@ -203,8 +203,11 @@ def grpo_loss(
         dapo, cispo, vespo, clip_cov, kl_cov: sum l m / num_items_in_batch  (default: max(sum m, 1))
         gmpo: (1/B) sum_b [-exp(sum_t c_t m e_t / max(sum_t m e_t, 1)) A_b + beta sum_t k3 m / max(L_b, 1)],
               c_t = log_ratio clipped into [-eps_low, eps_high] on A's side (min if A > 0, max otherwise); TRL's
-              GMPOConfig default is epsilon 0.4 (pass it: ptkernels keeps 0.2 as every loss type's default)
-        loss -= entropy_coef * sum(H m e) / max(sum(m e), 1)     (e = emask or 1; every loss type, TRL 1.16)
+              GMPOConfig default is epsilon 0.4 (pass it: ptkernels keeps 0.2 as every loss type's default).
+              TRL's GMPOTrainer has no entropy bonus, off-policy mask or sampler correction, so gmpo refuses
+              entropy_coef != 0, off_policy_mask_threshold and sampler_logps (ValueError); top_entropy_quantile
+              applies (e_t above)
+        loss -= entropy_coef * sum(H m e) / max(sum(m e), 1)     (e = emask or 1; every loss type but gmpo, TRL 1.16)
         clip_cov, kl_cov: verl's entropy-collapse controls (``compute_policy_loss_clip_cov`` / ``_kl_cov``),
               token-level, normalized as dapo (verl's token-mean), over the batch's valid tokens with
               cov = (A - mean A)(logp - mean logp):

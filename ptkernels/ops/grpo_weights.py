@@ -40,12 +40,14 @@ class WeightOptions:
 
 
 def is_partials(dt, device) -> torch.Tensor:
-    """Accumulator of the mismatch metrics: |diff| sum, tokens, outside-count, ratio sum, units, ratio max."""
+    """Accumulator of the mismatch metrics: |diff| sum, scored tokens (valid, sampler log-prob not NaN),
+    outside-count, ratio sum, units, ratio max."""
     return torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, -math.inf], dtype=dt, device=device)
 
 
 def finish_is_metrics(acc: torch.Tensor):
-    """(mean |diff|, masked fraction, weight mean, weight max) from ``is_partials`` sums."""
+    """(mean |diff|, masked fraction, weight mean, weight max) from ``is_partials`` sums. The mean |diff| is over
+    the scored tokens (TRL 1.16 leaves NaN sampler log-probs out of it), 0 when there is none (as TRL)."""
     tok = acc[1].clamp(min=1.0)
     units = acc[4].clamp(min=1.0)
     mx = torch.where(acc[4] > 0, acc[5], torch.zeros_like(acc[5]))
@@ -62,7 +64,8 @@ def policy_weights(lp, old, adv, m, o: WeightOptions, *, sampler=None, emask=Non
     pw = None
     is_ratio = None
     if o.is_mode is not None:
-        diff = torch.nan_to_num(torch.where(valid, (old - sampler) * m, zero), nan=0.0)
+        delta = torch.where(valid, (old - sampler) * m, zero)  # NaN where the sampler could not score a token
+        diff = torch.nan_to_num(delta, nan=0.0)
         seq = o.is_mode.startswith("sequence")
         raw = torch.exp(diff.sum(1, keepdim=True)) if seq else torch.exp(diff)
         lo = -math.inf if o.clip_min is None else o.clip_min
@@ -75,7 +78,8 @@ def policy_weights(lp, old, adv, m, o: WeightOptions, *, sampler=None, emask=Non
         if acc is not None:
             unit = torch.ones_like(is_ratio) if seq else m
             sel = unit != 0
-            acc += torch.stack([diff.abs().sum(), m.sum(), torch.where(sel, outside.to(lp.dtype) * unit, zero).sum(),
+            scored = torch.where(torch.isnan(delta), zero, m).sum()  # TRL's mask & ~isnan(delta)
+            acc += torch.stack([diff.abs().sum(), scored, torch.where(sel, outside.to(lp.dtype) * unit, zero).sum(),
                                 torch.where(sel, is_ratio * unit, zero).sum(), unit.sum(), zero])
             acc[5] = torch.maximum(acc[5], torch.where(sel, is_ratio, torch.full_like(is_ratio, -math.inf)).max())
         if o.fold_is:

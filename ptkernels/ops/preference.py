@@ -25,6 +25,7 @@ from ..types import (
     PreferenceLossOutput,
 )
 from .preference_math import (
+    SFT_NEEDS_NLL,
     check_batch,
     check_loss_options,
     dpo_losses,
@@ -103,8 +104,7 @@ def dpo_loss(
         apo_zero      1 - sigma(beta lr_c) + sigma(beta lr_r)
         apo_down      sigma(beta lr_c) + 1 - sigma(beta (lr_c - lr_r))
         discopop      -ls(u) (1 - m) + exp(-u) m,  m = sigma(u / discopop_tau)
-        sft           the token-pooled NLL of the chosen completions (the same value for every pair):
-                      ``nll_loss`` when given, else -sum(pi_c) / sum(chosen_lengths)
+        sft           ``nll_loss`` for every pair (required: ValueError without it; see below)
 
     nca_pair, bco_pair, sppo_hard, aot*, apo_* read the log-ratios, so like TRL 1.16 they reject a non-default
     ``f_divergence_type`` (ValueError). ``loss_type`` may be a list with ``loss_weights`` (TRL's MPO; RPO is
@@ -113,6 +113,16 @@ def dpo_loss(
     p_v^2))`` over the completion's tokens, which needs the logits (``fused_linear_preference_loss(...,
     use_weighting=True)`` computes it). LD-DPO (``ld_alpha``) also needs per-token log-probs: pass
     ``sum(shared tokens) + ld_alpha * sum(tail)`` as the four inputs, or use the fused op's ``ld_alpha``.
+
+    ``sft`` (alone or in a list, e.g. RPO) takes its value from ``nll_loss`` and nothing else: TRL 1.16's sft term
+    (``dpo_trainer.py``, ``-chosen_per_token_logps[chosen_mask].mean()``) is the mean of ``-log p`` over every
+    scored token of the batch's chosen completions (its shifted completion mask), unweighted even under LD-DPO.
+    Pass that scalar as ``nll_loss`` (``fused_linear_preference_loss`` computes it itself). The four sums here
+    cannot give it in general: LD-DPO's ``sum(shared) + ld_alpha * sum(tail)`` is not the plain sum, and the
+    lengths ``ipo``/``sigmoid_norm`` divide by (TRL's unshifted ``completion_mask.sum(1)``) count one token more
+    than TRL's sft mean when a completion starts the sequence (empty prompt). So nothing is derived from
+    ``chosen_lengths``: only for plain (not LD-weighted) sums over exactly ``n_b`` scored tokens each is TRL's
+    value ``nll_loss = -policy_chosen_logps.sum() / n.sum()``, which the caller states by passing it.
 
     ``loss = mean(losses)``, plus ``nll_weight * nll_loss`` when ``nll_loss`` is given and ``sft`` is not a loss
     type. Rewards are ``beta * lr`` of the summed log-ratios for every loss type (ipo and the f-divergences
@@ -140,10 +150,7 @@ def dpo_loss(
     nll = nll_scalar(nll_loss, pc)
     has_sft = "sft" in spec.loss_types
     if has_sft and nll is None:
-        if lengths is None:
-            raise ValueError("loss_type 'sft' needs the chosen completions' NLL: pass nll_loss, or chosen_lengths "
-                             "and rejected_lengths (then NLL = -sum(policy_chosen_logps) / sum(chosen_lengths))")
-        nll = -pc.sum() / lengths[0].sum().clamp(min=1)
+        raise ValueError(SFT_NEEDS_NLL)
     weights = None if wpo_weights is None else upcast(wpo_weights).detach()
     losses, cw, rw = dpo_losses(spec, pc, pr, rc, rr, lengths=lengths, nll=nll if has_sft else None,
                                 pair_weights=weights, input_dtype=policy_chosen_logps.dtype)

@@ -23,6 +23,12 @@ LENGTH_NORMALIZED_TYPES = ("ipo", "sigmoid_norm")  # divide each score by its co
 BATCH_COUPLED_TYPES = ("aot", "aot_unpaired")  # sort over the batch: a pair's loss depends on the others
 SMOOTHING_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired", "cdpo")  # the types that read label_smoothing
 _LN2 = math.log(2.0)
+# dpo_loss's sft term is nll_loss, never derived from the sums (see its docstring)
+SFT_NEEDS_NLL = ("loss_type 'sft' needs nll_loss: TRL 1.16's sft term is the mean of -log p over the chosen "
+                 "completions' tokens, unweighted (no LD-DPO ld_alpha) and over TRL's shifted completion mask, which "
+                 "the summed log-probs and lengths cannot give in general. Pass it as nll_loss (for plain sums over "
+                 "n scored tokens each: nll_loss=-policy_chosen_logps.sum() / n.sum()), or use "
+                 "fused_linear_preference_loss, which computes it")
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,8 @@ def dpo_losses(spec: DPOSpec, pc, pr, rc, rr, *, lengths=None, nll=None, pair_we
     """The DPO family's per-pair loss ``sum_k w_k l_k`` (times WPO's ``pair_weights`` when given) and rewards.
 
     ``rc``/``rr`` None: reference-free (zeros). ``nll``: the sft term's value (the token-pooled NLL of the chosen
-    completions, one scalar expanded to every pair); None leaves sft out (the fused loop adds it itself).
+    completions, one scalar expanded to every pair; ``dpo_loss`` takes it from ``nll_loss`` only); None leaves sft
+    out (the fused loop adds it itself).
     Rewards are ``beta * (pi - ref)`` of the given (summed, LD-weighted) log-probs for every loss type, as TRL 1.16
     logs them. Returns ``(losses, chosen_rewards, rejected_rewards)``.
     """

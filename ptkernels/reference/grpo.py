@@ -52,8 +52,10 @@ def sampler_importance_weights(old_logps, sampler_logps, mask, *, mode="sequence
         token_mask         exp(diff), 0 outside [clip_min, clip_max]          [B, T]   (MIS)
         sequence_truncate  clamp(exp(sum_t diff), clip_min, clip_max)         [B, 1]
         sequence_mask      exp(sum_t diff), 0 outside [clip_min, clip_max]    [B, 1]
-    A bound of None is no bound. Returns ``(ratio, metrics)``: metrics mean |diff| over valid tokens, the
-    fraction of tokens (sequences) outside the bounds, the mean and max ratio over valid tokens (sequences)."""
+    A bound of None is no bound. Returns ``(ratio, metrics)``: metrics the mean |old - sampler| over the valid
+    tokens whose difference is not NaN (TRL 1.16 leaves the tokens the sampler could not score out of both sums;
+    0 when none is left), the fraction of tokens (sequences) outside the bounds, the mean and max ratio over
+    valid tokens (sequences; a NaN token counts there, with diff 0, as TRL)."""
     m = mask.to(old_logps.dtype)
     diff = torch.nan_to_num((old_logps - sampler_logps) * m, nan=0.0)
     seq = mode.startswith("sequence")
@@ -69,7 +71,8 @@ def sampler_importance_weights(old_logps, sampler_logps, mask, *, mode="sequence
         sel = m != 0
         metrics = dict(masked=(outside.to(m.dtype) * m).sum() / count, mean=(ratio * m).sum() / count,
                        max=ratio[sel].max() if sel.any() else torch.zeros((), dtype=m.dtype, device=m.device))
-    metrics["abs_diff"] = diff.abs().sum() / count
+    scored = torch.where(torch.isnan(old_logps - sampler_logps), torch.zeros_like(m), m)
+    metrics["abs_diff"] = diff.abs().sum() / scored.sum().clamp(min=1.0)
     return ratio, metrics
 
 
@@ -92,15 +95,15 @@ def importance_weight_log(log_ratio, mask, level: str):
     raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {level!r}")
 
 
-def gmpo_loss(log_ratio, advantages, mask, emask, keep, per_token_kl, beta, epsilon_low, epsilon_high):
+def gmpo_loss(log_ratio, advantages, mask, emask, per_token_kl, beta, epsilon_low, epsilon_high):
     """TRL 1.16's ``GMPOTrainer``: mean_b of ``-exp(sum_t clip_t m e / max(sum_t m e, 1)) A_b`` (+ beta times
-    the sequence mean k3), ``clip_t`` the log-ratio clipped into [-eps_low, eps_high] on A's side."""
+    the sequence mean k3), ``clip_t`` the log-ratio clipped into [-eps_low, eps_high] on A's side. No entropy
+    bonus, off-policy mask or sampler correction: TRL's GMPO has none (``check_gmpo_options``)."""
     A = advantages.unsqueeze(1)
     cl = torch.clamp(log_ratio, -epsilon_low, epsilon_high)
     clipped = torch.where(A > 0, torch.minimum(log_ratio, cl), torch.maximum(log_ratio, cl))
     em = mask if emask is None else mask * emask
-    pm = em if keep is None else em * keep
-    coef = torch.exp((clipped * pm).sum(-1) / pm.sum(-1).clamp(min=1.0))
+    coef = torch.exp((clipped * em).sum(-1) / em.sum(-1).clamp(min=1.0))
     per_seq = -coef * advantages
     if beta != 0.0:
         per_seq = per_seq + beta * (per_token_kl * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
@@ -224,8 +227,25 @@ def k3_to_reference(logps, ref_logps, beta):
     return torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
 
 
+def check_gmpo_options(loss_type, entropy_coef, off_policy_mask_threshold, sampler_logps) -> None:
+    """TRL 1.16's ``GMPOTrainer._compute_loss`` reads no entropy bonus, off-policy mask or sampler correction:
+    ``loss_type="gmpo"`` refuses them (ValueError) rather than define a loss TRL does not have."""
+    if loss_type != "gmpo":
+        return
+    if entropy_coef != 0.0:
+        raise ValueError(f"loss_type='gmpo' has no entropy bonus (TRL 1.16's GMPOTrainer): entropy_coef must be 0, "
+                         f"got {entropy_coef}")
+    if off_policy_mask_threshold is not None:
+        raise ValueError("loss_type='gmpo' has no off-policy sequence mask (TRL 1.16's GMPOTrainer): "
+                         f"off_policy_mask_threshold must be None, got {off_policy_mask_threshold}")
+    if sampler_logps is not None:
+        raise ValueError("loss_type='gmpo' takes no sampler_logps (TRL's GMPOTrainer has no importance-sampling "
+                         "correction)")
+
+
 def entropy_bonus(loss, entropies, mask, emask, entropy_coef):
-    """``loss - entropy_coef * sum(H m emask) / max(sum(m emask), 1)`` (TRL 1.16, every loss type)."""
+    """``loss - entropy_coef * sum(H m emask) / max(sum(m emask), 1)`` (TRL 1.16's GRPOTrainer, every loss type
+    but gmpo, which refuses it)."""
     if entropy_coef == 0.0:
         return loss
     eff = mask if emask is None else mask * emask
@@ -324,9 +344,11 @@ def grpo_loss(
         grpo, sapo: mean_b(sum_t l m / max(L_b, 1));  bnpo: sum l m / max(sum m, 1)
         dr_grpo: sum l m / (B max_completion_length);  dapo, cispo, vespo: sum l m / num_items_in_batch
         luspo: mean_b(sum_t l m)
-        loss -= entropy_coef * sum(H m emask) / max(sum(m emask), 1)        (every loss type)
+        loss -= entropy_coef * sum(H m emask) / max(sum(m emask), 1)        (every loss type but gmpo)
         gmpo: l_b = -exp(sum_t clip_t m emask / max(sum_t m emask, 1)) A_b + beta sum_t k3 m / max(L_b, 1),
-              clip_t = min(log_ratio, clamp(log_ratio, -eps_low, eps_high)) if A > 0 else max(...); loss = mean_b
+              clip_t = min(log_ratio, clamp(log_ratio, -eps_low, eps_high)) if A > 0 else max(...); loss = mean_b;
+              no entropy bonus, keep or is_ratio (TRL's GMPOTrainer has none): entropy_coef != 0,
+              off_policy_mask_threshold or sampler_logps raise ValueError
         clip_cov, kl_cov: verl's ``compute_policy_loss_clip_cov`` / ``_kl_cov`` (``clip_cov_selection``,
               ``kl_cov_selection``), normalized as dapo:
               clip_cov: l = -min(coef_1 A, clamp(coef_1, 1-eps_low, 1+eps_high) A) * (1 - sel)
@@ -334,6 +356,7 @@ def grpo_loss(
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_gmpo_options(loss_type, entropy_coef, off_policy_mask_threshold, sampler_logps)
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)
     if old_logps is None:
@@ -354,7 +377,7 @@ def grpo_loss(
                         clip_cov_ub, kl_cov_ratio, generator)
     low = high = None
     if loss_type == "gmpo":
-        loss = gmpo_loss(log_ratio, advantages, mask, emask, keep, per_token_kl, beta, epsilon_low, epsilon_high)
+        loss = gmpo_loss(log_ratio, advantages, mask, emask, per_token_kl, beta, epsilon_low, epsilon_high)
     else:
         coef_1 = torch.exp(importance_weight_log(log_ratio, mask, importance_sampling_level))
         if per_token_kl is not None and bias_corrected_kl:

@@ -89,7 +89,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         apo_down      sigma(beta lr_c) + 1 - sigma(beta (lr_c - lr_r))
         discopop      -ls(u)(1 - m) + exp(-u) m,  m = sigma(u / discopop_tau)
         sigmoid_norm  -ls(beta (s_c/N_c - s_r/N_r))
-        sft           nll_loss, or -sum(pi_c) / sum(chosen_lengths) (token-pooled NLL), for every pair
+        sft           nll_loss, for every pair: TRL's -mean(log p) over the chosen completions' tokens (unweighted,
+                      shifted mask), which the sums cannot give in general (LD-DPO, empty prompts); required
 
     ``losses = (sum_k w_k l_k) * wpo_weights``; ``loss = mean(losses)`` (+ ``nll_weight * nll_loss`` when given
     and sft is not a loss type). Rewards ``beta * lr`` (summed) for every type. ``reference_free``: ref = 0.
@@ -110,7 +111,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     eps = label_smoothing
     nll = _up(nll_loss)
     if "sft" in types and nll is None:
-        nll = -pc.sum() / chosen_lengths.to(pc.dtype).sum().clamp(min=1)
+        raise ValueError("loss_type 'sft' needs nll_loss (TRL 1.16's mean -log p over the chosen completions' "
+                         "tokens)")
     total = torch.zeros_like(pc)
     for t, w in zip(types, weights):
         if t == "sigmoid":

@@ -184,8 +184,9 @@ def _grpo_compare(ours, truth, rtol, what):
 
 @pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
 def test_grpo_every_loss_type_matches_reference(small_blocks, loss_type):
-    """Token level with an entropy bonus (its d loss / d H and E_p[s] enter the weight pass's coefficients)."""
-    kw = dict(loss_type=loss_type, entropy_coef=0.02, epsilon_high=0.25,
+    """Token level with an entropy bonus (its d loss / d H and E_p[s] enter the weight pass's coefficients); gmpo
+    without it (TRL's GMPOTrainer has none: gmpo refuses entropy_coef != 0)."""
+    kw = dict(loss_type=loss_type, entropy_coef=0.0 if loss_type == "gmpo" else 0.02, epsilon_high=0.25,
               delta=1.4 if GRPO_KINDS[loss_type] == 0 and loss_type not in COV_LOSS_TYPES else None)
     _grpo_compare(_grpo_run("torch", "compact", **kw), _grpo_run("reference", "default", **kw), 1e-9, loss_type)
 

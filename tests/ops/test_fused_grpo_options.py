@@ -92,10 +92,35 @@ def test_fused_grpo_fp32_gmpo_and_sampler():
                               f"{kw} fp32 grad")
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_fused_grpo_nan_sampler_logps(mode, backend):
+    """NaN sampler log-probs (tokens the sampler could not score), on a valid token and on padding, across the
+    chunks (chunk_size 4 splits sequences for the token modes): the mean |old - sampler| leaves them out of the sum
+    and the count (TRL 1.16: delta[mask & ~isnan(delta)].mean()), the rest matches the reference."""
+    hidden, weight, ids, mask, adv, old, refp, sampler = _problem()
+    sampler = sampler.clone()
+    sampler[0, 1], sampler[1, 4] = float("nan"), float("nan")
+    kw = dict(old_logps=old, sampler_logps=sampler, vllm_importance_sampling_mode=mode,
+              vllm_importance_sampling_clip_max=1.5, chunk_size=4)
+    ours = fused_linear_grpo_loss(hidden, weight, ids, mask, adv, backend=backend, **kw)
+    truth = fused_linear_grpo_loss(hidden, weight, ids, mask, adv, backend="reference", **kw)
+    delta = (old - sampler).abs()[mask.bool() & ~torch.isnan(old - sampler)]
+    assert delta.numel() == 8  # 9 valid tokens, one of them NaN
+    assert_close_to_truth(truth.sampler_abs_logp_diff, delta.mean(), 1e-14, "reference mean |diff|")
+    assert_close_to_truth(ours.loss, truth.loss, 1e-10, "loss")
+    for f in FIELDS[5:]:
+        assert_close_to_truth(getattr(ours, f), getattr(truth, f), 1e-12, f)
+
+
 def test_fused_grpo_option_errors():
     hidden, weight, ids, mask, adv, old, refp, sampler = _problem()
     with pytest.raises(ValueError, match="takes no sampler_logps"):
         fused_linear_grpo_loss(hidden, weight, ids, mask, adv, loss_type="gmpo", sampler_logps=sampler)
+    with pytest.raises(ValueError, match="loss_type='gmpo' has no entropy bonus"):
+        fused_linear_grpo_loss(hidden, weight, ids, mask, adv, loss_type="gmpo", entropy_coef=0.01)
+    with pytest.raises(ValueError, match="loss_type='gmpo' has no off-policy sequence mask"):
+        fused_linear_grpo_loss(hidden, weight, ids, mask, adv, loss_type="gmpo", off_policy_mask_threshold=0.0)
     with pytest.raises(ValueError, match="vllm_importance_sampling_mode must be one of"):
         fused_linear_grpo_loss(hidden, weight, ids, mask, adv, sampler_logps=sampler,
                                vllm_importance_sampling_mode="token")

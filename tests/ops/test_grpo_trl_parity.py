@@ -108,11 +108,121 @@ def test_grpo_loss_pinned_trl_1_16(case, backend):
 
 
 def test_entropy_bonus_is_token_mean_for_every_loss_type():
-    """Parity item 7: the bonus shifts every loss type by exactly -coef * token-mean entropy (0.8666...)."""
-    for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo"):
+    """Parity item 7: the bonus shifts every loss type of TRL's GRPOTrainer by exactly -coef * token-mean entropy
+    (0.8666...); gmpo (TRL's GMPOTrainer has no bonus) refuses it (test_gmpo_refuses_what_trl_gmpo_lacks)."""
+    for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"):
         a = grpo_loss(LP, OLD, ADV, MASK, loss_type=lt, entropies=ENT, entropy_coef=0.01, **BASE).loss
         b = grpo_loss(LP, OLD, ADV, MASK, loss_type=lt, **BASE).loss
         assert abs((a - b).item() - (-0.0086666666666666559)) < 1e-14, lt
+
+
+def gmpo_by_formula(lp, old, adv, mask, *, eps_low, eps_high, beta=0.0, ref_logps=None, emask=None):
+    """TRL 1.16's ``GMPOTrainer._compute_loss`` (trl/experimental/gmpo/gmpo_trainer.py), written out: no entropy
+    bonus, no off-policy mask, no sampler correction."""
+    log_ratio = lp - old
+    clamped = torch.clamp(log_ratio, min=-eps_low, max=eps_high)
+    a = adv.unsqueeze(1)
+    clipped = torch.where(a > 0, torch.minimum(log_ratio, clamped), torch.maximum(log_ratio, clamped))
+    seq_mask = mask if emask is None else mask * emask
+    coef = torch.exp((clipped * seq_mask).sum(-1) / seq_mask.sum(-1).clamp(min=1.0))
+    per_seq = -coef * adv
+    if beta != 0.0:
+        kl = torch.exp(ref_logps - lp) - (ref_logps - lp) - 1
+        per_seq = per_seq + beta * (kl * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return per_seq.mean()
+
+
+GMPO_CASES = [
+    dict(),
+    dict(beta=0.04, ref_logps=REF),
+    dict(top_entropy_quantile=0.5, entropies=ENT),  # emask = [1,0,1,0 / 1,1,0,0 / 0,1,0,0] (quantile 0.5)
+    dict(old_logps=None),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(GMPO_CASES)))
+def test_gmpo_equals_trl_formula(case, backend):
+    """Without the options TRL's GMPO lacks, loss_type="gmpo" is TRL 1.16's GMPOTrainer loss (epsilon 0.4, the
+    GMPOConfig default); the top-entropy mask (which GMPOTrainer does apply) and the KL term included."""
+    kw = dict(GMPO_CASES[case])
+    old = kw.pop("old_logps", OLD)
+    emask = None
+    if "top_entropy_quantile" in kw:
+        emask = t([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 0, 0]])
+        assert torch.equal(ref.top_entropy_mask(ENT, MASK, 0.5).to(MASK.dtype), emask)
+    want = gmpo_by_formula(LP, LP if old is None else old, ADV, MASK, eps_low=0.4, eps_high=0.4,
+                           beta=kw.get("beta", 0.0), ref_logps=kw.get("ref_logps"), emask=emask)
+    out = grpo_loss(LP, old, ADV, MASK, loss_type="gmpo", epsilon_low=0.4, backend=backend, **kw)
+    assert abs(out.loss.item() - want.item()) < 1e-14, (kw, out.loss.item(), want.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gmpo_refuses_what_trl_gmpo_lacks(backend):
+    """TRL 1.16's GMPOTrainer reads no entropy_coef, off_policy_mask_threshold or sampler log-probs: ptkernels
+    refuses them for gmpo (ValueError naming the argument) instead of computing a loss TRL does not have."""
+    kw = dict(loss_type="gmpo", backend=backend, **BASE)
+    with pytest.raises(ValueError, match=r"loss_type='gmpo' has no entropy bonus .*entropy_coef must be 0"):
+        grpo_loss(LP, OLD, ADV, MASK, entropies=ENT, entropy_coef=0.01, **kw)
+    with pytest.raises(ValueError, match=r"loss_type='gmpo' has no off-policy .*off_policy_mask_threshold must be"):
+        grpo_loss(LP, OLD, ADV, MASK, off_policy_mask_threshold=0.0, **kw)
+    with pytest.raises(ValueError, match="loss_type='gmpo' takes no sampler_logps"):
+        grpo_loss(LP, OLD, ADV, MASK, sampler_logps=SAMPLER, **kw)
+    # what TRL's GMPO has stays accepted: entropies (logged), the top-entropy mask, entropy_coef=0 explicitly
+    out = grpo_loss(LP, OLD, ADV, MASK, entropies=ENT, entropy_coef=0.0, top_entropy_quantile=0.5, **kw)
+    assert torch.isfinite(out.loss) and out.entropy is not None
+
+
+def trl_sampling_logp_difference(old, sampler, mask):
+    """TRL 1.16's ``sampling/sampling_logp_difference/mean`` (grpo_trainer.py, _generate_and_score_completions):
+    ``delta = |old - sampler|; delta = delta[mask & ~isnan(delta)]; mean, or 0 when empty``."""
+    delta = torch.abs(old - sampler)
+    delta = delta[mask.bool() & ~torch.isnan(delta)]
+    return torch.mean(delta) if delta.numel() > 0 else torch.tensor(0.0, dtype=old.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_sampler_abs_logp_diff_leaves_nan_tokens_out(mode, backend):
+    """A token the sampler could not score (NaN log-prob) leaves both the sum and the count of the mean |diff|
+    (TRL 1.16): |OLD - SAMPLER| over the 9 valid tokens sums to 1.85; without token [0, 0] (0.5) it is 1.35 over 8
+    tokens, 0.16875 (not 1.35 / 9). A NaN on padding changes nothing; all NaN gives 0, as TRL. The IS weights keep
+    TRL's treatment (the NaN token's diff is 0: ratio 1, counted in the mean)."""
+    s = SAMPLER.clone()
+    s[0, 0], s[1, 3] = NAN, NAN  # a valid token and a padding one
+    opts = dict(sampler_logps=s, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=3.0)
+    out = grpo_loss(LP, OLD, ADV, MASK, backend=backend, **opts, **BASE)
+    assert abs(out.sampler_abs_logp_diff.item() - 1.35 / 8) < 1e-15
+    assert abs(trl_sampling_logp_difference(OLD, s, MASK).item() - 1.35 / 8) < 1e-15
+    ppo = ptk.ppo_policy_loss(LP, OLD, ADV, MASK, backend=backend, **opts)
+    assert abs(ppo.sampler_abs_logp_diff.item() - 1.35 / 8) < 1e-15
+    # TRL's importance weights: diff = nan_to_num((old - sampler) m, 0), mean/max over valid tokens (sequences)
+    diff = torch.nan_to_num((OLD - s) * MASK, nan=0.0)
+    r = torch.exp(diff.sum(-1)) if mode.startswith("sequence") else torch.exp(diff)[MASK.bool()]
+    r = r.masked_fill(r > 3.0, 0.0) if mode.endswith("mask") else r.clamp(max=3.0)
+    for o in (out, ppo):
+        assert abs(o.is_weight_mean.item() - r.mean().item()) < 1e-14
+        assert abs(o.is_weight_max.item() - r.max().item()) < 1e-14
+    all_nan = grpo_loss(LP, OLD, ADV, MASK, backend=backend, **{**opts, "sampler_logps": torch.full_like(s, NAN)})
+    assert all_nan.sampler_abs_logp_diff.item() == 0.0 == trl_sampling_logp_difference(OLD, s * NAN, MASK).item()
+
+
+def test_sampler_abs_logp_diff_testers_case():
+    """The reported case: one NaN among 13 valid tokens; TRL 1.16 logs 0.18518778 (ptkernels used to divide by 13)."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    old = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 2
+    logps = old + 0.1 * torch.randn(4, 5, generator=g, dtype=torch.float64)
+    sampler = old + 0.3 * torch.randn(4, 5, generator=g, dtype=torch.float64)
+    sampler[1, 2] = NAN
+    adv = torch.randn(4, generator=g, dtype=torch.float64)
+    want = trl_sampling_logp_difference(old, sampler, mask)
+    assert abs(want.item() - 0.18518778) < 5e-9
+    for backend in BACKENDS:
+        out = grpo_loss(*(x.to(DEVICE) for x in (logps, old, adv, mask)), sampler_logps=sampler.to(DEVICE),
+                        vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.0,
+                        backend=backend)
+        assert abs(out.sampler_abs_logp_diff.item() - want.item()) < 1e-15, backend
 
 
 def test_sampler_metrics_and_ratios():

@@ -51,11 +51,31 @@ def test_dpo_matches_reference(b, loss_type, label_smoothing):
         with pytest.raises(ValueError, match="exo_pair.*label_smoothing > 0"):
             ops.dpo_loss(pc, pr, rc, rr, **kw)
         return
+    nll = None
+    if loss_type == "sft":  # sft is nll_loss (required; test_dpo_sft_needs_nll_loss)
+        nll = torch.tensor(2.25, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        kw["nll_loss"] = nll
     ours = ops.dpo_loss(pc, pr, rc, rr, **kw)
     truth = reference.dpo_loss(pc, pr, rc, rr, **kw)
-    compare(ours, truth, (pc, pr, rc, rr), what=loss_type)
+    compare(ours, truth, (pc, pr, rc, rr, nll), what=loss_type)
     assert ours.loss.dim() == 0 and ours.losses.shape == (b,)
     assert not ours.chosen_rewards.requires_grad and not ours.rejected_rewards.requires_grad
+
+
+@pytest.mark.parametrize("fn", [ops.dpo_loss, reference.dpo_loss])
+def test_dpo_sft_needs_nll_loss(fn):
+    """sft is TRL 1.16's -mean(log p) over the chosen completions' tokens, which the (possibly LD-weighted) sums
+    and lengths cannot give in general: dpo_loss and its reference refuse to guess it (ValueError)."""
+    pc, pr, rc, rr = batch(3)
+    lengths = dict(chosen_lengths=torch.full((3,), 4.0, dtype=torch.float64, device=DEVICE),
+                   rejected_lengths=torch.full((3,), 5.0, dtype=torch.float64, device=DEVICE))
+    for loss_type in ("sft", ["sigmoid", "sft"]):
+        with pytest.raises(ValueError, match="loss_type 'sft' needs nll_loss"):
+            fn(pc, pr, rc, rr, loss_type=loss_type, **lengths)
+    nll = torch.tensor(1.5, dtype=torch.float64, device=DEVICE)
+    out = fn(pc, pr, rc, rr, loss_type="sft", nll_loss=nll, **lengths)
+    assert out.loss.item() == 1.5 and out.nll_loss.item() == 1.5
+    assert torch.equal(out.losses, torch.full((3,), 1.5, dtype=torch.float64, device=DEVICE))
 
 
 def test_dpo_sigmoid_is_the_dpo_formula():

@@ -189,11 +189,49 @@ def test_mpo_weighted_loss_types(backend):
 def test_mpo_on_sequence_logps():
     pc, pr = t([-2.5, -0.4]), t([-1.0, -2.2])
     rc, rr = t([-2.3, -0.45]), t([-0.9, -2.1])
+    nll = -pc.sum() / 5.0  # TRL's sft: plain sums over 4 + 1 chosen tokens -> 0.58 (the fused case above)
     out = ptk.dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type=["sigmoid", "bco_pair", "sft"],
-                       loss_weights=[0.8, 0.2, 1.0], chosen_lengths=t([4.0, 1.0]), rejected_lengths=t([2.0, 3.0]))
+                       loss_weights=[0.8, 0.2, 1.0], nll_loss=nll)
     close(out.loss, 1.4105506789515609)
+    close(out.nll_loss, 0.58)
     with pytest.raises(ValueError, match="loss_weights has 1 entries"):
-        ptk.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+        ptk.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"], loss_weights=[1.0], nll_loss=nll)
+
+
+# TRL 1.16's sft (dpo_trainer.py: -chosen_per_token_logps[shifted chosen mask].mean()) on one pair: the chosen
+# completion's scored tokens -1, -2, -3, -4, the rejected's -0.5. LD-DPO (ld_alpha 0.5, shared length 1) feeds the
+# loss -1 + 0.5 (-9) = -5.5 and -0.5, while TRL's sft stays the unweighted mean 2.5 (-5.5 / 4 would be 1.375).
+SFT_CHOSEN, SFT_REJECTED, SFT_TRL = [-1.0, -2.0, -3.0, -4.0], [-0.5], 2.5
+
+
+@pytest.mark.parametrize("loss_type", ["sft", ["sigmoid", "sft"]])
+def test_sft_needs_nll_loss(loss_type):
+    """dpo_loss takes the sft term from nll_loss only: the (LD-weighted) sums and the lengths cannot give TRL's value
+    in general, so it is required, with lengths or without."""
+    pc, pr = t([-1.0 + 0.5 * -9.0]), t([-0.5])
+    for lengths in ({}, dict(chosen_lengths=t([4.0]), rejected_lengths=t([1.0]))):
+        with pytest.raises(ValueError, match=r"loss_type 'sft' needs nll_loss.*ld_alpha.*shifted completion mask"):
+            ptk.dpo_loss(pc, pr, pc.clone(), pr.clone(), loss_type=loss_type, **lengths)
+    out = ptk.dpo_loss(pc, pr, pc.clone(), pr.clone(), loss_type="sft", nll_loss=t(SFT_TRL),
+                       chosen_lengths=t([5.0]), rejected_lengths=t([2.0]))  # lengths do not enter sft
+    close(out.loss, SFT_TRL)
+    close(out.nll_loss, SFT_TRL)
+    rpo = ptk.dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=BETA, loss_type=["sigmoid", "sft"],
+                       loss_weights=[1.0, 0.5], nll_loss=t(SFT_TRL))
+    close(rpo.loss, math.log(2.0) + 0.5 * SFT_TRL)  # u = 0 with ref = policy
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
+@pytest.mark.parametrize("ld_alpha", [None, 0.5])
+def test_fused_sft_is_trls_unweighted_mean(backend, ld_alpha):
+    """fused_linear_preference_loss computes TRL's sft itself from the tokens: 2.5 with or without LD-DPO."""
+    pol = hidden_for([SFT_CHOSEN, SFT_REJECTED], 4)
+    labels = labels_for([SFT_CHOSEN, SFT_REJECTED], 4)
+    out = ptk.fused_linear_preference_loss(pol, EYE2, labels, ref_chosen_logps=t([-10.0]),
+                                           ref_rejected_logps=t([-0.5]), loss_type="sft", ld_alpha=ld_alpha,
+                                           backend=backend)
+    close(out.loss, SFT_TRL)
+    close(out.chosen_logps, [-10.0 if ld_alpha is None else -5.5])
 
 
 def wpo_case():

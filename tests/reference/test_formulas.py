@@ -99,6 +99,31 @@ def test_gae_on_two_steps():
     assert ret.flatten().tolist() == pytest.approx([1.0, 1.0])
 
 
+def test_sampler_abs_logp_diff_leaves_nan_tokens_out():
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    sampler = t(-1.0, float("nan"), -3.0, float("nan")).view(1, 4)
+    mask = t(1.0, 1.0, 1.0, 0.0).view(1, 4)
+    ratio, m = rl.sampler_importance_weights(old, sampler, mask, mode="token_truncate", clip_max=100.0)
+    # |diff| 1 and 3 over the two scored valid tokens (TRL 1.16: mask & ~isnan); the NaN token's ratio is exp(0)
+    assert m["abs_diff"].item() == 2.0
+    assert ratio.flatten().tolist() == pytest.approx([math.e, 1.0, math.e ** 3, 1.0])
+    assert m["mean"].item() == pytest.approx((math.e + 1.0 + math.e ** 3) / 3)
+    _, m = rl.sampler_importance_weights(old, torch.full_like(sampler, float("nan")), mask, mode="sequence_mask")
+    assert m["abs_diff"].item() == 0.0  # nothing scored: 0, as TRL
+
+
+def test_gmpo_is_the_geometric_mean_of_the_clipped_ratios_and_takes_no_bonus():
+    lp, old = t(-1.0, -1.0).view(1, 2), t(-1.5, -0.5).view(1, 2)  # log-ratios 0.5, -0.5
+    mask = torch.ones(1, 2, dtype=torch.float64)
+    # A > 0: clip from above at 0.4 -> mean(0.4, -0.5) = -0.05, loss -exp(-0.05) A
+    out = rl.grpo_loss(lp, old, t(2.0), mask, loss_type="gmpo", epsilon_low=0.4)
+    assert out.loss.item() == pytest.approx(-2.0 * math.exp(-0.05), rel=1e-15)
+    with pytest.raises(ValueError, match="entropy_coef must be 0"):
+        rl.grpo_loss(lp, old, t(2.0), mask, loss_type="gmpo", entropies=mask, entropy_coef=0.1)
+    with pytest.raises(ValueError, match="off_policy_mask_threshold must be None"):
+        rl.grpo_loss(lp, old, t(2.0), mask, loss_type="gmpo", off_policy_mask_threshold=0.0)
+
+
 def test_dpo_sigmoid_loss_and_rewards():
     out = preference.dpo_loss(t(-1.0), t(-2.0), t(-1.0), t(-1.0), beta=1.0)
     # logits = (pc - pr) - (rc - rr) = 1; loss = -log sigmoid(1)

@@ -144,6 +144,13 @@ def _cross_checks(cfg, names: set, sources) -> None:
     if getattr(cfg, "resume", "") == "latest" and getattr(cfg, "overwrite", False):
         raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
                           "--output-dir, --overwrite starts a new one there")
+    if getattr(cfg, "loss_type", None) == "gmpo":  # TRL 1.16's GMPOTrainer has neither term (grpo_checks.py)
+        if getattr(cfg, "entropy_coef", 0.0):
+            raise ConfigError(f"{where('entropy_coef', sources)}: --loss-type gmpo has no entropy bonus (TRL 1.16's "
+                              "GMPOTrainer); leave it 0")
+        if getattr(cfg, "off_policy_mask_threshold", None) is not None:
+            raise ConfigError(f"{where('off_policy_mask_threshold', sources)}: --loss-type gmpo has no off-policy "
+                              "mask (TRL 1.16's GMPOTrainer); leave it unset")
 
 
 def _warnings(cfg, names: set) -> None:

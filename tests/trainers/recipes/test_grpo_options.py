@@ -29,11 +29,19 @@ def _rollout(model, tok, **options):
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo", "luspo", "vespo", "gmpo"])
 def test_entropy_bonus_is_the_steps_token_mean(model_tok, loss_type):
     """Over the micro-batches of a step the bonus adds -coef x the entropy the step logs (TRL 1.16: a token mean,
-    whatever the loss type's normalizer); every new loss type trains (finite loss, non-zero gradients)."""
+    whatever the loss type's normalizer); every new loss type trains (finite loss, non-zero gradients). GMPO has
+    no entropy bonus in TRL 1.16: the option is refused before training."""
     model, tok = model_tok
     cfg, batches = _rollout(model, tok, loss_type=loss_type)
     loss0, grads0, _, means = step(model, cfg, batches)
     assert torch.isfinite(loss0) and max(g.abs().max() for g in grads0.values()) > 0
+    if loss_type == "gmpo":
+        from ptkernels.trainers.engine.validate import ConfigError, validate_config
+
+        for option, value in (("entropy_coef", 0.05), ("off_policy_mask_threshold", 0.5)):
+            with pytest.raises(ConfigError, match=f"{option.replace('_', '.')}.*gmpo has no"):
+                validate_config(GRPOConfig(**{"loss_type": "gmpo", option: value}))
+        return
     cfg.entropy_coef = 0.05
     loss1, _, _, _ = step(model, cfg, batches)
     torch.testing.assert_close(loss1 - loss0, -0.05 * means["entropy"], atol=1e-10, rtol=1e-8)
