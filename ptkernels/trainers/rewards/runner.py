@@ -52,26 +52,10 @@ def _legacy_unshare(flags):
         pass
 
 
-def _audit_hook(write_roots):
-    """A hook raising PermissionError for sockets, process creation and signals, writes outside ``write_roots``
-    and introspection that could reach the hook. Everything it uses is bound here, at install time."""
-    _type, _str, _bytes, _int, _len, _err = type, str, bytes, int, len, PermissionError
-    wflags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    ok_dir_fd = (None, -1, -100)  # "no dir_fd" as the audit events report it (-100 = AT_FDCWD)
-    deny_exact = frozenset((
-        "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "subprocess.Popen",
-        "os.kill", "os.killpg", "signal.pthread_kill", "os.chdir", "os.chroot", "os.symlink", "os.link",
-        "sys.settrace", "sys.setprofile", "sys._current_frames",
-        "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    ))
-    deny_imports = frozenset(("_posixsubprocess", "ctypes", "_ctypes"))
-    path_events = {  # event -> (indexes of path arguments, indexes of dir_fd arguments)
-        "os.mkdir": ((0,), (2,)), "os.rename": ((0, 1), (2, 3)), "os.remove": ((0,), (1,)),
-        "os.rmdir": ((0,), (1,)), "os.truncate": ((0,), ()), "os.chmod": ((0,), (2,)),
-        "os.chown": ((0,), (3,)), "os.utime": ((0,), (3,)), "os.setxattr": ((0,), ()),
-        "os.removexattr": ((0,), ()), "os.chflags": ((0,), ()), "os.lchflags": ((0,), ()),
-        "os.mkfifo": ((0,), (2,)), "os.mknod": ((0,), (3,)),
-    }
+def _path_checks(write_roots):
+    """The audit hook's two path tests, bound at install time: ``inside(path)`` (under ``write_roots``, resolved
+    lexically from the working directory) and ``native_ok(path)`` (an extension module the interpreter may load)."""
+    _type, _str, _bytes = type, str, bytes
     workdir = write_roots[0]
     roots = tuple(write_roots)
 
@@ -111,6 +95,31 @@ def _audit_hook(write_roots):
             if p.startswith(d):
                 return True
         return False
+
+    return inside, native_ok
+
+
+def _audit_hook(write_roots):
+    """A hook raising PermissionError for sockets, process creation and signals, writes outside ``write_roots``
+    and introspection that could reach the hook. Everything it uses is bound here, at install time."""
+    _type, _str, _bytes, _int, _len, _err = type, str, bytes, int, len, PermissionError
+    wflags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    ok_dir_fd = (None, -1, -100)  # "no dir_fd" as the audit events report it (-100 = AT_FDCWD)
+    deny_exact = frozenset((
+        "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "subprocess.Popen",
+        "os.kill", "os.killpg", "signal.pthread_kill", "os.chdir", "os.chroot", "os.symlink", "os.link",
+        "sys.settrace", "sys.setprofile", "sys._current_frames",
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+    ))
+    deny_imports = frozenset(("_posixsubprocess", "ctypes", "_ctypes"))
+    path_events = {  # event -> (indexes of path arguments, indexes of dir_fd arguments)
+        "os.mkdir": ((0,), (2,)), "os.rename": ((0, 1), (2, 3)), "os.remove": ((0,), (1,)),
+        "os.rmdir": ((0,), (1,)), "os.truncate": ((0,), ()), "os.chmod": ((0,), (2,)),
+        "os.chown": ((0,), (3,)), "os.utime": ((0,), (3,)), "os.setxattr": ((0,), ()),
+        "os.removexattr": ((0,), ()), "os.chflags": ((0,), ()), "os.lchflags": ((0,), ()),
+        "os.mkfifo": ((0,), (2,)), "os.mknod": ((0,), (3,)),
+    }
+    inside, native_ok = _path_checks(write_roots)
 
     def hook(event, args):
         if event in deny_exact or event.startswith("socket.") or event.startswith("ctypes."):
