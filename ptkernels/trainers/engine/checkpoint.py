@@ -473,5 +473,7 @@ def _write_yaml(path: str, data: dict) -> None:
 
 
 def holds_earlier_run(output_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(output_dir, n))
-               for n in ("metrics.jsonl", "checkpoints", "config.json", RUN_FILE))
+    """Whether ``output_dir`` holds something of an earlier run worth keeping: metrics, checkpoints or a model.
+    A run that stopped before its first step (bad data, a reward function that raised at once) leaves only its
+    run.json: nothing to lose, so the next run may start there without --overwrite."""
+    return any(os.path.exists(os.path.join(output_dir, n)) for n in ("metrics.jsonl", "checkpoints", "config.json"))

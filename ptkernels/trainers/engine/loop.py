@@ -231,6 +231,8 @@ class Trainer:
         self.stage = stage
         self.saved = module.saved_models()
         self.config = run_config_dict(cfg, stage)
+        # for save_before_failure: the last step saved, whether a step's update is under way, the RNGs at its start
+        self.last_saved, self.updating, self.saving, self.step_rng = 0, False, False, None
 
     def start(self) -> int:
         """Loads a checkpoint's weights when resuming (the current run's latest complete one: a damaged one is
@@ -303,6 +305,7 @@ class Trainer:
     def step(self, step: int, stop: _StopFlag) -> tuple[dict, int, bool]:
         """Optimizer step ``step``: every micro-batch's forward and backward, clipping, one reduction over the
         processes, the update. Returns the logged row, the tokens seen here and whether any process asked to stop."""
+        self.step_rng = ckpt.rng_state() if self.info.world_size == 1 else None
         micro = self.data.micro_batches(step, self.cfg, self.info)
         # The item count of the whole step over all processes normalizes every micro-batch's loss.
         local_items = sum(self.module.count(b) for b in micro)
@@ -317,6 +320,7 @@ class Trainer:
                                      f"({float(grad_norm)}) is not finite at step {step + 1}; stopping "
                                      f"without saving (the last checkpoint is kept)")
         lr = self.scheduler.get_last_lr()[0]
+        self.updating = True  # from here until the step is counted the state is neither step nor step + 1
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -324,6 +328,23 @@ class Trainer:
         row.update({k: float(packed[1 + i]) / max(total_items, 1.0) for i, k in enumerate(names)})
         row.update({k: float(packed[1 + len(names) + i]) / self.info.world_size for i, k in enumerate(source_names)})
         return row, tokens, float(packed[-1]) > 0
+
+    def save_before_failure(self, step: int, error: Exception) -> None:
+        """Keeps the ``step`` steps done when a step fails (a reward function that raised, a generation error, an
+        evaluation that failed): outside an update the model, the optimizer and the data source hold exactly step
+        ``step``'s state, saved as its checkpoint with the RNGs of the step's start. Not after a non-finite loss
+        (the weights may be its cause), a full disk or a failed save, during an update, or with several processes
+        (the others may be waiting inside a collective)."""
+        if (self.updating or self.saving or step <= self.last_saved or self.info.world_size > 1
+                or isinstance(error, (FloatingPointError, ckpt.DiskFullError))):
+            return
+        try:
+            self.save(step, rng=self.step_rng)
+        except Exception as e:  # the original error is what the user needs to see
+            print(f"ptk {self.stage}: could not save step {step} after the failure: {type(e).__name__}: {e}")
+            return
+        print(f"ptk {self.stage}: step {step + 1} failed ({type(error).__name__}); the {step} steps done are saved in "
+              f"{ckpt.checkpoint_dir(self.cfg.output_dir)} (continue with --resume once it is fixed)")
 
     def accumulate(self, micro: list[dict], norm: float):
         """Forward and backward of each micro-batch (gradients synchronized on the last one); the loss and metric
@@ -364,17 +385,25 @@ class Trainer:
         packed = torch.cat([torch.stack([loss_sum, *[sums[k].reshape(()) for k in names]]), host])
         return names, source_names, all_reduce_sum(packed, self.info).cpu()
 
-    def save(self, step: int, final: bool = False) -> None:
+    def save(self, step: int, final: bool = False, rng: dict | None = None) -> None:
         """A checkpoint of ``step`` (and with ``final`` the output folder's model); a collective: every process.
         The main process writes; whether it succeeded is shared with all, so a full disk stops every process with
-        the same error instead of leaving the others waiting."""
+        the same error instead of leaving the others waiting. ``rng``: the RNG states to record (default: now)."""
+        self.saving = True
+        try:
+            self._save(step, final, rng)
+            self.last_saved = step
+        finally:
+            self.saving = False
+
+    def _save(self, step: int, final: bool, rng: dict | None) -> None:
         # LoRA (every saved model adapted): the checkpoint holds the adapter, so the frozen base is not gathered
         adapter_only = all(adapters.is_adapted(getattr(self.module, attr)) for attr in self.saved.values())
         module_state, optim_state = ckpt.gather_state(self.module, self.optimizer, trainable_only=adapter_only)
         error = None
         if self.info.is_main:
             trainer_state = {"step": step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                             "rng": ckpt.rng_state(), "data": self.data.state_dict(),
+                             "rng": rng or ckpt.rng_state(), "data": self.data.state_dict(),
                              "world_size": self.info.world_size, "run_id": self.run_id, "identity": self.identity,
                              "config": self.config, "changes": self.changes}
             models = {folder: (getattr(self.module, attr), ckpt.substate(module_state, attr))
@@ -454,7 +483,7 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
     t_start = time.perf_counter()
     trainer = Trainer(cfg, module, data, tokenizer, info, stage)
     try:
-        step = start = trainer.start()
+        step = start = trainer.last_saved = trainer.start()
     except BaseException:
         trainer.release()
         raise
@@ -466,11 +495,16 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
         with _StopFlag() as stop:
             while step < cfg.max_steps:
                 t_step = time.perf_counter()
-                row, tokens, stopped = trainer.step(step, stop)
-                row["step_s"] = time.perf_counter() - t_step
-                step, tokens_since = step + 1, tokens_since + tokens
-                if evaluate is not None and eval_steps and (step % eval_steps == 0 or step == cfg.max_steps):
-                    row.update({f"eval_{k}": v for k, v in evaluate().items()})
+                try:
+                    row, tokens, stopped = trainer.step(step, stop)
+                    trainer.updating = False
+                    row["step_s"] = time.perf_counter() - t_step
+                    step, tokens_since = step + 1, tokens_since + tokens
+                    if evaluate is not None and eval_steps and (step % eval_steps == 0 or step == cfg.max_steps):
+                        row.update({f"eval_{k}": v for k, v in evaluate().items()})
+                except Exception as e:
+                    trainer.save_before_failure(step, e)
+                    raise
                 if step % cfg.log_steps == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
                     row["tokens_per_s"] = tokens_since * info.world_size / max(now - t_last, 1e-9)

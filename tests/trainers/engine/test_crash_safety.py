@@ -1,6 +1,6 @@
 """Crash safety of the output folder: a NaN gradient without clipping, a full disk in any writer's words, the models
 in the run identity, --resume into another run's folder, a rollback to an earlier checkpoint, two runs on one
-folder, and a crash between the two renames of a re-saved checkpoint."""
+folder, a crash between the two renames of a re-saved checkpoint, and a step that fails."""
 
 import glob
 import json
@@ -18,6 +18,7 @@ from ptkernels.trainers.engine import loop
 from ptkernels.trainers.engine import resume as resume_mod
 from ptkernels.trainers.engine.config import SFTConfig
 
+from .test_loop import assert_same_weights
 from .test_runs import saved_steps, sft, steps_logged
 
 
@@ -371,3 +372,50 @@ def test_resave_crash_between_the_renames_keeps_the_old_checkpoint(tmp_path, mon
     # an uninterrupted re-save replaces it whole and leaves nothing aside
     assert _save(out, 1) == first
     assert sorted(os.listdir(ckpt.checkpoint_dir(str(out)))) == ["step-000001"]
+
+
+# 8. a step that fails (a reward function that raised, a generation error) keeps the steps done
+
+def test_a_failed_step_saves_the_steps_done_and_resumes_exactly(data_dir, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    sft(data_dir["sft"], straight, "--max-steps", "5", "--seed", "1")
+    out, real_accumulate = tmp_path / "run", loop.Trainer.accumulate
+
+    def accumulate(self, micro, norm):  # step 4 (0-based 3) fails before its update, as a reward function would
+        if self.optimizer.state and self.scheduler.last_epoch == 3:
+            raise RuntimeError("the reward function raised")
+        return real_accumulate(self, micro, norm)
+
+    monkeypatch.setattr(loop.Trainer, "accumulate", accumulate)
+    with pytest.raises(RuntimeError, match="the reward function raised"):
+        sft(data_dir["sft"], out, "--max-steps", "5", "--seed", "1")  # --save-steps 500: no checkpoint yet
+    assert "step 4 failed (RuntimeError); the 3 steps done are saved" in capsys.readouterr().out
+    assert saved_steps(out) == [3] and steps_logged(out) == [1, 2, 3]
+    monkeypatch.undo()
+    sft(data_dir["sft"], out, "--max-steps", "5", "--seed", "1", "--resume")
+    assert_same_weights(straight, out)  # the RNGs of the failed step's start were saved with it
+    assert steps_logged(out) == [1, 2, 3, 4, 5]
+
+
+def test_no_save_after_a_failure_inside_the_update_or_before_the_first_step(data_dir, tmp_path, monkeypatch):
+    out, real_step = tmp_path / "run", torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # the update itself fails at step 3: the weights are neither step 2's nor 3's
+        if self.state and next(iter(self.state.values()))["step"] >= 2:
+            raise RuntimeError("failed inside the update")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(RuntimeError, match="inside the update"):
+        sft(data_dir["sft"], out, "--max-steps", "5", "--seed", "1")
+    assert saved_steps(out) == [] and steps_logged(out) == [1, 2]
+    monkeypatch.undo()
+    # a run that failed before its first step leaves nothing worth keeping: the next run may use the folder
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(loop.Trainer, "accumulate", lambda *a: (_ for _ in ()).throw(RuntimeError("at once")))
+    with pytest.raises(RuntimeError, match="at once"):
+        sft(data_dir["sft"], fresh, "--max-steps", "2")
+    monkeypatch.undo()
+    assert saved_steps(fresh) == [] and not (fresh / "metrics.jsonl").exists()
+    sft(data_dir["sft"], fresh, "--max-steps", "2")  # no --overwrite needed
+    assert saved_steps(fresh) == [2]
