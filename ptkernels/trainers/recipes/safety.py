@@ -195,12 +195,7 @@ def run(cfg: SafetyConfig) -> dict:
     # Stage one (SL-CAI): answer, critique against a sampled principle, revise; SFT on the revisions.
     answers = engine.generate(prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False)).texts
     del engine  # a vLLM engine's memory back before training
-    sl_rows = []
-    for row, answer in zip(train_rows, answers):
-        principle = rng.choice(principles)
-        critique, revision = judge.critique_and_revise(row, answer, principle)
-        sl_rows.append({"prompt": row.data["prompt"], "completion": _completion(row.data["prompt"], revision),
-                        "initial": answer, "principle": principle, "critique": critique})
+    sl_rows = _sl_cai_rows(train_rows, answers, judge, principles, rng)
     sl_path = write_jsonl(sl_rows, os.path.join(cfg.output_dir, "sl_cai_data.jsonl"))
     from . import dpo, sft
 
@@ -244,6 +239,25 @@ def run(cfg: SafetyConfig) -> dict:
         json.dump(report, f, indent=2)
     print(f"ptk safety: {json.dumps(report)}")
     return report
+
+
+def _sl_cai_rows(train_rows: list[Row], answers: list[str], judge, principles: list[str], rng) -> list[dict]:
+    """Stage one's SFT rows: each answer critiqued against a sampled principle and revised; a blank answer revised
+    to nothing is left out (it would be a row with nothing to train on)."""
+    sl_rows = []
+    for row, answer in zip(train_rows, answers):
+        principle = rng.choice(principles)
+        critique, revision = judge.critique_and_revise(row, answer, principle)
+        if not revision.strip():
+            continue
+        sl_rows.append({"prompt": row.data["prompt"], "completion": _completion(row.data["prompt"], revision),
+                        "initial": answer, "principle": principle, "critique": critique})
+    if not sl_rows:
+        raise ValueError("ptk safety: every answer and its revision was blank; no SL-CAI demonstrations to train on "
+                         "(the policy or the judge writes nothing: check --model / --judge and --max-new-tokens)")
+    if len(sl_rows) < len(train_rows):
+        print(f"ptk safety: {len(train_rows) - len(sl_rows)} blank revisions left out of the SL-CAI data")
+    return sl_rows
 
 
 def _completion(prompt, text: str):

@@ -92,3 +92,22 @@ def test_training_options_reach_both_stages_and_resume_continues_them(world, bas
         assert steps == [1, 2, 3], stage
     with pytest.raises(ValueError, match="--resume takes no folder"):
         ptk([*args, "--resume", str(out / "checkpoints" / "step-000001")])
+
+
+def test_blank_revisions_are_left_out_of_the_sl_cai_data(capsys):
+    """A policy (or self-judge) that writes only whitespace must not produce rows the SFT stage then refuses."""
+    import random
+
+    from ptkernels.trainers.data.rows import Row
+    from ptkernels.trainers.recipes.safety import _sl_cai_rows
+
+    class Judge:
+        def critique_and_revise(self, row, answer, principle):
+            return "critique", answer.strip()  # a revision that keeps the answer, blank when the answer is
+
+    rows = [Row({"prompt": [{"role": "user", "content": f"q{i}"}]}, f"d:{i}") for i in range(3)]
+    kept = _sl_cai_rows(rows, ["fine", "   ", "ok"], Judge(), ["be kind"], random.Random(0))
+    assert [r["completion"][0]["content"] for r in kept] == ["fine", "ok"]
+    assert "1 blank revisions left out" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="every answer and its revision was blank"):
+        _sl_cai_rows(rows, [" ", "\n", ""], Judge(), ["be kind"], random.Random(0))
