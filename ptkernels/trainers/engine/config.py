@@ -388,6 +388,23 @@ def _coerce(value, kind, key: str, where: str):
     return float(value) if kind is float else tuple(value) if kind is tuple else value
 
 
+# The options that are comma-separated lists: in a --config file each may be a YAML list (TRL's GRPOConfig writes
+# reward_funcs and reward_weights so), joined here into the comma-separated string the option holds.
+COMMA_LISTS = ("lora_target_modules", "lora_modules_to_save", "loss_type", "loss_weights", "reward_funcs",
+               "reward_weights", "verifier", "vllm_server")
+
+
+def _joined(value, key: str, where: str):
+    """A YAML list given for a comma-list option, as its comma-separated string (other values as they are)."""
+    if str(key).replace("-", "_") not in COMMA_LISTS or not isinstance(value, (list, tuple)):
+        return value
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ValueError(f"{where}: option {key!r} takes a list of names or numbers (or one comma-separated "
+                             f"string), got the item {v!r}")
+    return ",".join(str(v).strip() for v in value)
+
+
 def _first_line(doc: str | None) -> str:
     return doc.strip().splitlines()[0] if doc and doc.strip() else ""
 
@@ -457,6 +474,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> 
             if name not in actions:
                 raise ValueError(f"{path}: unknown option {key!r} for {parser.prog} (see {parser.prog} --help)")
             action = actions[name]
+            value = _joined(value, key, path)
             if action.type is not None and value is not None and not isinstance(value, bool):
                 value = action.type(value)
             if action.choices and value not in action.choices:
@@ -500,6 +518,7 @@ def parse_config(cls, argv: list[str], prog: str = "ptk", check_output_dir: bool
                 raise ValueError(f"{args.config}: unknown option {key!r} for {prog} (see {prog} --help)")
             # null: an optional option (``float | None``) left unset, as run_config.yaml writes it
             optional = type(None) in typing.get_args(typing.get_type_hints(cls)[name])
+            value = _joined(value, key, args.config)
             if value is not None or not optional:
                 value = _coerce(value, _field_type(cls, names[name]), key, args.config)
             choices = names[name].metadata.get("choices")

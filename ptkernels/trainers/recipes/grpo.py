@@ -20,6 +20,7 @@ score (all return None) gets advantage 0.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -28,14 +29,15 @@ import ptkernels as ptk
 from ..data.rows import Row, load_data, load_rows, validate_rows
 from ..data.tokenization import encode_all, encode_prompt, encode_sft
 from ..engine.config import GRPOConfig, parse_config
-from ..engine.distributed import init_distributed, shutdown
-from ..engine.loop import TrainResult, train
+from ..engine.distributed import all_reduce_sum, init_distributed, shutdown
+from ..engine.loop import TrainResult, steps_for_epochs, train
 from ..lora import load_policy
 from ..modeling import TrainingModule, head_inputs, hidden_states, load_reference, reference_scope
-from ..rewards.reward_funcs import RewardFuncs, auto_verifier, check_rows
+from ..rewards.reward_funcs import RewardFuncs, auto_verifier, check_rows, make_trainer_state
 from ..rollout.mismatch import correction_kwargs, mismatch_metrics, sampler_logps_rows
 from ..rollout.onpolicy import (
     PTX,
+    TIME_METRICS,
     OnPolicySource,
     build_rollout_engine,
     check_rollout_options,
@@ -107,12 +109,60 @@ def make_rewards(cfg: GRPOConfig, rows: list[Row]) -> RewardFuncs:
 
 def reward_tensor(reward: RewardFuncs, scored) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rewards ``group_advantages`` takes, NaN where unscorable: ``[N]``, or with several reward functions the
-    ``[N, functions]`` matrix and their weights (TRL: --multi-objective-aggregation acts on it)."""
+    ``[N, functions]`` matrix and their weights (TRL: --multi-objective-aggregation acts on it). Column k is
+    function k's rewards (``Scored.per_func``, by position: two functions of one name are two columns)."""
     names = reward.names() if hasattr(reward, "names") else []
     if len(names) <= 1:
         return torch.tensor([float("nan") if r is None else r for r, _ in scored], dtype=torch.float32), None
-    matrix = [[parts.get(n, float("nan")) for n in names] for _, parts in scored]
+    nan = float("nan")
+    matrix = [[nan if v is None else v for v in s.per_func] if hasattr(s, "per_func") else
+              [s[1].get(n, nan) for n in names] for s in scored]
     return torch.tensor(matrix, dtype=torch.float32), torch.tensor(reward.weights, dtype=torch.float32)
+
+
+def rollout_state(source: OnPolicySource, index: int):
+    """TRL's ``trainer_state`` for the reward functions of rollout ``index``: ``global_step`` (the optimizer
+    steps done before it), ``max_steps``, ``epoch`` (the passes over the prompts so far) and the run's step
+    options."""
+    cfg, info = source.cfg, source.info
+    per = cfg.prompts_per_step * info.world_size * (2 if getattr(cfg, "dynamic_sampling", False) else 1)
+    max_steps = steps_for_epochs(cfg, source, info) if getattr(cfg, "num_epochs", 0) > 0 else cfg.max_steps
+    rows = max(len(source.rows), 1)
+    return make_trainer_state(
+        global_step=index * source.steps_per_rollout, max_steps=max_steps, epoch=index * per / rows,
+        num_train_epochs=math.ceil(max_steps / source.steps_per_rollout * per / rows),
+        logging_steps=cfg.log_steps, save_steps=cfg.save_steps, eval_steps=getattr(cfg, "eval_steps", 0),
+        train_batch_size=cfg.batch_size, is_local_process_zero=info.local_rank == 0,
+        is_world_process_zero=info.is_main)
+
+
+# the names of a logged row that are not a rollout's: the loop's, the losses' (GRPO's, PPO's) and the timings
+STEP_METRICS = ("step", "loss", "lr", "grad_norm", "items", "step_s", "tokens_per_s", "kl", "clip_ratio",
+                "entropy", "ptx_nll", "policy_loss", "value_loss", "policy_clip_frac", "value_clip_frac", "approx_kl",
+                *TIME_METRICS)
+
+
+def logged_metrics(reward, info, taken) -> dict[str, float]:
+    """The reward functions' ``log_metric`` values of this rollout, each name's mean over every process's values
+    (TRL 1.16); a collective under torchrun. A name the row already has (``taken``, or a step metric) is an
+    error: it would replace that metric."""
+    logged = reward.pop_logged() if hasattr(reward, "pop_logged") else {}
+    names = sorted(logged)
+    if info.enabled:
+        import torch.distributed as dist
+
+        every = [None] * info.world_size
+        dist.all_gather_object(every, names)
+        names = sorted({n for ns in every for n in ns})
+    if not names:
+        return {}
+    clash = [n for n in names if n in taken or n in STEP_METRICS or n.startswith("eval_")]
+    if clash:
+        raise ValueError(f"log_metric: a reward function logged {clash[0]!r}, the name of one of the run's own "
+                         "metrics; give it another name")
+    stats = torch.tensor([[sum(logged.get(n, [])), len(logged.get(n, []))] for n in names], dtype=torch.float64)
+    stats = all_reduce_sum(stats.reshape(-1), info).reshape(-1, 2)
+    return {n: float(total / max(count, 1)) for n, (total, count) in zip(names, stats.tolist())}
 
 
 def group_mean(values: list[float]) -> float:
@@ -130,7 +180,9 @@ class GRPORollouts(OnPolicySource):
         cfg = self.cfg
         rows, prompts, out = self.sample(index, cfg.num_generations, 2 if cfg.dynamic_sampling else 1)
         if hasattr(self.reward, "score"):  # RewardFuncs: TRL-style functions called once on the whole rollout
-            scored = self.reward.score(rows, out.texts, out.completion_ids)  # None: unscorable
+            self.reward.pop_logged()  # log_metric values from before this rollout (an evaluation's): not its own
+            scored = self.reward.score(rows, out.texts, out.completion_ids,  # None: unscorable
+                                       trainer_state=rollout_state(self, index))
         else:  # a plain (text, row) -> (reward, parts) function
             scored = [self.reward(text, row) for text, row in zip(out.texts, rows)]
         sampled = scored, [len(c) for c in out.completion_ids], out.finished  # all of them, for the metrics
@@ -180,6 +232,7 @@ class GRPORollouts(OnPolicySource):
         metrics["trained_rows"] = len(keep) / len(prompts)
         if sampler is not None:
             metrics.update(mismatch)
+        metrics.update(logged_metrics(self.reward, self.info, metrics))
         return split_parts(batch, parts), metrics
 
     def greedy_baseline(self, rows, prompts) -> torch.Tensor:

@@ -41,6 +41,7 @@ from ..rollout.mismatch import correction_kwargs, mismatch_metrics, sampler_logp
 from ..rollout.onpolicy import OnPolicySource, build_rollout_engine, check_rollout_options, split_rows
 from ..rollout.scoring import completion_batch
 from .eval_data import training_evaluator
+from .grpo import logged_metrics, rollout_state
 
 
 def token_values(critic, batch: dict) -> torch.Tensor:
@@ -95,7 +96,9 @@ class PPORollouts(OnPolicySource):
         self.critic.train(was_training)
         if self.reward_funcs is not None:
             # TRL-style functions; a completion none of them can score (all None) is left out of the loss
-            scored = self.reward_funcs.score(rows, out.texts, out.completion_ids)
+            self.reward_funcs.pop_logged()  # log_metric values from before this rollout (an evaluation's)
+            scored = self.reward_funcs.score(rows, out.texts, out.completion_ids,
+                                             trainer_state=rollout_state(self, index))
             scorable = torch.tensor([r is not None for r, _ in scored])
             scores = torch.tensor([0.0 if r is None else r for r, _ in scored], dtype=torch.float32)
             mask = batch["completion_mask"] = batch["completion_mask"] * scorable[:, None].to(mask.dtype)
@@ -129,6 +132,8 @@ class PPORollouts(OnPolicySource):
         if sampler is not None:
             metrics.update(mismatch_metrics(old_logps, sampler, mask, cfg.vllm_importance_sampling_clip_min,
                                             cfg.vllm_importance_sampling_clip_max))
+        if self.reward_funcs is not None:  # the functions' log_metric values
+            metrics.update(logged_metrics(self.reward_funcs, self.info, metrics))
         return self.minibatches(batch, index), metrics
 
     def minibatches(self, batch: dict, index: int) -> list[list[dict]]:

@@ -2,17 +2,26 @@
 
 A reward function is called once per rollout as TRL's ``GRPOTrainer`` calls its ``reward_funcs``::
 
-    fn(prompts=[...], completions=[...], completion_ids=[[...], ...], **row_fields) -> list[float | None]
+    fn(prompts=[...], completions=[...], completion_ids=[[...], ...], trainer_state=..., log_extra=...,
+       log_metric=..., **row_fields) -> list[float | None]   (or a 1-D numpy array / torch tensor)
 
-one entry per completion; each data field other than the prompt comes as a list over the batch (``answer=[...]``,
-``None`` where a row lacks it). A completion is a string, or ``[{"role": "assistant", "content": ...}]`` when the
-prompt is a conversation. ``None`` means "cannot score this one" (TRL's convention): the weighted sum skips it,
-and a completion that no function scores is unscorable (GRPO gives it advantage 0, PPO leaves it out of the loss).
+one entry per completion; each data field other than ``prompt``, ``completion`` and ``completion_ids`` comes as a
+list over the batch (``answer=[...]``, ``None`` where a row lacks it). A completion is a string, or
+``[{"role": "assistant", "content": ...}]`` when the prompt is a conversation. ``None`` (or NaN, as in TRL) means
+"cannot score this one": the weighted sum skips it, and a completion that no function scores is unscorable (GRPO
+gives it advantage 0, PPO leaves it out of the loss). ``trainer_state`` is a ``transformers.TrainerState``
+(``global_step``: the optimizer steps done before this rollout, ``max_steps``, ``epoch``), ``log_metric(name,
+value)`` adds ``name`` (its mean over the rollout) to metrics.jsonl, and ``log_extra(column, values)`` is accepted
+(TRL's completions-table columns; ptk keeps no such table). A function gets only the arguments its signature
+names, unless it takes ``**kwargs``. ``async def`` functions run concurrently on an event loop in a daemon
+thread, after the others (as TRL 1.16 runs them). Each function is keyed by its position: two functions of the
+same name are two columns of GRPO's reward matrix, logged as ``reward_<name>`` and ``reward_<name>_2``.
 
 ``--reward-funcs`` is a comma-separated list of:
     math, format, exact, fact, code, row   the built-in verifiers (``rewards.verifiers``; ``row``: each row's
                                            ``verifier`` field)
-    my_module:my_fn, path/to/file.py:fn    a Python function (the module is imported from the working directory)
+    my_module:my_fn, path/to/file.py:fn    a Python function (the module is imported from the working directory; a
+                                           file with its folder on ``sys.path``, as Python runs a script)
     path/to/folder                         a reward model (``AutoModelForSequenceClassification`` with one output,
                                            e.g. from ``ptk reward``), scoring prompt + completion as text
 with ``--reward-weights`` (one per function; default 1 each). Functions run in the trainer's process: they are the
@@ -21,22 +30,31 @@ user's own code, as in TRL; the built-in ``code`` verifier runs model output onl
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import importlib
 import importlib.util
 import inspect
 import math as _math
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .gold import GOLD_FIELDS, final_gold_answer, has_gold
 from .verifiers import VERIFIERS, get_verifier, parse_number
 
-__all__ = ["RewardFuncs", "builtin_reward", "load_reward_func", "check_rows", "auto_verifier", "required_fields"]
+__all__ = ["RewardFuncs", "builtin_reward", "load_reward_func", "check_rows", "auto_verifier", "required_fields",
+           "make_trainer_state"]
 
-# the arguments every reward function is given, which are not data fields
-CALL_ARGS = ("prompts", "completions", "completion_ids", "trainer_state")
+# the arguments every reward function is given (TRL 1.16's _calculate_rewards), which are not data fields
+CALL_ARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+# the data columns that are not passed (TRL's rule: the prompt, the data set's own completion and completion_ids)
+NOT_PASSED = ("prompt", "completion", "completion_ids")
+# a data column of one of these names would reach a user function twice (TRL: "got multiple values for keyword
+# argument") or be replaced by the trainer's object: refused before any model loads
+RESERVED_COLUMNS = tuple(a for a in CALL_ARGS if a not in NOT_PASSED)
 
 
 class RewardSpecError(ValueError):
@@ -88,7 +106,13 @@ def check_rows(rows, funcs: RewardFuncs) -> None:
     otherwise. Called before any model loads."""
     from ..data.rows import DataError
 
+    user = next((f for f in funcs.funcs if f.kind == "function"), None)
     for row in rows:
+        clash = [k for k in RESERVED_COLUMNS if k in row.data] if user is not None else []
+        if clash:
+            raise DataError(f"{row.source}: the data column {clash[0]!r} has the name of an argument every reward "
+                            f"function is given ({', '.join(CALL_ARGS)}), so the reward {user.name!r} cannot get "
+                            f"it: rename the column")
         for f in funcs.funcs:
             missing = None
             if f.kind == "builtin":
@@ -154,18 +178,15 @@ def builtin_reward(name: str, *, unsafe_code_sandbox: bool = False) -> Callable:
 
 
 def load_reward_func(spec: str) -> Callable:
-    """``module:fn`` (imported with the working directory on the path) or ``file.py:fn``."""
+    """``module:fn`` (imported with the working directory on the path) or ``file.py:fn`` (imported with the
+    file's folder first on the path, as Python runs a script, so that it imports the modules beside it; the folder
+    stays on the path, last, for the imports the function makes when it runs)."""
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
         raise RewardSpecError(f"--reward-funcs: {spec!r} is not a verifier name, a folder or module:function")
     try:
         if target.endswith(".py"):
-            if not os.path.isfile(target):
-                raise RewardSpecError(f"--reward-funcs: no such file {target!r} (in {spec!r})")
-            name = "ptk_reward_" + os.path.splitext(os.path.basename(target))[0]
-            module_spec = importlib.util.spec_from_file_location(name, target)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            module = _import_file(target, spec)
         else:
             if os.getcwd() not in sys.path and "" not in sys.path:  # the `ptk` script does not put it there
                 sys.path.append(os.getcwd())
@@ -176,6 +197,32 @@ def load_reward_func(spec: str) -> Callable:
     if not callable(fn):
         raise RewardSpecError(f"--reward-funcs: {target!r} has no function {attr!r} (in {spec!r})")
     return fn
+
+
+def _import_file(target: str, spec: str):
+    if not os.path.isfile(target):
+        raise RewardSpecError(f"--reward-funcs: no such file {target!r} (in {spec!r})")
+    path = os.path.abspath(target)
+    folder = os.path.dirname(path)
+    base = "ptk_reward_" + os.path.splitext(os.path.basename(path))[0]
+    for name, loaded in list(sys.modules.items()):  # imported already (another function of the same file)
+        if name.startswith(base) and os.path.abspath(getattr(loaded, "__file__", None) or "") == path:
+            return loaded
+    name = _label(base, set(sys.modules))  # another folder's file of the same name: base_2, ...
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, folder)
+    sys.modules[name] = module  # as an import does: dataclasses and pickle look the module up there
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        sys.path.remove(folder)  # the first occurrence: the one inserted above
+        if folder not in sys.path:
+            sys.path.append(folder)
+    return module
 
 
 class RewardModelFunc:
@@ -214,12 +261,75 @@ class RewardModelFunc:
 class _Func:
     def __init__(self, name: str, fn: Callable, kind: str, parts: Sequence[str] = ()):
         self.name, self.fn, self.kind, self.parts = name, fn, kind, list(parts)
+        self.label = name  # its metric name, unique among the functions (see _label)
+
+    @property
+    def params(self) -> set[str] | None:
+        """The keyword arguments the function takes; None when it takes ``**kwargs`` (or has no signature)."""
+        try:
+            params = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind == p.VAR_KEYWORD for p in params):
+            return None
+        return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+class Scored(tuple):
+    """One completion's ``(reward or None, {function label: its reward})``, with ``per_func``: each function's
+    reward by position (None where it did not score)."""
+
+    def __new__(cls, reward, parts: dict, per_func: list):
+        self = super().__new__(cls, (reward, parts))
+        self.per_func = per_func
+        return self
+
+
+def make_trainer_state(**fields):
+    """TRL's ``trainer_state`` argument: a ``transformers.TrainerState`` with ``fields`` (global_step, max_steps,
+    epoch, ...)."""
+    from transformers import TrainerState
+
+    return TrainerState(**fields)
+
+
+def is_async_callable(fn) -> bool:
+    """TRL's test: an ``async def`` function, a partial of one, or an object whose ``__call__`` is one."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or (callable(fn) and inspect.iscoroutinefunction(type(fn).__call__))
+
+
+_ASYNC_LOOP: list = []  # the event loop async reward functions run on (in a daemon thread), started on first use
+
+
+def _run_async(calls: list[tuple[Callable, dict]]) -> list:
+    """The results of the async ``fn(**kwargs)`` calls, run concurrently (``asyncio.gather``) on one event loop in
+    a daemon thread that lives as long as the process (TRL 1.16's way: a client made by a function stays usable)."""
+    if not _ASYNC_LOOP:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        threading.Thread(target=run, name="ptk-reward-funcs-async", daemon=True).start()
+        ready.wait()
+        _ASYNC_LOOP.append(loop)
+
+    async def gather():
+        return await asyncio.gather(*(fn(**kwargs) for fn, kwargs in calls))
+
+    return asyncio.run_coroutine_threadsafe(gather(), _ASYNC_LOOP[0]).result()
 
 
 class RewardFuncs:
     """Weighted reward functions: ``score(rows, completions, completion_ids)`` -> per completion ``(reward or
-    None, {function name: its reward})``. The reward is the weighted sum over the functions that scored the
-    completion (TRL's nansum); None when none did."""
+    None, {function label: its reward})`` (a ``Scored``, with each function's reward by position in ``per_func``).
+    The reward is the weighted sum over the functions that scored the completion (TRL's nansum); None when none
+    did."""
 
     def __init__(self, specs: str | Sequence[str], weights: str | Sequence[float] | None = None, *,
                  trust_remote_code: bool = False, device="cpu", unsafe_code_sandbox: bool = False):
@@ -227,15 +337,14 @@ class RewardFuncs:
             specs = [s.strip() for s in specs.split(",") if s.strip()]
         if not specs:
             raise RewardSpecError("--reward-funcs is empty")
-        self.funcs = []
+        funcs = []
         for s in specs:
             if s in VERIFIERS or s == "row":
-                self.funcs.append(_Func(s, builtin_reward(s, unsafe_code_sandbox=unsafe_code_sandbox), "builtin",
-                                        [s]))
+                funcs.append(_Func(s, builtin_reward(s, unsafe_code_sandbox=unsafe_code_sandbox), "builtin", [s]))
             elif os.path.isdir(s):
-                self.funcs.append(_Func(s, None, "model"))  # loaded by load_models(), after the data checks
+                funcs.append(_Func(s, None, "model"))  # loaded by load_models(), after the data checks
             elif ":" in s:
-                self.funcs.append(_Func(s, load_reward_func(s), "function"))
+                funcs.append(_Func(s, load_reward_func(s), "function"))
             else:
                 raise RewardSpecError(f"--reward-funcs: {s!r} is not a verifier ({', '.join(sorted(VERIFIERS))}, "
                                       "row), a reward model folder or module:function")
@@ -244,14 +353,24 @@ class RewardFuncs:
                 weights = [float(w) for w in weights.split(",") if w.strip()]
             except ValueError as e:
                 raise RewardSpecError(f"--reward-weights: {e}") from None
-        self.weights = [1.0] * len(self.funcs) if not weights else [float(w) for w in weights]
+        self._setup(funcs, [1.0] * len(funcs) if not weights else [float(w) for w in weights], unsafe_code_sandbox)
         if len(self.weights) != len(self.funcs):
             raise RewardSpecError(f"--reward-weights: {len(self.weights)} weights for {len(self.funcs)} reward "
                                   "functions")
         if not all(_math.isfinite(w) for w in self.weights):
             raise RewardSpecError(f"--reward-weights must be finite, got {self.weights}")
-        self.trust_remote_code, self.device, self.unsafe = trust_remote_code, device, unsafe_code_sandbox
+        self.trust_remote_code, self.device = trust_remote_code, device
+
+    def _setup(self, funcs: list[_Func], weights: list[float], unsafe: bool) -> None:
+        self.funcs, self.weights, self.unsafe = funcs, weights, unsafe
+        self.trust_remote_code, self.device = False, "cpu"
         self.parts_of_spec = []
+        self.trainer_state = None  # the last one given to score(): what an evaluation between rollouts sees
+        self.logged: dict[str, list[float]] = {}  # log_metric's values since pop_logged()
+        taken = {"std"}  # reward_std is a metric of its own
+        for f in funcs:
+            f.label = _label(_short(f), taken)
+            taken.add(f.label)
 
     @classmethod
     def from_verifier(cls, spec: str, *, unsafe_code_sandbox: bool = False) -> RewardFuncs:
@@ -260,9 +379,8 @@ class RewardFuncs:
         self = cls.__new__(cls)
         if spec != "row":
             get_verifier(spec)  # an unknown name fails here, before anything loads
-        self.funcs = [_Func(spec, builtin_reward(spec, unsafe_code_sandbox=unsafe_code_sandbox), "builtin", parts)]
-        self.weights, self.trust_remote_code, self.device = [1.0], False, "cpu"
-        self.unsafe = unsafe_code_sandbox
+        self._setup([_Func(spec, builtin_reward(spec, unsafe_code_sandbox=unsafe_code_sandbox), "builtin", parts)],
+                    [1.0], unsafe_code_sandbox)
         self.parts_of_spec = parts if len(parts) > 1 else []
         return self
 
@@ -284,36 +402,82 @@ class RewardFuncs:
                 f.fn = RewardModelFunc(f.name, trust_remote_code=self.trust_remote_code, device=device)
 
     def names(self) -> list[str]:
-        return [_short(f) for f in self.funcs]
+        """Each function's metric name, in order (unique: a clash gets ``_2``, ``_3``, ...)."""
+        return [f.label for f in self.funcs]
 
-    def score(self, rows, completions: list, completion_ids: list[list[int]] | None = None):
-        """Per completion: (weighted reward or None, {name: reward of each function that scored it})."""
+    def log_metric(self, name: str, value: float) -> None:
+        """TRL's ``log_metric`` argument: ``value`` joins metric ``name`` (its mean over the rollout is logged)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"log_metric: the metric name must be a non-empty string, got {name!r}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"log_metric({name!r}, ...): the value must be a number, got {value!r}") from None
+        self.logged.setdefault(name, []).append(value)
+
+    def log_extra(self, column: str, values: list) -> None:
+        """TRL's ``log_extra`` argument (columns of its completions table): accepted; ptk keeps no such table."""
+
+    def pop_logged(self) -> dict[str, list[float]]:
+        """The values given to ``log_metric`` since the last call, by name."""
+        logged, self.logged = self.logged, {}
+        return logged
+
+    def score(self, rows, completions: list, completion_ids: list[list[int]] | None = None, trainer_state=None):
+        """Per completion: (weighted reward or None, {label: reward of each function that scored it}), as a
+        ``Scored``. ``trainer_state``: what the functions get as ``trainer_state`` (kept for the next calls)."""
+        if trainer_state is not None:
+            self.trainer_state = trainer_state
+        elif self.trainer_state is None:
+            self.trainer_state = make_trainer_state()
         prompts = [r.data.get("prompt") for r in rows]
-        keys = sorted({k for r in rows for k in r.data} - {"prompt", "completion", "completion_ids"})
+        keys = sorted({k for r in rows for k in r.data} - set(NOT_PASSED))
         fields = {k: [r.data.get(k) for r in rows] for k in keys}
         if any(isinstance(p, list) for p in prompts):  # TRL: conversational completions are message lists
             completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]
-        per_func = []
-        for f in self.funcs:
-            values = f.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **fields)
-            per_func.append(_checked(values, len(completions), f.name))
-        out = []
-        for i in range(len(completions)):
-            parts, total, any_scored = {}, 0.0, False
-            for f, w, values in zip(self.funcs, self.weights, per_func):
-                if values[i] is not None:
-                    # with --verifier row alone, each row's reward is logged under its verifier's name
-                    alone_row = f.kind == "builtin" and f.name == "row" and len(self.funcs) == 1
-                    name = rows[i].data.get("verifier", "row") if alone_row else _short(f)
-                    parts[name] = values[i]
-                    total += w * values[i]
-                    any_scored = True
-            if len(self.funcs) == 1 and self.parts_of_spec:  # --verifier math,format
-                row = rows[i].data
-                text = _text(completions[i])
-                parts = {n: get_verifier(n, unsafe_code_sandbox=self.unsafe)(text, row) for n in self.parts_of_spec}
-            out.append((total if any_scored else None, parts))
+        per_func = self._call(prompts, completions, completion_ids, fields)
+        return [self._combine(i, rows, completions, [values[i] for values in per_func])
+                for i in range(len(completions))]
+
+    def _call(self, prompts, completions, completion_ids, fields) -> list[list]:
+        """Each function's checked rewards, by position: the synchronous ones in order, then the async ones
+        together (TRL 1.16). A user function gets the arguments its signature takes (all with ``**kwargs``)."""
+        n = len(completions)
+        given = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids}
+        data = {k: v for k, v in fields.items() if k not in CALL_ARGS}
+        extras = {"trainer_state": self.trainer_state, "log_extra": self.log_extra, "log_metric": self.log_metric}
+        out, pending = [None] * len(self.funcs), []
+        for i, f in enumerate(self.funcs):
+            if f.kind != "function":  # ours: the data fields only
+                out[i] = _checked(f.fn(**given, **data), n, f.name)
+                continue
+            kwargs = {**fields, **given, **extras}
+            params = f.params
+            if params is not None:
+                kwargs = {k: v for k, v in kwargs.items() if k in params}
+            if is_async_callable(f.fn):
+                pending.append((i, f, kwargs))
+            else:
+                out[i] = _checked(f.fn(**kwargs), n, f.name)
+        if pending:
+            results = _run_async([(f.fn, kwargs) for _, f, kwargs in pending])
+            for (i, f, _), values in zip(pending, results):
+                out[i] = _checked(values, n, f.name)
         return out
+
+    def _combine(self, i: int, rows, completions, values: list) -> Scored:
+        parts, total, any_scored = {}, 0.0, False
+        for f, w, v in zip(self.funcs, self.weights, values):
+            if v is not None:
+                # with --verifier row alone, each row's reward is logged under its verifier's name
+                alone_row = f.kind == "builtin" and f.name == "row" and len(self.funcs) == 1
+                parts[rows[i].data.get("verifier", "row") if alone_row else f.label] = v
+                total += w * v
+                any_scored = True
+        if len(self.funcs) == 1 and self.parts_of_spec:  # --verifier math,format
+            row, text = rows[i].data, _text(completions[i])
+            parts = {n: get_verifier(n, unsafe_code_sandbox=self.unsafe)(text, row) for n in self.parts_of_spec}
+        return Scored(total if any_scored else None, parts, values)
 
 
 def _short(f: _Func) -> str:
@@ -324,7 +488,24 @@ def _short(f: _Func) -> str:
     return f.name
 
 
+def _label(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... when another function (or a metric) has it."""
+    label, k = name, 1
+    while label in taken:
+        k += 1
+        label = f"{name}_{k}"
+    return label
+
+
 def _checked(values, n: int, name: str) -> list:
+    """A function's rewards as floats or None: a list or tuple, or a 1-D numpy array / torch tensor (TRL accepts
+    both); NaN is None (TRL's NaN is its None)."""
+    shape = getattr(values, "shape", None)
+    if shape is not None and hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
+        if len(shape) != 1:
+            raise ValueError(f"reward function {name!r} must return {n} rewards, got an array of shape "
+                             f"{tuple(shape)}")
+        values = values.tolist()
     if not isinstance(values, (list, tuple)) or len(values) != n:
         got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
         raise ValueError(f"reward function {name!r} must return a list of {n} floats or None, got {got}")
@@ -337,8 +518,10 @@ def _checked(values, n: int, name: str) -> list:
             v = float(v)
         except (TypeError, ValueError):
             raise ValueError(f"reward function {name!r} returned {v!r}; expected a float or None") from None
-        if not _math.isfinite(v):
-            raise ValueError(f"reward function {name!r} returned {v}; return None for a completion it cannot "
-                             "score")
+        if _math.isnan(v):
+            v = None
+        elif not _math.isfinite(v):
+            raise ValueError(f"reward function {name!r} returned {v}; return None (or NaN) for a completion it "
+                             "cannot score")
         out.append(v)
     return out

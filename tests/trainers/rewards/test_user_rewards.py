@@ -3,6 +3,7 @@ TRL's signature, in GRPO and PPO: every row checked before any model loads, None
 
 import json
 import math
+import sys
 import textwrap
 
 import pytest
@@ -113,8 +114,10 @@ def test_user_function_with_trl_signature(user_module):
     assert "needs_answer" not in scored[1][1]
     import my_rewards
 
-    # prompts and completion_ids as TRL gives them, and the data fields, each a list over the batch
-    assert my_rewards.calls[-1] == ["answer", "completion_ids", "extra", "prompts"]
+    # prompts, completion_ids, trainer_state, log_extra and log_metric as TRL 1.16 gives them, and the data fields,
+    # each a list over the batch
+    assert my_rewards.calls[-1] == ["answer", "completion_ids", "extra", "log_extra", "log_metric", "prompts",
+                                    "trainer_state"]
     assert RewardFuncs("my_rewards:only_none").score(rows, ["a", "b"]) == [(None, {}), (None, {})]
 
 
@@ -151,6 +154,208 @@ def test_unscorable_completions_get_advantage_zero():
     matrix, weights = reward_tensor(two, [(1.5, {"math": 1.0, "format": 1.0}), (0.5, {"format": 1.0})])
     torch.testing.assert_close(weights, torch.tensor([1.0, 0.5]))
     assert matrix[0].tolist() == [1.0, 1.0] and torch.isnan(matrix[1, 0]) and matrix[1, 1] == 1.0
+
+
+# ------------------------------------------------------------- TRL 1.16's calling convention, case by case
+def write_module(folder, name, source):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(textwrap.dedent(source))
+    return folder / f"{name}.py"
+
+
+@pytest.fixture
+def rewards_dir(tmp_path, monkeypatch):
+    """A folder on the path for the tests' reward modules; sys.path restored after (file imports add folders)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_two_functions_of_one_name_are_two_columns(rewards_dir):
+    """pkg.a:score and pkg.b:score: before, both columns of the [N, functions] matrix held b's values (the matrix was
+    built from a dict by name) and one metric was logged. TRL: one column per function, by position."""
+    pkg = rewards_dir / "same_name_pkg"
+    write_module(pkg, "__init__", "")
+    write_module(pkg, "a", "def score(completions, **kw):\n    return [1.0] * len(completions)\n")
+    write_module(pkg, "b", "def score(completions, **kw):\n    return [float(i) for i in range(len(completions))]\n")
+    funcs = RewardFuncs("same_name_pkg.a:score,same_name_pkg.b:score", "1,0")
+    assert funcs.names() == ["score", "score_2"]
+    scored = funcs.score(rows_of(*[{"prompt": "p"}] * 4), ["a", "b", "c", "d"])
+    assert [r for r, _ in scored] == [1.0] * 4  # weight 0 on b
+    assert [parts for _, parts in scored][3] == {"score": 1.0, "score_2": 3.0}
+    matrix, weights = reward_tensor(funcs, scored)
+    assert matrix.tolist() == [[1.0, 0.0], [1.0, 1.0], [1.0, 2.0], [1.0, 3.0]]
+    # a's column is constant and b weighs 0: every advantage is 0, as in TRL (before: b's 0..3 drove them)
+    assert torch.all(ptk.group_advantages(matrix, group_size=4, reward_weights=weights) == 0)
+    # two reward-model folders of one name (checkpoints/step-000002 of two runs), and a function named 'std'
+    # (reward_std is a metric of its own)
+    for run in ("run1", "run2"):
+        (rewards_dir / run / "checkpoints" / "step-000002").mkdir(parents=True)
+    write_module(rewards_dir, "std_rewards", "def std(completions, **kw):\n    return [0.0] * len(completions)\n")
+    models = RewardFuncs(f"run1/checkpoints/step-000002,{rewards_dir}/run2/checkpoints/step-000002/,std_rewards:std")
+    assert models.names() == ["step-000002", "step-000002_2", "std_2"]
+
+
+def test_return_types_trl_accepts(rewards_dir):
+    """TRL 1.16 turns the returned values into a tensor after mapping None to NaN: a numpy array or a torch tensor
+    works, and NaN is "cannot score" as None is (some_nan: rewards/some_nan/mean 1.0 over [0, nan, 2, nan])."""
+    write_module(rewards_dir, "returns_mod", """
+        import numpy as np
+        import torch
+
+        def np_array(completions, **kw):
+            return np.arange(len(completions), dtype=np.float32)
+
+        def tensor(completions, **kw):
+            return torch.arange(len(completions), dtype=torch.float32) * 2
+
+        def some_nan(completions, **kw):
+            return [float("nan") if i % 2 else float(i) for i in range(len(completions))]
+
+        def two_d(completions, **kw):
+            return np.zeros((len(completions), 1))
+
+        def infinite(completions, **kw):
+            return [float("inf")] * len(completions)
+    """)
+    rows = rows_of(*[{"prompt": "p"}] * 4)
+    funcs = RewardFuncs("returns_mod:np_array,returns_mod:tensor,returns_mod:some_nan")
+    scored = funcs.score(rows, ["a", "b", "c", "d"])
+    assert [s.per_func for s in scored] == [[0.0, 0.0, 0.0], [1.0, 2.0, None], [2.0, 4.0, 2.0], [3.0, 6.0, None]]
+    assert [r for r, _ in scored] == [0.0, 3.0, 8.0, 9.0]
+    assert "some_nan" not in scored[1][1]
+    nan_only = RewardFuncs("returns_mod:some_nan").score(rows, ["a", "b", "c", "d"])
+    assert [r for r, _ in nan_only] == [0.0, None, 2.0, None]  # NaN alone: unscorable, as None
+    with pytest.raises(ValueError, match=r"'returns_mod:two_d' must return 4 rewards, got an array of shape"):
+        RewardFuncs("returns_mod:two_d").score(rows, ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match=r"'returns_mod:infinite' returned inf"):
+        RewardFuncs("returns_mod:infinite").score(rows, ["a", "b", "c", "d"])
+
+
+def test_async_functions_run_concurrently_after_the_others(rewards_dir):
+    """TRL 1.16 runs async reward functions (async def, a partial of one, an object with an async __call__)
+    together with asyncio.gather on an event loop in a daemon thread, after the synchronous ones. ping waits for
+    pong and pong for ping: run one after the other, they would time out."""
+    write_module(rewards_dir, "async_mod", """
+        import asyncio
+        import functools
+
+        order, events = [], {}
+
+        def event(name):
+            return events.setdefault(name, asyncio.Event())
+
+        async def meet(me, other, completions, **kw):
+            order.append(me)
+            event(me).set()
+            await asyncio.wait_for(event(other).wait(), 10)
+            return [0.5] * len(completions)
+
+        async def ping(completions, **kw):
+            return await meet("ping", "pong", completions)
+
+        pong = functools.partial(meet, "pong", "ping")
+
+        class Judge:
+            async def __call__(self, completions, **kw):
+                order.append("judge")
+                return [1.0] * len(completions)
+
+        judge = Judge()
+
+        def sync(completions, **kw):
+            order.append("sync")
+            return [2.0] * len(completions)
+    """)
+    import async_mod
+
+    funcs = RewardFuncs("async_mod:ping,async_mod:pong,async_mod:judge,async_mod:sync")
+    scored = funcs.score(rows_of({"prompt": "p"}, {"prompt": "q"}), ["a", "b"])
+    assert [s.per_func for s in scored] == [[0.5, 0.5, 1.0, 2.0]] * 2 and scored[0][0] == 4.0
+    assert async_mod.order[0] == "sync" and sorted(async_mod.order[1:]) == ["judge", "ping", "pong"]
+    assert funcs.score(rows_of({"prompt": "p"}), ["a"])[0][0] == 4.0  # the same loop serves the next rollout
+
+
+def test_extra_arguments_and_functions_without_kwargs(rewards_dir):
+    """TRL 1.16 passes trainer_state (its TrainerState), log_extra and log_metric; a function without **kwargs
+    gets only the arguments it names (the data fields among them)."""
+    write_module(rewards_dir, "args_mod", """
+        seen = {}
+
+        def named_only(completions, answer):
+            seen["named_only"] = answer
+            return [float(a == "7") for a in answer]
+
+        def state(completions, trainer_state, log_metric, log_extra):
+            seen["state"] = (trainer_state.global_step, trainer_state.max_steps, trainer_state.epoch)
+            log_metric("my_metric", 2.0)
+            log_metric("my_metric", 4)
+            log_extra("judge_notes", ["ok"] * len(completions))
+            return [0.0] * len(completions)
+    """)
+    import args_mod
+
+    from ptkernels.trainers.rewards.reward_funcs import make_trainer_state
+
+    funcs = RewardFuncs("args_mod:named_only,args_mod:state")
+    rows = rows_of({"prompt": "p", "answer": "7", "other": 1}, {"prompt": "q", "answer": "8", "other": 2})
+    scored = funcs.score(rows, ["a", "b"], [[1], [2]],
+                         trainer_state=make_trainer_state(global_step=3, max_steps=10, epoch=0.5))
+    assert [r for r, _ in scored] == [1.0, 0.0]
+    assert args_mod.seen == {"named_only": ["7", "8"], "state": (3, 10, 0.5)}
+    assert funcs.pop_logged() == {"my_metric": [2.0, 4.0]} and funcs.pop_logged() == {}
+    funcs.score(rows, ["a", "b"])  # e.g. an evaluation between rollouts: the last state given
+    assert args_mod.seen["state"] == (3, 10, 0.5)
+
+
+def test_a_data_column_named_like_an_argument(rewards_dir):
+    """A column 'completions' (or prompts, trainer_state, log_extra, log_metric) cannot reach a user function: it
+    crashed the first rollout with "got multiple values for keyword argument" after the model loaded. Now an error
+    naming the column and file:line, before any model loads; the built-in verifiers, which never read it, score
+    the rows; a 'completion_ids' column is not passed (TRL's rule), so it is no clash."""
+    write_module(rewards_dir, "col_mod", "def f(completions, **kw):\n    return [1.0] * len(completions)\n")
+    rows = rows_of({"prompt": "p", "answer": "4"}, {"prompt": "p", "answer": "4", "completions": "x"})
+    with pytest.raises(DataError, match=r"data\.jsonl:2: the data column 'completions' has the name of an argument "
+                                        r".* the reward 'col_mod:f' cannot get it: rename the column"):
+        check_rows(rows, RewardFuncs("math,col_mod:f"))
+    check_rows(rows, RewardFuncs.from_verifier("math"))
+    assert [r for r, _ in RewardFuncs.from_verifier("math").score(rows, ["4", "4"])] == [1.0, 1.0]
+    with pytest.raises(DataError, match=r"data\.jsonl:1: the data column 'trainer_state'"):
+        check_rows(rows_of({"prompt": "p", "trainer_state": 1}), RewardFuncs("col_mod:f"))
+    ids_rows = rows_of({"prompt": "p", "completion_ids": [9]})
+    check_rows(ids_rows, RewardFuncs("col_mod:f"))
+    assert RewardFuncs("col_mod:f").score(ids_rows, ["a"], [[1, 2]])[0][0] == 1.0
+
+
+def test_a_file_imports_the_modules_beside_it(rewards_dir, monkeypatch):
+    """path/to/file.py:fn imports with the file's folder on sys.path, as Python runs a script: `from helpers import
+    bonus` finds the helpers.py beside it (before: "No module named ..."), also when the function imports it
+    lazily; two files of one name in two folders are two modules."""
+    for folder, value in (("one", 1.0), ("two", 2.0)):
+        write_module(rewards_dir / folder, f"bonus_helper_{folder}", f"def bonus():\n    return {value}\n")
+        write_module(rewards_dir / folder, "rewards_with_helper", f"""
+            from dataclasses import dataclass
+            from bonus_helper_{folder} import bonus
+
+            @dataclass
+            class Config:  # needs the module in sys.modules
+                scale: float = 1.0
+
+            def fn(completions, **kw):
+                return [bonus() * Config().scale] * len(completions)
+
+            def lazy(completions, **kw):
+                import bonus_helper_{folder}
+                return [bonus_helper_{folder}.bonus()] * len(completions)
+        """)
+    elsewhere = rewards_dir / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    funcs = RewardFuncs("../one/rewards_with_helper.py:fn,../two/rewards_with_helper.py:fn,"
+                        "../two/rewards_with_helper.py:lazy")
+    assert funcs.score(rows_of({"prompt": "p"}), ["a"])[0][1] == {"fn": 1.0, "fn_2": 2.0, "lazy": 2.0}
+    assert sys.path[0] != str(rewards_dir / "one")  # left on the path last, not first
 
 
 # ------------------------------------------------------------------------------------------------ end to end
