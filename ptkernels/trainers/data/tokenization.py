@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..engine.distributed import DistInfo
 
 IGNORE_INDEX = -100
-TRUNCATIONS = ("left", "drop")
+TRUNCATIONS = ("left", "keep_end", "keep_start", "drop")  # keep_end is left under TRL's name
 
 
 @dataclass
@@ -198,8 +198,10 @@ def _finish(ids: list[int], labels: list[int], max_length: int, truncation: str)
     if len(ids) > max_length:
         if truncation == "drop":
             return None
-        # drop from the start (the prompt first), keeping the end of the answer
-        ids, labels = ids[-max_length:], labels[-max_length:]
+        if truncation == "keep_start":  # TRL 1.16's default: the end goes, the answer's first
+            ids, labels = ids[:max_length], labels[:max_length]
+        else:  # drop from the start (the prompt first), keeping the end of the answer
+            ids, labels = ids[-max_length:], labels[-max_length:]
     # the label at position 0 is never a target (position t predicts labels[t + 1])
     if all(label == IGNORE_INDEX for label in labels[1:]):
         return None

@@ -55,8 +55,9 @@ class TrainConfig:
     min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr * min_lr_ratio")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
     max_length: int = option(512, "tokens per sequence (prompt + completion)")
-    truncation: str = option("left", "too-long examples: 'left' drops tokens from the start, 'drop' skips them",
-                             choices=("left", "drop"))
+    truncation: str = option("left", "too-long examples: 'left' (or TRL's name 'keep_end') drops tokens from the "
+                             "start, keeping the answer; 'keep_start' (TRL 1.16's default) drops the end; 'drop' "
+                             "skips them", choices=("left", "keep_end", "keep_start", "drop"))
     seed: int = option(0, "seed for the model init (tiny), data order and sampling")
     precision: str = option("auto", "'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32' or 'bf16'",
                             choices=("auto", "fp32", "bf16"))

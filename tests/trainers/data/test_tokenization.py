@@ -216,6 +216,16 @@ def test_truncation_drop_and_nothing_left(tok):
         assert (encode_sft(no_answer, tok, max_length=cut_to, assistant_only_loss=True) is not None) is left
 
 
+def test_truncation_keep_start_and_keep_end(tok):
+    """TRL's names: keep_start (its default) keeps the first tokens, keep_end is ptk's left."""
+    row = Row({"prompt": "Tell me a long story about numbers and letters " * 3, "completion": " It is four."}, "x")
+    full = encode_sft(row, tok, max_length=10_000)
+    start = encode_sft(row, tok, max_length=len(full.input_ids) - 2, truncation="keep_start")
+    assert start.input_ids == full.input_ids[:-2] and start.labels == full.labels[:-2]
+    assert encode_sft(row, tok, max_length=20, truncation="keep_end") == encode_sft(row, tok, max_length=20)
+    assert encode_sft(row, tok, max_length=20, truncation="keep_start") is None  # only prompt left: nothing trained
+
+
 def test_truncation_argument_is_checked(tok):
     with pytest.raises(ValueError, match="truncation"):
         encode_sft(Row({"text": "a"}, "x"), tok, max_length=8, truncation="right")
