@@ -146,7 +146,20 @@ def load_policy(cfg, *, task: str = "CAUSAL_LM", name: str | None = None, seed: 
     if cfg.lora:
         options = cfg if name == cfg.model else _with_model(cfg, name)
         model = add_adapter(model, options, task=task)
+    if getattr(cfg, "disable_dropout", False):
+        disable_dropout(model)
     return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of ``model`` off, LoRA's own too (called after the adapter, as TRL does): ``nn.Dropout``
+    modules (TRL's ``disable_dropout_in_model``) and the attention dropout Llama-style attention modules apply
+    as a function (``attention_dropout``), which that misses."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def _with_model(cfg, name: str):

@@ -37,6 +37,11 @@ def option(default, help: str, **kw):
 OUTPUT_HELP = "where the model, metrics.jsonl and checkpoints/ go"
 
 
+DROPOUT_HELP = ("every dropout probability set to 0 after loading (TRL 1.16's disable_dropout; its default, on for "
+                "DPO, KTO, CPO/ORPO and reward models, where dropout would make the policy differ from its reference "
+                "at step 1, off for SFT, GRPO and PPO)")
+
+
 @dataclass
 class TrainConfig:
     """Options every stage shares."""
@@ -73,6 +78,7 @@ class TrainConfig:
     backend: str = option("auto", "ptkernels backend for the fused losses",
                           choices=("auto", "torch", "triton", "native", "reference"))
     trust_remote_code: bool = option(False, "allow model code from the model folder (off: only built-in classes)")
+    disable_dropout: bool = option(False, DROPOUT_HELP)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     tensorboard: bool = option(False, "also log to TensorBoard (output_dir/tensorboard) when it is installed")
     progress: bool = option(True, "show a tqdm progress bar")
@@ -129,6 +135,7 @@ class RewardConfig(TrainConfig):
     lr: float = option(1e-4, "peak learning rate (AdamW)")
     center_rewards_coefficient: float = option(0.0, "adds coef * (r_chosen + r_rejected)^2 (Eisenstein et al.)")
     margin_field: str = option("margin", "data field with a per-pair margin subtracted inside the sigmoid, if present")
+    disable_dropout: bool = option(True, DROPOUT_HELP)
 
 
 @dataclass
@@ -136,6 +143,7 @@ class PreferenceConfig(TrainConfig):
     """What the preference stages share (DPO, ORPO, SimPO; CPO through --loss-type with --reference-free)."""
 
     lr: float = option(5e-5, "peak learning rate (AdamW)")
+    disable_dropout: bool = option(True, DROPOUT_HELP)
     beta: float = option(0.1, "inverse temperature of the implicit reward")
     loss_type: str = option("sigmoid", "DPO family, TRL 1.16's types: sigmoid, hinge, ipo, exo_pair, nca_pair, "
                             "robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
@@ -194,6 +202,7 @@ class KTOConfig(TrainConfig):
 
     output_dir: str = option("runs/kto", OUTPUT_HELP)
     lr: float = option(5e-5, "peak learning rate (AdamW)")
+    disable_dropout: bool = option(True, DROPOUT_HELP)
     beta: float = option(0.1, "inverse temperature of the implicit reward")
     desirable_weight: float = option(1.0, "weight of desirable (label=true) examples")
     undesirable_weight: float = option(1.0, "weight of undesirable (label=false) examples")
