@@ -291,6 +291,30 @@ def token_logps(model, batch: dict, backend: str = "auto", temperature: float = 
 
 
 
+def packing_keeps_documents_apart(model) -> tuple[bool, float]:
+    """Whether ``model`` keeps the documents of a packed row apart (``pack``: restarting position ids, no attention
+    mask) and by how much a second document's log-probs move when packed behind a first: Transformers derives the
+    block-diagonal mask from the position ids for most architectures, but not for all (OPT, Bloom, MPT, BioGPT,
+    XGLM, hybrid state-space models: measured), so it is tried once on two short random documents."""
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab, (n,), generator=gen).to(device) for n in (5, 6))
+    positions = torch.cat([torch.arange(5), torch.arange(6)]).to(device)[None]
+    was_training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False)
+            alone = model(input_ids=second[None], use_cache=False)
+    finally:
+        model.train(was_training)
+    moved = float((torch.log_softmax(packed.logits[0, 5:].float(), -1)
+                   - torch.log_softmax(alone.logits[0].float(), -1)).abs().max())
+    exact = next(model.parameters()).dtype in (torch.float32, torch.float64)
+    return moved <= (1e-3 if exact else 5e-2), moved  # apart: rounding (< 1e-5 in fp32); not apart: 0.3-5
+
+
 # ------------------------------------------------------------------------------------------------ loss modules
 
 

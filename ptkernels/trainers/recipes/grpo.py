@@ -34,6 +34,7 @@ from ..engine.loop import TrainResult, steps_for_epochs, train
 from ..lora import load_policy
 from ..modeling import TrainingModule, head_inputs, hidden_states, load_reference, reference_scope
 from ..rewards.reward_funcs import RewardFuncs, auto_verifier, check_rows, make_trainer_state
+from ..rollout.kv_cache import cache_rows_selectable
 from ..rollout.mismatch import correction_kwargs, mismatch_metrics, sampler_logps_rows
 from ..rollout.onpolicy import (
     PTX,
@@ -278,6 +279,15 @@ class GRPOLoss(TrainingModule):
     def __init__(self, model, cfg: GRPOConfig):
         super().__init__(model)
         self.cfg = cfg
+        self._prompt_shared: bool | None = None  # --share-prompt works on this model's cache (decided once)
+
+    def _shares_prompt(self) -> bool:
+        if self._prompt_shared is None:
+            self._prompt_shared = cache_rows_selectable(self.model)
+            if not self._prompt_shared:
+                print(f"ptk grpo: {type(self.model).__name__}'s cache cannot repeat rows (linear-attention or "
+                      "state-space layers): training on whole rows (--no-share-prompt), same loss")
+        return self._prompt_shared
 
     def count(self, batch: dict) -> float:
         """The micro-batch's items (completion tokens, or rows), scaled up by the rows its rollout left out."""
@@ -294,7 +304,7 @@ class GRPOLoss(TrainingModule):
         """(hidden, targets, mask, old_logps, ref_logps, sampler_logps): per completion token, the hidden state
         that predicts it. With --share-prompt each distinct prompt runs once for its group (``shared_prompt``),
         else whole rows."""
-        if self.cfg.share_prompt and "prompt_lengths" in batch:
+        if self.cfg.share_prompt and "prompt_lengths" in batch and self._shares_prompt():
             view = completion_hidden_states(self.model, batch)
             return (view.hidden, view.targets, view.mask, view.gather(batch.get("old_logps")),
                     view.gather(batch.get("ref_logps")), view.gather(batch.get("sampler_logps")))

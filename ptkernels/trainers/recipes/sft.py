@@ -15,7 +15,7 @@ from ..engine.config import SFTConfig, parse_config
 from ..engine.distributed import init_distributed, shutdown
 from ..engine.loop import Dataset, TrainResult, train
 from ..lora import load_policy
-from ..modeling import CausalLMLoss
+from ..modeling import CausalLMLoss, packing_keeps_documents_apart
 
 SFT_FORMATS = ("text", "messages", "prompt_completion")
 
@@ -31,6 +31,11 @@ def run(cfg: SFTConfig) -> TrainResult:
                                                           completion_only_loss=cfg.completion_only_loss),
                               "examples", info)
         if cfg.packing:
+            apart, moved = packing_keeps_documents_apart(model)
+            if not apart:
+                raise ValueError(f"--packing: {type(model).__name__} does not keep packed examples apart (it ignores "
+                                 f"the restarting position ids; a packed example's log-probs moved by {moved:.2g}): "
+                                 "run without --packing")
             examples = pack(examples, cfg.max_length)
         data = Dataset(examples, lambda ex: collate(ex, tokenizer.pad_token_id), cfg.seed)
         return train(cfg, CausalLMLoss(model, cfg.backend), data, tokenizer, info, stage="sft")

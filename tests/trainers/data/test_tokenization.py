@@ -406,3 +406,27 @@ def test_packed_rows_give_the_same_logprobs_as_separate_documents(tok, attn):
     # the second row, one document then padding, matches too
     n = len(examples[0].input_ids)
     torch.testing.assert_close(got[1, :n - 1], logprobs(torch.tensor([examples[0].input_ids]))[0], atol=1e-5, rtol=0)
+
+
+def test_packing_probe_refuses_models_that_let_packed_examples_meet(tok, tmp_path, data_dir):
+    """OPT's attention ignores restarting position ids (measured: a packed example's log-probs move by ~3): the
+    probe finds it and ptk sft --packing stops before training; Llama keeps packed examples apart."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from ptkernels.cli import main as ptk
+    from ptkernels.trainers.modeling import load_causal_lm, packing_keeps_documents_apart, save_pretrained
+
+    apart, moved = packing_keeps_documents_apart(load_causal_lm("tiny", seed=0)[0])
+    assert apart and moved < 1e-4
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                   num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id))
+    apart, moved = packing_keeps_documents_apart(opt)
+    assert not apart and moved > 1e-2
+    save_pretrained(opt, tok, str(tmp_path / "opt"))
+    with pytest.raises(ValueError, match="--packing: OPTForCausalLM does not keep packed examples apart"):
+        ptk(["sft", "--model", str(tmp_path / "opt"), "--data", data_dir["sft"], "--output-dir", str(tmp_path / "o"),
+             "--packing", "--max-steps", "1", "--no-progress"])
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

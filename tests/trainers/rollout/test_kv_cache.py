@@ -142,3 +142,47 @@ def test_top_p_samples_only_the_nucleus_in_proportion():
     drawn = next_tokens(logits, SamplingConfig(top_p=0.75))
     freq = torch.bincount(drawn, minlength=4).double() / len(drawn)
     torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0], dtype=torch.float64), atol=0.012, rtol=0)
+
+
+def _hybrid_folder(folder):
+    """A tiny Qwen3-Next (linear-attention and full-attention layers) saved with the shipped tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ptkernels.trainers.data.tiny_tokenizer import load_tiny_tokenizer
+    from ptkernels.trainers.modeling import save_pretrained
+
+    tok = load_tiny_tokenizer()
+    cfg = AutoConfig.for_model("qwen3_next", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                               linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                               linear_value_head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                               num_experts=2, num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"],
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    save_pretrained(AutoModelForCausalLM.from_config(cfg), tok, str(folder))
+    return str(folder)
+
+
+def test_hybrid_models_sample_with_generate_and_train_on_whole_rows(tmp_path, capsys):
+    """A hybrid model's cache cannot repeat or drop rows: the KV-cache engine hands it to model.generate and GRPO's
+    --share-prompt trains on whole rows, each saying so, instead of failing (Qwen3-Next, Jamba, Falcon-H1)."""
+    import json
+
+    from ptkernels.cli import main as ptk
+    from ptkernels.trainers.modeling import load_causal_lm
+    from ptkernels.trainers.rollout.kv_cache import cache_rows_selectable
+
+    from ..conftest import write_jsonl
+
+    folder = _hybrid_folder(tmp_path / "hybrid")
+    assert cache_rows_selectable(load_causal_lm("tiny", seed=0)[0])
+    assert not cache_rows_selectable(load_causal_lm(folder)[0])
+    data = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"What is {k}+{k}?", "answer": str(2 * k)} for k in range(4)])
+    out = tmp_path / "grpo"
+    assert ptk(["grpo", "--model", folder, "--data", data, "--output-dir", str(out), "--no-progress", "--max-length",
+                "48", "--max-new-tokens", "4", "--batch-size", "8", "--prompts-per-step", "2", "--num-generations", "4",
+                "--max-steps", "1", "--save-steps", "0", "--verifier", "math"]) == 0
+    text = capsys.readouterr().out
+    assert "sampling with model.generate" in text and "training on whole rows" in text
+    assert all(map(lambda r: r["loss"] == r["loss"], map(json.loads, open(out / "metrics.jsonl"))))
