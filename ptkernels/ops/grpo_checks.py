@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from ..reference.grpo import check_gmpo_options
 from ..types import COV_LOSS_TYPES, IS_LEVELS, LOSS_TYPES
 from .backends.base import GRPO_KINDS, GRPOParams
 from .core.checks import check_float, check_same
@@ -48,20 +49,6 @@ def check_grpo_options(*, beta, epsilon_low, epsilon_high, delta, loss_type, imp
                       tau_pos=float(sapo_temperature_pos), tau_neg=float(sapo_temperature_neg))
 
 
-def check_gmpo_options(loss_type, entropy_coef, off_policy_mask_threshold) -> None:
-    """TRL 1.16's ``GMPOTrainer._compute_loss`` has no entropy bonus and no off-policy sequence mask (it reads
-    neither ``entropy_coef`` nor ``off_policy_mask_threshold``): refuse them for ``loss_type="gmpo"`` rather than
-    compute a loss TRL does not define (its sampler correction is refused in ``check_weight_options``)."""
-    if loss_type != "gmpo":
-        return
-    if entropy_coef != 0.0:
-        raise ValueError(f"loss_type='gmpo' has no entropy bonus (TRL 1.16's GMPOTrainer): entropy_coef must be 0, "
-                         f"got {entropy_coef}")
-    if off_policy_mask_threshold is not None:
-        raise ValueError("loss_type='gmpo' has no off-policy sequence mask (TRL 1.16's GMPOTrainer): "
-                         f"off_policy_mask_threshold must be None, got {off_policy_mask_threshold}")
-
-
 def check_weight_options(*, loss_type, sampler_logps, vllm_importance_sampling_mode,
                          vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max,
                          off_policy_mask_threshold, top_entropy_quantile, entropy_coef, vespo) -> WeightOptions:
@@ -69,7 +56,8 @@ def check_weight_options(*, loss_type, sampler_logps, vllm_importance_sampling_m
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
     if not math.isfinite(entropy_coef):
         raise ValueError(f"entropy_coef must be finite, got {entropy_coef}")
-    check_gmpo_options(loss_type, entropy_coef, off_policy_mask_threshold)
+    # TRL 1.16's GMPOTrainer has no entropy bonus or off-policy mask: the reference's check, the spec's words
+    check_gmpo_options(loss_type, entropy_coef, off_policy_mask_threshold, None)
     is_mode = None
     if sampler_logps is not None:
         check_is_mode(vllm_importance_sampling_mode)

@@ -66,7 +66,7 @@ def top_entropy_mask(entropies: torch.Tensor, m: torch.Tensor, quantile: float) 
 def entropy_terms(loss, entropies, m, emask, entropy_coef: float):
     """(loss minus the entropy bonus, mean entropy) for given per-token ``entropies`` (None: (loss, None)):
     ``loss - coef * sum(H m e) / max(sum(m e), 1)`` (e the top-entropy mask or 1; TRL 1.16's GRPOTrainer, every
-    loss type but gmpo: ``grpo_checks.check_gmpo_options`` refuses a non-zero coef there, as TRL's GMPOTrainer has no
+    loss type but gmpo: ``reference.grpo.check_gmpo_options`` refuses a non-zero coef there, as TRL's GMPOTrainer has no
     bonus)."""
     if entropies is None:
         return loss, None
