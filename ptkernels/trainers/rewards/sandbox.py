@@ -34,6 +34,7 @@ docs/sandbox.md.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import grp
 import json
@@ -114,11 +115,14 @@ def _id_in_use(uid: int) -> bool:
 
 
 def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, 0)  # close-on-exec off only for what Popen passes (pass_fds)
+    """An anonymous file holding ``data``, sealed: nobody can write, grow or shrink it any more (a child could
+    otherwise reopen it writable through /proc/self/fd, whatever the descriptor it got, and grow our copy)."""
+    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING)  # close-on-exec off only for what Popen passes (pass_fds)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
     return fd
 
 
@@ -208,7 +212,10 @@ def _collect(proc: subprocess.Popen, pipes: dict, caps: dict, uid: int | None, t
                     _kill_group(proc.pid, uid)  # a straggler holding our pipes open must not keep us waiting
             elif exited_at is not None and now - exited_at > 1.0:
                 break
-            for key, _ in sel.select(timeout=min(deadline - now, 0.05)):
+            ready = sel.select(timeout=min(deadline - now, 0.05))
+            if ready:  # let output pile up between reads: a child writing one byte at a time must not cost a
+                time.sleep(0.002)  # wakeup of this process (and the GIL) per byte
+            for key, _ in ready:
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)

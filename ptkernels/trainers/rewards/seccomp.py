@@ -28,8 +28,10 @@ __all__ = ["DENIED", "DENIED_CLONE_FLAGS", "REQUIRED_CLONE_FLAGS", "filter_progr
 # io_uring, userfaultfd, handles that bypass path permissions, process fds, clock and host settings. Then what
 # holds kernel memory that neither RLIMIT_AS nor the tmpfs cap counts (extended attributes on the tmpfs, System V
 # message queues and semaphores, POSIX message queues) or uses a quota the whole host or user shares (the
-# asynchronous I/O contexts of fs.aio-max-nr, inotify instances): native code loaded from the tmpfs reaches any
-# call left open, so this list, not the audit hook, is what bounds it.
+# asynchronous I/O contexts of fs.aio-max-nr, inotify instances), or pins memory outside the address space
+# (pages spliced into pipes: vmsplice of a huge page kept 2 MiB per 4 KiB; socket buffers, up to net.core.wmem_max
+# each): native code loaded from the tmpfs reaches any call left open, so this list, not the audit hook, is what
+# bounds it. fcntl(F_SETPIPE_SZ) is refused too (pipes keep their 64 KiB; 1 MiB each filled ~28 MiB at 64 files).
 DENIED = (
     "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "kcmp",
     "pidfd_open", "pidfd_send_signal", "pidfd_getfd",
@@ -45,7 +47,9 @@ DENIED = (
     "fork", "vfork", "memfd_create", "memfd_secret", "shmget",
     "setxattr", "lsetxattr", "fsetxattr", "setxattrat", "msgget", "semget", "mq_open",
     "io_setup", "inotify_init", "inotify_init1",
+    "vmsplice", "splice", "tee", "socket", "socketpair",
 )
+F_SETPIPE_SZ = 1031  # fcntl's command (linux/fcntl.h: F_LINUX_SPECIFIC_BASE + 7)
 # clone() may not make namespaces: NEWNS NEWCGROUP NEWUTS NEWIPC NEWUSER NEWPID NEWNET.
 DENIED_CLONE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 # ... and it must make a thread (CLONE_THREAD), not a process.
@@ -66,6 +70,7 @@ _X86_64 = {  # from asm/unistd_64.h (tests compare this table with the header wh
     "fork": 57, "vfork": 58, "memfd_create": 319, "memfd_secret": 447, "shmget": 29,
     "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "setxattrat": 463, "msgget": 68, "semget": 64,
     "mq_open": 240, "io_setup": 206, "inotify_init": 253, "inotify_init1": 294,
+    "vmsplice": 278, "splice": 275, "tee": 276, "socket": 41, "socketpair": 53, "fcntl": 72,
     "clone": 56, "clone3": 435,
 }
 _ARCHES = {"x86_64": (0xC000003E, _X86_64, 0x40000000)}  # machine -> (AUDIT_ARCH, table, x32 syscall bit)
@@ -74,7 +79,7 @@ _ARCHES = {"x86_64": (0xC000003E, _X86_64, 0x40000000)}  # machine -> (AUDIT_ARC
 _LD_ABS_W, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _RET_KILL_PROCESS, _RET_ERRNO, _RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
 _EPERM, _ENOSYS = 1, 38
-_NR, _ARCH, _ARG0_LO = 0, 4, 16  # offsets in struct seccomp_data (little-endian: low word of args[0] first)
+_NR, _ARCH, _ARG0_LO, _ARG1_LO = 0, 4, 16, 24  # offsets in struct seccomp_data (little-endian: low words first)
 
 
 def syscall_numbers(machine: str | None = None) -> dict[str, int] | None:
@@ -97,6 +102,7 @@ def filter_program(machine: str | None = None) -> bytes | None:
         (_JGE, "kill", None, abi_bit),
         (_JEQ, "clone", None, table["clone"]),
         (_JEQ, "enosys", None, table["clone3"]),
+        (_JEQ, "fcntl", None, table["fcntl"]),
     ]
     prog += [(_JEQ, "deny", None, table[name]) for name in DENIED]
     labels = {"allow": len(prog)}
@@ -105,6 +111,10 @@ def filter_program(machine: str | None = None) -> bytes | None:
     prog += [(_LD_ABS_W, None, None, _ARG0_LO), (_JSET, "deny", None, DENIED_CLONE_FLAGS),
              (_JSET, "allow_clone", "deny", REQUIRED_CLONE_FLAGS)]
     labels["allow_clone"] = len(prog)
+    prog.append((_RET, None, None, _RET_ALLOW))
+    labels["fcntl"] = len(prog)  # the kernel reads the command as an unsigned int: its low word
+    prog += [(_LD_ABS_W, None, None, _ARG1_LO), (_JEQ, "deny", "allow_fcntl", F_SETPIPE_SZ)]
+    labels["allow_fcntl"] = len(prog)
     prog.append((_RET, None, None, _RET_ALLOW))
     labels["deny"] = len(prog)
     prog.append((_RET, None, None, _RET_ERRNO | _EPERM))

@@ -45,7 +45,8 @@ def test_denied_syscalls_fail_with_eperm(audit_hook):
                                               "pidfd_open", "io_uring_setup", "userfaultfd", "fork", "vfork",
                                               "memfd_create", "memfd_secret", "shmget", "setxattr",
                                               "lsetxattr", "fsetxattr", "setxattrat", "msgget", "semget",
-                                              "mq_open", "io_setup", "inotify_init", "inotify_init1")}
+                                              "mq_open", "io_setup", "inotify_init", "inotify_init1",
+                                              "vmsplice", "splice", "tee", "socket", "socketpair")}
     body = (
         "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         f"for name, nr in {calls!r}.items():\n"
@@ -55,6 +56,10 @@ def test_denied_syscalls_fail_with_eperm(audit_hook):
         f"print('clone3', libc.syscall({table['clone3']}, 0, 0), ctypes.get_errno())\n"
         f"print('clone_process', libc.syscall({table['clone']}, 17, 0, 0, 0, 0), ctypes.get_errno())\n"
         "print('seccomp', [l for l in open('/proc/self/status') if l.startswith('Seccomp:')][0].split()[1])\n"
+        # pipes keep their 64 KiB: F_SETPIPE_SZ (1031) refused, F_GETPIPE_SZ (1032) still answered
+        "r, w = os.pipe()\n"
+        f"print('setpipe', libc.syscall({table['fcntl']}, w, 1031, 1 << 20), ctypes.get_errno())\n"
+        f"print('getpipe', libc.syscall({table['fcntl']}, w, 1032, 0))\n"
     )
     res = S.run_python(body, audit_hook=audit_hook)
     assert res.ok, res
@@ -62,6 +67,7 @@ def test_denied_syscalls_fail_with_eperm(audit_hook):
     for name in calls:
         assert lines[name] == "-1 1", (name, lines[name])  # EPERM
     assert lines["clone_newuser"] == "-1 1" and lines["clone3"] == "-1 38" and lines["seccomp"] == "2"
+    assert lines["setpipe"] == "-1 1" and lines["getpipe"] == "65536"
     # No new processes (each would get its own RLIMIT_AS); threads (clone with CLONE_THREAD) still work.
     assert lines["clone_process"] == "-1 1"
     threads = S.run_python("import threading\nt = threading.Thread(target=print, args=('thread',))\nt.start()\n"
@@ -140,3 +146,18 @@ def test_check_sandbox_command(capsys):
     out = capsys.readouterr().out
     assert ("isolation           bubblewrap" in out) == (rc == 0)
     assert "seccomp" in out and "memory_limit" in out
+
+
+@needs_bwrap
+def test_stdin_copy_cannot_be_reopened_for_writing():
+    """The program's stdin is the trainer's sealed anonymous file: reopening it writable through /proc/self/fd (a
+    descriptor opened read-only does not stop that) and growing it must fail (the trainer's memory, not the run's)."""
+    body = ("import os\ngot = []\n"
+            "for how in (os.O_RDWR, os.O_WRONLY):\n"
+            "    try:\n        fd = os.open('/proc/self/fd/0', how)\n"
+            "        os.ftruncate(fd, 1 << 24)\n        got.append('grown')\n"
+            "    except OSError as e:\n        got.append(type(e).__name__)\n"
+            "print(got, len(input()))\n")
+    for hook in (True, False):
+        res = S.run_python(body, stdin="hello\n", audit_hook=hook)
+        assert res.ok and "grown" not in res.stdout and res.stdout.endswith(" 5\n"), (hook, res)
