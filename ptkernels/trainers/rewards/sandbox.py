@@ -191,6 +191,9 @@ def _session_members(sid: int, uid: int | None = None) -> list[int]:
     return found
 
 
+READ_PACING_S = 0.002  # at most one read of the child's output per this many seconds while it keeps writing
+
+
 def _collect(proc: subprocess.Popen, pipes: dict, caps: dict, uid: int | None, timeout_s: float,
              legacy: bool):
     """Read every pipe with a byte cap and a wall-clock deadline; returns (bufs, timed_out, reason)."""
@@ -199,7 +202,7 @@ def _collect(proc: subprocess.Popen, pipes: dict, caps: dict, uid: int | None, t
     for fd in bufs:
         sel.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout_s
-    timed_out, reason, exited_at = False, None, None
+    timed_out, reason, exited_at, last_read = False, None, None, -math.inf
     try:
         while sel.get_map():
             now = time.monotonic()
@@ -213,8 +216,10 @@ def _collect(proc: subprocess.Popen, pipes: dict, caps: dict, uid: int | None, t
             elif exited_at is not None and now - exited_at > 1.0:
                 break
             ready = sel.select(timeout=min(deadline - now, 0.05))
-            if ready:  # let output pile up between reads: a child writing one byte at a time must not cost a
-                time.sleep(0.002)  # wakeup of this process (and the GIL) per byte
+            if ready and now - last_read < READ_PACING_S:  # reads in quick succession: let output pile up, so a
+                time.sleep(READ_PACING_S)  # child writing one byte at a time cannot cost a wakeup (and the GIL) a byte
+            if ready:
+                last_read = time.monotonic()
             for key, _ in ready:
                 chunk = os.read(key.fd, 65536)
                 if not chunk:

@@ -260,3 +260,26 @@ def test_bad_arguments(kwargs, name):
         run_python("pass", **kwargs)
     with pytest.raises(ValueError, match="source"):
         run_python(b"pass")
+
+
+@needs_bwrap
+def test_one_byte_writes_are_read_in_batches(monkeypatch):
+    """A program writing one byte at a time to stdout and stderr for a second: the trainer reads its pipes at most
+    once per READ_PACING_S while the output keeps coming (structurally: ~1000 reads at 2 ms; unpaced it took one
+    read, one wakeup of the trainer, per byte: ~200k a second)."""
+    from ptkernels.trainers.rewards import sandbox as S
+
+    reads, real_read = [0], os.read
+
+    def counting_read(fd, n):
+        reads[0] += 1
+        return real_read(fd, n)
+
+    monkeypatch.setattr(S.os, "read", counting_read)
+    body = ("import sys, threading, time\n"
+            "def spam(f):\n    end = time.time() + 1\n    while time.time() < end:\n        f.write('x'); f.flush()\n"
+            "ts = [threading.Thread(target=spam, args=(s,)) for s in (sys.stdout, sys.stderr)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n")
+    res = run_python(body, timeout_s=4, max_output_bytes=1 << 30)
+    assert res.ok and len(res.stdout) > 10_000, res.stderr[-300:]  # it did write that much, one byte at a time
+    assert reads[0] < 4 * (1.5 / S.READ_PACING_S), reads[0]  # four pipes, 1.5 s at most: not one read per byte
