@@ -255,7 +255,13 @@ def _load_table(path: str) -> list[Row]:
     except Exception as e:  # pyarrow's and pandas' parse errors have no common base
         raise DataError(f"{path}: cannot read it as {kind.upper()}: {str(e).splitlines()[0][:200]}") from None
     source = (lambda i: f"{path}:{i + 2}") if kind == "csv" else (lambda i: f"{path}[{i}]")
-    return [Row(_without_nones(data), source(i)) for i, data in enumerate(ds)]
+    rows = [Row(_without_nones(data), source(i)) for i, data in enumerate(ds)]
+    if kind == "csv":  # KTO's label is the formats' one boolean: CSV writes it as text
+        for row in rows:
+            label = row.data.get("label")
+            if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+                row.data["label"] = label.strip().lower() == "true"
+    return rows
 
 
 # TRL's order when a row has the fields of several formats (its SFTTrainer checks prompt, then messages, then text)

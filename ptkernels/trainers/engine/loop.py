@@ -343,8 +343,9 @@ class Trainer:
         except Exception as e:  # the original error is what the user needs to see
             print(f"ptk {self.stage}: could not save step {step} after the failure: {type(e).__name__}: {e}")
             return
-        print(f"ptk {self.stage}: step {step + 1} failed ({type(error).__name__}); the {step} steps done are saved in "
-              f"{ckpt.checkpoint_dir(self.cfg.output_dir)} (continue with --resume once it is fixed)")
+        print(f"ptk {self.stage}: step {step + 1} failed ({type(error).__name__}); the {step} step{'s' * (step > 1)} "
+              f"done {'are' if step > 1 else 'is'} saved in {ckpt.checkpoint_dir(self.cfg.output_dir)} (continue with "
+              "--resume once it is fixed)")
 
     def accumulate(self, micro: list[dict], norm: float):
         """Forward and backward of each micro-batch (gradients synchronized on the last one); the loss and metric

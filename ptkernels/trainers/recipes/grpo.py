@@ -170,6 +170,33 @@ def group_mean(values: list[float]) -> float:
     return sum(values) / max(len(values), 1)
 
 
+def reward_metrics(scored, info) -> dict[str, float]:
+    """``reward``, ``accuracy``, ``reward_std``, ``unscorable`` and ``reward_<function>`` of a rollout over every
+    process's completions (one collective under torchrun): the same names and values on every process, so the
+    step's one reduction adds like to like. Per process, a function that scored nothing there (it returned None
+    for another task's rows) would be missing from one process's metrics: the reduction would then mix up or
+    fail on them. ``reward_std`` with Bessel's correction, as torch.std."""
+    names = sorted({n for _, parts in scored for n in parts})
+    if info.enabled:
+        import torch.distributed as dist
+
+        every = [None] * info.world_size
+        dist.all_gather_object(every, names)
+        names = sorted({n for ns in every for n in ns})
+    values = [r for r, _ in scored if r is not None]
+    sums = [len(scored), len(values), sum(values), sum(v * v for v in values), sum(float(v >= 1.0) for v in values)]
+    for name in names:
+        got = [parts[name] for _, parts in scored if name in parts]
+        sums += [sum(got), len(got)]
+    total = all_reduce_sum(torch.tensor(sums, dtype=torch.float64), info).tolist()
+    n_all, n, s, ss, hits = total[:5]
+    metrics = {"unscorable": 1 - n / max(n_all, 1), "reward": s / max(n, 1), "accuracy": hits / max(n, 1),
+               "reward_std": math.sqrt(max(ss - s * s / n, 0.0) / (n - 1)) if n > 1 else 0.0}
+    for i, name in enumerate(names):
+        metrics[f"reward_{name}"] = total[5 + 2 * i] / max(total[6 + 2 * i], 1)
+    return metrics
+
+
 class GRPORollouts(OnPolicySource):
     def __init__(self, *args, reward: RewardFuncs, ref_model=None, engine=None):
         super().__init__(*args, engine=engine)
@@ -219,17 +246,12 @@ class GRPORollouts(OnPolicySource):
             with reference_scope(self.ref_model):  # with --lora the policy itself, its adapter disabled
                 batch["ref_logps"] = self.logps(self.ref_model, batch)
         scored, lengths, finished = sampled
-        values = [r for r, _ in scored if r is not None]
-        metrics = {"unscorable": 1 - len(values) / max(len(scored), 1),
-                   "reward": group_mean(values), "accuracy": group_mean([float(r >= 1.0) for r in values]),
-                   "reward_std": torch.tensor(values).std().item() if len(values) > 1 else 0.0,
+        metrics = {**reward_metrics(scored, self.info),
                    "completion_length": group_mean(lengths), "eos_rate": group_mean([float(f) for f in finished])}
         if cfg.dynamic_sampling:
             metrics["informative_groups"] = self.informative
         if greedy is not None:
             metrics["greedy_reward"] = float(greedy[::cfg.num_generations].nan_to_num(0.0).mean())
-        for name in sorted({n for _, parts in scored for n in parts}):
-            metrics[f"reward_{name}"] = group_mean([parts[name] for _, parts in scored if name in parts])
         metrics["trained_rows"] = len(keep) / len(prompts)
         if sampler is not None:
             metrics.update(mismatch)

@@ -72,6 +72,15 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask > 0, positions, -1).max(dim=1).values
 
 
+
+def _whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``masked_whiten`` of this process's rollout, masked; with fewer than two tokens left (every completion here
+    unscorable: a reward function that returned None for all of them) there is nothing to whiten: the values
+    centred (0) or as they are, instead of an error that would stop every process."""
+    if mask.sum() < 2:
+        return torch.zeros_like(values) if shift_mean else values * mask
+    return ptk.masked_whiten(values, mask, shift_mean=shift_mean) * mask
+
 class PPORollouts(OnPolicySource):
     def __init__(self, *args, critic, reward_model, ref_model, engine=None, reward_funcs=None):
         super().__init__(*args, engine=engine)
@@ -118,9 +127,9 @@ class PPORollouts(OnPolicySource):
         has = last >= 0
         rewards[has.nonzero().squeeze(1), last[has]] += scores[has]
         if cfg.whiten_rewards:
-            rewards = ptk.masked_whiten(rewards, mask, shift_mean=False) * mask
+            rewards = _whiten(rewards, mask, shift_mean=False)
         advantages, returns = ptk.gae(rewards, old_values * mask, mask, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = ptk.masked_whiten(advantages, mask) * mask
+        advantages = _whiten(advantages, mask)
         batch.update(old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
         sampler = sampler_logps_rows(out, list(range(len(prompts))), mask.shape[1])
         if sampler is not None:  # a vLLM rollout: the sampler's own log-probs, for the correction and the metrics

@@ -125,6 +125,8 @@ def test_parquet_and_csv(tmp_path):
         rows = load_rows(str(tmp_path / name))
         assert [r.data for r in rows] == ds.to_list()
         assert [r.source for r in rows] == [str(tmp_path / name) + s for s in sources]
+    (tmp_path / "kto.csv").write_text("prompt,completion,label\n2+2=, 4,True\n3+3=, 5,false\n")
+    assert [r.data["label"] for r in load_rows(str(tmp_path / "kto.csv"))] == [True, False]  # KTO's one boolean
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"bad\.parquet: cannot read it as PARQUET"):
         load_rows(str(tmp_path / "bad.parquet"))

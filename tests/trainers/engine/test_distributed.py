@@ -62,3 +62,48 @@ def test_dpo_two_processes_match_one(data_dir, tmp_path, single):
     torchrun(["dpo", "--data", data_dir["pref"], "--output-dir", str(tmp_path / "two"), "--batch-size", "2",
               *COMMON])
     assert_close(single / "dpo", tmp_path / "two")
+
+
+RANK_REWARDS = '''
+import os
+
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def a_on_rank0(completions, **kwargs):
+    return [0.3 if RANK == 0 else None for _ in completions]
+
+
+def b_on_rank1(completions, **kwargs):
+    return [0.7 if RANK == 1 else None for _ in completions]
+
+
+def c_on_rank0(completions, **kwargs):
+    return [1.0 if RANK == 0 else None for _ in completions]
+'''
+
+
+def test_reward_functions_that_score_only_some_processes(tmp_path):
+    """Mixed-task data: each function returns None for the other task's rows, so a process may have no score from
+    a function. The rollout's metrics must still have the same names on every process (the step's one reduction
+    failed or mixed them up), be means over all processes, and PPO must not stop on a process whose rollout is
+    entirely unscorable."""
+    import json
+
+    from ..conftest import write_jsonl
+
+    (tmp_path / "rank_rewards.py").write_text(RANK_REWARDS)
+    data = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"What is {k}+{k}?", "answer": str(2 * k)} for k in range(8)])
+    small = ["--model", "tiny", "--no-progress", "--max-length", "48", "--max-new-tokens", "4", "--batch-size", "4",
+             "--prompts-per-step", "1", "--max-steps", "2", "--save-steps", "0", "--data", data]
+    funcs = ",".join(f"{tmp_path / 'rank_rewards.py'}:{f}" for f in ("a_on_rank0", "b_on_rank1", "c_on_rank0"))
+    torchrun(["grpo", *small, "--num-generations", "4", "--output-dir", str(tmp_path / "grpo"), "--reward-funcs",
+              funcs])
+    for row in map(json.loads, open(tmp_path / "grpo" / "metrics.jsonl")):
+        assert row["reward_a_on_rank0"] == pytest.approx(0.3) and row["reward_b_on_rank1"] == pytest.approx(0.7)
+        assert row["reward_c_on_rank0"] == pytest.approx(1.0)
+        # rank 0's completions score 0.3 + 1.0, rank 1's 0.7, as many of each
+        assert row["reward"] == pytest.approx(1.0) and row["unscorable"] == 0.0
+    torchrun(["ppo", *small, "--output-dir", str(tmp_path / "ppo"), "--reward-funcs",
+              f"{tmp_path / 'rank_rewards.py'}:a_on_rank0"])  # rank 1: every completion unscorable
+    assert len(open(tmp_path / "ppo" / "metrics.jsonl").readlines()) == 2
