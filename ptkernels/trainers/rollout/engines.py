@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 
-from .kv_cache import KVCacheEngine
+from .kv_cache import KVCacheEngine, cache_rows_selectable
 from .sampling import (
     Rollout,
     RolloutEngine,
@@ -108,6 +108,10 @@ def make_engine(name: str, model, tokenizer, *, model_dir: str | None = None, ma
     if name == "hf":
         return HFGenerateEngine(model, tokenizer)
     if name == "kv_cache":
+        if not cache_rows_selectable(model):
+            print(f"ptk: {type(unwrap_model(model)).__name__}'s cache cannot repeat or drop rows (linear-attention "
+                  "or state-space layers): sampling with model.generate (--rollout-engine hf) instead")
+            return HFGenerateEngine(model, tokenizer)
         return KVCacheEngine(model, tokenizer)
     if name == "vllm":
         if server:

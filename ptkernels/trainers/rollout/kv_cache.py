@@ -18,13 +18,13 @@ the GRPO step"):
 - No logits processors, stopping criteria or per-step output bookkeeping.
 
 Models whose cache cannot repeat or drop rows (hybrid linear-attention and state-space models: Qwen3-Next, Jamba,
-Falcon-H1; ``cache_rows_selectable``) are sampled with ``model.generate`` instead (``HFGenerateEngine``), with a
-note.
+Falcon-H1; ``cache_rows_selectable``) get ``engines.HFGenerateEngine`` from ``make_engine`` instead, with a note.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 
@@ -45,12 +45,21 @@ from .sampling import (
 __all__ = ["KVCacheEngine", "cache_rows_selectable", "next_tokens", "top_p_filter"]
 
 
+_SELECTABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> cache_rows_selectable(model)
+
+
 def cache_rows_selectable(model) -> bool:
     """Whether ``model``'s cache can repeat and drop batch rows (``batch_select_indices``), which the KV-cache engine
     and GRPO's ``--share-prompt`` rely on: a plain attention cache can; the linear-attention or state-space layers of
-    hybrid models (Qwen3-Next, Jamba, Falcon-H1) cannot. Found by trying it on a two-token batch (every process
-    calls it alike: under FSDP the forward is a collective)."""
+    hybrid models (Qwen3-Next, Jamba, Falcon-H1) cannot. Found by trying it on a two-token batch, once per model
+    (every process calls it alike: under FSDP the forward is a collective)."""
     model = unwrap_model(model)
+    if model not in _SELECTABLE:
+        _SELECTABLE[model] = _try_selecting_rows(model)
+    return _SELECTABLE[model]
+
+
+def _try_selecting_rows(model) -> bool:
     device = model_device(model)
     arg = cache_argument(model)
     try:
@@ -96,19 +105,8 @@ class KVCacheEngine:
         self._cache_arg = cache_argument(self.model)
         keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._keep_last = {"logits_to_keep": 1} if keep_last else {}
-        self._fallback = None  # HFGenerateEngine for models whose cache rows cannot be selected (decided once)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int | None = None) -> Rollout:
-        if self._fallback is None:
-            self._fallback = False
-            if not cache_rows_selectable(self.model):
-                from .engines import HFGenerateEngine
-
-                print(f"ptk: {type(self.model).__name__}'s cache cannot repeat or drop rows (linear-attention or "
-                      "state-space layers): sampling with model.generate (--rollout-engine hf) instead")
-                self._fallback = HFGenerateEngine(self.model, self.tokenizer)
-        if self._fallback:
-            return self._fallback.generate(prompts, sampling, seed=seed)
         check_request(prompts, sampling, self.tokenizer)
         completions: list[list[int]] = []
         finished: list[bool] = []
