@@ -143,18 +143,25 @@ STEP_METRICS = ("step", "loss", "lr", "grad_norm", "items", "step_s", "tokens_pe
                 *TIME_METRICS)
 
 
+def names_on_every_process(names, info) -> list[str]:
+    """The sorted union of every process's ``names`` (a collective under torchrun): metric names that one process
+    lacks must still get a slot in the step's one packed reduction on all of them."""
+    names = sorted(names)
+    if not info.enabled:
+        return names
+    import torch.distributed as dist
+
+    every = [None] * info.world_size
+    dist.all_gather_object(every, names)
+    return sorted({n for ns in every for n in ns})
+
+
 def logged_metrics(reward, info, taken) -> dict[str, float]:
     """The reward functions' ``log_metric`` values of this rollout, each name's mean over every process's values
     (TRL 1.16); a collective under torchrun. A name the row already has (``taken``, or a step metric) is an
     error: it would replace that metric."""
     logged = reward.pop_logged() if hasattr(reward, "pop_logged") else {}
-    names = sorted(logged)
-    if info.enabled:
-        import torch.distributed as dist
-
-        every = [None] * info.world_size
-        dist.all_gather_object(every, names)
-        names = sorted({n for ns in every for n in ns})
+    names = names_on_every_process(logged, info)
     if not names:
         return {}
     clash = [n for n in names if n in taken or n in STEP_METRICS or n.startswith("eval_")]
@@ -176,13 +183,7 @@ def reward_metrics(scored, info) -> dict[str, float]:
     step's one reduction adds like to like. Per process, a function that scored nothing there (it returned None
     for another task's rows) would be missing from one process's metrics: the reduction would then mix up or
     fail on them. ``reward_std`` with Bessel's correction, as torch.std."""
-    names = sorted({n for _, parts in scored for n in parts})
-    if info.enabled:
-        import torch.distributed as dist
-
-        every = [None] * info.world_size
-        dist.all_gather_object(every, names)
-        names = sorted({n for ns in every for n in ns})
+    names = names_on_every_process({n for _, parts in scored for n in parts}, info)
     values = [r for r, _ in scored if r is not None]
     sums = [len(scored), len(values), sum(values), sum(v * v for v in values), sum(float(v >= 1.0) for v in values)]
     for name in names:
