@@ -327,6 +327,7 @@ class Trainer:
         row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "items": total_items}
         row.update({k: float(packed[1 + i]) / max(total_items, 1.0) for i, k in enumerate(names)})
         row.update({k: float(packed[1 + len(names) + i]) / self.info.world_size for i, k in enumerate(source_names)})
+        self.updating = False  # the caller counts the step next
         return row, tokens, float(packed[-1]) > 0
 
     def save_before_failure(self, step: int, error: Exception) -> None:
@@ -498,7 +499,6 @@ def train(cfg: TrainConfig, module: TrainingModule, data: Dataset, tokenizer, in
                 t_step = time.perf_counter()
                 try:
                     row, tokens, stopped = trainer.step(step, stop)
-                    trainer.updating = False
                     row["step_s"] = time.perf_counter() - t_step
                     step, tokens_since = step + 1, tokens_since + tokens
                     if evaluate is not None and eval_steps and (step % eval_steps == 0 or step == cfg.max_steps):

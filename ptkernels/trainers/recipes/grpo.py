@@ -168,9 +168,19 @@ def logged_metrics(reward, info, taken) -> dict[str, float]:
     if clash:
         raise ValueError(f"log_metric: a reward function logged {clash[0]!r}, the name of one of the run's own "
                          "metrics; give it another name")
-    stats = torch.tensor([[sum(logged.get(n, [])), len(logged.get(n, []))] for n in names], dtype=torch.float64)
-    stats = all_reduce_sum(stats.reshape(-1), info).reshape(-1, 2)
-    return {n: float(total / max(count, 1)) for n, (total, count) in zip(names, stats.tolist())}
+    total = all_reduce_sum(torch.tensor(_sums_and_counts(logged, names), dtype=torch.float64), info).tolist()
+    return _means(total, names)
+
+
+def _sums_and_counts(values_by_name: dict, names: list[str]) -> list[float]:
+    """``[sum, count]`` of each name's values in order (``[0, 0]`` for a name with none here), flattened: one
+    slot pair per name on every process, for one reduction."""
+    return [x for n in names for x in (sum(values_by_name.get(n, [])), len(values_by_name.get(n, [])))]
+
+
+def _means(flat: list[float], names: list[str]) -> dict[str, float]:
+    """Each name's mean from the reduced ``_sums_and_counts`` (0 where no process had a value)."""
+    return {n: flat[2 * i] / max(flat[2 * i + 1], 1) for i, n in enumerate(names)}
 
 
 def group_mean(values: list[float]) -> float:
@@ -185,17 +195,13 @@ def reward_metrics(scored, info) -> dict[str, float]:
     fail on them. ``reward_std`` with Bessel's correction, as torch.std."""
     names = names_on_every_process({n for _, parts in scored for n in parts}, info)
     values = [r for r, _ in scored if r is not None]
+    by_name = {n: [parts[n] for _, parts in scored if n in parts] for n in names}
     sums = [len(scored), len(values), sum(values), sum(v * v for v in values), sum(float(v >= 1.0) for v in values)]
-    for name in names:
-        got = [parts[name] for _, parts in scored if name in parts]
-        sums += [sum(got), len(got)]
-    total = all_reduce_sum(torch.tensor(sums, dtype=torch.float64), info).tolist()
+    total = all_reduce_sum(torch.tensor(sums + _sums_and_counts(by_name, names), dtype=torch.float64), info).tolist()
     n_all, n, s, ss, hits = total[:5]
-    metrics = {"unscorable": 1 - n / max(n_all, 1), "reward": s / max(n, 1), "accuracy": hits / max(n, 1),
-               "reward_std": math.sqrt(max(ss - s * s / n, 0.0) / (n - 1)) if n > 1 else 0.0}
-    for i, name in enumerate(names):
-        metrics[f"reward_{name}"] = total[5 + 2 * i] / max(total[6 + 2 * i], 1)
-    return metrics
+    return {"unscorable": 1 - n / max(n_all, 1), "reward": s / max(n, 1), "accuracy": hits / max(n, 1),
+            "reward_std": math.sqrt(max(ss - s * s / n, 0.0) / (n - 1)) if n > 1 else 0.0,
+            **{f"reward_{k}": v for k, v in _means(total[5:], names).items()}}
 
 
 class GRPORollouts(OnPolicySource):
